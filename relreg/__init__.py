@@ -1,0 +1,11 @@
+"""relreg: train Vision Transformers that are right for the right reasons.
+
+Batched, differentiable relevance maps for any timm ViT (:mod:`relreg.explain`) and
+relevance-regularised fine-tuning after RobustViT (Chefer, Schwartz & Wolf, NeurIPS 2022).
+"""
+
+from relreg.explain import create_explainer, explain, list_explainers, to_pixels
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "create_explainer", "explain", "list_explainers", "to_pixels"]

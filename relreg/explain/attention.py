@@ -1,0 +1,193 @@
+"""Attention-based explainers for timm ViTs: raw attention, rollout, GradCAM and Chefer relevance.
+
+- ``raw_attention``: last block, head mean, read-out (CLS) row, patch columns.
+- ``rollout``: Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020.
+- ``gradcam``: ViT GradCAM as coded for the comparison of Chefer, Gur & Wolf, "Transformer
+  Interpretability Beyond Attention Visualization", CVPR 2021 (last block, gradient averaged over
+  the CLS row's patch columns as per-head weight, times attention, head mean, ReLU).
+- ``chefer``: gradient-weighted relevance of Chefer, Gur & Wolf, "Generic Attention-model
+  Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021, the rule
+  RobustViT (Chefer, Schwartz & Wolf, NeurIPS 2022) trains with.
+
+All return raw (not normalised) relevance on the patch grid, ``(B, gh, gw)``. Only the read-out
+row of the relevance matrix is needed, so it is propagated as a row vector ``v: (B, N)`` from the
+last block to the first: ``O(N^2)`` per block instead of the ``O(N^3)`` matrix products.
+One forward pass and, for gradient-weighted methods, one backward pass that stops at the attention
+maps (no weight gradients) serve the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from relreg.explain.capture import AttentionCapture
+from relreg.explain.inputs import TargetLike, check_grad_mode, check_logits, resolve_classes, score
+from relreg.explain.registry import register_explainer
+from relreg.explain.tokens import num_prefix_tokens, patch_grid, readout_weights
+
+__all__ = ["raw_attention", "rollout", "gradcam", "chefer"]
+
+
+def _attention_pass(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike,
+    foil: TargetLike,
+    need_grad: bool,
+    differentiable: bool,
+    second_order: bool,
+    method: str,
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """One forward pass recording attention ``(B, h, N, N)`` per block, and its gradients if asked."""
+    if need_grad or differentiable:
+        check_grad_mode(method)
+    track = need_grad or differentiable
+    x = images if images.requires_grad or not track else images.detach().requires_grad_(True)
+    with torch.set_grad_enabled(track):
+        with AttentionCapture(model) as capture:
+            logits = check_logits(model(x), images.shape[0])
+        attentions = capture.attentions
+        if len(attentions) != len(capture.modules):
+            raise RuntimeError(
+                f"Expected one attention map per attention module ({len(capture.modules)}), but "
+                f"recorded {len(attentions)}: the model does not call its blocks' attn_drop once each."
+            )
+        tgt, fl = resolve_classes(logits, target, foil)
+        if not need_grad:
+            return attentions, None
+        grads = torch.autograd.grad(
+            score(logits, tgt, fl).sum(), attentions, retain_graph=differentiable, create_graph=second_order
+        )
+    return attentions, list(grads)
+
+
+def _readout(model: nn.Module, attention: Tensor) -> Tensor:
+    b, _, n, _ = attention.shape
+    return readout_weights(model, n, attention.device, attention.dtype).expand(b, n)
+
+
+def _to_grid(model: nn.Module, images: Tensor, row: Tensor) -> Tensor:
+    """Patch columns of read-out rows ``(B, N)`` as maps ``(B, gh, gw)``."""
+    return _patches_to_grid(model, images, row[:, num_prefix_tokens(model) :])
+
+
+def _patches_to_grid(model: nn.Module, images: Tensor, patches: Tensor) -> Tensor:
+    gh, gw = patch_grid(model, images.shape[-2:], patches.shape[1])
+    return patches.reshape(patches.shape[0], gh, gw)
+
+
+def _finish(maps: Tensor, differentiable: bool) -> Tensor:
+    return maps if differentiable else maps.detach()
+
+
+@register_explainer("raw_attention", output="grid", paper="Attention weights of the last block (baseline in Chefer et al., CVPR 2021)")
+def raw_attention(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+) -> Tensor:
+    """Head-averaged attention of the last block, read-out row, patch columns: ``(B, gh, gw)``.
+
+    Class-agnostic: ``target`` and ``foil`` are only validated.
+    """
+    attentions, _ = _attention_pass(model, images, target, foil, False, differentiable, False, "raw_attention")
+    last = attentions[-1].mean(dim=1)
+    row = torch.bmm(_readout(model, attentions[-1]).unsqueeze(1), last)[:, 0]
+    return _finish(_to_grid(model, images, row), differentiable)
+
+
+@register_explainer("rollout", output="grid", paper="Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020")
+def rollout(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+    start_layer: int = 0,
+) -> Tensor:
+    """Attention rollout from ``start_layer`` (0: all blocks; the CVPR 2021 evaluation used 1).
+
+    Per block ``M = rownorm(mean_h A + I)``; the relevance is ``M_L ... M_s`` and its read-out row
+    is returned as ``(B, gh, gw)``. Class-agnostic.
+    """
+    attentions, _ = _attention_pass(model, images, target, foil, False, differentiable, False, "rollout")
+    _check_start_layer(start_layer, len(attentions))
+    v = _readout(model, attentions[-1])
+    for attention in reversed(attentions[start_layer:]):
+        m = attention.mean(dim=1) + torch.eye(attention.shape[-1], device=v.device, dtype=v.dtype)
+        m = m / m.sum(dim=-1, keepdim=True)
+        v = torch.bmm(v.unsqueeze(1), m)[:, 0]
+    return _finish(_to_grid(model, images, v), differentiable)
+
+
+@register_explainer("gradcam", output="grid", paper="ViT GradCAM as coded by Chefer et al., CVPR 2021 (Selvaraju et al., ICCV 2017)")
+def gradcam(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+) -> Tensor:
+    """GradCAM on the last block's attention, the CVPR 2021 comparison's convention: ``(B, gh, gw)``.
+
+    Per head, weight = mean over patch columns of the read-out row of ``dy/dA``; map =
+    ``ReLU(mean_h(weight * A[readout, patches]))``. (pytorch-grad-cam's token GradCAM weights
+    channels of the block's output tokens instead: a different map.)
+    """
+    attentions, grads = _attention_pass(model, images, target, foil, True, differentiable, second_order, "gradcam")
+    a, g = attentions[-1], grads[-1]
+    if not second_order:
+        g = g.detach()
+    w = _readout(model, a)
+    prefix = num_prefix_tokens(model)
+    a_row = torch.einsum("bn,bhnm->bhm", w, a)[..., prefix:]
+    weight = torch.einsum("bn,bhnm->bhm", w, g)[..., prefix:].mean(dim=-1, keepdim=True)
+    cam = (weight * a_row).mean(dim=1).clamp(min=0)
+    return _finish(_patches_to_grid(model, images, cam), differentiable)
+
+
+@register_explainer("chefer", output="grid", paper="Chefer, Gur & Wolf, Generic Attention-model Explainability, ICCV 2021 (RobustViT's rule, NeurIPS 2022)")
+def chefer(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+    start_layer: int = 0,
+) -> Tensor:
+    """Gradient-weighted attention relevance (the RobustViT rule): ``(B, gh, gw)``, raw.
+
+    ``Abar_b = mean_h clamp(dy/dA_b * A_b, min=0)``, ``R = prod_b (I + Abar_b)`` (later blocks on
+    the left), map = read-out row of ``R``, patch columns. With ``differentiable=True`` the map
+    keeps the graph through ``A`` with the gradients as constants (as RobustViT trains);
+    ``second_order=True`` also differentiates through the gradients.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+        ...                           patch_size=8, num_classes=3).eval()
+        >>> chefer(model, torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 4, 4])
+    """
+    attentions, grads = _attention_pass(model, images, target, foil, True, differentiable, second_order, "chefer")
+    _check_start_layer(start_layer, len(attentions))
+    with torch.set_grad_enabled(differentiable):
+        v = _readout(model, attentions[-1])
+        for a, g in reversed(list(zip(attentions, grads, strict=True))[start_layer:]):
+            if not second_order:
+                g = g.detach()
+            abar = (g * a).clamp(min=0).mean(dim=1)
+            v = v + torch.bmm(v.unsqueeze(1), abar)[:, 0]
+    return _finish(_to_grid(model, images, v), differentiable)
+
+
+def _check_start_layer(start_layer: int, depth: int) -> None:
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
+        raise ValueError(f"Expected start_layer an int in [0, {depth - 1}], but got {start_layer!r}.")

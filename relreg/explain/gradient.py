@@ -1,0 +1,193 @@
+"""Input-gradient explainers: saliency, input x gradient, SmoothGrad, integrated gradients.
+
+- ``saliency``: Simonyan, Vedaldi & Zisserman, "Deep Inside Convolutional Networks", ICLR-W 2014
+  (max over channels of ``|dy/dx|``).
+- ``input_x_gradient``: Shrikumar et al., "Not Just a Black Box", 2016 (channel sum of ``x * dy/dx``).
+- ``smoothgrad``: Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017 (mean of
+  ``|dy/dx|`` over noisy copies, max over channels).
+- ``integrated_gradients``: Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks",
+  ICML 2017 (midpoint Riemann sum, channel sum; the map sums to ``y(x) - y(baseline)``).
+
+All return raw ``(B, H, W)`` pixel maps and work on any differentiable classifier. The noisy
+copies and the path points of a batch go through the model together (chunked by
+``internal_batch_size``). ``differentiable=True`` needs ``create_graph=True`` here: the map *is*
+a gradient, so it is the same as ``second_order=True``.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from relreg.explain.capture import unfused_attention
+from relreg.explain.inputs import TargetLike, check_grad_mode, check_logits, resolve_classes, score
+from relreg.explain.registry import register_explainer
+
+__all__ = ["saliency", "input_x_gradient", "smoothgrad", "integrated_gradients"]
+
+
+def _input_gradient(
+    model: nn.Module, inputs: Tensor, target: Tensor, foil: Tensor | None, create_graph: bool
+) -> Tensor:
+    """``d score / d inputs`` for a batch ``(M, C, H, W)`` whose classes are ``target`` ``(M,)``."""
+    x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
+    with torch.enable_grad(), _maybe_unfused(model, create_graph):
+        logits = check_logits(model(x), x.shape[0])
+        (grad,) = torch.autograd.grad(score(logits, target, foil).sum(), x, create_graph=create_graph)
+    return grad
+
+
+def _maybe_unfused(model: nn.Module, create_graph: bool) -> AbstractContextManager:
+    return unfused_attention(model) if create_graph else nullcontext()
+
+
+def _classes(model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike) -> tuple[Tensor, Tensor | None]:
+    """Resolve classes; a top-1 target needs one forward pass of the clean images."""
+    with torch.no_grad():
+        logits = check_logits(model(images.detach()), images.shape[0])
+    return resolve_classes(logits, target, foil)
+
+
+def _repeated_gradients(
+    model: nn.Module, points: Tensor, target: Tensor, foil: Tensor | None, create_graph: bool, chunk: int | None
+) -> Tensor:
+    """Gradients at ``points`` ``(S, B, C, H, W)`` (S copies of the batch), returned the same shape."""
+    s, b = points.shape[:2]
+    flat = points.flatten(0, 1)
+    tgt = target.repeat(s)
+    fl = foil.repeat(s) if foil is not None else None
+    step = flat.shape[0] if chunk is None else chunk
+    grads = [
+        _input_gradient(model, flat[i : i + step], tgt[i : i + step], None if fl is None else fl[i : i + step], create_graph)
+        for i in range(0, flat.shape[0], step)
+    ]
+    return torch.cat(grads).view_as(points)
+
+
+def _finish(maps: Tensor, differentiable: bool) -> Tensor:
+    return maps if differentiable else maps.detach()
+
+
+@register_explainer("saliency", output="pixel", paper="Simonyan, Vedaldi & Zisserman, Deep Inside Convolutional Networks, ICLR Workshop 2014")
+def saliency(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+) -> Tensor:
+    """Max over channels of ``|d score / d x|``: ``(B, H, W)``."""
+    check_grad_mode("saliency")
+    grad = _single_pass_gradient(model, images, target, foil, differentiable)
+    return _finish(grad.abs().amax(dim=1), differentiable)
+
+
+@register_explainer("input_x_gradient", output="pixel", paper="Shrikumar, Greenside, Shcherbina & Kundaje, Not Just a Black Box, arXiv 2016")
+def input_x_gradient(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+) -> Tensor:
+    """Channel sum of ``x * d score / d x``: ``(B, H, W)`` (signed)."""
+    check_grad_mode("input_x_gradient")
+    grad = _single_pass_gradient(model, images, target, foil, differentiable)
+    return _finish((images * grad).sum(dim=1), differentiable)
+
+
+def _single_pass_gradient(
+    model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike, differentiable: bool
+) -> Tensor:
+    """One forward and one backward: the top-1 target comes from the same forward pass."""
+    x = images if images.requires_grad else images.detach().requires_grad_(True)
+    with torch.enable_grad(), _maybe_unfused(model, differentiable):
+        logits = check_logits(model(x), images.shape[0])
+        tgt, fl = resolve_classes(logits, target, foil)
+        (grad,) = torch.autograd.grad(score(logits, tgt, fl).sum(), x, create_graph=differentiable)
+    return grad
+
+
+@register_explainer("smoothgrad", output="pixel", paper="Smilkov, Thorat, Kim, Viegas & Wattenberg, SmoothGrad, arXiv 2017")
+def smoothgrad(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+    n_samples: int = 16,
+    noise_level: float = 0.15,
+    seed: int = 0,
+    internal_batch_size: int | None = None,
+) -> Tensor:
+    """Mean over ``n_samples`` noisy copies of ``|d score / d x|``, max over channels: ``(B, H, W)``.
+
+    Noise is Gaussian with std ``noise_level * (max(x) - min(x))`` per image, drawn from a
+    generator seeded with ``seed`` (deterministic, and independent of the batch's other images);
+    the target is resolved on the clean images.
+    """
+    check_grad_mode("smoothgrad")
+    _check_positive_int("n_samples", n_samples)
+    _check_chunk(internal_batch_size)
+    if not isinstance(noise_level, int | float) or noise_level < 0:
+        raise ValueError(f"Expected noise_level a float >= 0, but got {noise_level!r}.")
+    tgt, fl = _classes(model, images, target, foil)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    # One noise draw per copy, shared by the images of the batch: an image's map does not depend
+    # on what else is in its batch, so batched and one-at-a-time results agree.
+    noise = torch.randn((n_samples, 1, *images.shape[1:]), generator=gen, dtype=images.dtype).to(images.device)
+    flat = images.detach().flatten(1)
+    sigma = noise_level * (flat.amax(dim=1) - flat.amin(dim=1))
+    points = images.unsqueeze(0) + noise * sigma.view(1, -1, 1, 1, 1)
+    grads = _repeated_gradients(model, points, tgt, fl, differentiable, internal_batch_size)
+    return _finish(grads.abs().mean(dim=0).amax(dim=1), differentiable)
+
+
+@register_explainer("integrated_gradients", output="pixel", paper="Sundararajan, Taly & Yan, Axiomatic Attribution for Deep Networks, ICML 2017")
+def integrated_gradients(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+    steps: int = 32,
+    baseline: float | Tensor = 0.0,
+    internal_batch_size: int | None = None,
+) -> Tensor:
+    """Integrated gradients from ``baseline``, channel sum: ``(B, H, W)`` (signed).
+
+    Midpoint Riemann sum over ``steps`` points; ``map.sum() ~= y(x) - y(baseline)`` per image
+    (completeness), more exactly as ``steps`` grows. ``baseline`` is a float or a tensor that
+    broadcasts to ``images`` (0: the normalised mean colour for mean/std-normalised inputs).
+    """
+    check_grad_mode("integrated_gradients")
+    _check_positive_int("steps", steps)
+    _check_chunk(internal_batch_size)
+    base = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
+    try:
+        base = base.expand_as(images)
+    except RuntimeError as err:
+        raise ValueError(
+            f"Expected baseline to broadcast to images {tuple(images.shape)}, but got shape {tuple(base.shape)}."
+        ) from err
+    tgt, fl = _classes(model, images, target, foil)
+    alphas = (torch.arange(steps, dtype=images.dtype, device=images.device) + 0.5) / steps
+    points = base.unsqueeze(0) + alphas.view(-1, 1, 1, 1, 1) * (images - base).unsqueeze(0)
+    grads = _repeated_gradients(model, points, tgt, fl, differentiable, internal_batch_size)
+    return _finish(((images - base) * grads.mean(dim=0)).sum(dim=1), differentiable)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected {name} an int >= 1, but got {value!r}.")
+
+
+def _check_chunk(value: object) -> None:
+    if value is not None:
+        _check_positive_int("internal_batch_size", value)

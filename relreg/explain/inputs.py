@@ -1,0 +1,115 @@
+"""Checks and conventions shared by every explainer: images, targets, foils and the score.
+
+The explained score of sample ``i`` is the logit (pre-softmax) ``y[i, target[i]]``, or the
+contrast ``y[i, target[i]] - y[i, foil[i]]`` when a foil class is given ("why this class rather
+than that one"). The scores of a batch are summed before the one backward pass: samples do not
+interact in a ViT, so the gradient of the sum holds every sample's own gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TargetLike", "check_images", "resolve_classes", "score", "check_logits"]
+
+TargetLike = int | Sequence[int] | Tensor | None
+
+
+def _in_channels(model: nn.Module) -> int | None:
+    embed = getattr(model, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    return getattr(proj, "in_channels", None)
+
+
+def check_images(model: nn.Module, images: Tensor) -> None:
+    """Raise a clear error unless ``images`` is a finite float ``(B, C, H, W)`` batch for ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}.")
+    if not isinstance(images, Tensor):
+        raise TypeError(f"Expected images to be a torch.Tensor, but got {type(images).__name__}.")
+    if images.ndim != 4:
+        raise ValueError(f"Expected images of shape (B, C, H, W), but got shape {tuple(images.shape)}.")
+    if not images.is_floating_point():
+        raise TypeError(f"Expected images of a floating dtype, but got {images.dtype}.")
+    channels = _in_channels(model)
+    if channels is not None and images.shape[1] != channels:
+        raise ValueError(
+            f"Expected images with {channels} channels for this model, but got {images.shape[1]} "
+            f"(shape {tuple(images.shape)})."
+        )
+    if images.shape[0] == 0:
+        raise ValueError("Expected a non-empty batch of images, but got B = 0.")
+    if not torch.isfinite(images).all():
+        raise ValueError("Expected finite images, but got NaN or Inf values.")
+
+
+def check_logits(logits: object, batch: int) -> Tensor:
+    """Return ``logits`` ``(B, K)`` or raise if the model's output is not one."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != batch:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"Expected the model to return logits of shape ({batch}, num_classes), but got {shape}."
+        )
+    return logits
+
+
+def _as_classes(value: TargetLike, name: str, batch: int, num_classes: int, device: torch.device) -> Tensor:
+    if isinstance(value, bool | str | bytes) or not isinstance(value, int | Sequence | Tensor):
+        raise TypeError(f"Expected {name} to be an int or a (B,) integer tensor, but got {type(value).__name__}.")
+    t = torch.as_tensor(value, device=device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"Expected {name} of an integer dtype, but got {t.dtype}.")
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"Expected {name} to be an int or of shape ({batch},), but got shape {tuple(t.shape)}.")
+    bad = (t < 0) | (t >= num_classes)
+    if bad.any():
+        raise ValueError(
+            f"Expected {name} classes in [0, {num_classes - 1}], but got {t[bad].tolist()}."
+        )
+    return t.long()
+
+
+def resolve_classes(logits: Tensor, target: TargetLike, foil: TargetLike) -> tuple[Tensor, Tensor | None]:
+    """Target and foil class per sample, ``(B,)`` long tensors; ``target=None`` means top-1.
+
+    Raises:
+        TypeError, ValueError: for classes of the wrong type, shape or range, or a foil equal to
+            the target of some sample.
+    """
+    batch, num_classes = logits.shape
+    if target is None:
+        tgt = logits.detach().argmax(dim=1)
+    else:
+        tgt = _as_classes(target, "target", batch, num_classes, logits.device)
+    if foil is None:
+        return tgt, None
+    fl = _as_classes(foil, "foil", batch, num_classes, logits.device)
+    same = (fl == tgt).nonzero().flatten()
+    if same.numel():
+        raise ValueError(
+            f"Expected foil to differ from the target class, but they are equal for samples "
+            f"{same.tolist()} (class {tgt[same].tolist()})."
+        )
+    return tgt, fl
+
+
+def score(logits: Tensor, target: Tensor, foil: Tensor | None = None) -> Tensor:
+    """Per-sample explained score ``(B,)``: ``y_target`` or ``y_target - y_foil``."""
+    s = logits.gather(1, target[:, None])[:, 0]
+    if foil is not None:
+        s = s - logits.gather(1, foil[:, None])[:, 0]
+    return s
+
+
+def check_grad_mode(method: str) -> None:
+    """Gradient explainers cannot run under ``torch.inference_mode()``: say how to fix it."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"Explainer {method!r} needs gradients, but torch.inference_mode() is on. Call it under "
+            "torch.no_grad() or outside inference mode (Lightning: Trainer(inference_mode=False))."
+        )

@@ -1,0 +1,123 @@
+"""Token layout of timm ViTs: prefix tokens, the patch grid, the read-out row, and pixel maps.
+
+timm ViTs put ``num_prefix_tokens`` tokens (CLS, DeiT's distillation token, register tokens)
+before the patch tokens. Relevance maps keep only the patch columns and reshape them to the
+patch grid, which follows the image size (any ``img_size`` / ``patch_size``, non-square grids,
+``dynamic_img_size``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["num_prefix_tokens", "patch_grid", "readout_weights", "to_pixels", "min_max"]
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Number of tokens before the patch tokens (CLS, distillation and register tokens)."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if n is None:
+        n = int(getattr(model, "cls_token", None) is not None)
+    return int(n)
+
+
+def patch_grid(model: nn.Module, image_size: tuple[int, int], num_patches: int) -> tuple[int, int]:
+    """Patch grid ``(gh, gw)`` of ``model`` for images of ``image_size`` ``(H, W)``.
+
+    Args:
+        model: a timm ViT with a ``patch_embed`` module.
+        image_size: input height and width in pixels.
+        num_patches: number of patch tokens seen in the attention maps, used as a check.
+
+    Raises:
+        ValueError: if the grid does not account for ``num_patches`` tokens.
+    """
+    embed = getattr(model, "patch_embed", None)
+    size = tuple(int(s) for s in image_size)
+    if embed is not None and hasattr(embed, "dynamic_feat_size"):
+        grid = tuple(int(g) for g in embed.dynamic_feat_size(size))
+    elif embed is not None and hasattr(embed, "patch_size"):
+        ph, pw = _pair(embed.patch_size)
+        grid = (-(-size[0] // ph), -(-size[1] // pw))
+    else:
+        side = int(round(num_patches**0.5))
+        grid = (side, side)
+    if grid[0] * grid[1] != num_patches:
+        raise ValueError(
+            f"Expected {num_patches} patch tokens to form the patch grid of a {size[0]}x{size[1]} "
+            f"image, but the grid is {grid[0]}x{grid[1]} = {grid[0] * grid[1]}."
+        )
+    return grid  # type: ignore[return-value]
+
+
+def readout_weights(model: nn.Module, num_tokens: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Row vector ``(N,)`` that reads the classifier's input out of the token sequence.
+
+    ``global_pool="token"`` (CLS models, the papers' setting) reads row 0; ``"avg"`` averages the
+    patch tokens, so the relevance of an average-pooled model is the mean of the patch rows.
+
+    Raises:
+        ValueError: for pooling modes whose read-out is not a fixed token mix (e.g. ``"map"``).
+    """
+    pool = getattr(model, "global_pool", "token")
+    prefix = num_prefix_tokens(model)
+    w = torch.zeros(num_tokens, device=device, dtype=dtype)
+    if pool == "token" or (pool in ("", None) and prefix > 0):
+        w[0] = 1.0
+    elif pool in ("avg", "avgmax", "max", "", None):
+        w[prefix:] = 1.0 / (num_tokens - prefix)
+    else:
+        raise ValueError(
+            f"Expected a model with global_pool 'token' or 'avg', but got global_pool={pool!r}; "
+            "relevance of attention-pooled read-outs is not defined by the papers."
+        )
+    return w
+
+
+def min_max(maps: Tensor, eps: float = 1e-8) -> Tensor:
+    """Per-image min-max normalisation of ``maps`` ``(B, ...)`` to [0, 1]; constant maps give 0."""
+    flat = maps.flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)
+
+
+def to_pixels(
+    maps: Tensor, size: tuple[int, int] | torch.Size, normalize: bool = True, eps: float = 1e-8
+) -> Tensor:
+    """Turn patch-grid or pixel maps into pixel maps.
+
+    Bilinear upsampling (``align_corners=False``, as in RobustViT and the perturbation test),
+    then, when ``normalize``, per-image min-max with ``eps`` so that a constant map gives zeros.
+    Differentiable.
+
+    Args:
+        maps: ``(B, h, w)`` relevance on the patch grid or ``(B, H, W)`` on pixels.
+        size: output ``(H, W)``, e.g. ``images.shape[-2:]``.
+        normalize: min-max normalise each map to [0, 1].
+        eps: floor of the (max - min) denominator.
+
+    Returns:
+        ``(B, H, W)`` maps.
+
+    Example:
+        >>> import torch
+        >>> to_pixels(torch.rand(2, 14, 14), size=(224, 224)).shape
+        torch.Size([2, 224, 224])
+    """
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"Expected maps to be a torch.Tensor, but got {type(maps).__name__}.")
+    if maps.ndim != 3:
+        raise ValueError(f"Expected maps of shape (B, h, w), but got shape {tuple(maps.shape)}.")
+    size = (int(size[0]), int(size[1]))
+    out = maps
+    if tuple(maps.shape[-2:]) != size:
+        work = maps if maps.is_floating_point() else maps.float()
+        out = F.interpolate(work.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return min_max(out, eps) if normalize else out
+
+
+def _pair(x: int | tuple[int, ...]) -> tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny timm ViTs (random weights, CPU, milliseconds per call)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# name -> (timm model, overrides): every timm token layout relreg promises to handle.
+TINY_VITS: dict[str, tuple[str, dict]] = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "vit_nonsquare": ("vit_tiny_patch16_224", {"img_size": (16, 24)}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "vit_registers": ("vit_tiny_patch16_224", {"reg_tokens": 3}),
+}
+
+
+def make_tiny_vit(
+    name: str = "vit_tiny_patch16_224", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> nn.Module:
+    """A 2-block, 2-head, 24-dim timm ViT on 16x16 images with 4x4 patches and 5 classes, in eval mode."""
+    kwargs = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=5)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs).to(dtype).eval()
+    # timm initialises the head to zeros for some models: random weights give non-trivial gradients.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+    return model
+
+
+def images_for(model: nn.Module, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    """Random (B, 3, H, W) images matching the model's input size and dtype."""
+    h, w = model.patch_embed.img_size
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    return torch.randn(batch, 3, h, w, generator=g).to(dtype)
+
+
+@pytest.fixture(params=sorted(TINY_VITS))
+def any_vit(request: pytest.FixtureRequest) -> nn.Module:
+    """Each tiny ViT layout in turn."""
+    name, overrides = TINY_VITS[request.param]
+    return make_tiny_vit(name, **overrides)
+
+
+@pytest.fixture
+def vit() -> nn.Module:
+    return make_tiny_vit()
+
+
+def model_state(model: nn.Module) -> dict:
+    """Everything an explainer must leave as it found it: mode, flags, hooks."""
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "fused_attn": [getattr(m, "fused_attn", None) for m in model.modules()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
+        "grads": [p.grad is None for p in model.parameters()],
+    }

@@ -1,0 +1,94 @@
+"""Attention explainers against naive per-image, dense N x N references (PROTOCOLS.md rules)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from relreg.explain import explain, num_prefix_tokens
+from tests.conftest import images_for, make_tiny_vit
+from tests.explain.reference import dense_chefer, dense_gradcam, dense_rollout
+
+LAYOUTS = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "nonsquare": ("vit_tiny_patch16_224", {"img_size": (12, 20)}),
+    "distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers": ("vit_tiny_patch16_224", {"reg_tokens": 2, "depth": 3}),
+}
+
+
+@pytest.fixture(params=sorted(LAYOUTS))
+def model(request):
+    name, kw = LAYOUTS[request.param]
+    return make_tiny_vit(name, dtype=torch.float64, **kw)
+
+
+@pytest.mark.parametrize("start_layer", [0, 1])
+def test_chefer_equals_dense_reference(model, start_layer):
+    x = images_for(model, batch=3)
+    target = torch.tensor([0, 3, 1])
+    maps = explain(model, x, "chefer", target=target, start_layer=start_layer)
+    ref = dense_chefer(model, x, target, num_prefix_tokens(model), start_layer)
+    assert maps.shape[0] == 3 and maps.shape[1] * maps.shape[2] == ref.shape[1]
+    torch.testing.assert_close(maps.flatten(1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chefer_default_target_is_top1(model):
+    x = images_for(model, batch=3)
+    top1 = model(x).argmax(1)
+    torch.testing.assert_close(explain(model, x, "chefer"), explain(model, x, "chefer", target=top1))
+
+
+@pytest.mark.parametrize("start_layer", [0, 1])
+def test_rollout_equals_dense_reference(model, start_layer):
+    x = images_for(model, batch=2)
+    maps = explain(model, x, "rollout", start_layer=start_layer)
+    ref = dense_rollout(model, x, num_prefix_tokens(model), start_layer)
+    torch.testing.assert_close(maps.flatten(1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rollout_conserves_mass(model):
+    # Each M is row-stochastic, so the CLS row of the product sums to 1 over all tokens; the
+    # patch columns hold the rest after the prefix tokens' share.
+    x = images_for(model, batch=2)
+    maps = explain(model, x, "rollout")
+    assert torch.all(maps >= 0)
+    assert torch.all(maps.flatten(1).sum(1) <= 1 + 1e-9)
+
+
+def test_gradcam_equals_reference(model):
+    x = images_for(model, batch=3)
+    target = torch.tensor([2, 2, 4])
+    maps = explain(model, x, "gradcam", target=target)
+    ref = dense_gradcam(model, x, target, num_prefix_tokens(model))
+    torch.testing.assert_close(maps.flatten(1), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_raw_attention_is_last_block_cls_row(model):
+    x = images_for(model, batch=2)
+    from relreg.explain import AttentionCapture
+
+    with AttentionCapture(model) as cap:
+        model(x)
+    ref = cap.attentions[-1].mean(1)[:, 0, num_prefix_tokens(model) :]
+    torch.testing.assert_close(explain(model, x, "raw_attention").flatten(1), ref)
+
+
+def test_foil_explains_the_contrast():
+    # Chefer relevance is not linear in the score, but the gradient is: for the contrast the
+    # gradient-weighted maps must use dy_t/dA - dy_f/dA. Check against the dense reference by
+    # building a model whose head outputs y_t - y_f as its class 0.
+    model = make_tiny_vit(dtype=torch.float64)
+    x = images_for(model, batch=2)
+    t, f = torch.tensor([1, 2]), torch.tensor([3, 0])
+    maps = explain(model, x, "chefer", target=t, foil=f)
+    rows = []
+    for i in range(2):
+        w = model.head.weight.data.clone()
+        b = model.head.bias.data.clone()
+        contrast = make_tiny_vit(dtype=torch.float64)
+        contrast.head.weight.data[0] = w[t[i]] - w[f[i]]
+        contrast.head.bias.data[0] = b[t[i]] - b[f[i]]
+        rows.append(dense_chefer(contrast, x[i : i + 1], torch.tensor([0]), 1)[0])
+    torch.testing.assert_close(maps.flatten(1), torch.stack(rows), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(maps, explain(model, x, "chefer", target=t))

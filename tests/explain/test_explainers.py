@@ -1,0 +1,100 @@
+"""Properties every registered explainer must have, run over the whole registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from relreg.explain import create_explainer, explain, explainer_info, list_explainers, patch_grid
+from tests.conftest import images_for, make_tiny_vit, model_state
+
+ALL = list_explainers()
+FAST_OPTIONS = {"smoothgrad": {"n_samples": 3}, "integrated_gradients": {"steps": 4}}
+
+
+def _explain(model, x, name, **kw):
+    return explain(model, x, name, **{**FAST_OPTIONS.get(name, {}), **kw})
+
+
+def test_registry_lists_the_contracted_methods():
+    expected = {"raw_attention", "rollout", "chefer", "gradcam", "saliency", "input_x_gradient", "smoothgrad", "integrated_gradients"}
+    assert expected <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shapes_on_every_token_layout(any_vit, name):
+    x = images_for(any_vit, batch=2)
+    maps = _explain(any_vit, x, name)
+    if explainer_info(name).output == "grid":
+        n_patches = (x.shape[2] // 4) * (x.shape[3] // 4)
+        assert maps.shape == (2, *patch_grid(any_vit, x.shape[-2:], n_patches))
+        assert maps.shape == (2, x.shape[2] // 4, x.shape[3] // 4)
+    else:
+        assert maps.shape == (2, *x.shape[-2:])
+    assert torch.isfinite(maps).all()
+    assert not maps.requires_grad
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batched_equals_per_sample_loop(any_vit, name):
+    x = images_for(any_vit, batch=3)
+    target = torch.tensor([4, 0, 2])
+    batched = _explain(any_vit, x, name, target=target)
+    looped = torch.cat([_explain(any_vit, x[i : i + 1], name, target=int(target[i])) for i in range(3)])
+    scale = looped.abs().max().item()
+    torch.testing.assert_close(batched, looped, atol=1e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_deterministic(vit, name):
+    x = images_for(vit)
+    torch.testing.assert_close(_explain(vit, x, name), _explain(vit, x, name), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_model_left_as_found(name):
+    model = make_tiny_vit()
+    model.train()  # explainers must not switch the mode either way
+    model.blocks[0].requires_grad_(False)
+    before = model_state(model)
+    _explain(model, images_for(model), name)
+    assert model_state(model) == before
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cleanup_after_error_inside_the_call(name):
+    model = make_tiny_vit()
+    before = model_state(model)
+
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = model.head.register_forward_hook(boom)
+    before_with_hook = model_state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        _explain(model, images_for(model), name)
+    assert model_state(model) == before_with_hook
+    handle.remove()
+    assert model_state(model) == before
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_create_explainer_matches_explain(vit, name):
+    x = images_for(vit)
+    explainer = create_explainer(name, vit, **FAST_OPTIONS.get(name, {}))
+    torch.testing.assert_close(explainer(x, target=1), _explain(vit, x, name, target=1))
+    assert name in repr(explainer)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_works_under_no_grad(vit, name):
+    x = images_for(vit)
+    with torch.no_grad():
+        inside = _explain(vit, x, name)
+    torch.testing.assert_close(inside, _explain(vit, x, name))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("raw_attention", "rollout")])
+def test_target_changes_class_specific_maps(vit, name):
+    x = images_for(vit)
+    assert not torch.allclose(_explain(vit, x, name, target=0), _explain(vit, x, name, target=3))
