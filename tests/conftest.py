@@ -22,7 +22,10 @@ TINY_VITS: dict[str, tuple[str, dict]] = {
 
 
 def make_tiny_vit(
-    name: str = "vit_tiny_patch16_224", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+    name: str = "vit_tiny_patch16_224",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
 ) -> nn.Module:
     """A 2-block, 2-head, 24-dim timm ViT on 16x16 images with 4x4 patches and 5 classes, in eval mode."""
     kwargs = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=5)

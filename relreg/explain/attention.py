@@ -57,7 +57,10 @@ def _attention_pass(
         if not need_grad:
             return attentions, None
         grads = torch.autograd.grad(
-            score(logits, tgt, fl).sum(), attentions, retain_graph=differentiable, create_graph=second_order
+            score(logits, tgt, fl).sum(),
+            attentions,
+            retain_graph=differentiable,
+            create_graph=second_order,
         )
     return attentions, list(grads)
 
@@ -81,7 +84,11 @@ def _finish(maps: Tensor, differentiable: bool) -> Tensor:
     return maps if differentiable else maps.detach()
 
 
-@register_explainer("raw_attention", output="grid", paper="Attention weights of the last block (baseline in Chefer et al., CVPR 2021)")
+@register_explainer(
+    "raw_attention",
+    output="grid",
+    paper="Attention weights of the last block (baseline in Chefer et al., CVPR 2021)",
+)
 def raw_attention(
     model: nn.Module,
     images: Tensor,
@@ -94,13 +101,19 @@ def raw_attention(
 
     Class-agnostic: ``target`` and ``foil`` are only validated.
     """
-    attentions, _ = _attention_pass(model, images, target, foil, False, differentiable, False, "raw_attention")
+    attentions, _ = _attention_pass(
+        model, images, target, foil, False, differentiable, False, "raw_attention"
+    )
     last = attentions[-1].mean(dim=1)
     row = torch.bmm(_readout(model, attentions[-1]).unsqueeze(1), last)[:, 0]
     return _finish(_to_grid(model, images, row), differentiable)
 
 
-@register_explainer("rollout", output="grid", paper="Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020")
+@register_explainer(
+    "rollout",
+    output="grid",
+    paper="Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020",
+)
 def rollout(
     model: nn.Module,
     images: Tensor,
@@ -115,7 +128,9 @@ def rollout(
     Per block ``M = rownorm(mean_h A + I)``; the relevance is ``M_L ... M_s`` and its read-out row
     is returned as ``(B, gh, gw)``. Class-agnostic.
     """
-    attentions, _ = _attention_pass(model, images, target, foil, False, differentiable, False, "rollout")
+    attentions, _ = _attention_pass(
+        model, images, target, foil, False, differentiable, False, "rollout"
+    )
     _check_start_layer(start_layer, len(attentions))
     v = _readout(model, attentions[-1])
     for attention in reversed(attentions[start_layer:]):
@@ -125,7 +140,11 @@ def rollout(
     return _finish(_to_grid(model, images, v), differentiable)
 
 
-@register_explainer("gradcam", output="grid", paper="ViT GradCAM as coded by Chefer et al., CVPR 2021 (Selvaraju et al., ICCV 2017)")
+@register_explainer(
+    "gradcam",
+    output="grid",
+    paper="ViT GradCAM as coded by Chefer et al., CVPR 2021 (Selvaraju et al., ICCV 2017)",
+)
 def gradcam(
     model: nn.Module,
     images: Tensor,
@@ -140,7 +159,9 @@ def gradcam(
     ``ReLU(mean_h(weight * A[readout, patches]))``. (pytorch-grad-cam's token GradCAM weights
     channels of the block's output tokens instead: a different map.)
     """
-    attentions, grads = _attention_pass(model, images, target, foil, True, differentiable, second_order, "gradcam")
+    attentions, grads = _attention_pass(
+        model, images, target, foil, True, differentiable, second_order, "gradcam"
+    )
     a, g = attentions[-1], grads[-1]
     if not second_order:
         g = g.detach()
@@ -152,7 +173,11 @@ def gradcam(
     return _finish(_patches_to_grid(model, images, cam), differentiable)
 
 
-@register_explainer("chefer", output="grid", paper="Chefer, Gur & Wolf, Generic Attention-model Explainability, ICCV 2021 (RobustViT's rule, NeurIPS 2022)")
+@register_explainer(
+    "chefer",
+    output="grid",
+    paper="Chefer, Gur & Wolf, Generic Attention-model Explainability, ICCV 2021 (RobustViT's rule, NeurIPS 2022)",
+)
 def chefer(
     model: nn.Module,
     images: Tensor,
@@ -176,7 +201,9 @@ def chefer(
         >>> chefer(model, torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 4, 4])
     """
-    attentions, grads = _attention_pass(model, images, target, foil, True, differentiable, second_order, "chefer")
+    attentions, grads = _attention_pass(
+        model, images, target, foil, True, differentiable, second_order, "chefer"
+    )
     _check_start_layer(start_layer, len(attentions))
     with torch.set_grad_enabled(differentiable):
         v = _readout(model, attentions[-1])
@@ -189,5 +216,11 @@ def chefer(
 
 
 def _check_start_layer(start_layer: int, depth: int) -> None:
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < depth:
-        raise ValueError(f"Expected start_layer an int in [0, {depth - 1}], but got {start_layer!r}.")
+    if (
+        isinstance(start_layer, bool)
+        or not isinstance(start_layer, int)
+        or not 0 <= start_layer < depth
+    ):
+        raise ValueError(
+            f"Expected start_layer an int in [0, {depth - 1}], but got {start_layer!r}."
+        )

@@ -22,7 +22,9 @@ _REQUIRED = ("qkv", "attn_drop", "fused_attn", "num_heads")
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
-    return all(hasattr(module, name) for name in _REQUIRED) and isinstance(module.attn_drop, nn.Module)
+    return all(hasattr(module, name) for name in _REQUIRED) and isinstance(
+        module.attn_drop, nn.Module
+    )
 
 
 def find_attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -35,7 +35,9 @@ def _input_gradient(
     x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
     with torch.enable_grad(), _maybe_unfused(model, create_graph):
         logits = check_logits(model(x), x.shape[0])
-        (grad,) = torch.autograd.grad(score(logits, target, foil).sum(), x, create_graph=create_graph)
+        (grad,) = torch.autograd.grad(
+            score(logits, target, foil).sum(), x, create_graph=create_graph
+        )
     return grad
 
 
@@ -43,7 +45,9 @@ def _maybe_unfused(model: nn.Module, create_graph: bool) -> AbstractContextManag
     return unfused_attention(model) if create_graph else nullcontext()
 
 
-def _classes(model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike) -> tuple[Tensor, Tensor | None]:
+def _classes(
+    model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike
+) -> tuple[Tensor, Tensor | None]:
     """Resolve classes; a top-1 target needs one forward pass of the clean images."""
     with torch.no_grad():
         logits = check_logits(model(images.detach()), images.shape[0])
@@ -51,7 +55,12 @@ def _classes(model: nn.Module, images: Tensor, target: TargetLike, foil: TargetL
 
 
 def _repeated_gradients(
-    model: nn.Module, points: Tensor, target: Tensor, foil: Tensor | None, create_graph: bool, chunk: int | None
+    model: nn.Module,
+    points: Tensor,
+    target: Tensor,
+    foil: Tensor | None,
+    create_graph: bool,
+    chunk: int | None,
 ) -> Tensor:
     """Gradients at ``points`` ``(S, B, C, H, W)`` (S copies of the batch), returned the same shape."""
     s, b = points.shape[:2]
@@ -60,7 +69,13 @@ def _repeated_gradients(
     fl = foil.repeat(s) if foil is not None else None
     step = flat.shape[0] if chunk is None else chunk
     grads = [
-        _input_gradient(model, flat[i : i + step], tgt[i : i + step], None if fl is None else fl[i : i + step], create_graph)
+        _input_gradient(
+            model,
+            flat[i : i + step],
+            tgt[i : i + step],
+            None if fl is None else fl[i : i + step],
+            create_graph,
+        )
         for i in range(0, flat.shape[0], step)
     ]
     return torch.cat(grads).view_as(points)
@@ -70,7 +85,11 @@ def _finish(maps: Tensor, differentiable: bool) -> Tensor:
     return maps if differentiable else maps.detach()
 
 
-@register_explainer("saliency", output="pixel", paper="Simonyan, Vedaldi & Zisserman, Deep Inside Convolutional Networks, ICLR Workshop 2014")
+@register_explainer(
+    "saliency",
+    output="pixel",
+    paper="Simonyan, Vedaldi & Zisserman, Deep Inside Convolutional Networks, ICLR Workshop 2014",
+)
 def saliency(
     model: nn.Module,
     images: Tensor,
@@ -85,7 +104,11 @@ def saliency(
     return _finish(grad.abs().amax(dim=1), differentiable)
 
 
-@register_explainer("input_x_gradient", output="pixel", paper="Shrikumar, Greenside, Shcherbina & Kundaje, Not Just a Black Box, arXiv 2016")
+@register_explainer(
+    "input_x_gradient",
+    output="pixel",
+    paper="Shrikumar, Greenside, Shcherbina & Kundaje, Not Just a Black Box, arXiv 2016",
+)
 def input_x_gradient(
     model: nn.Module,
     images: Tensor,
@@ -112,7 +135,11 @@ def _single_pass_gradient(
     return grad
 
 
-@register_explainer("smoothgrad", output="pixel", paper="Smilkov, Thorat, Kim, Viegas & Wattenberg, SmoothGrad, arXiv 2017")
+@register_explainer(
+    "smoothgrad",
+    output="pixel",
+    paper="Smilkov, Thorat, Kim, Viegas & Wattenberg, SmoothGrad, arXiv 2017",
+)
 def smoothgrad(
     model: nn.Module,
     images: Tensor,
@@ -140,7 +167,9 @@ def smoothgrad(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     # One noise draw per copy, shared by the images of the batch: an image's map does not depend
     # on what else is in its batch, so batched and one-at-a-time results agree.
-    noise = torch.randn((n_samples, 1, *images.shape[1:]), generator=gen, dtype=images.dtype).to(images.device)
+    noise = torch.randn((n_samples, 1, *images.shape[1:]), generator=gen, dtype=images.dtype).to(
+        images.device
+    )
     flat = images.detach().flatten(1)
     sigma = noise_level * (flat.amax(dim=1) - flat.amin(dim=1))
     points = images.unsqueeze(0) + noise * sigma.view(1, -1, 1, 1, 1)
@@ -148,7 +177,11 @@ def smoothgrad(
     return _finish(grads.abs().mean(dim=0).amax(dim=1), differentiable)
 
 
-@register_explainer("integrated_gradients", output="pixel", paper="Sundararajan, Taly & Yan, Axiomatic Attribution for Deep Networks, ICML 2017")
+@register_explainer(
+    "integrated_gradients",
+    output="pixel",
+    paper="Sundararajan, Taly & Yan, Axiomatic Attribution for Deep Networks, ICML 2017",
+)
 def integrated_gradients(
     model: nn.Module,
     images: Tensor,

@@ -31,7 +31,9 @@ def check_images(model: nn.Module, images: Tensor) -> None:
     if not isinstance(images, Tensor):
         raise TypeError(f"Expected images to be a torch.Tensor, but got {type(images).__name__}.")
     if images.ndim != 4:
-        raise ValueError(f"Expected images of shape (B, C, H, W), but got shape {tuple(images.shape)}.")
+        raise ValueError(
+            f"Expected images of shape (B, C, H, W), but got shape {tuple(images.shape)}."
+        )
     if not images.is_floating_point():
         raise TypeError(f"Expected images of a floating dtype, but got {images.dtype}.")
     channels = _in_channels(model)
@@ -56,16 +58,22 @@ def check_logits(logits: object, batch: int) -> Tensor:
     return logits
 
 
-def _as_classes(value: TargetLike, name: str, batch: int, num_classes: int, device: torch.device) -> Tensor:
+def _as_classes(
+    value: TargetLike, name: str, batch: int, num_classes: int, device: torch.device
+) -> Tensor:
     if isinstance(value, bool | str | bytes) or not isinstance(value, int | Sequence | Tensor):
-        raise TypeError(f"Expected {name} to be an int or a (B,) integer tensor, but got {type(value).__name__}.")
+        raise TypeError(
+            f"Expected {name} to be an int or a (B,) integer tensor, but got {type(value).__name__}."
+        )
     t = torch.as_tensor(value, device=device)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"Expected {name} of an integer dtype, but got {t.dtype}.")
     if t.ndim == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
-        raise ValueError(f"Expected {name} to be an int or of shape ({batch},), but got shape {tuple(t.shape)}.")
+        raise ValueError(
+            f"Expected {name} to be an int or of shape ({batch},), but got shape {tuple(t.shape)}."
+        )
     bad = (t < 0) | (t >= num_classes)
     if bad.any():
         raise ValueError(
@@ -74,7 +82,9 @@ def _as_classes(value: TargetLike, name: str, batch: int, num_classes: int, devi
     return t.long()
 
 
-def resolve_classes(logits: Tensor, target: TargetLike, foil: TargetLike) -> tuple[Tensor, Tensor | None]:
+def resolve_classes(
+    logits: Tensor, target: TargetLike, foil: TargetLike
+) -> tuple[Tensor, Tensor | None]:
     """Target and foil class per sample, ``(B,)`` long tensors; ``target=None`` means top-1.
 
     Raises:

@@ -16,7 +16,15 @@ from torch import Tensor, nn
 
 from relreg.explain.inputs import TargetLike, check_images
 
-__all__ = ["ExplainerInfo", "Explainer", "register_explainer", "list_explainers", "explainer_info", "create_explainer", "explain"]
+__all__ = [
+    "ExplainerInfo",
+    "Explainer",
+    "register_explainer",
+    "list_explainers",
+    "explainer_info",
+    "create_explainer",
+    "explain",
+]
 
 ExplainFn = Callable[..., Tensor]
 _COMMON = ("model", "images", "target", "foil", "differentiable", "second_order")
@@ -54,7 +62,9 @@ def register_explainer(name: str, output: str, paper: str) -> Callable[[ExplainF
             raise ValueError(f"Explainer {name!r} is already registered.")
         params = tuple(inspect.signature(fn).parameters)
         if params[: len(_COMMON)] != _COMMON:
-            raise TypeError(f"Expected explainer {name!r} to take {_COMMON} first, but it takes {params}.")
+            raise TypeError(
+                f"Expected explainer {name!r} to take {_COMMON} first, but it takes {params}."
+            )
         _REGISTRY[name] = ExplainerInfo(name, fn, output, paper, params[len(_COMMON) :])
         return fn
 
@@ -73,7 +83,9 @@ def explainer_info(name: str) -> ExplainerInfo:
         ValueError: for an unknown name; the message lists the known ones.
     """
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"Unknown explainer {name!r}; expected one of: {', '.join(list_explainers())}.")
+        raise ValueError(
+            f"Unknown explainer {name!r}; expected one of: {', '.join(list_explainers())}."
+        )
     return _REGISTRY[name]
 
 
@@ -81,7 +93,9 @@ def _check_options(info: ExplainerInfo, options: dict[str, object]) -> None:
     unknown = sorted(set(options) - set(info.options))
     if unknown:
         allowed = ", ".join(info.options) or "none"
-        raise TypeError(f"Explainer {info.name!r} got unknown options {unknown}; its options are: {allowed}.")
+        raise TypeError(
+            f"Explainer {info.name!r} got unknown options {unknown}; its options are: {allowed}."
+        )
 
 
 def explain(
@@ -153,20 +167,36 @@ class Explainer:
     """
 
     def __init__(
-        self, name: str, model: nn.Module, differentiable: bool = False, second_order: bool = False, **options: object
+        self,
+        name: str,
+        model: nn.Module,
+        differentiable: bool = False,
+        second_order: bool = False,
+        **options: object,
     ) -> None:
         self.info = explainer_info(name)
         _check_options(self.info, options)
         if not isinstance(model, nn.Module):
-            raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}.")
+            raise TypeError(
+                f"Expected model to be a torch.nn.Module, but got {type(model).__name__}."
+            )
         self.name, self.model = name, model
         self.differentiable, self.second_order = differentiable, second_order
         self.options = options
 
-    def __call__(self, images: Tensor, target: TargetLike = None, foil: TargetLike = None) -> Tensor:
+    def __call__(
+        self, images: Tensor, target: TargetLike = None, foil: TargetLike = None
+    ) -> Tensor:
         """Explain ``images`` ``(B, C, H, W)``; returns what :func:`explain` returns."""
         return explain(
-            self.model, images, self.name, target, foil, self.differentiable, self.second_order, **self.options
+            self.model,
+            images,
+            self.name,
+            target,
+            foil,
+            self.differentiable,
+            self.second_order,
+            **self.options,
         )
 
     def __repr__(self) -> str:

@@ -52,7 +52,9 @@ def patch_grid(model: nn.Module, image_size: tuple[int, int], num_patches: int) 
     return grid  # type: ignore[return-value]
 
 
-def readout_weights(model: nn.Module, num_tokens: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+def readout_weights(
+    model: nn.Module, num_tokens: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """Row vector ``(N,)`` that reads the classifier's input out of the token sequence.
 
     ``global_pool="token"`` (CLS models, the papers' setting) reads row 0; ``"avg"`` averages the
@@ -115,7 +117,9 @@ def to_pixels(
     out = maps
     if tuple(maps.shape[-2:]) != size:
         work = maps if maps.is_floating_point() else maps.float()
-        out = F.interpolate(work.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+        out = F.interpolate(work.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[
+            :, 0
+        ]
     return min_max(out, eps) if normalize else out
 
 

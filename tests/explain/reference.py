@@ -39,7 +39,9 @@ def _record_one(model: nn.Module, image: Tensor, cls: int) -> tuple[list[Tensor]
     return attns, [grads[i] for i in range(len(attns))]
 
 
-def dense_chefer(model: nn.Module, images: Tensor, classes: Tensor, prefix: int, start_layer: int = 0) -> Tensor:
+def dense_chefer(
+    model: nn.Module, images: Tensor, classes: Tensor, prefix: int, start_layer: int = 0
+) -> Tensor:
     """R = I; R = R + Abar @ R per block; CLS row, patch columns; (B, P)."""
     rows = []
     for image, cls in zip(images, classes.tolist(), strict=True):

@@ -36,7 +36,9 @@ def test_chefer_equals_dense_reference(model, start_layer):
 def test_chefer_default_target_is_top1(model):
     x = images_for(model, batch=3)
     top1 = model(x).argmax(1)
-    torch.testing.assert_close(explain(model, x, "chefer"), explain(model, x, "chefer", target=top1))
+    torch.testing.assert_close(
+        explain(model, x, "chefer"), explain(model, x, "chefer", target=top1)
+    )
 
 
 @pytest.mark.parametrize("start_layer", [0, 1])

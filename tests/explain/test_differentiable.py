@@ -49,29 +49,44 @@ def test_first_order_treats_gradients_as_constants():
     grads = []
     for second_order in (False, True):
         model = make_tiny_vit(dtype=torch.float64)
-        explain(model, images_for(model), "chefer", target=1, differentiable=True, second_order=second_order).sum().backward()
+        explain(
+            model,
+            images_for(model),
+            "chefer",
+            target=1,
+            differentiable=True,
+            second_order=second_order,
+        ).sum().backward()
         grads.append(model.blocks[-1].attn.qkv.weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
 
 
 def _chefer_of_images(model, target, second_order):
     def fn(x):
-        return explain(model, x, "chefer", target=target, differentiable=True, second_order=second_order)
+        return explain(
+            model, x, "chefer", target=target, differentiable=True, second_order=second_order
+        )
 
     return fn
 
 
 def test_second_order_passes_gradcheck():
-    model = make_tiny_vit(dtype=torch.float64, img_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3)
+    model = make_tiny_vit(
+        dtype=torch.float64, img_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3
+    )
     x = images_for(model, batch=1).requires_grad_(True)
     assert torch.autograd.gradcheck(_chefer_of_images(model, 1, True), (x,), eps=1e-6, atol=1e-5)
 
 
 def test_first_order_fails_gradcheck():
     # The same check must fail when the gradients are constants: proves the flag matters.
-    model = make_tiny_vit(dtype=torch.float64, img_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3)
+    model = make_tiny_vit(
+        dtype=torch.float64, img_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3
+    )
     x = images_for(model, batch=1).requires_grad_(True)
-    assert not torch.autograd.gradcheck(_chefer_of_images(model, 1, False), (x,), eps=1e-6, atol=1e-5, raise_exception=False)
+    assert not torch.autograd.gradcheck(
+        _chefer_of_images(model, 1, False), (x,), eps=1e-6, atol=1e-5, raise_exception=False
+    )
 
 
 def test_gradient_methods_are_differentiable_in_the_parameters():

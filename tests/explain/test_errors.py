@@ -16,7 +16,9 @@ def model():
 
 
 def test_wrong_rank(model):
-    with pytest.raises(ValueError, match=r"images of shape \(B, C, H, W\), but got shape \(3, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"images of shape \(B, C, H, W\), but got shape \(3, 16, 16\)"
+    ):
         explain(model, torch.randn(3, 16, 16))
 
 
@@ -59,7 +61,9 @@ def test_target_wrong_length(model):
 
 @pytest.mark.parametrize("name", list_explainers())
 def test_foil_equal_to_target(model, name):
-    with pytest.raises(ValueError, match=r"foil to differ from the target class.*samples \[0, 1, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"foil to differ from the target class.*samples \[0, 1, 2\]"
+    ):
         explain(model, images_for(model), name, target=2, foil=2)
 
 
@@ -82,7 +86,9 @@ def test_unknown_method_lists_known(model):
 
 
 def test_unknown_option(model):
-    with pytest.raises(TypeError, match="'chefer' got unknown options \\['steps'\\]; its options are: start_layer"):
+    with pytest.raises(
+        TypeError, match="'chefer' got unknown options \\['steps'\\]; its options are: start_layer"
+    ):
         explain(model, images_for(model), "chefer", steps=3)
 
 

@@ -17,7 +17,16 @@ def _explain(model, x, name, **kw):
 
 
 def test_registry_lists_the_contracted_methods():
-    expected = {"raw_attention", "rollout", "chefer", "gradcam", "saliency", "input_x_gradient", "smoothgrad", "integrated_gradients"}
+    expected = {
+        "raw_attention",
+        "rollout",
+        "chefer",
+        "gradcam",
+        "saliency",
+        "input_x_gradient",
+        "smoothgrad",
+        "integrated_gradients",
+    }
     assert expected <= set(ALL)
 
 
@@ -40,7 +49,9 @@ def test_batched_equals_per_sample_loop(any_vit, name):
     x = images_for(any_vit, batch=3)
     target = torch.tensor([4, 0, 2])
     batched = _explain(any_vit, x, name, target=target)
-    looped = torch.cat([_explain(any_vit, x[i : i + 1], name, target=int(target[i])) for i in range(3)])
+    looped = torch.cat(
+        [_explain(any_vit, x[i : i + 1], name, target=int(target[i])) for i in range(3)]
+    )
     scale = looped.abs().max().item()
     torch.testing.assert_close(batched, looped, atol=1e-5 * scale, rtol=1e-4)
 

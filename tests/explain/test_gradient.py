@@ -31,7 +31,9 @@ def test_integrated_gradients_completeness():
     target = torch.tensor([0, 1, 2])
     maps = explain(model, x, "integrated_gradients", target=target, steps=128)
     with torch.no_grad():
-        gap = model(x)[torch.arange(3), target] - model(torch.zeros_like(x))[torch.arange(3), target]
+        gap = (
+            model(x)[torch.arange(3), target] - model(torch.zeros_like(x))[torch.arange(3), target]
+        )
     torch.testing.assert_close(maps.flatten(1).sum(1), gap, rtol=2e-2, atol=1e-3)
 
 
@@ -54,10 +56,19 @@ def test_smoothgrad_seed_controls_noise():
 def test_smoothgrad_without_noise_is_saliency():
     model = make_tiny_vit()
     x = images_for(model)
-    torch.testing.assert_close(explain(model, x, "smoothgrad", n_samples=2, noise_level=0.0), explain(model, x, "saliency"))
+    torch.testing.assert_close(
+        explain(model, x, "smoothgrad", n_samples=2, noise_level=0.0), explain(model, x, "saliency")
+    )
 
 
-@pytest.mark.parametrize("opts, match", [({"n_samples": 0}, "n_samples an int >= 1"), ({"noise_level": -1.0}, "noise_level"), ({"internal_batch_size": 0}, "internal_batch_size")])
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        ({"n_samples": 0}, "n_samples an int >= 1"),
+        ({"noise_level": -1.0}, "noise_level"),
+        ({"internal_batch_size": 0}, "internal_batch_size"),
+    ],
+)
 def test_smoothgrad_option_errors(opts, match):
     model = make_tiny_vit()
     with pytest.raises(ValueError, match=match):
@@ -67,4 +78,6 @@ def test_smoothgrad_option_errors(opts, match):
 def test_integrated_gradients_bad_baseline():
     model = make_tiny_vit()
     with pytest.raises(ValueError, match="baseline to broadcast"):
-        explain(model, images_for(model), "integrated_gradients", baseline=torch.zeros(2, 3, 16, 16))
+        explain(
+            model, images_for(model), "integrated_gradients", baseline=torch.zeros(2, 3, 16, 16)
+        )
