@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import timm
-import torch
-from torch import nn
-
-os.environ.setdefault("WANDB_MODE", "offline")
+# Before anything imports huggingface_hub (it reads these once): no network here, fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 # name -> (timm model, overrides): every timm token layout relreg promises to handle.
 TINY_VITS: dict[str, tuple[str, dict]] = {

@@ -66,14 +66,15 @@ def readout_weights(
     pool = getattr(model, "global_pool", "token")
     prefix = num_prefix_tokens(model)
     w = torch.zeros(num_tokens, device=device, dtype=dtype)
-    if pool == "token" or (pool in ("", None) and prefix > 0):
+    if pool == "token" and prefix > 0:
         w[0] = 1.0
-    elif pool in ("avg", "avgmax", "max", "", None):
+    elif pool == "avg":
         w[prefix:] = 1.0 / (num_tokens - prefix)
     else:
         raise ValueError(
-            f"Expected a model with global_pool 'token' or 'avg', but got global_pool={pool!r}; "
-            "relevance of attention-pooled read-outs is not defined by the papers."
+            f"Expected a model with global_pool 'token' (and a class token) or 'avg', but got "
+            f"global_pool={pool!r} with {prefix} prefix tokens; the relevance of other read-outs "
+            "(e.g. attention pooling 'map') is not defined by the papers."
         )
     return w
 

@@ -61,3 +61,22 @@ def test_patch_grid_non_square_and_mismatch():
     assert patch_grid(model, (12, 20), 15) == (3, 5)
     with pytest.raises(ValueError, match="Expected 16 patch tokens"):
         patch_grid(model, (12, 20), 16)
+
+
+def test_average_pooled_model_reads_out_the_mean_of_patch_rows():
+    from relreg.explain import AttentionCapture, explain
+
+    model = make_tiny_vit(global_pool="avg", class_token=False)
+    x = torch.randn(2, 3, 16, 16)
+    with AttentionCapture(model) as cap:
+        model(x)
+    ref = cap.attentions[-1].mean(1).mean(1)  # mean over the (all patch) rows
+    torch.testing.assert_close(explain(model, x, "raw_attention").flatten(1), ref)
+
+
+def test_unsupported_readout_is_rejected():
+    from relreg.explain import explain
+
+    model = make_tiny_vit(global_pool="map")
+    with pytest.raises(ValueError, match="global_pool='map'"):
+        explain(model, torch.randn(1, 3, 16, 16), "chefer")

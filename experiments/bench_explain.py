@@ -1,0 +1,157 @@
+"""Benchmark: batched Chefer relevance versus one image at a time and versus a plain training step.
+
+For timm ViT-S/16 at 224 px (random weights) and a batch of 16, times per image:
+- ``batched``: ``relreg.explain.explain(model, x, "chefer")`` on the whole batch (one forward and
+  one backward that stops at the attention maps);
+- ``one_at_a_time``: the same call per image (as the CVPR 2021 reference code runs);
+- ``forward_backward``: one plain forward + backward of the same batch with parameter gradients
+  (timm's default fused attention), i.e. the cost of a training step without the optimiser.
+
+Writes JSON (medians of all repetitions, ratios from the same run, machine) and a bar chart.
+
+    python experiments/bench_explain.py --out experiments/results/bench_explain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from relreg.explain import explain  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def machine(device: torch.device) -> dict:
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    return info
+
+
+def run(model_name: str, img_size: int, batch: int, repeats: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, img_size=img_size).to(device).eval()
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    target = torch.arange(batch, device=device) % 10
+
+    def batched() -> None:
+        explain(model, x, "chefer", target=target)
+
+    def one_at_a_time() -> None:
+        for i in range(batch):
+            explain(model, x[i : i + 1], "chefer", target=int(target[i]))
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        logits.gather(1, target[:, None]).sum().backward()
+
+    # Interleave the cases within each repetition so drifts of the machine hit them alike.
+    cases = {
+        "batched": batched,
+        "one_at_a_time": one_at_a_time,
+        "forward_backward": forward_backward,
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name] += _time(fn, 1, device)
+    model.zero_grad(set_to_none=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "model": model_name,
+        "img_size": img_size,
+        "batch": batch,
+        "repeats": repeats,
+        "seconds_per_batch": {k: [round(t, 5) for t in v] for k, v in times.items()},
+        "median_s_per_image": {k: round(v / batch, 5) for k, v in med.items()},
+        "ratios": {
+            "batched_over_forward_backward": round(med["batched"] / med["forward_backward"], 3),
+            "one_at_a_time_over_batched": round(med["one_at_a_time"] / med["batched"], 3),
+        },
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    per_image = result["median_s_per_image"]
+    labels = {
+        "batched": "chefer, batched",
+        "one_at_a_time": "chefer, one image at a time",
+        "forward_backward": "plain forward+backward",
+    }
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), constrained_layout=True)
+    names = list(per_image)
+    vals = [per_image[n] * 1e3 for n in names]
+    bars = ax.barh([labels[n] for n in names], vals, color=["tab:green", "tab:red", "tab:gray"])
+    ax.bar_label(bars, fmt="%.1f ms")
+    ax.set_xlabel("median time per image (ms)")
+    m = result["machine"]
+    ax.set_title(
+        f"{result['model']} @ {result['img_size']}px, batch {result['batch']}, {m['device']} ({m['torch_threads']} threads)",
+        fontsize=9,
+    )
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="batch 4, 2 repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_explain.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.repeats = 4, 2
+    device = torch.device(args.device)
+    result = run(args.model, args.img_size, args.batch, args.repeats, device)
+    result["machine"] = machine(device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps({k: result[k] for k in ("median_s_per_image", "ratios", "machine")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Generated images with foreground masks: the built-in CPU benchmark.
+
+Each image shows one shape (the class: circle, square, triangle, cross, ...) of a random colour,
+position and size on a smooth random background. With ``spurious > 0`` the background tint is
+correlated with the class (a shortcut a model can learn instead of the shape); with
+``spurious=0`` the tint is random, which makes an out-of-distribution split for the same classes.
+Everything is a function of ``seed``: the same call gives the same data on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SHAPES", "ShapesBatch", "make_shapes"]
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+_TINTS = torch.tensor(
+    [
+        [0.9, 0.3, 0.3],
+        [0.3, 0.8, 0.3],
+        [0.3, 0.4, 0.9],
+        [0.9, 0.8, 0.2],
+        [0.7, 0.3, 0.8],
+        [0.2, 0.8, 0.8],
+    ]
+)
+
+
+@dataclass
+class ShapesBatch:
+    """Generated data.
+
+    Attributes:
+        images: ``(N, 3, H, W)`` floats in [0, 1].
+        masks: ``(N, H, W)`` floats in {0, 1}, 1 on the shape.
+        labels: ``(N,)`` long, the shape's index in :data:`SHAPES`.
+    """
+
+    images: Tensor
+    masks: Tensor
+    labels: Tensor
+
+
+def _shape_mask(kind: str, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
+    ax, ay = dx.abs(), dy.abs()
+    if kind == "circle":
+        return dx**2 + dy**2 <= r**2
+    if kind == "square":
+        return (ax <= 0.8 * r) & (ay <= 0.8 * r)
+    if kind == "triangle":
+        return (dy <= 0.8 * r) & (dy >= -r) & (ax <= (dy + r) * 0.55)
+    if kind == "cross":
+        return ((ax <= r / 3) & (ay <= r)) | ((ay <= r / 3) & (ax <= r))
+    if kind == "ring":
+        d2 = dx**2 + dy**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    if kind == "diamond":
+        return ax + ay <= r
+    raise ValueError(f"Unknown shape {kind!r}; expected one of {SHAPES}.")
+
+
+def make_shapes(
+    n: int,
+    size: int = 32,
+    num_classes: int = 4,
+    seed: int = 0,
+    spurious: float = 0.0,
+) -> ShapesBatch:
+    """Generate ``n`` images of shapes with their masks and labels.
+
+    Args:
+        n: number of images.
+        size: image height and width in pixels.
+        num_classes: number of shape classes, at most ``len(SHAPES)``.
+        seed: random seed; the output is a pure function of the arguments.
+        spurious: probability that the background tint is the class's own tint (a shortcut).
+
+    Returns:
+        A :class:`ShapesBatch`; labels cycle through the classes (balanced).
+
+    Example:
+        >>> batch = make_shapes(8, size=32, num_classes=4)
+        >>> batch.images.shape, batch.masks.shape, batch.labels.tolist()[:4]
+        (torch.Size([8, 3, 32, 32]), torch.Size([8, 32, 32]), [0, 1, 2, 3])
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"Expected n an int >= 1, but got {n!r}.")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"Expected size an int >= 8, but got {size!r}.")
+    if not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPES):
+        raise ValueError(
+            f"Expected num_classes an int in [2, {len(SHAPES)}], but got {num_classes!r}."
+        )
+    if not 0.0 <= spurious <= 1.0:
+        raise ValueError(f"Expected spurious in [0, 1], but got {spurious!r}.")
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    r = size * (0.18 + 0.12 * torch.rand(n, generator=g))
+    cx = r + (size - 2 * r) * torch.rand(n, generator=g)
+    cy = r + (size - 2 * r) * torch.rand(n, generator=g)
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    dy = coords.view(1, -1, 1) - cy.view(-1, 1, 1)
+    dx = coords.view(1, 1, -1) - cx.view(-1, 1, 1)
+    masks = torch.zeros(n, size, size)
+    for c in range(num_classes):
+        idx = labels == c
+        masks[idx] = _shape_mask(SHAPES[c], dx[idx], dy[idx], r[idx].view(-1, 1, 1)).float()
+    tint_index = torch.where(
+        torch.rand(n, generator=g) < spurious,
+        labels,
+        torch.randint(0, num_classes, (n,), generator=g),
+    )
+    texture = F.interpolate(
+        torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear", align_corners=False
+    )
+    background = (0.5 * _TINTS[tint_index].view(n, 3, 1, 1) + 0.5 * texture).clamp(0, 1)
+    colour = 0.2 + 0.8 * torch.rand(n, 3, 1, 1, generator=g)
+    m = masks.unsqueeze(1)
+    images = m * colour + (1 - m) * background
+    return ShapesBatch(images=images, masks=masks, labels=labels)

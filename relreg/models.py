@@ -1,0 +1,106 @@
+"""Build a timm model from a name, with timm weights or a local checkpoint, never running code from a file.
+
+Checkpoints are read with timm's loader with ``weights_only=True`` (plain ``state_dict`` files,
+``.safetensors``, timm training checkpoints, and Lightning checkpoints whose ``state_dict`` keys
+carry a module prefix such as ``model.``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+__all__ = ["build_model", "load_weights"]
+
+
+def build_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a timm model by name, optionally with pretrained or local weights.
+
+    Args:
+        name: a timm model name, e.g. ``"vit_base_patch16_224"``.
+        pretrained: download timm's weights (needs the network or a filled Hugging Face cache).
+        checkpoint: a local weights file, loaded after creation (overrides ``pretrained``).
+        num_classes: classifier size; None keeps the model's default.
+        **kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``, ...).
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        ValueError: unknown model name, or a checkpoint that does not fit the model.
+        FileNotFoundError: a missing checkpoint file.
+        RuntimeError: pretrained weights could not be fetched (offline); says how to pass a file.
+
+    Example:
+        >>> model = build_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8)
+        >>> model.num_classes
+        3
+    """
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5] if isinstance(name, str) else []
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise ValueError(f"Expected a timm model name, but got {name!r}.{hint}")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    use_hub = pretrained and checkpoint is None
+    try:
+        model = timm.create_model(name, pretrained=use_hub, **kwargs)
+    except Exception as err:  # network and hub errors come in many types
+        if not use_hub:
+            raise
+        raise RuntimeError(
+            f"Could not fetch pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+            "Without network access, pass a local weights file instead: --checkpoint PATH "
+            "(Python: checkpoint=PATH), e.g. a file saved with torch.save(model.state_dict(), PATH) "
+            "or a .safetensors file from the model's Hugging Face page. Offline, set HF_HUB_OFFLINE=1 "
+            "to fail at once instead of retrying."
+        ) from err
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a local weights file into ``model`` (``weights_only=True``; never executes code).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file holds weights of another architecture or another number of classes.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"Expected a checkpoint file, but {str(path)!r} does not exist.")
+    state = timm.models.load_state_dict(str(path), weights_only=True)
+    state = _strip_module_prefix(state, set(model.state_dict()))
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} does not fit {type(model).__name__} "
+            f"(another architecture or another num_classes?): {err}"
+        ) from err
+    return model
+
+
+def _strip_module_prefix(
+    state: dict[str, torch.Tensor], wanted: set[str]
+) -> dict[str, torch.Tensor]:
+    """Drop a Lightning-style prefix (``model.``) when that makes the keys match the model's."""
+    if set(state) & wanted:
+        return state
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in state if "." in k}):
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(stripped) & wanted:
+            return stripped
+    return state

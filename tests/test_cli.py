@@ -1,0 +1,152 @@
+"""The relreg console script: explain writes overlays and raw maps; errors are clear."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from relreg.cli import main
+from relreg.data import make_shapes
+
+ARCH = [
+    "--model",
+    "vit_tiny_patch16_224",
+    "--img-size",
+    "32",
+    "--patch-size",
+    "8",
+    "--num-classes",
+    "4",
+]
+
+
+@pytest.fixture
+def files(tmp_path):
+    batch = make_shapes(3, size=40, num_classes=3, seed=0)
+    paths = []
+    for i, img in enumerate(batch.images):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(p)
+        paths.append(p)
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32, patch_size=8
+    )
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    return paths, tmp_path / "w.pt", model.eval()
+
+
+def test_explain_writes_overlay_and_raw_map(files, tmp_path, capsys):
+    images, ckpt, model = files
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "explain",
+                *map(str, images),
+                *ARCH,
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--target",
+                "2",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    for p in images:
+        raw = np.load(out / f"{p.stem}_chefer.npy")
+        assert raw.shape == (4, 4) and np.isfinite(raw).all()
+        with Image.open(out / f"{p.stem}_chefer.png") as im:
+            assert im.size[0] > 100
+    assert "wrote 6 files" in capsys.readouterr().out
+
+
+def test_explain_refuses_to_overwrite(files, tmp_path, capsys):
+    images, ckpt, _ = files
+    args = [
+        "explain",
+        str(images[0]),
+        *ARCH,
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(args) == 0
+    before = (tmp_path / "o" / "img0_chefer.npy").read_bytes()
+    assert main([*args, "--method", "chefer", "--target", "1"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "o" / "img0_chefer.npy").read_bytes() == before
+    assert main([*args, "--overwrite", "--target", "1"]) == 0
+
+
+def test_explain_bad_image_fails_before_writing(files, tmp_path, capsys):
+    images, ckpt, _ = files
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "explain",
+                str(images[0]),
+                str(bad),
+                *ARCH,
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "bad.png" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_pretrained_offline_message(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    images, _, _ = files
+    assert (
+        main(
+            [
+                "explain",
+                str(images[0]),
+                "--model",
+                "vit_tiny_patch16_224",
+                "--pretrained",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "--checkpoint PATH" in capsys.readouterr().err
+
+
+def test_target_out_of_range_message(files, tmp_path, capsys):
+    images, ckpt, _ = files
+    assert (
+        main(
+            [
+                "explain",
+                str(images[0]),
+                *ARCH,
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "o"),
+                "--target",
+                "9",
+            ]
+        )
+        == 2
+    )
+    assert "target classes in [0, 3]" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""build_model / load_weights: local checkpoints (weights_only), Lightning prefixes, clear errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import timm
+import torch
+
+from relreg.models import build_model, load_weights
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2)
+
+
+def _tiny(num_classes=5, seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **TINY
+    )
+
+
+def test_checkpoint_round_trip(tmp_path):
+    src = _tiny(seed=1)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    model = build_model("vit_tiny_patch16_224", checkpoint=tmp_path / "w.pt", num_classes=5, **TINY)
+    assert not model.training
+    for a, b in zip(src.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lightning_style_checkpoint_with_prefix(tmp_path):
+    src = _tiny(seed=2)
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    model = load_weights(_tiny(seed=3), tmp_path / "last.ckpt")
+    assert torch.equal(model.head.weight, src.head.weight)
+
+
+def test_wrong_num_classes_is_a_clear_error(tmp_path):
+    torch.save(_tiny(num_classes=5).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)does not fit VisionTransformer \(another architecture or another num_classes\?\).*head.weight",
+    ):
+        build_model("vit_tiny_patch16_224", checkpoint=tmp_path / "w.pt", num_classes=7, **TINY)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_model("vit_tiny_patch16_224", checkpoint=tmp_path / "nope.pt", **TINY)
+
+
+def test_checkpoint_never_executes_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('executed')",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(Exception) as info:
+        load_weights(_tiny(), tmp_path / "evil.pt")
+    assert not isinstance(info.value, SystemExit)
+
+
+def test_unknown_model_name_suggests():
+    with pytest.raises(
+        ValueError,
+        match="Expected a timm model name, but got 'vit_tiny_patch16'.*vit_tiny_patch16_224",
+    ):
+        build_model("vit_tiny_patch16")
+
+
+def test_pretrained_offline_says_how_to_pass_a_file(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="--checkpoint PATH"):
+        build_model("vit_tiny_patch16_224", pretrained=True)
