@@ -58,7 +58,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
         "demo", help="train a tiny ViT on generated shapes and explain it with every method"
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--steps", type=int, default=300, help="training steps of the tiny ViT")
+    p.add_argument("--steps", type=int, default=500, help="training steps of the tiny ViT")
     p.add_argument("--seed", type=int, default=0)
 
 

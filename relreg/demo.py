@@ -52,10 +52,10 @@ def run_demo(
     train = make_shapes(2048, size=size, num_classes=num_classes, seed=seed)
     test = make_shapes(256, size=size, num_classes=num_classes, seed=seed + 1)
     model = _tiny_vit(num_classes, size)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in tqdm(range(steps), desc="train tiny ViT", unit="step"):
+    for _ in tqdm(range(steps), desc="train tiny ViT", unit="step", mininterval=2):
         idx = torch.randint(0, len(train.labels), (64,), generator=g)
         loss = F.cross_entropy(model((train.images[idx] - _MEAN) / _STD), train.labels[idx])
         opt.zero_grad()
@@ -83,7 +83,7 @@ def run_demo(
     titles = [SHAPES[int(c)] for c in test.labels[shown]]
     figure = save_figure(explanation_grid(test.images[shown], maps, titles), out / "explainers.png")
     summary = {
-        "model": "vit_tiny (4 blocks, 64 dims, 4x4 patches), random init, plain cross-entropy",
+        "model": "vit_tiny (3 blocks, 64 dims, 4x4 patches), random init, plain cross-entropy",
         "image_size": size,
         "train_steps": steps,
         "test_accuracy": round(acc, 4),

@@ -1,7 +1,7 @@
 """Generated images with foreground masks: the built-in CPU benchmark.
 
-Each image shows one shape (the class: circle, square, triangle, cross, ...) of a random colour,
-position and size on a smooth random background. With ``spurious > 0`` the background tint is
+Each image shows one bright shape (the class: circle, square, triangle, cross, ...) of a random
+colour, position and size on a dim, smooth random background. With ``spurious > 0`` the background tint is
 correlated with the class (a shortcut a model can learn instead of the shape); with
 ``spurious=0`` the tint is random, which makes an out-of-distribution split for the same classes.
 Everything is a function of ``seed``: the same call gives the same data on every machine.
@@ -99,7 +99,7 @@ def make_shapes(
         raise ValueError(f"Expected spurious in [0, 1], but got {spurious!r}.")
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
-    r = size * (0.18 + 0.12 * torch.rand(n, generator=g))
+    r = size * (0.22 + 0.12 * torch.rand(n, generator=g))
     cx = r + (size - 2 * r) * torch.rand(n, generator=g)
     cy = r + (size - 2 * r) * torch.rand(n, generator=g)
     coords = torch.arange(size, dtype=torch.float32) + 0.5
@@ -117,8 +117,10 @@ def make_shapes(
     texture = F.interpolate(
         torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear", align_corners=False
     )
-    background = (0.5 * _TINTS[tint_index].view(n, 3, 1, 1) + 0.5 * texture).clamp(0, 1)
-    colour = 0.2 + 0.8 * torch.rand(n, 3, 1, 1, generator=g)
+    # A dim background and a bright shape: a tiny ViT trained from scratch learns the shapes in a
+    # few hundred steps (with random, low-contrast colours it stays at chance for longer).
+    background = 0.6 * (0.5 * _TINTS[tint_index].view(n, 3, 1, 1) + 0.5 * texture)
+    colour = 0.7 + 0.3 * torch.rand(n, 3, 1, 1, generator=g)
     m = masks.unsqueeze(1)
     images = m * colour + (1 - m) * background
     return ShapesBatch(images=images, masks=masks, labels=labels)
