@@ -121,7 +121,8 @@ def plot(result: dict, path: Path) -> None:
     names = list(per_image)
     vals = [per_image[n] * 1e3 for n in names]
     bars = ax.barh([labels[n] for n in names], vals, color=["tab:green", "tab:red", "tab:gray"])
-    ax.bar_label(bars, fmt="%.1f ms")
+    ax.bar_label(bars, fmt="%.1f ms", padding=3)
+    ax.set_xlim(0, max(vals) * 1.3)
     ax.set_xlabel("median time per image (ms)")
     m = result["machine"]
     ax.set_title(

@@ -1,0 +1,60 @@
+"""Generated shapes: deterministic, masks match the pixels drawn, the shortcut is controllable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from relreg.data import SHAPES, make_shapes
+from relreg.data.synthetic import _TINTS
+
+
+def test_deterministic_and_seed_dependent():
+    a, b = make_shapes(8, seed=3), make_shapes(8, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert not torch.equal(a.images, make_shapes(8, seed=4).images)
+
+
+def test_shapes_masks_and_labels():
+    batch = make_shapes(12, size=24, num_classes=6)
+    assert batch.images.shape == (12, 3, 24, 24) and batch.masks.shape == (12, 24, 24)
+    assert set(batch.masks.unique().tolist()) <= {0.0, 1.0}
+    assert batch.labels.tolist() == [i % 6 for i in range(12)]
+    assert batch.images.min() >= 0 and batch.images.max() <= 1
+    frac = batch.masks.flatten(1).mean(1)
+    assert torch.all(frac > 0.02) and torch.all(frac < 0.6)
+
+
+def test_mask_marks_the_bright_shape():
+    batch = make_shapes(16, size=32)
+    brightness = batch.images.min(dim=1).values  # shape pixels have every channel >= 0.7
+    on, off = brightness[batch.masks == 1], brightness[batch.masks == 0]
+    assert on.min() >= 0.7 - 1e-6 and off.max() <= 0.6 + 1e-6
+
+
+@pytest.mark.parametrize("spurious, expected", [(1.0, 1.0), (0.0, None)])
+def test_background_tint_follows_spurious(spurious, expected):
+    batch = make_shapes(64, size=16, num_classes=4, seed=1, spurious=spurious)
+    bg = (batch.images * (1 - batch.masks[:, None])).sum((2, 3)) / (1 - batch.masks).sum((1, 2))[
+        :, None
+    ]
+    nearest = torch.cdist(bg, 0.6 * (0.5 * _TINTS[:4] + 0.25)).argmin(1)
+    agree = (nearest == batch.labels).float().mean().item()
+    if expected is not None:
+        assert agree == expected
+    else:
+        assert agree < 0.6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n": 0}, "n an int"),
+        ({"n": 2, "size": 4}, "size an int"),
+        ({"n": 2, "num_classes": len(SHAPES) + 1}, "num_classes"),
+        ({"n": 2, "spurious": 2.0}, "spurious"),
+    ],
+)
+def test_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_shapes(**kwargs)
