@@ -4,14 +4,14 @@
 """
 
 from relreg.explain import attention, gradient  # noqa: F401  (registers the explainers)
-from relreg.explain.attention import chefer, gradcam, raw_attention, rollout
 from relreg.explain.capture import AttentionCapture, find_attention_modules
-from relreg.explain.gradient import input_x_gradient, integrated_gradients, saliency, smoothgrad
+from relreg.explain.inputs import Explanation
 from relreg.explain.registry import (
     Explainer,
     ExplainerInfo,
     create_explainer,
     explain,
+    explain_with_logits,
     explainer_info,
     list_explainers,
     register_explainer,
@@ -22,22 +22,16 @@ __all__ = [
     "AttentionCapture",
     "Explainer",
     "ExplainerInfo",
-    "chefer",
+    "Explanation",
     "create_explainer",
     "explain",
+    "explain_with_logits",
     "explainer_info",
     "find_attention_modules",
-    "gradcam",
-    "input_x_gradient",
-    "integrated_gradients",
     "list_explainers",
     "min_max",
     "num_prefix_tokens",
     "patch_grid",
-    "raw_attention",
     "register_explainer",
-    "rollout",
-    "saliency",
-    "smoothgrad",
     "to_pixels",
 ]

@@ -22,7 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from relreg.explain.capture import AttentionCapture
-from relreg.explain.inputs import TargetLike, check_grad_mode, check_logits, resolve_classes, score
+from relreg.explain.inputs import (
+    Explanation,
+    TargetLike,
+    check_grad_mode,
+    check_logits,
+    finish,
+    resolve_classes,
+    score,
+)
 from relreg.explain.registry import register_explainer
 from relreg.explain.tokens import num_prefix_tokens, patch_grid, readout_weights
 
@@ -38,7 +46,7 @@ def _attention_pass(
     differentiable: bool,
     second_order: bool,
     method: str,
-) -> tuple[list[Tensor], list[Tensor] | None]:
+) -> tuple[list[Tensor], list[Tensor] | None, Tensor]:
     """One forward pass recording attention ``(B, h, N, N)`` per block, and its gradients if asked."""
     if need_grad or differentiable:
         check_grad_mode(method)
@@ -55,14 +63,14 @@ def _attention_pass(
             )
         tgt, fl = resolve_classes(logits, target, foil)
         if not need_grad:
-            return attentions, None
+            return attentions, None, logits
         grads = torch.autograd.grad(
             score(logits, tgt, fl).sum(),
             attentions,
             retain_graph=differentiable,
             create_graph=second_order,
         )
-    return attentions, list(grads)
+    return attentions, list(grads), logits
 
 
 def _readout(model: nn.Module, attention: Tensor) -> Tensor:
@@ -80,10 +88,6 @@ def _patches_to_grid(model: nn.Module, images: Tensor, patches: Tensor) -> Tenso
     return patches.reshape(patches.shape[0], gh, gw)
 
 
-def _finish(maps: Tensor, differentiable: bool) -> Tensor:
-    return maps if differentiable else maps.detach()
-
-
 @register_explainer(
     "raw_attention",
     output="grid",
@@ -96,17 +100,17 @@ def raw_attention(
     foil: TargetLike = None,
     differentiable: bool = False,
     second_order: bool = False,
-) -> Tensor:
+) -> Explanation:
     """Head-averaged attention of the last block, read-out row, patch columns: ``(B, gh, gw)``.
 
     Class-agnostic: ``target`` and ``foil`` are only validated.
     """
-    attentions, _ = _attention_pass(
+    attentions, _, logits = _attention_pass(
         model, images, target, foil, False, differentiable, False, "raw_attention"
     )
     last = attentions[-1].mean(dim=1)
     row = torch.bmm(_readout(model, attentions[-1]).unsqueeze(1), last)[:, 0]
-    return _finish(_to_grid(model, images, row), differentiable)
+    return finish(_to_grid(model, images, row), logits, differentiable)
 
 
 @register_explainer(
@@ -122,13 +126,13 @@ def rollout(
     differentiable: bool = False,
     second_order: bool = False,
     start_layer: int = 0,
-) -> Tensor:
+) -> Explanation:
     """Attention rollout from ``start_layer`` (0: all blocks; the CVPR 2021 evaluation used 1).
 
     Per block ``M = rownorm(mean_h A + I)``; the relevance is ``M_L ... M_s`` and its read-out row
     is returned as ``(B, gh, gw)``. Class-agnostic.
     """
-    attentions, _ = _attention_pass(
+    attentions, _, logits = _attention_pass(
         model, images, target, foil, False, differentiable, False, "rollout"
     )
     _check_start_layer(start_layer, len(attentions))
@@ -137,7 +141,7 @@ def rollout(
         m = attention.mean(dim=1) + torch.eye(attention.shape[-1], device=v.device, dtype=v.dtype)
         m = m / m.sum(dim=-1, keepdim=True)
         v = torch.bmm(v.unsqueeze(1), m)[:, 0]
-    return _finish(_to_grid(model, images, v), differentiable)
+    return finish(_to_grid(model, images, v), logits, differentiable)
 
 
 @register_explainer(
@@ -152,14 +156,14 @@ def gradcam(
     foil: TargetLike = None,
     differentiable: bool = False,
     second_order: bool = False,
-) -> Tensor:
+) -> Explanation:
     """GradCAM on the last block's attention, the CVPR 2021 comparison's convention: ``(B, gh, gw)``.
 
     Per head, weight = mean over patch columns of the read-out row of ``dy/dA``; map =
     ``ReLU(mean_h(weight * A[readout, patches]))``. (pytorch-grad-cam's token GradCAM weights
     channels of the block's output tokens instead: a different map.)
     """
-    attentions, grads = _attention_pass(
+    attentions, grads, logits = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "gradcam"
     )
     a, g = attentions[-1], grads[-1]
@@ -170,7 +174,7 @@ def gradcam(
     a_row = torch.einsum("bn,bhnm->bhm", w, a)[..., prefix:]
     weight = torch.einsum("bn,bhnm->bhm", w, g)[..., prefix:].mean(dim=-1, keepdim=True)
     cam = (weight * a_row).mean(dim=1).clamp(min=0)
-    return _finish(_patches_to_grid(model, images, cam), differentiable)
+    return finish(_patches_to_grid(model, images, cam), logits, differentiable)
 
 
 @register_explainer(
@@ -186,7 +190,7 @@ def chefer(
     differentiable: bool = False,
     second_order: bool = False,
     start_layer: int = 0,
-) -> Tensor:
+) -> Explanation:
     """Gradient-weighted attention relevance (the RobustViT rule): ``(B, gh, gw)``, raw.
 
     ``Abar_b = mean_h clamp(dy/dA_b * A_b, min=0)``, ``R = prod_b (I + Abar_b)`` (later blocks on
@@ -201,7 +205,7 @@ def chefer(
         >>> chefer(model, torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 4, 4])
     """
-    attentions, grads = _attention_pass(
+    attentions, grads, logits = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "chefer"
     )
     _check_start_layer(start_layer, len(attentions))
@@ -212,7 +216,7 @@ def chefer(
                 g = g.detach()
             abar = (g * a).clamp(min=0).mean(dim=1)
             v = v + torch.bmm(v.unsqueeze(1), abar)[:, 0]
-    return _finish(_to_grid(model, images, v), differentiable)
+    return finish(_to_grid(model, images, v), logits, differentiable)
 
 
 def _check_start_layer(start_layer: int, depth: int) -> None:

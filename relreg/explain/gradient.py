@@ -22,7 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from relreg.explain.capture import unfused_attention
-from relreg.explain.inputs import TargetLike, check_grad_mode, check_logits, resolve_classes, score
+from relreg.explain.inputs import (
+    Explanation,
+    TargetLike,
+    check_grad_mode,
+    check_logits,
+    finish,
+    resolve_classes,
+    score,
+)
 from relreg.explain.registry import register_explainer
 
 __all__ = ["saliency", "input_x_gradient", "smoothgrad", "integrated_gradients"]
@@ -47,11 +55,11 @@ def _maybe_unfused(model: nn.Module, create_graph: bool) -> AbstractContextManag
 
 def _classes(
     model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike
-) -> tuple[Tensor, Tensor | None]:
-    """Resolve classes; a top-1 target needs one forward pass of the clean images."""
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Resolve classes on the clean images: one extra no-grad forward pass, whose logits are returned."""
     with torch.no_grad():
         logits = check_logits(model(images.detach()), images.shape[0])
-    return resolve_classes(logits, target, foil)
+    return (*resolve_classes(logits, target, foil), logits)
 
 
 def _repeated_gradients(
@@ -81,10 +89,6 @@ def _repeated_gradients(
     return torch.cat(grads).view_as(points)
 
 
-def _finish(maps: Tensor, differentiable: bool) -> Tensor:
-    return maps if differentiable else maps.detach()
-
-
 @register_explainer(
     "saliency",
     output="pixel",
@@ -97,11 +101,11 @@ def saliency(
     foil: TargetLike = None,
     differentiable: bool = False,
     second_order: bool = False,
-) -> Tensor:
+) -> Explanation:
     """Max over channels of ``|d score / d x|``: ``(B, H, W)``."""
     check_grad_mode("saliency")
-    grad = _single_pass_gradient(model, images, target, foil, differentiable)
-    return _finish(grad.abs().amax(dim=1), differentiable)
+    grad, logits = _single_pass_gradient(model, images, target, foil, differentiable)
+    return finish(grad.abs().amax(dim=1), logits, differentiable)
 
 
 @register_explainer(
@@ -116,23 +120,23 @@ def input_x_gradient(
     foil: TargetLike = None,
     differentiable: bool = False,
     second_order: bool = False,
-) -> Tensor:
+) -> Explanation:
     """Channel sum of ``x * d score / d x``: ``(B, H, W)`` (signed)."""
     check_grad_mode("input_x_gradient")
-    grad = _single_pass_gradient(model, images, target, foil, differentiable)
-    return _finish((images * grad).sum(dim=1), differentiable)
+    grad, logits = _single_pass_gradient(model, images, target, foil, differentiable)
+    return finish((images * grad).sum(dim=1), logits, differentiable)
 
 
 def _single_pass_gradient(
     model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike, differentiable: bool
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """One forward and one backward: the top-1 target comes from the same forward pass."""
     x = images if images.requires_grad else images.detach().requires_grad_(True)
     with torch.enable_grad(), _maybe_unfused(model, differentiable):
         logits = check_logits(model(x), images.shape[0])
         tgt, fl = resolve_classes(logits, target, foil)
         (grad,) = torch.autograd.grad(score(logits, tgt, fl).sum(), x, create_graph=differentiable)
-    return grad
+    return grad, logits
 
 
 @register_explainer(
@@ -151,7 +155,7 @@ def smoothgrad(
     noise_level: float = 0.15,
     seed: int = 0,
     internal_batch_size: int | None = None,
-) -> Tensor:
+) -> Explanation:
     """Mean over ``n_samples`` noisy copies of ``|d score / d x|``, max over channels: ``(B, H, W)``.
 
     Noise is Gaussian with std ``noise_level * (max(x) - min(x))`` per image, drawn from a
@@ -163,7 +167,7 @@ def smoothgrad(
     _check_chunk(internal_batch_size)
     if not isinstance(noise_level, int | float) or noise_level < 0:
         raise ValueError(f"Expected noise_level a float >= 0, but got {noise_level!r}.")
-    tgt, fl = _classes(model, images, target, foil)
+    tgt, fl, logits = _classes(model, images, target, foil)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     # One noise draw per copy, shared by the images of the batch: an image's map does not depend
     # on what else is in its batch, so batched and one-at-a-time results agree.
@@ -174,7 +178,7 @@ def smoothgrad(
     sigma = noise_level * (flat.amax(dim=1) - flat.amin(dim=1))
     points = images.unsqueeze(0) + noise * sigma.view(1, -1, 1, 1, 1)
     grads = _repeated_gradients(model, points, tgt, fl, differentiable, internal_batch_size)
-    return _finish(grads.abs().mean(dim=0).amax(dim=1), differentiable)
+    return finish(grads.abs().mean(dim=0).amax(dim=1), logits, differentiable)
 
 
 @register_explainer(
@@ -192,7 +196,7 @@ def integrated_gradients(
     steps: int = 32,
     baseline: float | Tensor = 0.0,
     internal_batch_size: int | None = None,
-) -> Tensor:
+) -> Explanation:
     """Integrated gradients from ``baseline``, channel sum: ``(B, H, W)`` (signed).
 
     Midpoint Riemann sum over ``steps`` points; ``map.sum() ~= y(x) - y(baseline)`` per image
@@ -209,11 +213,11 @@ def integrated_gradients(
         raise ValueError(
             f"Expected baseline to broadcast to images {tuple(images.shape)}, but got shape {tuple(base.shape)}."
         ) from err
-    tgt, fl = _classes(model, images, target, foil)
+    tgt, fl, logits = _classes(model, images, target, foil)
     alphas = (torch.arange(steps, dtype=images.dtype, device=images.device) + 0.5) / steps
     points = base.unsqueeze(0) + alphas.view(-1, 1, 1, 1, 1) * (images - base).unsqueeze(0)
     grads = _repeated_gradients(model, points, tgt, fl, differentiable, internal_batch_size)
-    return _finish(((images - base) * grads.mean(dim=0)).sum(dim=1), differentiable)
+    return finish(((images - base) * grads.mean(dim=0)).sum(dim=1), logits, differentiable)
 
 
 def _check_positive_int(name: str, value: object) -> None:

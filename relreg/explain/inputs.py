@@ -9,13 +9,42 @@ interact in a ViT, so the gradient of the sum holds every sample's own gradient.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TargetLike", "check_images", "resolve_classes", "score", "check_logits"]
+__all__ = [
+    "Explanation",
+    "TargetLike",
+    "check_images",
+    "check_logits",
+    "finish",
+    "resolve_classes",
+    "score",
+]
 
 TargetLike = int | Sequence[int] | Tensor | None
+
+
+class Explanation(NamedTuple):
+    """What every registered explainer returns.
+
+    Attributes:
+        maps: raw relevance, ``(B, gh, gw)`` or ``(B, H, W)``.
+        logits: ``(B, K)`` logits of the clean images from the same call (so a training step can
+            use one forward pass for both the classification loss and the relevance).
+    """
+
+    maps: Tensor
+    logits: Tensor
+
+
+def finish(maps: Tensor, logits: Tensor, differentiable: bool) -> Explanation:
+    """Package an explanation; detach both parts unless ``differentiable``."""
+    if differentiable:
+        return Explanation(maps, logits)
+    return Explanation(maps.detach(), logits.detach())
 
 
 def _in_channels(model: nn.Module) -> int | None:

@@ -1,9 +1,10 @@
 """A small registry of explainers: register, list, create by name, and the one verb ``explain``.
 
 Every explainer is a function ``fn(model, images, target=None, foil=None, differentiable=False,
-second_order=False, **options) -> Tensor``; attention explainers return ``(B, gh, gw)`` patch-grid
-relevance and gradient explainers ``(B, H, W)`` pixel maps, both raw (use
-:func:`relreg.explain.to_pixels` to upsample and normalise).
+second_order=False, **options) -> Explanation`` (the maps and the logits of the same forward pass);
+attention explainers give ``(B, gh, gw)`` patch-grid relevance and gradient explainers
+``(B, H, W)`` pixel maps, both raw (use :func:`relreg.explain.to_pixels` to upsample and
+normalise). :func:`explain` returns the maps; :func:`explain_with_logits` both.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from relreg.explain.inputs import TargetLike, check_images
+from relreg.explain.inputs import Explanation, TargetLike, check_images
 
 __all__ = [
     "ExplainerInfo",
@@ -26,7 +27,7 @@ __all__ = [
     "explain",
 ]
 
-ExplainFn = Callable[..., Tensor]
+ExplainFn = Callable[..., Explanation]
 _COMMON = ("model", "images", "target", "foil", "differentiable", "second_order")
 
 
@@ -137,6 +138,27 @@ def explain(
         >>> maps = explain(model, images, method="chefer")
         >>> to_pixels(maps, size=images.shape[-2:]).shape
         torch.Size([2, 32, 32])
+    """
+    return explain_with_logits(
+        model, images, method, target, foil, differentiable, second_order, **options
+    ).maps
+
+
+def explain_with_logits(
+    model: nn.Module,
+    images: Tensor,
+    method: str = "chefer",
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+    **options: object,
+) -> Explanation:
+    """Like :func:`explain`, but also returns the logits ``(B, K)`` of the clean images.
+
+    For attention methods and ``saliency`` / ``input_x_gradient`` they come from the very forward
+    pass that produced the maps (with ``differentiable=True`` they keep its graph), so a training
+    step needs one forward pass for both its classification loss and its relevance loss.
     """
     info = explainer_info(method)
     _check_options(info, options)

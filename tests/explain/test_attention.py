@@ -94,3 +94,14 @@ def test_foil_explains_the_contrast():
         rows.append(dense_chefer(contrast, x[i : i + 1], torch.tensor([0]), 1)[0])
     torch.testing.assert_close(maps.flatten(1), torch.stack(rows), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(maps, explain(model, x, "chefer", target=t))
+
+
+def test_dynamic_img_size_follows_the_input():
+    model = make_tiny_vit(dtype=torch.float64, dynamic_img_size=True)
+    x = torch.randn(2, 3, 20, 12, dtype=torch.float64)
+    target = torch.tensor([1, 4])
+    maps = explain(model, x, "chefer", target=target)
+    assert maps.shape == (2, 5, 3)
+    torch.testing.assert_close(
+        maps.flatten(1), dense_chefer(model, x, target, 1), atol=1e-5, rtol=1e-5
+    )

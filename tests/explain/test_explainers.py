@@ -109,3 +109,23 @@ def test_works_under_no_grad(vit, name):
 def test_target_changes_class_specific_maps(vit, name):
     x = images_for(vit)
     assert not torch.allclose(_explain(vit, x, name, target=0), _explain(vit, x, name, target=3))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_explain_with_logits_returns_the_models_logits(vit, name):
+    from relreg.explain import explain_with_logits
+
+    x = images_for(vit)
+    out = explain_with_logits(vit, x, name, **FAST_OPTIONS.get(name, {}))
+    torch.testing.assert_close(out.logits, vit(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.maps, _explain(vit, x, name))
+
+
+@pytest.mark.parametrize("name", ["chefer", "rollout", "gradcam", "saliency", "input_x_gradient"])
+def test_differentiable_logits_come_from_the_same_forward(name):
+    from relreg.explain import explain_with_logits
+
+    model = make_tiny_vit()
+    out = explain_with_logits(model, images_for(model), name, differentiable=True)
+    out.logits.sum().backward()  # the classification loss backpropagates without a second forward
+    assert model.head.weight.grad is not None
