@@ -1,0 +1,31 @@
+"""Relevance losses (RobustViT, relevance mass, RRR) and classification terms, with module twins."""
+
+from relreg.losses.functional import (
+    CLASSIFICATION_MODES,
+    classification_loss,
+    relevance_loss,
+    relevance_mass_loss,
+    rrr_loss,
+)
+from relreg.losses.modules import (
+    RELEVANCE_LOSSES,
+    ClassificationLoss,
+    RelevanceLoss,
+    RelevanceMassLoss,
+    RRRLoss,
+    create_relevance_loss,
+)
+
+__all__ = [
+    "CLASSIFICATION_MODES",
+    "RELEVANCE_LOSSES",
+    "ClassificationLoss",
+    "RRRLoss",
+    "RelevanceLoss",
+    "RelevanceMassLoss",
+    "classification_loss",
+    "create_relevance_loss",
+    "relevance_loss",
+    "relevance_mass_loss",
+    "rrr_loss",
+]

@@ -1,0 +1,113 @@
+"""``nn.Module`` twins of :mod:`relreg.losses.functional`, for injection through LightningCLI configs.
+
+Each relevance loss says which explainer it expects by default (``method``) and whether that
+explainer's map is min-max normalised to pixels before the loss (``normalize``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from relreg.losses.functional import (
+    CLASSIFICATION_MODES,
+    classification_loss,
+    relevance_loss,
+    relevance_mass_loss,
+    rrr_loss,
+)
+
+__all__ = [
+    "RelevanceLoss",
+    "RelevanceMassLoss",
+    "RRRLoss",
+    "ClassificationLoss",
+    "RELEVANCE_LOSSES",
+    "create_relevance_loss",
+]
+
+
+class RelevanceLoss(nn.Module):
+    """RobustViT's relevance loss (NeurIPS 2022); see :func:`relreg.losses.relevance_loss`.
+
+    Args:
+        lambda_bg: background weight (paper: 2).
+        lambda_fg: foreground weight (paper: 0.3).
+    """
+
+    method = "chefer"
+    normalize = True
+
+    def __init__(self, lambda_bg: float = 2.0, lambda_fg: float = 0.3) -> None:
+        super().__init__()
+        self.lambda_bg, self.lambda_fg = lambda_bg, lambda_fg
+
+    def forward(
+        self, relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``relevance``, ``masks``: ``(B, H, W)``; ``has_mask``: ``(B,)`` bool or None."""
+        return relevance_loss(relevance, masks, self.lambda_bg, self.lambda_fg, has_mask)
+
+    def extra_repr(self) -> str:
+        return f"lambda_bg={self.lambda_bg}, lambda_fg={self.lambda_fg}"
+
+
+class RelevanceMassLoss(nn.Module):
+    """Energy / relevance-mass loss: fraction of relevance outside the mask."""
+
+    method = "chefer"
+    normalize = True
+
+    def forward(
+        self, relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``relevance``, ``masks``: ``(B, H, W)``; ``has_mask``: ``(B,)`` bool or None."""
+        return relevance_mass_loss(relevance, masks, has_mask)
+
+
+class RRRLoss(nn.Module):
+    """Right for the Right Reasons (Ross et al., IJCAI 2017): squared input gradient outside the mask."""
+
+    method = "saliency"
+    normalize = False
+
+    def forward(
+        self, relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``relevance``: raw ``(B, H, W)`` input-gradient map; ``masks``: ``(B, H, W)``."""
+        return rrr_loss(relevance, masks, has_mask)
+
+
+class ClassificationLoss(nn.Module):
+    """Classification term: ``self`` (RobustViT), ``label`` or ``teacher``; see
+    :func:`relreg.losses.classification_loss`."""
+
+    def __init__(self, mode: str = "self", temperature: float = 1.0) -> None:
+        super().__init__()
+        if mode not in CLASSIFICATION_MODES:
+            raise ValueError(f"Expected mode one of {CLASSIFICATION_MODES}, but got {mode!r}.")
+        self.mode, self.temperature = mode, temperature
+
+    def forward(
+        self, logits: Tensor, labels: Tensor | None = None, teacher_logits: Tensor | None = None
+    ) -> Tensor:
+        """``logits``: ``(B, K)``; ``labels``: ``(B,)``; ``teacher_logits``: ``(B, K)``."""
+        return classification_loss(logits, self.mode, labels, teacher_logits, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, temperature={self.temperature}"
+
+
+RELEVANCE_LOSSES: dict[str, type[nn.Module]] = {
+    "robustvit": RelevanceLoss,
+    "mass": RelevanceMassLoss,
+    "rrr": RRRLoss,
+}
+
+
+def create_relevance_loss(name: str, **kwargs: float) -> nn.Module:
+    """Relevance loss by name: ``robustvit``, ``mass`` or ``rrr``."""
+    if name not in RELEVANCE_LOSSES:
+        raise ValueError(
+            f"Unknown relevance loss {name!r}; expected one of: {', '.join(RELEVANCE_LOSSES)}."
+        )
+    return RELEVANCE_LOSSES[name](**kwargs)
