@@ -1,4 +1,8 @@
-"""The ``relreg`` command: ``relreg explain`` (heatmaps of image files) and ``relreg demo``.
+"""The ``relreg`` command.
+
+- ``relreg fit|validate|test|predict --config FILE.yaml``: the fine-tuning job (LightningCLI);
+- ``relreg explain IMAGE ... --model NAME``: heatmaps of image files;
+- ``relreg demo``: the whole job on the built-in CPU benchmark.
 
 Run ``relreg COMMAND --help`` for the options of each command.
 """
@@ -136,9 +140,20 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relreg`` console script."""
-    parser = argparse.ArgumentParser(prog="relreg", description=__doc__.splitlines()[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from relreg.lightning.cli import run_cli
+
+        run_cli(argv)
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="relreg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _explain_parser(sub)
     _demo_parser(sub)

@@ -49,8 +49,12 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    train = make_shapes(2048, size=size, num_classes=num_classes, seed=seed)
-    test = make_shapes(256, size=size, num_classes=num_classes, seed=seed + 1)
+    train = make_shapes(
+        2048, size=size, num_classes=num_classes, seed=seed, spurious=1 / num_classes
+    )
+    test = make_shapes(
+        256, size=size, num_classes=num_classes, seed=seed + 1, spurious=1 / num_classes
+    )
     model = _tiny_vit(num_classes, size)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)

@@ -2,8 +2,10 @@
 
 Each image shows one bright shape (the class: circle, square, triangle, cross, ...) of a random
 colour, position and size on a dim, smooth random background. With ``spurious > 0`` the background tint is
-correlated with the class (a shortcut a model can learn instead of the shape); with
-``spurious=0`` the tint is random, which makes an out-of-distribution split for the same classes.
+the class's own tint with probability ``spurious`` and another class's tint otherwise: a shortcut a
+model can learn instead of the shape. ``spurious = 1 / num_classes`` makes the tint uninformative
+(unbiased data); ``spurious = 0`` makes it always point to a wrong class (an out-of-distribution
+split for the same classes).
 Everything is a function of ``seed``: the same call gives the same data on every machine.
 """
 
@@ -77,7 +79,8 @@ def make_shapes(
         size: image height and width in pixels.
         num_classes: number of shape classes, at most ``len(SHAPES)``.
         seed: random seed; the output is a pure function of the arguments.
-        spurious: probability that the background tint is the class's own tint (a shortcut).
+        spurious: probability that the background tint is the class's own tint (a shortcut);
+            otherwise it is the tint of another class, chosen uniformly.
 
     Returns:
         A :class:`ShapesBatch`; labels cycle through the classes (balanced).
@@ -109,11 +112,8 @@ def make_shapes(
     for c in range(num_classes):
         idx = labels == c
         masks[idx] = _shape_mask(SHAPES[c], dx[idx], dy[idx], r[idx].view(-1, 1, 1)).float()
-    tint_index = torch.where(
-        torch.rand(n, generator=g) < spurious,
-        labels,
-        torch.randint(0, num_classes, (n,), generator=g),
-    )
+    other = (labels + torch.randint(1, num_classes, (n,), generator=g)) % num_classes
+    tint_index = torch.where(torch.rand(n, generator=g) < spurious, labels, other)
     texture = F.interpolate(
         torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear", align_corners=False
     )

@@ -1,0 +1,103 @@
+"""``RelRegDataModule``: train (masked), validation, test and any number of named OOD splits.
+
+Any ``torch.utils.data.Dataset`` that yields relreg's sample dicts can be plugged in, from Python or
+from a LightningCLI config (``class_path`` / ``init_args``). The validation and test loaders are
+the in-distribution split followed by the OOD splits, in the order of ``eval_names``.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["RelRegDataModule"]
+
+REQUIRED_KEYS = ("image", "label", "mask", "has_mask")
+
+
+def _check_sample(name: str, dataset: Dataset) -> None:
+    sample = dataset[0]
+    missing = [k for k in REQUIRED_KEYS if not isinstance(sample, dict) or k not in sample]
+    if missing:
+        got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
+        raise ValueError(
+            f"Expected {name} samples as dicts with keys {REQUIRED_KEYS}, but got {got} (missing {missing})."
+        )
+
+
+class RelRegDataModule(pl.LightningDataModule):
+    """Wire datasets into loaders.
+
+    Args:
+        train: training set (samples with or without masks).
+        val: in-distribution validation set (the paper: 414 masked images); None skips validation.
+        test: in-distribution test set; None uses ``val``.
+        ood: named OOD splits, e.g. ``{"imagenet_r": OODImageFolder(...)}``; evaluated with ``val``
+            and ``test``, logged as ``ood/<name>/...``.
+        batch_size: per-device batch size (the paper: 8).
+        eval_batch_size: batch size of the evaluation loaders (default: ``batch_size``).
+        num_workers: loader workers.
+        seed: seed of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        train: Dataset | None = None,
+        val: Dataset | None = None,
+        test: Dataset | None = None,
+        ood: dict[str, Dataset] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Expected batch_size an int >= 1, but got {batch_size!r}.")
+        self.train_set, self.val_set, self.test_set = train, val, test if test is not None else val
+        self.ood = dict(ood or {})
+        for name, ds in {"train": train, "val": val, "test": self.test_set, **self.ood}.items():
+            if ds is not None:
+                if len(ds) == 0:
+                    raise ValueError(f"Expected a non-empty {name} dataset, but it has no samples.")
+                _check_sample(name, ds)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.seed = num_workers, seed
+
+    @property
+    def eval_names(self) -> list[str]:
+        """Names of the evaluation loaders, in order: ``"id"`` (val or test) then the OOD splits."""
+        return ["id", *self.ood]
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise ValueError(
+                "Expected a train dataset for fitting, but RelRegDataModule(train=None)."
+            )
+        return self._loader(self.train_set, shuffle=True)
+
+    def _eval_loaders(self, main: Dataset | None) -> list[DataLoader]:
+        sets = ([main] if main is not None else []) + list(self.ood.values())
+        return [self._loader(ds, shuffle=False) for ds in sets]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.val_set)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.test_set)
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.test_set)

@@ -1,0 +1,170 @@
+"""``SpuriousShapes``: the built-in CPU benchmark with a spurious cue, as a Dataset or an image folder.
+
+The class is given only by the shape of a foreground object (exact masks); the background tint
+agrees with the class with probability ``spurious`` (0.95) in the ``train``, ``val`` and ``test``
+splits, is uninformative in ``unbiased`` (probability 1 / num_classes) and always points to a wrong
+class in ``ood``. A model that leans on the tint loses accuracy on ``ood``; one that looks at the
+shape does not. Deterministic from ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from relreg.data.folders import MaskedImageFolder
+from relreg.data.synthetic import SHAPES, make_shapes
+
+__all__ = ["SPLITS", "SpuriousShapes", "write_shapes_folder"]
+
+SPLITS = ("unbiased", "train", "val", "test", "ood")
+
+
+def _split_params(split: str, spurious: float, num_classes: int, seed: int) -> tuple[float, int]:
+    if split not in SPLITS:
+        raise ValueError(f"Expected split one of {SPLITS}, but got {split!r}.")
+    p = {"unbiased": 1.0 / num_classes, "ood": 0.0}.get(split, spurious)
+    return p, seed * len(SPLITS) + SPLITS.index(split) + 1
+
+
+class SpuriousShapes(Dataset):
+    """Generated shapes with a spurious background cue, yielding relreg's batch dicts.
+
+    Args:
+        split: ``unbiased``, ``train``, ``val``, ``test`` or ``ood``.
+        n: number of images.
+        size: image size in pixels.
+        num_classes: number of shape classes (2 to 6).
+        spurious: cue agreement in ``train`` / ``val`` / ``test``.
+        seed: base seed; every split has its own stream.
+        masked_fraction: fraction of samples that carry their mask (``has_mask``); the rest train
+            with the classification term only.
+        mean, std: normalisation (RobustViT: 0.5, 0.5).
+        cache_dir: if set, the split is written there once as a real image folder
+            (:func:`write_shapes_folder`) and read back through
+            :class:`relreg.data.MaskedImageFolder`, PNG files and all.
+
+    Example:
+        >>> ds = SpuriousShapes("train", n=8)
+        >>> sorted(ds[0]), ds[0]["image"].shape
+        (['has_mask', 'image', 'label', 'mask'], torch.Size([3, 32, 32]))
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        n: int = 512,
+        size: int = 32,
+        num_classes: int = 4,
+        spurious: float = 0.95,
+        seed: int = 0,
+        masked_fraction: float = 1.0,
+        mean: float = 0.5,
+        std: float = 0.5,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if not 0.0 <= masked_fraction <= 1.0:
+            raise ValueError(f"Expected masked_fraction in [0, 1], but got {masked_fraction!r}.")
+        p, split_seed = _split_params(split, spurious, num_classes, seed)
+        self.split, self.classes = split, list(SHAPES[:num_classes])
+        g = torch.Generator().manual_seed(split_seed)
+        self.has_mask = torch.rand(n, generator=g) < masked_fraction
+        self.folder: MaskedImageFolder | None = None
+        if cache_dir is not None:
+            name = f"{split}-n{n}-s{size}-c{num_classes}-p{spurious}-seed{seed}"
+            root = write_shapes_folder(
+                Path(cache_dir) / name, split, n, size, num_classes, spurious, seed
+            )
+            transform = v2.Compose(
+                [v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean] * 3, [std] * 3)]
+            )
+            self.folder = MaskedImageFolder(root, transform=transform, classes=self.classes)
+            self.labels = torch.tensor([label for _, _, label in self.folder.samples])
+            return
+        batch = make_shapes(n, size=size, num_classes=num_classes, seed=split_seed, spurious=p)
+        self.images = (batch.images - mean) / std
+        self.masks, self.labels = batch.masks, batch.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        has = self.has_mask[index]
+        if self.folder is not None:
+            sample = self.folder[index]
+            image, label, mask = sample["image"], sample["label"], sample["mask"]
+        else:
+            image, label, mask = self.images[index], self.labels[index], self.masks[index]
+        return {
+            "image": image,
+            "label": label,
+            "mask": mask if has else torch.zeros_like(mask),
+            "has_mask": has,
+        }
+
+
+def write_shapes_folder(
+    root: str | os.PathLike,
+    split: str = "train",
+    n: int = 64,
+    size: int = 32,
+    num_classes: int = 4,
+    spurious: float = 0.95,
+    seed: int = 0,
+) -> Path:
+    """Write a split as a real image folder (``images/<shape>/*.png`` and ``masks/<shape>/*.png``).
+
+    The folder is built in a temporary directory and renamed into place; an existing folder made
+    with the same arguments is reused (a cache), one made with other arguments is an error.
+
+    Returns:
+        ``root``, ready for :class:`relreg.data.MaskedImageFolder` (or ``root / "images"`` for
+        :class:`relreg.data.OODImageFolder`).
+    """
+    root = Path(root)
+    meta = {
+        "split": split,
+        "n": n,
+        "size": size,
+        "num_classes": num_classes,
+        "spurious": spurious,
+        "seed": seed,
+    }
+    if root.exists():
+        found = (
+            json.loads((root / "meta.json").read_text()) if (root / "meta.json").is_file() else None
+        )
+        if found == meta:
+            return root
+        raise FileExistsError(
+            f"Expected {str(root)!r} to be absent or a shapes folder made with {meta}, but got {found}."
+        )
+    p, split_seed = _split_params(split, spurious, num_classes, seed)
+    batch = make_shapes(n, size=size, num_classes=num_classes, seed=split_seed, spurious=p)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        for i in range(n):
+            name = SHAPES[int(batch.labels[i])]
+            for kind in ("images", "masks"):
+                (tmp / kind / name).mkdir(parents=True, exist_ok=True)
+            pixels = (batch.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(tmp / "images" / name / f"{i:05d}.png")
+            Image.fromarray((batch.masks[i].numpy() * 255).astype(np.uint8)).save(
+                tmp / "masks" / name / f"{i:05d}.png"
+            )
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return root

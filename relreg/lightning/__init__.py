@@ -1,0 +1,5 @@
+"""Lightning integration: the fine-tuning module and the LightningCLI entry point."""
+
+from relreg.lightning.module import RelRegModule
+
+__all__ = ["RelRegModule"]

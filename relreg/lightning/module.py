@@ -1,0 +1,303 @@
+"""``RelRegModule``: relevance-regularised fine-tuning of a timm ViT (RobustViT, Chefer, Schwartz &
+Wolf, "Optimizing Relevance Maps of Vision Transformers Improves Robustness", NeurIPS 2022).
+
+Per step, one forward pass gives the logits and (through the captured attention) the relevance of
+the ground-truth class; the loss is ``lambda_seg * L_seg + lambda_cls * L_cls`` (paper: 0.8 and 0.2)
+with ``L_seg`` a relevance loss on the masked samples and ``L_cls`` the classification term
+(paper: cross-entropy to the model's own top-1, ``classification="self"``). With
+``lambda_seg=0`` it is a plain fine-tune (no relevance is computed): the control.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from relreg.data.folders import restrict_logits
+from relreg.explain import explain_with_logits, explainer_info, find_attention_modules, to_pixels
+from relreg.losses import ClassificationLoss, create_relevance_loss
+from relreg.metrics import RelevanceMass
+from relreg.models import build_model, load_weights
+
+__all__ = ["RelRegModule"]
+
+
+class RelRegModule(pl.LightningModule):
+    """Fine-tune a classifier so that its relevance maps sit on the foreground.
+
+    Args:
+        model: a timm model name or an ``nn.Module``.
+        pretrained: timm's pretrained weights (needs the network; see ``checkpoint`` offline).
+        checkpoint: local weights file for the model (``weights_only=True``).
+        num_classes: classifier size (timm names only; None keeps the model's).
+        model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ...).
+        method: explainer whose maps the loss shapes (default: the loss's own, ``chefer``).
+        second_order: differentiate through the attention gradients too (RobustViT: False).
+        relevance_loss: ``"robustvit"``, ``"mass"``, ``"rrr"`` or a loss module.
+        lambda_bg, lambda_fg: weights inside the RobustViT loss (paper: 2, 0.3).
+        lambda_seg, lambda_cls: weights of the relevance and classification terms (paper: 0.8, 0.2).
+        classification: ``"self"`` (paper), ``"label"`` or ``"teacher"`` (KL to a frozen copy).
+        temperature: of the classification term (paper: 1; DeiT-B 0.65, DeiT-S 0.55).
+        freeze: ``fnmatch`` patterns of parameter names to freeze (e.g. ``["patch_embed.*"]``).
+        lr, weight_decay: AdamW defaults (paper: lr 3e-6 for ViT-B, weight decay 1e-4).
+        lr_step_epochs, lr_gamma: StepLR defaults (paper: x0.85 every 2 epochs).
+        optimizer, scheduler: LightningCLI-injected factories that replace the defaults.
+        eval_relevance: compute relevance metrics and the relevance loss in validation/test
+            (needs gradients: ``Trainer(inference_mode=False)``).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "vit_base_patch16_224",
+        pretrained: bool = False,
+        checkpoint: str | None = None,
+        num_classes: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        method: str | None = None,
+        second_order: bool = False,
+        relevance_loss: str | nn.Module = "robustvit",
+        lambda_bg: float = 2.0,
+        lambda_fg: float = 0.3,
+        lambda_seg: float = 0.8,
+        lambda_cls: float = 0.2,
+        classification: str = "self",
+        temperature: float = 1.0,
+        freeze: Sequence[str] = (),
+        lr: float = 3e-6,
+        weight_decay: float = 1e-4,
+        lr_step_epochs: int = 2,
+        lr_gamma: float = 0.85,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        eval_relevance: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=["optimizer", "scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
+        )
+        if isinstance(model, str):
+            self.model = build_model(model, pretrained, None, num_classes, **(model_kwargs or {}))
+        elif isinstance(model, nn.Module):
+            self.model = model
+        else:
+            raise TypeError(
+                f"Expected model a timm model name or an nn.Module, but got {type(model).__name__}."
+            )
+        if checkpoint is not None:
+            load_weights(self.model, checkpoint)
+        if isinstance(relevance_loss, str):
+            kwargs = (
+                {"lambda_bg": lambda_bg, "lambda_fg": lambda_fg}
+                if relevance_loss == "robustvit"
+                else {}
+            )
+            relevance_loss = create_relevance_loss(relevance_loss, **kwargs)
+        self.relevance_loss = relevance_loss
+        self.method = method or getattr(relevance_loss, "method", "chefer")
+        info = explainer_info(self.method)
+        if info.output == "grid":
+            find_attention_modules(self.model)  # fail now, not at the first step
+        self.normalize = getattr(relevance_loss, "normalize", True)
+        self.second_order = second_order
+        for name, value in (("lambda_seg", lambda_seg), ("lambda_cls", lambda_cls)):
+            if value < 0:
+                raise ValueError(f"Expected {name} >= 0, but got {value}.")
+        self.lambda_seg, self.lambda_cls = lambda_seg, lambda_cls
+        self.classification_loss = ClassificationLoss(classification, temperature)
+        self.teacher = (
+            copy.deepcopy(self.model).eval().requires_grad_(False)
+            if classification == "teacher"
+            else None
+        )
+        self._freeze(freeze)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.eval_relevance = eval_relevance
+        num = self._num_classes()
+        self.train_acc = MulticlassAccuracy(num, average="micro")
+        self.eval_acc = nn.ModuleList()
+        self.eval_mass = nn.ModuleList()
+        self._eval_names: list[str] = []
+
+    # ----------------------------------------------------------------- setup
+    def _num_classes(self) -> int:
+        n = getattr(self.model, "num_classes", None)
+        if not isinstance(n, int) or n < 2:
+            raise ValueError(
+                f"Expected a classifier with num_classes >= 2, but the model reports {n!r}."
+            )
+        return n
+
+    def _freeze(self, patterns: Sequence[str]) -> None:
+        if isinstance(patterns, str):
+            raise TypeError(f"Expected freeze a list of patterns, but got the string {patterns!r}.")
+        names = [n for n, _ in self.model.named_parameters()]
+        for pattern in patterns:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise ValueError(
+                    f"Freeze pattern {pattern!r} matches no parameter; e.g. {names[:3]}."
+                )
+            for name, p in self.model.named_parameters():
+                if name in hits:
+                    p.requires_grad_(False)
+
+    def _setup_eval_metrics(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(dm, "eval_names", ["id"]))
+        if names == self._eval_names:
+            return
+        self._eval_names = names
+        num = self._num_classes()
+        self.eval_acc = nn.ModuleList([MulticlassAccuracy(num, average="micro") for _ in names]).to(
+            self.device
+        )
+        self.eval_mass = nn.ModuleList([RelevanceMass() for _ in names]).to(self.device)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``(B, K)`` of images ``(B, 3, H, W)``."""
+        return self.model(images)
+
+    # ------------------------------------------------------------------ step
+    def model_step(self, batch: dict[str, Tensor], relevance: bool) -> dict[str, Tensor]:
+        """Logits, relevance maps and losses of a batch (one forward pass)."""
+        images, labels = batch["image"], batch["label"]
+        out: dict[str, Tensor] = {}
+        if relevance:
+            with torch.enable_grad():
+                exp = explain_with_logits(
+                    self.model,
+                    images,
+                    self.method,
+                    target=labels,
+                    differentiable=True,
+                    second_order=self.second_order,
+                )
+                logits, maps = exp.logits, exp.maps
+                pix = to_pixels(maps, size=batch["mask"].shape[-2:], normalize=self.normalize)
+                rel = self.relevance_loss(
+                    pix, batch["mask"].to(pix.dtype), batch["has_mask"].bool()
+                )
+            out["maps"] = maps
+        else:
+            logits = self.model(images)
+            zero = logits.new_zeros(())
+            rel = {"loss": zero, "loss_bg": zero, "loss_fg": zero}
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        loss_cls = self.classification_loss(logits, labels, teacher_logits)
+        out.update(
+            logits=logits,
+            loss=self.lambda_seg * rel["loss"] + self.lambda_cls * loss_cls,
+            loss_cls=loss_cls,
+            loss_bg=rel["loss_bg"],
+            loss_fg=rel["loss_fg"],
+        )
+        return out
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.teacher is not None:
+            self.teacher.eval()
+        out = self.model_step(batch, relevance=self.lambda_seg > 0)
+        self.train_acc(out["logits"].detach(), batch["label"])
+        b = batch["label"].shape[0]
+        for key in ("loss", "loss_cls", "loss_bg", "loss_fg"):
+            self.log(f"train/{key}", out[key].detach(), prog_bar=key == "loss", batch_size=b)
+        self.log("train/acc", self.train_acc, prog_bar=True, batch_size=b)
+        return out["loss"]
+
+    def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        if self.eval_relevance and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "Relevance metrics need gradients, but Lightning runs evaluation under "
+                "torch.inference_mode(). Use Trainer(inference_mode=False) (relreg's CLI and configs "
+                "set it) or RelRegModule(eval_relevance=False)."
+            )
+        self._setup_eval_metrics()
+        name = (
+            self._eval_names[dataloader_idx]
+            if dataloader_idx < len(self._eval_names)
+            else str(dataloader_idx)
+        )
+        prefix = stage if name == "id" else f"ood/{name}"
+        has_mask = batch["has_mask"].bool()
+        out = self.model_step(
+            batch, relevance=self.eval_relevance and (name == "id" or bool(has_mask.any()))
+        )
+        logits = out["logits"].detach()
+        split_classes = self._split_classes(dataloader_idx)
+        if split_classes is not None:
+            logits = restrict_logits(logits, split_classes)
+        b = batch["label"].shape[0]
+        self.eval_acc[dataloader_idx](logits, batch["label"])
+        self.log(
+            f"{prefix}/acc", self.eval_acc[dataloader_idx], batch_size=b, add_dataloader_idx=False
+        )
+        if name == "id":
+            for key in ("loss", "loss_cls", "loss_bg", "loss_fg"):
+                self.log(
+                    f"{prefix}/{key}", out[key].detach(), batch_size=b, add_dataloader_idx=False
+                )
+        if "maps" in out and has_mask.any():
+            self.eval_mass[dataloader_idx].update(out["maps"].detach(), batch["mask"], has_mask)
+            self.log(
+                f"{prefix}/relevance_mass",
+                self.eval_mass[dataloader_idx],
+                batch_size=b,
+                add_dataloader_idx=False,
+            )
+
+    def _split_classes(self, dataloader_idx: int) -> Tensor | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        name = self._eval_names[dataloader_idx]
+        dataset = getattr(dm, "ood", {}).get(name) if dm is not None else None
+        if getattr(dataset, "scoring", "argmax") == "restricted":
+            return dataset.split_classes
+        return None
+
+    def validation_step(
+        self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def predict_step(
+        self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
+        """Logits ``(B, K)`` and raw maps of the top-1 class for a batch."""
+        with torch.enable_grad():
+            exp = explain_with_logits(self.model, batch["image"], self.method)
+        return {"logits": exp.logits, "maps": exp.maps}
+
+    # ------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("Expected some trainable parameters, but every parameter is frozen.")
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.AdamW(
+                params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            )
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            scheduler = torch.optim.lr_scheduler.StepLR(
+                optimizer, self.hparams.lr_step_epochs, self.hparams.lr_gamma
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
