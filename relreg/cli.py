@@ -58,12 +58,11 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo", help="train a tiny ViT on generated shapes and explain it with every method"
-    )
+    p = sub.add_parser("demo", help="the whole fine-tuning job on the built-in CPU benchmark (configs/demo)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--steps", type=int, default=500, help="training steps of the tiny ViT")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the fine-tunes")
+    p.add_argument("--configs", type=Path, default=Path("configs/demo"), help="folder of the demo configs")
+    p.add_argument("--quick", action="store_true", help="3 steps per stage: a smoke test, not a result")
 
 
 def _load_image(path: Path) -> Image.Image:
@@ -165,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             from relreg.demo import run_demo
 
-            run_demo(args.out, steps=args.steps, seed=args.seed)
+            run_demo(args.out, seeds=tuple(args.seeds), configs=args.configs, quick=args.quick)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"relreg {args.command}: error: {err}", file=sys.stderr)
         return 2

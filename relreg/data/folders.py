@@ -39,31 +39,37 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", "
 MASK_FORMATS = ("binary", "imagenet_s")
 
 
-def class_index(
-    folders: Sequence[str], classes: Mapping[str, int] | Sequence[str] | None
-) -> dict[str, int]:
+# str first: jsonargparse tries the types in order, and a path must not become a list of characters
+ClassesLike = str | os.PathLike | Mapping[str, int] | Sequence[str] | None
+
+
+def class_index(folders: Sequence[str], classes: ClassesLike) -> dict[str, int]:
     """Map folder names to class indices.
 
     Args:
         folders: the class folder names found on disk.
         classes: None (sorted folder names -> 0..C-1), a list of names in the model's label order
-            (e.g. the 1000 ImageNet wnids), or an explicit ``{name: index}`` mapping.
+            (e.g. the 1000 ImageNet wnids), a text file with one such name per line, or an explicit
+            ``{name: index}`` mapping.
 
     Raises:
         ValueError: a folder that the given label space does not contain.
+        FileNotFoundError: a class file that does not exist.
     """
+    if isinstance(classes, str | os.PathLike):
+        path = Path(classes)
+        if not path.is_file():
+            raise FileNotFoundError(f"Expected a class file with one name per line, but {str(path)!r} does not exist.")
+        classes = path.read_text().split()
     if classes is None:
         return {name: i for i, name in enumerate(sorted(folders))}
-    mapping = (
-        dict(classes)
-        if isinstance(classes, Mapping)
-        else {name: i for i, name in enumerate(classes)}
-    )
+    if isinstance(classes, Mapping):
+        mapping = dict(classes)
+    else:
+        mapping = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(folders) - set(mapping))
     if unknown:
-        raise ValueError(
-            f"Expected class folders from the given label space, but got unknown folders {unknown[:5]}."
-        )
+        raise ValueError(f"Expected class folders from the given label space, but got unknown folders {unknown[:5]}.")
     return {name: mapping[name] for name in sorted(folders)}
 
 
@@ -148,7 +154,7 @@ class MaskedImageFolder(Dataset):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         transform: Callable | None = None,
-        classes: Mapping[str, int] | Sequence[str] | None = None,
+        classes: ClassesLike = None,
         per_class: int | None = None,
         seed: int = 0,
         mask_format: str = "binary",
@@ -253,7 +259,7 @@ class OODImageFolder(Dataset):
     def __init__(
         self,
         root: str | os.PathLike,
-        classes: Mapping[str, int] | Sequence[str] | None = None,
+        classes: ClassesLike = None,
         img_size: int = 224,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),

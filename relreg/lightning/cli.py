@@ -7,7 +7,9 @@ Evaluation needs gradients for the relevance metrics, so the trainer defaults to
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from unittest import mock
 
 from pytorch_lightning.cli import LightningCLI
 
@@ -24,13 +26,17 @@ class RelRegCLI(LightningCLI):
 
 
 def run_cli(args: Sequence[str] | None = None, run: bool = True) -> RelRegCLI:
-    """Run the Lightning CLI with ``args`` (e.g. ``["fit", "--config", "configs/demo/finetune.yaml"]``)."""
-    return RelRegCLI(
-        RelRegModule,
-        RelRegDataModule,
-        trainer_defaults=dict(TRAINER_DEFAULTS),
-        args=list(args) if args is not None else None,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    """Run the Lightning CLI with ``args`` (e.g. ``["fit", "--config", "configs/demo/base.yaml"]``);
+    None reads the command line."""
+    # Given args, LightningCLI ignores sys.argv; hide it so that it does not warn about both.
+    argv = sys.argv if args is None else sys.argv[:1]
+    with mock.patch.object(sys, "argv", argv):
+        return RelRegCLI(
+            RelRegModule,
+            RelRegDataModule,
+            trainer_defaults=dict(TRAINER_DEFAULTS),
+            args=list(args) if args is not None else None,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )

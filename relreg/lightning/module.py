@@ -93,6 +93,7 @@ class RelRegModule(pl.LightningModule):
             )
         if checkpoint is not None:
             load_weights(self.model, checkpoint)
+        self.model.train()  # Lightning keeps modules in the mode it finds them in
         if isinstance(relevance_loss, str):
             kwargs = (
                 {"lambda_bg": lambda_bg, "lambda_fg": lambda_fg}
@@ -239,8 +240,14 @@ class RelRegModule(pl.LightningModule):
             logits = restrict_logits(logits, split_classes)
         b = batch["label"].shape[0]
         self.eval_acc[dataloader_idx](logits, batch["label"])
+        # metric_attribute: the metrics are made per evaluation split at setup, after Lightning
+        # has indexed the module's metric attributes
         self.log(
-            f"{prefix}/acc", self.eval_acc[dataloader_idx], batch_size=b, add_dataloader_idx=False
+            f"{prefix}/acc",
+            self.eval_acc[dataloader_idx],
+            batch_size=b,
+            add_dataloader_idx=False,
+            metric_attribute=f"eval_acc.{dataloader_idx}",
         )
         if name == "id":
             for key in ("loss", "loss_cls", "loss_bg", "loss_fg"):
@@ -254,6 +261,7 @@ class RelRegModule(pl.LightningModule):
                 self.eval_mass[dataloader_idx],
                 batch_size=b,
                 add_dataloader_idx=False,
+                metric_attribute=f"eval_mass.{dataloader_idx}",
             )
 
     def _split_classes(self, dataloader_idx: int) -> Tensor | None:

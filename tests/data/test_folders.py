@@ -214,3 +214,10 @@ def test_datamodule_loaders_and_contract():
 def test_transform_override_is_used(folder):
     t = v2.Compose([v2.Resize((6, 6)), v2.ToDtype(torch.float32, scale=True)])
     assert MaskedImageFolder(folder, transform=t)[0]["image"].shape == (3, 6, 6)
+
+
+def test_class_file(folder, tmp_path):
+    (tmp_path / "wnids.txt").write_text("fish\ndog\ncat\n")
+    assert MaskedImageFolder(folder, classes=tmp_path / "wnids.txt").class_to_idx == {"cat": 2, "dog": 1}
+    with pytest.raises(FileNotFoundError, match="class file"):
+        MaskedImageFolder(folder, classes=str(tmp_path / "none.txt"))

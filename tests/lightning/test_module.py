@@ -1,0 +1,156 @@
+"""RelRegModule: one forward per step, the loss equals its reference, parameters, evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+
+from relreg.data import RelRegDataModule, SpuriousShapes
+from relreg.explain import explain, to_pixels
+from relreg.lightning import RelRegModule
+from relreg.losses import classification_loss, relevance_loss
+from relreg.metrics import relevance_mass
+from relreg.models import build_model
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
+
+
+def _module(**kw) -> RelRegModule:
+    torch.manual_seed(0)
+    return RelRegModule("vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, **kw)
+
+
+def _batch(n=6, masked_fraction=1.0, seed=0):
+    ds = SpuriousShapes("train", n=n, seed=seed, masked_fraction=masked_fraction)
+    return {k: torch.stack([ds[i][k] for i in range(n)]) for k in ("image", "label", "mask", "has_mask")}
+
+
+def _trainer(**kw) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(**{**defaults, **kw})
+
+
+def test_one_forward_pass_per_step():
+    module = _module()
+    calls = []
+    module.model.register_forward_hook(lambda *a: calls.append(1))
+    module.training_step(_batch(), 0)
+    assert len(calls) == 1
+
+
+def test_loss_equals_reference():
+    module = _module(lambda_seg=0.7, lambda_cls=0.3, lambda_bg=1.5, lambda_fg=0.4, temperature=0.5)
+    batch = _batch(masked_fraction=0.5, seed=1)
+    out = module.model_step(batch, relevance=True)
+    maps = explain(module.model, batch["image"], "chefer", target=batch["label"])
+    rel = relevance_loss(to_pixels(maps, size=(32, 32)), batch["mask"], 1.5, 0.4, batch["has_mask"])
+    cls = classification_loss(module.model(batch["image"]), "self", temperature=0.5)
+    torch.testing.assert_close(out["loss"], 0.7 * rel["loss"] + 0.3 * cls)
+    torch.testing.assert_close(out["loss_bg"], rel["loss_bg"])
+
+
+def test_gradient_of_the_relevance_term_reaches_attention_weights():
+    module = _module(lambda_cls=0.0)
+    module.training_step(_batch(), 0).backward()
+    assert module.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_control_arm_computes_no_relevance():
+    module = _module(lambda_seg=0.0, classification="label")
+    out = module.model_step(_batch(), relevance=False)
+    assert "maps" not in out and out["loss_bg"].item() == 0.0
+
+
+def test_freeze_patterns():
+    module = _module(freeze=["patch_embed.*", "blocks.0.*"])
+    frozen = {n for n, p in module.model.named_parameters() if not p.requires_grad}
+    assert "patch_embed.proj.weight" in frozen and "blocks.0.attn.qkv.weight" in frozen
+    assert "blocks.1.attn.qkv.weight" not in frozen
+    opt = module.configure_optimizers()["optimizer"]
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in module.model.parameters() if p.requires_grad
+    )
+    with pytest.raises(ValueError, match="matches no parameter"):
+        _module(freeze=["encoder.*"])
+
+
+def test_default_optimiser_is_the_papers():
+    conf = _module(lr=1e-3).configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 1e-4 and opt.defaults["lr"] == 1e-3
+    assert isinstance(sched, torch.optim.lr_scheduler.StepLR) and sched.step_size == 2 and sched.gamma == 0.85
+
+
+def test_teacher_is_a_frozen_copy():
+    module = _module(classification="teacher")
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    assert torch.equal(module.teacher.head.weight, module.model.head.weight)
+    assert module.teacher.head.weight.data_ptr() != module.model.head.weight.data_ptr()
+    out = module.model_step(_batch(), relevance=False)
+    assert out["loss_cls"].abs().item() < 1e-6  # KL to itself
+
+
+def test_construction_errors():
+    with pytest.raises(ValueError, match="found none in ResNet"):
+        RelRegModule(torchvision.models.resnet18(num_classes=3))
+    with pytest.raises(ValueError, match="Unknown relevance loss"):
+        _module(relevance_loss="l1")
+    with pytest.raises(ValueError, match="Unknown explainer"):
+        _module(method="lrp")
+    with pytest.raises(TypeError, match="timm model name or an nn.Module"):
+        RelRegModule(3)
+    with pytest.raises(ValueError, match="lambda_seg >= 0"):
+        _module(lambda_seg=-1.0)
+
+
+def test_rrr_loss_uses_a_gradient_map():
+    module = _module(relevance_loss="rrr")
+    assert module.method == "saliency" and not module.normalize
+    module.training_step(_batch(), 0).backward()
+    assert module.model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_evaluation_under_inference_mode_is_explained():
+    dm = RelRegDataModule(val=SpuriousShapes("val", n=4), batch_size=4)
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        _trainer(inference_mode=True).validate(_module(), datamodule=dm, verbose=False)
+
+
+def test_fit_and_validate_log_the_contracted_keys():
+    dm = RelRegDataModule(
+        SpuriousShapes("train", n=8), SpuriousShapes("val", n=8), ood={"ood": SpuriousShapes("ood", n=8)}, batch_size=4
+    )
+    trainer = _trainer(inference_mode=False, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(_module(), datamodule=dm)
+    keys = set(trainer.callback_metrics)
+    for k in ("train/loss", "train/loss_cls", "train/loss_bg", "train/loss_fg", "train/acc", "val/loss", "val/acc", "val/relevance_mass", "ood/ood/acc", "ood/ood/relevance_mass"):
+        assert k in keys, k
+
+
+def test_lightning_checkpoint_loads_into_build_model(tmp_path):
+    module = _module()
+    trainer = _trainer(max_steps=1, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=RelRegDataModule(SpuriousShapes("train", n=4), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    model = build_model("vit_tiny_patch16_224", checkpoint=tmp_path / "m.ckpt", num_classes=4, **TINY)
+    assert torch.equal(model.head.weight, module.model.head.weight)
+
+
+@pytest.mark.slow
+def test_short_finetune_raises_relevance_mass():
+    torch.manual_seed(0)
+    module = RelRegModule(
+        "vit_tiny_patch16_224", num_classes=4, model_kwargs=dict(TINY, patch_size=4), lambda_seg=1.0, lambda_cls=0.1, classification="label", lr=3e-3
+    )
+    test = SpuriousShapes("test", n=64)
+
+    def mass():
+        maps = explain(module.model.eval(), test.images, "chefer", target=test.labels)
+        module.model.train()
+        return relevance_mass(maps, test.masks).item()
+
+    before = mass()
+    _trainer(max_steps=40).fit(module, datamodule=RelRegDataModule(SpuriousShapes("train", n=64), batch_size=16))
+    assert mass() > before + 0.2
