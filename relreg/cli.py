@@ -58,11 +58,19 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole fine-tuning job on the built-in CPU benchmark (configs/demo)")
+    p = sub.add_parser(
+        "demo", help="the whole fine-tuning job on the built-in CPU benchmark (configs/demo)"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the fine-tunes")
-    p.add_argument("--configs", type=Path, default=Path("configs/demo"), help="folder of the demo configs")
-    p.add_argument("--quick", action="store_true", help="3 steps per stage: a smoke test, not a result")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the fine-tunes"
+    )
+    p.add_argument(
+        "--configs", type=Path, default=Path("configs/demo"), help="folder of the demo configs"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="3 steps per stage: a smoke test, not a result"
+    )
 
 
 def _load_image(path: Path) -> Image.Image:

@@ -36,7 +36,9 @@ METRICS = {"id_acc": "test/acc", "ood_acc": "ood/ood/acc", "relevance_mass": "te
 _FAST = {"smoothgrad": {"n_samples": 8}, "integrated_gradients": {"steps": 16}}
 
 
-def _stage(configs: Path, out: Path, name: str, extra: list[str]) -> tuple[object, dict[str, float]]:
+def _stage(
+    configs: Path, out: Path, name: str, extra: list[str]
+) -> tuple[object, dict[str, float]]:
     """Fit one stage, then test it; returns the CLI object and the test metrics."""
     args = [
         "fit",
@@ -65,13 +67,19 @@ def _finish_wandb() -> None:
 
 def _summary(per_seed: list[dict[str, float]]) -> dict[str, dict]:
     return {
-        key: {"mean": round(statistics.fmean(r[key] for r in per_seed), 4), "per_seed": [r[key] for r in per_seed]}
+        key: {
+            "mean": round(statistics.fmean(r[key] for r in per_seed), 4),
+            "per_seed": [r[key] for r in per_seed],
+        }
         for key in METRICS
     }
 
 
 def run_demo(
-    out: Path, seeds: tuple[int, ...] = (0, 1, 2), configs: Path = Path("configs/demo"), quick: bool = False
+    out: Path,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    configs: Path = Path("configs/demo"),
+    quick: bool = False,
 ) -> dict:
     """Run the demo; returns what it writes to ``out/results/demo.json``.
 
@@ -83,7 +91,9 @@ def run_demo(
     """
     out, configs = Path(out), Path(configs)
     if not (configs / "base.yaml").is_file():
-        raise FileNotFoundError(f"Expected the demo configs in {str(configs)!r} (run from the repository root).")
+        raise FileNotFoundError(
+            f"Expected the demo configs in {str(configs)!r} (run from the repository root)."
+        )
     common = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1"] if quick else []
     t0 = time.perf_counter()
     cli, _ = _stage(configs, out, "pretrain", common)
@@ -95,7 +105,12 @@ def run_demo(
     for seed in seeds:
         for arm in ARMS:
             extra = [*common, "--model.checkpoint", biased, "--seed_everything", str(seed)]
-            extra += ["--data.train.init_args.seed", str(10 + seed), "--data.train.init_args.cache_dir", str(out / "data")]
+            extra += [
+                "--data.train.init_args.seed",
+                str(10 + seed),
+                "--data.train.init_args.cache_dir",
+                str(out / "data"),
+            ]
             cli, metrics = _stage(configs, out, f"{arm}-seed{seed}", extra)
             per_arm[arm].append(metrics)
             models.setdefault(arm, cli.model.model)
@@ -120,20 +135,30 @@ def _figures(models: dict[str, torch.nn.Module], results: Path) -> None:
     titles = [SHAPES[int(c)] for c in ood.labels]
     shown = (ood.images * 0.5 + 0.5).clamp(0, 1)
     maps = {
-        name: to_pixels(explain(model.eval(), ood.images, "chefer", target=ood.labels), size=ood.images.shape[-2:])
+        name: to_pixels(
+            explain(model.eval(), ood.images, "chefer", target=ood.labels),
+            size=ood.images.shape[-2:],
+        )
         for name, model in models.items()
     }
     save_figure(explanation_grid(shown, maps, titles), results / "ood_heatmaps.png")
     relreg_model = models["relreg"]
     every = {
-        name: to_pixels(explain(relreg_model, ood.images, name, target=ood.labels, **_FAST.get(name, {})), size=(32, 32))
+        name: to_pixels(
+            explain(relreg_model, ood.images, name, target=ood.labels, **_FAST.get(name, {})),
+            size=(32, 32),
+        )
         for name in list_explainers()
     }
     save_figure(explanation_grid(shown, every, titles), results / "explainers.png")
 
 
 def _print_table(result: dict) -> None:
-    print(f"\n{'arm':10s} {'id_acc':>8s} {'ood_acc':>8s} {'relevance_mass':>15s}   (mean over seeds {result['seeds']})")
+    print(
+        f"\n{'arm':10s} {'id_acc':>8s} {'ood_acc':>8s} {'relevance_mass':>15s}   (mean over seeds {result['seeds']})"
+    )
     for arm in ("baseline", *ARMS):
         row = result[arm]
-        print(f"{arm:10s} {row['id_acc']['mean']:8.3f} {row['ood_acc']['mean']:8.3f} {row['relevance_mass']['mean']:15.3f}")
+        print(
+            f"{arm:10s} {row['id_acc']['mean']:8.3f} {row['ood_acc']['mean']:8.3f} {row['relevance_mass']['mean']:15.3f}"
+        )

@@ -1,17 +1,33 @@
-"""relreg demo end to end, with a handful of training steps."""
+"""relreg demo end to end in quick mode (3 steps per stage): files, schema, arms."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from relreg.cli import main
-from relreg.explain import list_explainers
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 
-def test_demo_writes_figure_and_summary(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["methods"]) == set(list_explainers())
-    for m in summary["methods"].values():
-        assert 0.0 <= m["relevance_in_mask"] <= 1.0
-    assert (tmp_path / "explainers.png").stat().st_size > 10_000
+def test_demo_quick_writes_results(tmp_path):
+    assert (
+        main(["demo", "--out", str(tmp_path), "--quick", "--seeds", "0", "--configs", str(CONFIGS)])
+        == 0
+    )
+    result = json.loads((tmp_path / "results" / "demo.json").read_text())
+    assert result["seeds"] == [0] and result["quick"] is True
+    for arm in ("baseline", "control", "relreg", "relreg_mass"):
+        for key in ("id_acc", "ood_acc", "relevance_mass"):
+            assert 0.0 <= result[arm][key]["mean"] <= 1.0
+            assert len(result[arm][key]["per_seed"]) == 1
+    for fig in ("ood_heatmaps.png", "explainers.png"):
+        assert (tmp_path / "results" / fig).stat().st_size > 10_000
+    # each stage logged to its own offline W&B run
+    runs = list(tmp_path.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 5
+
+
+def test_demo_without_configs_is_a_clear_error(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--configs", str(tmp_path / "nope")]) == 2
+    assert "demo configs" in capsys.readouterr().err

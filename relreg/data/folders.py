@@ -59,7 +59,9 @@ def class_index(folders: Sequence[str], classes: ClassesLike) -> dict[str, int]:
     if isinstance(classes, str | os.PathLike):
         path = Path(classes)
         if not path.is_file():
-            raise FileNotFoundError(f"Expected a class file with one name per line, but {str(path)!r} does not exist.")
+            raise FileNotFoundError(
+                f"Expected a class file with one name per line, but {str(path)!r} does not exist."
+            )
         classes = path.read_text().split()
     if classes is None:
         return {name: i for i, name in enumerate(sorted(folders))}
@@ -69,7 +71,9 @@ def class_index(folders: Sequence[str], classes: ClassesLike) -> dict[str, int]:
         mapping = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(folders) - set(mapping))
     if unknown:
-        raise ValueError(f"Expected class folders from the given label space, but got unknown folders {unknown[:5]}.")
+        raise ValueError(
+            f"Expected class folders from the given label space, but got unknown folders {unknown[:5]}."
+        )
     return {name: mapping[name] for name in sorted(folders)}
 
 

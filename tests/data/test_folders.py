@@ -218,6 +218,9 @@ def test_transform_override_is_used(folder):
 
 def test_class_file(folder, tmp_path):
     (tmp_path / "wnids.txt").write_text("fish\ndog\ncat\n")
-    assert MaskedImageFolder(folder, classes=tmp_path / "wnids.txt").class_to_idx == {"cat": 2, "dog": 1}
+    assert MaskedImageFolder(folder, classes=tmp_path / "wnids.txt").class_to_idx == {
+        "cat": 2,
+        "dog": 1,
+    }
     with pytest.raises(FileNotFoundError, match="class file"):
         MaskedImageFolder(folder, classes=str(tmp_path / "none.txt"))

@@ -12,7 +12,10 @@ from relreg.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo"
 PAPER = ROOT / "configs" / "paper"
-TINY = ["--model.model_kwargs", "{img_size: 32, patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}"]
+TINY = [
+    "--model.model_kwargs",
+    "{img_size: 32, patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}",
+]
 
 
 def _demo_args(stage: str, tmp_path: Path) -> list[str]:
@@ -25,7 +28,11 @@ def _demo_args(stage: str, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("stage", ["pretrain", "bias", "relreg", "control"])
 def test_demo_configs_fast_dev_run(stage, tmp_path):
-    extra = ["--data.train.init_args.cache_dir", str(tmp_path / "data")] if stage in ("relreg", "control") else []
+    extra = (
+        ["--data.train.init_args.cache_dir", str(tmp_path / "data")]
+        if stage in ("relreg", "control")
+        else []
+    )
     assert main(["fit", *_demo_args(stage, tmp_path), *extra]) == 0
 
 
@@ -37,7 +44,16 @@ def test_validate_and_test_commands(tmp_path):
 @pytest.mark.parametrize("model", sorted(p.stem for p in PAPER.glob("*.yaml") if p.stem != "base"))
 def test_paper_configs_parse(model, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(PAPER / "base.yaml"), "--config", str(PAPER / f"{model}.yaml"), "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(PAPER / "base.yaml"),
+                "--config",
+                str(PAPER / f"{model}.yaml"),
+                "--print_config",
+            ]
+        )
     assert info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["lambda_seg"] == 0.8 and config["model"]["lambda_cls"] == 0.2
@@ -68,3 +84,19 @@ def test_config_typo_is_rejected(tmp_path, capsys):
         main(["fit", *_demo_args("pretrain", tmp_path), "--model.lamda_seg", "0.5"])
     assert info.value.code != 0
     assert "lamda_seg" in capsys.readouterr().err
+
+
+def test_predict_command(tmp_path):
+    assert main(["predict", *_demo_args("pretrain", tmp_path)]) == 0
+
+
+def test_csv_logger_instead_of_wandb(tmp_path):
+    args = [
+        "fit", "--config", str(DEMO / "base.yaml"), "--config", str(DEMO / "pretrain.yaml"), *TINY,
+        "--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps", "1",
+        "--data.train.init_args.n", "16", "--data.batch_size", "8", "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    assert main(args) == 0
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "train/loss" in metrics and "val/acc" in metrics

@@ -24,11 +24,19 @@ def _module(**kw) -> RelRegModule:
 
 def _batch(n=6, masked_fraction=1.0, seed=0):
     ds = SpuriousShapes("train", n=n, seed=seed, masked_fraction=masked_fraction)
-    return {k: torch.stack([ds[i][k] for i in range(n)]) for k in ("image", "label", "mask", "has_mask")}
+    return {
+        k: torch.stack([ds[i][k] for i in range(n)]) for k in ("image", "label", "mask", "has_mask")
+    }
 
 
 def _trainer(**kw) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return pl.Trainer(**{**defaults, **kw})
 
 
@@ -79,8 +87,16 @@ def test_freeze_patterns():
 def test_default_optimiser_is_the_papers():
     conf = _module(lr=1e-3).configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 1e-4 and opt.defaults["lr"] == 1e-3
-    assert isinstance(sched, torch.optim.lr_scheduler.StepLR) and sched.step_size == 2 and sched.gamma == 0.85
+    assert (
+        isinstance(opt, torch.optim.AdamW)
+        and opt.defaults["weight_decay"] == 1e-4
+        and opt.defaults["lr"] == 1e-3
+    )
+    assert (
+        isinstance(sched, torch.optim.lr_scheduler.StepLR)
+        and sched.step_size == 2
+        and sched.gamma == 0.85
+    )
 
 
 def test_teacher_is_a_frozen_copy():
@@ -120,12 +136,28 @@ def test_evaluation_under_inference_mode_is_explained():
 
 def test_fit_and_validate_log_the_contracted_keys():
     dm = RelRegDataModule(
-        SpuriousShapes("train", n=8), SpuriousShapes("val", n=8), ood={"ood": SpuriousShapes("ood", n=8)}, batch_size=4
+        SpuriousShapes("train", n=8),
+        SpuriousShapes("val", n=8),
+        ood={"ood": SpuriousShapes("ood", n=8)},
+        batch_size=4,
     )
-    trainer = _trainer(inference_mode=False, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer = _trainer(
+        inference_mode=False, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0
+    )
     trainer.fit(_module(), datamodule=dm)
     keys = set(trainer.callback_metrics)
-    for k in ("train/loss", "train/loss_cls", "train/loss_bg", "train/loss_fg", "train/acc", "val/loss", "val/acc", "val/relevance_mass", "ood/ood/acc", "ood/ood/relevance_mass"):
+    for k in (
+        "train/loss",
+        "train/loss_cls",
+        "train/loss_bg",
+        "train/loss_fg",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/relevance_mass",
+        "ood/ood/acc",
+        "ood/ood/relevance_mass",
+    ):
         assert k in keys, k
 
 
@@ -134,7 +166,9 @@ def test_lightning_checkpoint_loads_into_build_model(tmp_path):
     trainer = _trainer(max_steps=1, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=RelRegDataModule(SpuriousShapes("train", n=4), batch_size=4))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
-    model = build_model("vit_tiny_patch16_224", checkpoint=tmp_path / "m.ckpt", num_classes=4, **TINY)
+    model = build_model(
+        "vit_tiny_patch16_224", checkpoint=tmp_path / "m.ckpt", num_classes=4, **TINY
+    )
     assert torch.equal(model.head.weight, module.model.head.weight)
 
 
@@ -142,7 +176,13 @@ def test_lightning_checkpoint_loads_into_build_model(tmp_path):
 def test_short_finetune_raises_relevance_mass():
     torch.manual_seed(0)
     module = RelRegModule(
-        "vit_tiny_patch16_224", num_classes=4, model_kwargs=dict(TINY, patch_size=4), lambda_seg=1.0, lambda_cls=0.1, classification="label", lr=3e-3
+        "vit_tiny_patch16_224",
+        num_classes=4,
+        model_kwargs=dict(TINY, patch_size=4),
+        lambda_seg=1.0,
+        lambda_cls=0.1,
+        classification="label",
+        lr=3e-3,
     )
     test = SpuriousShapes("test", n=64)
 
@@ -152,5 +192,7 @@ def test_short_finetune_raises_relevance_mass():
         return relevance_mass(maps, test.masks).item()
 
     before = mass()
-    _trainer(max_steps=40).fit(module, datamodule=RelRegDataModule(SpuriousShapes("train", n=64), batch_size=16))
+    _trainer(max_steps=40).fit(
+        module, datamodule=RelRegDataModule(SpuriousShapes("train", n=64), batch_size=16)
+    )
     assert mass() > before + 0.2
