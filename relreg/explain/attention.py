@@ -202,7 +202,7 @@ def chefer(
         >>> import timm, torch
         >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
         ...                           patch_size=8, num_classes=3).eval()
-        >>> chefer(model, torch.randn(2, 3, 32, 32)).shape
+        >>> chefer(model, torch.randn(2, 3, 32, 32)).maps.shape
         torch.Size([2, 4, 4])
     """
     attentions, grads, logits = _attention_pass(
@@ -212,11 +212,33 @@ def chefer(
     with torch.set_grad_enabled(differentiable):
         v = _readout(model, attentions[-1])
         for a, g in reversed(list(zip(attentions, grads, strict=True))[start_layer:]):
-            if not second_order:
-                g = g.detach()
-            abar = (g * a).clamp(min=0).mean(dim=1)
+            if second_order:
+                abar = (g * a).clamp(min=0).mean(dim=1)
+            else:
+                abar = _PositiveGradientWeighted.apply(a, g.detach())
             v = v + torch.bmm(v.unsqueeze(1), abar)[:, 0]
     return finish(_to_grid(model, images, v), logits, differentiable)
+
+
+class _PositiveGradientWeighted(torch.autograd.Function):
+    """``mean_h clamp(g * a, min=0)`` for a constant gradient ``g``: ``(B, h, N, N) -> (B, N, N)``.
+
+    Autograd would keep two ``(B, h, N, N)`` tensors per block for the backward pass (``g`` for the
+    product and the product for the clamp); this keeps one, ``g`` masked where the product is
+    positive and divided by the head count, which is exactly ``d abar / d a``.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, g: Tensor) -> Tensor:  # type: ignore[override]
+        prod = g * a
+        positive = prod > 0
+        ctx.save_for_backward(torch.where(positive, g, 0.0).div_(a.shape[1]))
+        return prod.clamp_(min=0).mean(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return grad_out.unsqueeze(1) * weight, None
 
 
 def _check_start_layer(start_layer: int, depth: int) -> None:

@@ -52,6 +52,8 @@ class RelRegModule(pl.LightningModule):
         optimizer, scheduler: LightningCLI-injected factories that replace the defaults.
         eval_relevance: compute relevance metrics and the relevance loss in validation/test
             (needs gradients: ``Trainer(inference_mode=False)``).
+        relevance_every: compute the relevance loss on every k-th training step only (the other
+            steps are plain fine-tune steps); 1: every step, as in the paper.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class RelRegModule(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         eval_relevance: bool = True,
+        relevance_every: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -112,6 +115,12 @@ class RelRegModule(pl.LightningModule):
             if value < 0:
                 raise ValueError(f"Expected {name} >= 0, but got {value}.")
         self.lambda_seg, self.lambda_cls = lambda_seg, lambda_cls
+        if (
+            isinstance(relevance_every, bool)
+            or not isinstance(relevance_every, int)
+            or relevance_every < 1
+        ):
+            raise ValueError(f"Expected relevance_every an int >= 1, but got {relevance_every!r}.")
         self.classification_loss = ClassificationLoss(classification, temperature)
         self.teacher = (
             copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -168,25 +177,36 @@ class RelRegModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ step
     def model_step(self, batch: dict[str, Tensor], relevance: bool) -> dict[str, Tensor]:
-        """Logits, relevance maps and losses of a batch (one forward pass)."""
+        """Logits ``(B, K)``, relevance maps and losses of a batch, in one pass over each sample.
+
+        With ``relevance``, only the samples that have a mask go through the explainer (unfused
+        attention, attention gradients); the others take the model's plain forward pass. ViTs
+        have no batch-coupled layers, so the split changes no value. ``out["maps"]`` holds the
+        masked samples' maps, in the order of ``out["masked"]`` (their indices in the batch).
+        """
         images, labels = batch["image"], batch["label"]
+        has_mask = batch["has_mask"].bool()
         out: dict[str, Tensor] = {}
-        if relevance:
+        if relevance and has_mask.any():
+            masked = has_mask.nonzero().flatten()
+            rest = (~has_mask).nonzero().flatten()
+            whole = rest.numel() == 0
             with torch.enable_grad():
                 exp = explain_with_logits(
                     self.model,
-                    images,
+                    images if whole else images[masked],
                     self.method,
-                    target=labels,
+                    target=labels if whole else labels[masked],
                     differentiable=True,
                     second_order=self.second_order,
                 )
-                logits, maps = exp.logits, exp.maps
-                pix = to_pixels(maps, size=batch["mask"].shape[-2:], normalize=self.normalize)
-                rel = self.relevance_loss(
-                    pix, batch["mask"].to(pix.dtype), batch["has_mask"].bool()
-                )
-            out["maps"] = maps
+                masks = batch["mask"] if whole else batch["mask"][masked]
+                pix = to_pixels(exp.maps, size=masks.shape[-2:], normalize=self.normalize)
+                rel = self.relevance_loss(pix, masks.to(pix.dtype))
+            logits = (
+                exp.logits if whole else _merge(exp.logits, masked, self.model(images[rest]), rest)
+            )
+            out.update(maps=exp.maps, masked=masked)
         else:
             logits = self.model(images)
             zero = logits.new_zeros(())
@@ -208,7 +228,10 @@ class RelRegModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.teacher is not None:
             self.teacher.eval()
-        out = self.model_step(batch, relevance=self.lambda_seg > 0)
+        every = self.hparams.relevance_every
+        out = self.model_step(
+            batch, relevance=self.lambda_seg > 0 and self.global_step % every == 0
+        )
         self.train_acc(out["logits"].detach(), batch["label"])
         b = batch["label"].shape[0]
         for key in ("loss", "loss_cls", "loss_bg", "loss_fg"):
@@ -230,10 +253,7 @@ class RelRegModule(pl.LightningModule):
             else str(dataloader_idx)
         )
         prefix = stage if name == "id" else f"ood/{name}"
-        has_mask = batch["has_mask"].bool()
-        out = self.model_step(
-            batch, relevance=self.eval_relevance and (name == "id" or bool(has_mask.any()))
-        )
+        out = self.model_step(batch, relevance=self.eval_relevance)
         logits = out["logits"].detach()
         split_classes = self._split_classes(dataloader_idx)
         if split_classes is not None:
@@ -254,8 +274,9 @@ class RelRegModule(pl.LightningModule):
                 self.log(
                     f"{prefix}/{key}", out[key].detach(), batch_size=b, add_dataloader_idx=False
                 )
-        if "maps" in out and has_mask.any():
-            self.eval_mass[dataloader_idx].update(out["maps"].detach(), batch["mask"], has_mask)
+        if "maps" in out:
+            masks = batch["mask"][out["masked"]]
+            self.eval_mass[dataloader_idx].update(out["maps"].detach(), masks)
             self.log(
                 f"{prefix}/relevance_mass",
                 self.eval_mass[dataloader_idx],
@@ -309,3 +330,9 @@ class RelRegModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
         }
+
+
+def _merge(first: Tensor, first_index: Tensor, second: Tensor, second_index: Tensor) -> Tensor:
+    """Rows of two tensors put back in batch order: ``out[first_index] = first`` and so on."""
+    out = first.new_empty((first.shape[0] + second.shape[0], *first.shape[1:]))
+    return out.index_copy(0, first_index, first).index_copy(0, second_index, second)

@@ -94,3 +94,19 @@ def test_gradient_methods_are_differentiable_in_the_parameters():
     maps = explain(model, images_for(model), "saliency", differentiable=True)
     maps.sum().backward()
     assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+
+
+def test_first_order_custom_backward_equals_autograd_of_the_formula():
+    from relreg.explain.attention import _PositiveGradientWeighted
+
+    g_ = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 5, 5, generator=g_, dtype=torch.float64).requires_grad_(True)
+    g = torch.randn(2, 3, 5, 5, generator=g_, dtype=torch.float64)
+    w = torch.randn(2, 5, 5, generator=g_, dtype=torch.float64)
+    fast = _PositiveGradientWeighted.apply(a, g)
+    (grad_fast,) = torch.autograd.grad((fast * w).sum(), a)
+    ref = (g * a).clamp(min=0).mean(dim=1)
+    (grad_ref,) = torch.autograd.grad((ref * w).sum(), a)
+    torch.testing.assert_close(fast, ref)
+    torch.testing.assert_close(grad_fast, grad_ref)
+    assert torch.autograd.gradcheck(lambda x: _PositiveGradientWeighted.apply(x, g), (a,))

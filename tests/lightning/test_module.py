@@ -196,3 +196,37 @@ def test_short_finetune_raises_relevance_mass():
         module, datamodule=RelRegDataModule(SpuriousShapes("train", n=64), batch_size=16)
     )
     assert mass() > before + 0.2
+
+
+def test_only_masked_samples_go_through_the_explainer():
+    module = _module()
+    batch = _batch(n=6, masked_fraction=0.5, seed=1)
+    assert 0 < batch["has_mask"].sum() < 6
+    sizes = []
+    module.model.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    out = module.model_step(batch, relevance=True)
+    assert sorted(sizes) == sorted([int(batch["has_mask"].sum()), int((~batch["has_mask"]).sum())])
+    torch.testing.assert_close(out["logits"], module.model(batch["image"]), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out["masked"], batch["has_mask"].nonzero().flatten())
+
+
+def test_batch_without_masks_has_zero_relevance_loss():
+    module = _module()
+    out = module.model_step(_batch(masked_fraction=0.0), relevance=True)
+    assert out["loss_bg"].item() == 0.0 and "maps" not in out
+    out["loss"].backward()
+    assert module.model.head.weight.grad is not None
+
+
+def test_relevance_every_k_steps():
+    module = _module(relevance_every=3)
+    seen = []
+    original = module.model_step
+    module.model_step = lambda batch, relevance: (
+        seen.append(relevance) or original(batch, relevance)
+    )
+    trainer = _trainer(max_steps=6)
+    trainer.fit(module, datamodule=RelRegDataModule(SpuriousShapes("train", n=24), batch_size=4))
+    assert seen == [True, False, False, True, False, False]
+    with pytest.raises(ValueError, match="relevance_every an int >= 1"):
+        _module(relevance_every=0)
