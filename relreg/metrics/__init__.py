@@ -1,6 +1,25 @@
 """Explanation-quality metrics: functional twins and torchmetrics ``Metric`` classes."""
 
-from relreg.metrics.functional import relevance_mass
-from relreg.metrics.localization import RelevanceMass
+from relreg.metrics.functional import (
+    pointing_game,
+    relevance_mass,
+    relevance_rank_accuracy,
+    segmentation_agreement,
+)
+from relreg.metrics.localization import (
+    PointingGame,
+    RelevanceMass,
+    RelevanceRankAccuracy,
+    SegmentationAgreement,
+)
 
-__all__ = ["RelevanceMass", "relevance_mass"]
+__all__ = [
+    "PointingGame",
+    "RelevanceMass",
+    "RelevanceRankAccuracy",
+    "SegmentationAgreement",
+    "pointing_game",
+    "relevance_mass",
+    "relevance_rank_accuracy",
+    "segmentation_agreement",
+]

@@ -1,48 +1,120 @@
-"""Functional explanation-quality metrics (the math of the ``Metric`` classes lives here once).
+"""Functional localization metrics: how well relevance maps agree with foreground masks.
 
-- relevance mass: the fraction of an image's (non-negative) relevance that lies inside its
-  foreground mask (Arras, Osman & Samek, "CLEVR-XAI", Information Fusion 2022).
+The math lives here once, in ``_x_update`` functions that return per-batch summable statistics;
+the public functions and the ``Metric`` classes (:mod:`relreg.metrics.localization`) both use them.
+Maps ``(B, h, w)`` or ``(B, H, W)`` are upsampled bilinearly to the masks ``(B, H, W)`` and min-max
+normalised per image (:func:`relreg.explain.to_pixels`).
+
+- relevance mass and relevance rank accuracy: Arras, Osman & Samek, "CLEVR-XAI", Information
+  Fusion 2022;
+- pointing game: Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016;
+- segmentation agreement (pixel accuracy, mIoU, mAP; maps thresholded at their mean): the
+  segmentation test of Chefer, Gur & Wolf, CVPR 2021.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from relreg.explain.tokens import to_pixels
 
-__all__ = ["relevance_mass", "_relevance_mass_update"]
+__all__ = [
+    "pointing_game",
+    "relevance_mass",
+    "relevance_rank_accuracy",
+    "segmentation_agreement",
+]
 
 
-def _check_maps_masks(maps: Tensor, masks: Tensor) -> None:
+def _pixels(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate; return normalised pixel maps and float masks, both ``(B, H, W)``."""
     if not isinstance(maps, Tensor) or not isinstance(masks, Tensor):
-        raise TypeError("Expected maps and masks to be torch.Tensors.")
+        raise TypeError(
+            f"Expected maps and masks to be torch.Tensors, but got {type(maps).__name__} and {type(masks).__name__}."
+        )
     if maps.ndim != 3 or masks.ndim != 3 or maps.shape[0] != masks.shape[0]:
         raise ValueError(
             f"Expected maps (B, h, w) and masks (B, H, W) with the same B, but got {tuple(maps.shape)} and {tuple(masks.shape)}."
         )
-    if ((masks < 0) | (masks > 1)).any():
-        raise ValueError("Expected mask values in [0, 1].")
+    if not torch.isfinite(maps).all():
+        raise ValueError("Expected finite maps, but got NaN or Inf values.")
+    masks = masks.float()
+    if ((masks != 0) & (masks != 1)).any():
+        raise ValueError("Expected binary masks with values in {0, 1}.")
+    return to_pixels(maps.detach().float(), size=masks.shape[-2:], normalize=True), masks
 
 
 def _relevance_mass_update(maps: Tensor, masks: Tensor, eps: float = 1e-12) -> Tensor:
-    """Per-image fraction ``(B,)`` of relevance inside the mask, after upsampling the maps to the
-    masks and min-max normalising them (so any map is non-negative)."""
-    _check_maps_masks(maps, masks)
-    pix = to_pixels(maps.detach().float(), size=masks.shape[-2:], normalize=True)
-    inside = (pix * masks.float()).flatten(1).sum(1)
-    return inside / pix.flatten(1).sum(1).clamp_min(eps)
+    """Per-image fraction ``(B,)`` of the (normalised) relevance inside the mask."""
+    pix, masks = _pixels(maps, masks)
+    return (pix * masks).flatten(1).sum(1) / pix.flatten(1).sum(1).clamp_min(eps)
+
+
+def _relevance_rank_update(maps: Tensor, masks: Tensor) -> Tensor:
+    """Per-image fraction ``(B,)`` of the K most relevant pixels inside the mask, K = mask size."""
+    pix, masks = _pixels(maps, masks)
+    flat, m = pix.flatten(1), masks.flatten(1)
+    order = flat.argsort(dim=1, descending=True, stable=True)
+    ranked = m.gather(1, order)
+    k = m.sum(1)
+    within = torch.arange(flat.shape[1], device=flat.device)[None] < k[:, None]
+    return (ranked * within).sum(1) / k.clamp_min(1)
+
+
+def _pointing_game_update(maps: Tensor, masks: Tensor) -> Tensor:
+    """Per-image hit ``(B,)``: 1 if the most relevant pixel lies inside the mask."""
+    pix, masks = _pixels(maps, masks)
+    top = pix.flatten(1).argmax(dim=1)
+    return masks.flatten(1).gather(1, top[:, None])[:, 0]
+
+
+def _segmentation_update(maps: Tensor, masks: Tensor) -> dict[str, Tensor]:
+    """Summable statistics of the segmentation test for a batch.
+
+    Returns ``correct`` and ``total`` pixels, ``intersection`` and ``union`` ``(2,)`` for
+    (background, foreground), and ``ap_sum`` / ``ap_count`` over images with a non-empty mask.
+    """
+    pix, masks = _pixels(maps, masks)
+    pred = (pix > pix.flatten(1).mean(1).view(-1, 1, 1)).float()
+    correct = (pred == masks).sum()
+    inter = torch.stack([((1 - pred) * (1 - masks)).sum(), (pred * masks).sum()])
+    union = torch.stack(
+        [((1 - pred) + (1 - masks)).clamp(max=1).sum(), (pred + masks).clamp(max=1).sum()]
+    )
+    ap = _average_precision(pix.flatten(1), masks.flatten(1))
+    has_fg = masks.flatten(1).sum(1) > 0
+    return {
+        "correct": correct,
+        "total": torch.tensor(masks.numel(), device=masks.device),
+        "intersection": inter,
+        "union": union,
+        "ap_sum": ap[has_fg].sum(),
+        "ap_count": has_fg.sum(),
+    }
+
+
+def _average_precision(scores: Tensor, labels: Tensor) -> Tensor:
+    """Average precision per row ``(B,)`` of scores ``(B, P)`` against binary labels ``(B, P)``.
+
+    ``sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds, ties counted together (the
+    definition of scikit-learn's ``average_precision_score``).
+    """
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    s, y = scores.gather(1, order), labels.gather(1, order)
+    tp = y.cumsum(1)
+    rank = torch.arange(1, s.shape[1] + 1, device=s.device, dtype=tp.dtype)
+    closes = torch.ones_like(s, dtype=torch.bool)  # last position of each run of equal scores
+    closes[:, :-1] = s[:, 1:] != s[:, :-1]
+    tp_at_closes = torch.where(closes, tp, torch.zeros_like(tp))
+    before = torch.zeros_like(tp)
+    before[:, 1:] = tp_at_closes.cummax(dim=1).values[:, :-1]
+    gain = torch.where(closes, tp - before, torch.zeros_like(tp))
+    return (gain * tp / rank).sum(1) / y.sum(1).clamp_min(1)
 
 
 def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
-    """Mean fraction of relevance inside the masks.
-
-    Args:
-        maps: ``(B, h, w)`` or ``(B, H, W)`` relevance (upsampled bilinearly to the masks and min-max
-            normalised per image; a constant map counts as 0 inside).
-        masks: ``(B, H, W)`` foreground masks in [0, 1].
-
-    Returns:
-        A scalar tensor in [0, 1]; higher is better.
+    """Mean fraction of relevance inside the masks, in [0, 1] (higher is better).
 
     Example:
         >>> import torch
@@ -52,3 +124,31 @@ def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
         tensor(1.)
     """
     return _relevance_mass_update(maps, masks).mean()
+
+
+def relevance_rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
+    """Mean fraction of the K most relevant pixels that lie in the mask (K = mask size), in [0, 1]."""
+    return _relevance_rank_update(maps, masks).mean()
+
+
+def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
+    """Fraction of images whose most relevant pixel lies inside the mask, in [0, 1]."""
+    return _pointing_game_update(maps, masks).mean()
+
+
+def segmentation_agreement(maps: Tensor, masks: Tensor) -> dict[str, Tensor]:
+    """Segmentation test of Chefer et al. (CVPR 2021) on one batch.
+
+    Maps are min-max normalised and thresholded at their mean. Returns ``pixel_accuracy`` and
+    ``miou`` (mean of background and foreground IoU), accumulated over all pixels, and ``map``,
+    the mean over images of the average precision of the soft map; fractions in [0, 1].
+    """
+    return _segmentation_compute(_segmentation_update(maps, masks))
+
+
+def _segmentation_compute(s: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {
+        "pixel_accuracy": (s["correct"] / s["total"].clamp_min(1)).float(),
+        "miou": (s["intersection"] / s["union"].clamp_min(1)).mean().float(),
+        "map": (s["ap_sum"] / s["ap_count"].clamp_min(1)).float(),
+    }

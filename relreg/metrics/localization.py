@@ -1,38 +1,36 @@
-"""Localization metrics as torchmetrics: agreement of relevance maps with foreground masks.
+"""Localization metrics as torchmetrics ``Metric``s: relevance maps against foreground masks.
 
-``RelevanceMass``: mean fraction of relevance inside the mask (Arras, Osman & Samek, Information
-Fusion 2022). States are sums, so DDP synchronisation is exact.
+``update(maps, masks)`` with maps ``(B, h, w)`` or ``(B, H, W)`` (upsampled to the masks) and
+binary masks ``(B, H, W)``. States are sums (``dist_reduce_fx="sum"``), so the result under DDP is
+exactly the result over all the data. The math is in :mod:`relreg.metrics.functional`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from relreg.metrics.functional import _relevance_mass_update
+from relreg.metrics.functional import (
+    _pointing_game_update,
+    _relevance_mass_update,
+    _relevance_rank_update,
+    _segmentation_compute,
+    _segmentation_update,
+)
 
-__all__ = ["RelevanceMass"]
+__all__ = ["PointingGame", "RelevanceMass", "RelevanceRankAccuracy", "SegmentationAgreement"]
 
 
-class RelevanceMass(Metric):
-    """Mean over images of the fraction of relevance inside the mask.
-
-    ``update(maps, masks, has_mask=None)`` with maps ``(B, h, w)`` or ``(B, H, W)`` and masks
-    ``(B, H, W)``; images whose ``has_mask`` is False are skipped. ``compute()`` is a fraction in
-    [0, 1] (NaN-free: 0 before any masked image).
-
-    Example:
-        >>> import torch
-        >>> metric = RelevanceMass()
-        >>> metric.update(torch.rand(4, 7, 7), (torch.rand(4, 28, 28) > 0.5).float())
-        >>> 0.0 <= metric.compute().item() <= 1.0
-        True
-    """
+class _PerImageMean(Metric):
+    """Mean over images of a per-image score in [0, 1]."""
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    _per_image: Callable[[Tensor, Tensor], Tensor]
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -42,11 +40,101 @@ class RelevanceMass(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, maps: Tensor, masks: Tensor, has_mask: Tensor | None = None) -> None:
-        fractions = _relevance_mass_update(maps, masks)
+        """Add a batch; images whose ``has_mask`` ``(B,)`` is False are skipped."""
         if has_mask is not None:
-            fractions = fractions[has_mask.to(fractions.device)]
-        self.total += fractions.double().sum()
-        self.count += fractions.numel()
+            keep = has_mask.bool().to(maps.device)
+            maps, masks = maps[keep], masks[keep.to(masks.device)]
+            if maps.shape[0] == 0:
+                return
+        scores = type(self)._per_image(maps, masks)
+        self.total += scores.double().sum()
+        self.count += scores.numel()
 
     def compute(self) -> Tensor:
+        """The mean (0 before any image)."""
         return (self.total / self.count.clamp_min(1)).float()
+
+
+class RelevanceMass(_PerImageMean):
+    """Fraction of relevance inside the mask, averaged over images (Arras et al., 2022).
+
+    Example:
+        >>> import torch
+        >>> metric = RelevanceMass()
+        >>> metric.update(torch.rand(4, 7, 7), (torch.rand(4, 28, 28) > 0.5).float())
+        >>> 0.0 <= metric.compute().item() <= 1.0
+        True
+    """
+
+    _per_image = staticmethod(_relevance_mass_update)
+
+
+class RelevanceRankAccuracy(_PerImageMean):
+    """Fraction of the K most relevant pixels inside the mask, K = mask size (Arras et al., 2022).
+
+    Example:
+        >>> import torch
+        >>> maps = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
+        >>> RelevanceRankAccuracy()(maps, torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]))
+        tensor(1.)
+    """
+
+    _per_image = staticmethod(_relevance_rank_update)
+
+
+class PointingGame(_PerImageMean):
+    """Fraction of images whose most relevant pixel is inside the mask (Zhang et al., ECCV 2016).
+
+    Example:
+        >>> import torch
+        >>> maps = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
+        >>> PointingGame()(maps, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
+        tensor(0.)
+    """
+
+    _per_image = staticmethod(_pointing_game_update)
+
+
+class SegmentationAgreement(Metric):
+    """Segmentation test of Chefer, Gur & Wolf (CVPR 2021): maps thresholded at their mean.
+
+    ``compute()`` gives ``{"pixel_accuracy", "miou", "map"}``, fractions in [0, 1]: pixel accuracy
+    and mIoU (background and foreground) accumulated over all pixels, mAP the mean over images
+    (with a non-empty mask) of the soft map's average precision.
+
+    Example:
+        >>> import torch
+        >>> metric = SegmentationAgreement()
+        >>> metric.update(torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]), torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]))
+        >>> {k: v.item() for k, v in metric.compute().items()}
+        {'pixel_accuracy': 1.0, 'miou': 1.0, 'map': 1.0}
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name, default in (
+            ("correct", torch.tensor(0.0, dtype=torch.float64)),
+            ("total", torch.tensor(0.0, dtype=torch.float64)),
+            ("intersection", torch.zeros(2, dtype=torch.float64)),
+            ("union", torch.zeros(2, dtype=torch.float64)),
+            ("ap_sum", torch.tensor(0.0, dtype=torch.float64)),
+            ("ap_count", torch.tensor(0.0, dtype=torch.float64)),
+        ):
+            self.add_state(name, default=default, dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor, masks: Tensor) -> None:
+        """Add a batch: maps ``(B, h, w)`` or ``(B, H, W)``, binary masks ``(B, H, W)``."""
+        for name, value in _segmentation_update(maps, masks).items():
+            setattr(self, name, getattr(self, name) + value.double())
+
+    def compute(self) -> dict[str, Tensor]:
+        return _segmentation_compute(
+            {
+                k: getattr(self, k)
+                for k in ("correct", "total", "intersection", "union", "ap_sum", "ap_count")
+            }
+        )
