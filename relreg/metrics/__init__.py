@@ -1,5 +1,6 @@
 """Explanation-quality metrics: functional twins and torchmetrics ``Metric`` classes."""
 
+from relreg.metrics.faithfulness import DeletionInsertionAUC, PerturbationAUC
 from relreg.metrics.functional import (
     pointing_game,
     relevance_mass,
@@ -14,6 +15,8 @@ from relreg.metrics.localization import (
 )
 
 __all__ = [
+    "DeletionInsertionAUC",
+    "PerturbationAUC",
     "PointingGame",
     "RelevanceMass",
     "RelevanceRankAccuracy",
