@@ -1,0 +1,241 @@
+"""Lightning callbacks that track explanation quality while a model trains.
+
+- :class:`RelevanceHeatmapLogger`: a fixed set of validation images, their masks and relevance
+  overlays, logged as a figure every N epochs through the active logger (W&B ``log_image`` plus a
+  ``wandb.Table`` of per-image metrics, TensorBoard ``add_image``, or PNG files in the run
+  directory for loggers that hold no images).
+- :class:`ExplanationQuality`: localization metrics (:mod:`relreg.metrics`) on a bounded
+  validation subset every N epochs, logged as ``val/xai/<metric>``.
+
+Both skip the sanity check, work with ``inference_mode`` on or off (gradients are enabled
+locally), keep their state in ``state_dict`` so a resumed run continues with the same images, and
+cost nothing on the epochs they skip. Media are logged on rank zero only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor
+
+from relreg.explain import explain_with_logits, to_pixels
+from relreg.metrics import PointingGame, RelevanceMass, RelevanceRankAccuracy, SegmentationAgreement
+from relreg.metrics.functional import _relevance_mass_update
+from relreg.viz import explanation_grid, save_figure
+
+__all__ = ["ExplanationQuality", "RelevanceHeatmapLogger"]
+
+
+def _val_dataset(trainer: pl.Trainer, dataloader_idx: int):
+    loaders = trainer.val_dataloaders
+    loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
+    return loader.dataset
+
+
+def _explain(pl_module: pl.LightningModule, images: Tensor, labels: Tensor, method: str):
+    """Maps and logits with gradients enabled, whatever the trainer's inference mode."""
+    model = pl_module.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return explain_with_logits(model, images.clone(), method, target=labels)
+    finally:
+        model.train(was_training)
+
+
+def _due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
+    return not trainer.sanity_checking and (trainer.current_epoch + 1) % every_n_epochs == 0
+
+
+class RelevanceHeatmapLogger(pl.Callback):
+    """Log relevance overlays of a fixed set of validation images.
+
+    Args:
+        num_images: how many images (at most 49).
+        every_n_epochs: log on every N-th validation epoch.
+        method: explainer name (default ``chefer``).
+        dataloader_idx: which validation loader to draw the images from.
+        seed: seed of the choice of images.
+        mean, std: to undo the input normalisation for display (RobustViT: 0.5, 0.5).
+    """
+
+    def __init__(
+        self,
+        num_images: int = 8,
+        every_n_epochs: int = 1,
+        method: str = "chefer",
+        dataloader_idx: int = 0,
+        seed: int = 0,
+        mean: float = 0.5,
+        std: float = 0.5,
+    ) -> None:
+        if not 1 <= num_images < 50:
+            raise ValueError(f"Expected num_images in [1, 49], but got {num_images!r}.")
+        if every_n_epochs < 1:
+            raise ValueError(f"Expected every_n_epochs >= 1, but got {every_n_epochs!r}.")
+        self.num_images, self.every_n_epochs, self.method = num_images, every_n_epochs, method
+        self.dataloader_idx, self.seed, self.mean, self.std = dataloader_idx, seed, mean, std
+        self.indices: list[int] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"indices": list(self.indices)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.indices = list(state_dict["indices"])
+
+    def _choose(self, trainer: pl.Trainer) -> None:
+        if self.indices:
+            return
+        n = len(_val_dataset(trainer, self.dataloader_idx))
+        g = torch.Generator().manual_seed(self.seed)
+        self.indices = sorted(torch.randperm(n, generator=g)[: self.num_images].tolist())
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _due(trainer, self.every_n_epochs) or not trainer.is_global_zero:
+            return
+        self._choose(trainer)
+        dataset = _val_dataset(trainer, self.dataloader_idx)
+        samples = [dataset[i] for i in self.indices]
+        images = torch.stack([s["image"] for s in samples]).to(pl_module.device)
+        labels = torch.stack([torch.as_tensor(s["label"]) for s in samples]).to(pl_module.device)
+        masks = torch.stack([s["mask"] for s in samples]).to(pl_module.device)
+        has = torch.stack([torch.as_tensor(s["has_mask"]) for s in samples]).bool()
+        exp = _explain(pl_module, images, labels, self.method)
+        pix = to_pixels(exp.maps.detach(), size=images.shape[-2:]).cpu()
+        mass = _relevance_mass_update(exp.maps.detach(), masks).cpu()
+        preds = exp.logits.argmax(1).cpu()
+        captions = [
+            f"#{i} pred {int(p)} label {int(y)}" + (f" mass {float(m):.2f}" if h else "")
+            for i, p, y, m, h in zip(self.indices, preds, labels.cpu(), mass, has, strict=True)
+        ]
+        shown = (images.detach().cpu() * self.std + self.mean).clamp(0, 1)
+        outlined = shown.clone()
+        edge = _outline(masks.cpu()) & has.view(-1, 1, 1)
+        outlined[:, 0][edge], outlined[:, 1][edge], outlined[:, 2][edge] = 1.0, 1.0, 0.0
+        figure = explanation_grid(
+            outlined, {f"{self.method} (epoch {trainer.current_epoch})": pix}, captions
+        )
+        self._log(trainer, figure, captions, preds, labels.cpu(), mass, has)
+
+    def _log(self, trainer, figure, captions, preds, labels, mass, has) -> None:
+        key = "val/xai/heatmaps"
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.log_image(
+                    key=key, images=[_to_array(figure)], caption=[f"epoch {trainer.current_epoch}"]
+                )
+                rows = [
+                    [c, int(p), int(y), float(m) if h else None]
+                    for c, p, y, m, h in zip(captions, preds, labels, mass, has, strict=True)
+                ]
+                logger.experiment.log(
+                    {
+                        f"{key}_table": wandb.Table(
+                            columns=["image", "pred", "label", "relevance_mass"], data=rows
+                        )
+                    }
+                )
+                return
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(
+                    key, _to_array(figure), trainer.global_step, dataformats="HWC"
+                )
+                return
+        root = Path(trainer.log_dir or trainer.default_root_dir) / "heatmaps"
+        save_figure(figure, root / f"epoch{trainer.current_epoch:04d}.png")
+
+
+def _outline(masks: Tensor) -> Tensor:
+    """Boolean ``(B, H, W)`` boundary pixels of binary masks."""
+    m = masks.bool()
+    inner = m.clone()
+    inner[:, 1:-1, 1:-1] = (
+        m[:, 1:-1, 1:-1] & m[:, :-2, 1:-1] & m[:, 2:, 1:-1] & m[:, 1:-1, :-2] & m[:, 1:-1, 2:]
+    )
+    return m & ~inner
+
+
+def _to_array(figure) -> np.ndarray:
+    """RGB array ``(H, W, 3)`` of a matplotlib figure (closes it)."""
+    import matplotlib.pyplot as plt
+
+    figure.canvas.draw()
+    array = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return array
+
+
+class ExplanationQuality(pl.Callback):
+    """Localization metrics of explanations on a bounded validation subset, as ``val/xai/<metric>``.
+
+    Args:
+        num_batches: validation batches to explain (from the start of the loader).
+        every_n_epochs: evaluate on every N-th validation epoch.
+        method: explainer name.
+        dataloader_idx: which validation loader.
+    """
+
+    METRICS = {
+        "relevance_mass": RelevanceMass,
+        "relevance_rank_accuracy": RelevanceRankAccuracy,
+        "pointing_game": PointingGame,
+        "segmentation": SegmentationAgreement,
+    }
+
+    def __init__(
+        self,
+        num_batches: int = 2,
+        every_n_epochs: int = 1,
+        method: str = "chefer",
+        dataloader_idx: int = 0,
+    ) -> None:
+        if num_batches < 1 or every_n_epochs < 1:
+            raise ValueError(
+                f"Expected num_batches and every_n_epochs >= 1, but got {num_batches!r}, {every_n_epochs!r}."
+            )
+        self.num_batches, self.every_n_epochs = num_batches, every_n_epochs
+        self.method, self.dataloader_idx = method, dataloader_idx
+        self.last: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": dict(self.last)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last = dict(state_dict["last"])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _due(trainer, self.every_n_epochs):
+            return
+        loaders = trainer.val_dataloaders
+        loader = loaders[self.dataloader_idx] if isinstance(loaders, list | tuple) else loaders
+        metrics = {name: cls().to(pl_module.device) for name, cls in self.METRICS.items()}
+        for i, batch in enumerate(loader):
+            if i >= self.num_batches:
+                break
+            has = batch["has_mask"].bool()
+            if not has.any():
+                continue
+            images, labels = (
+                batch["image"][has].to(pl_module.device),
+                batch["label"][has].to(pl_module.device),
+            )
+            maps = _explain(pl_module, images, labels, self.method).maps.detach()
+            masks = batch["mask"][has].to(pl_module.device)
+            for metric in metrics.values():
+                metric.update(maps, masks)
+        values: dict[str, float] = {}
+        for name, metric in metrics.items():
+            result = metric.compute()  # syncs across processes under DDP
+            for key, value in result.items() if isinstance(result, dict) else [(name, result)]:
+                values[key] = float(value)
+        self.last = values
+        for key, value in values.items():
+            pl_module.log(f"val/xai/{key}", value)  # the same value on every rank: already synced

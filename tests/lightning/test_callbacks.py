@@ -1,0 +1,82 @@
+"""Callbacks with real loggers: offline W&B (images land in the run directory), CSV; resume state."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from relreg.data import RelRegDataModule, SpuriousShapes
+from relreg.lightning import ExplanationQuality, RelevanceHeatmapLogger, RelRegModule
+from relreg.metrics import relevance_mass
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
+
+
+def _fit(tmp_path, logger, callbacks, inference_mode=False, steps=2):
+    torch.manual_seed(0)
+    module = RelRegModule(
+        "vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, eval_relevance=not inference_mode
+    )
+    dm = RelRegDataModule(SpuriousShapes("train", n=8), SpuriousShapes("val", n=12), batch_size=4)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, logger=logger, callbacks=callbacks, default_root_dir=tmp_path,
+        enable_checkpointing=False, enable_progress_bar=False, inference_mode=inference_mode, limit_val_batches=3,
+        num_sanity_val_steps=1, log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return trainer, module
+
+
+def test_heatmaps_land_in_the_offline_wandb_run(tmp_path):
+    import wandb
+
+    logger = WandbLogger(save_dir=tmp_path, offline=True, project="t")
+    try:
+        _fit(tmp_path, logger, [RelevanceHeatmapLogger(num_images=3)])
+    finally:
+        wandb.finish()
+    pngs = list((tmp_path / "wandb").rglob("*heatmaps*.png"))
+    assert pngs, list((tmp_path / "wandb").rglob("*"))[:20]
+
+
+def test_png_fallback_for_csv_logger_and_fixed_images(tmp_path):
+    cb = RelevanceHeatmapLogger(num_images=4, seed=1)
+    trainer, _ = _fit(tmp_path, CSVLogger(tmp_path), [cb], inference_mode=True)
+    files = list((tmp_path / "lightning_logs").rglob("heatmaps/epoch*.png"))
+    assert len(files) == 1  # the sanity check logs nothing
+    assert len(cb.indices) == 4 and cb.indices == sorted(cb.indices)
+    resumed = RelevanceHeatmapLogger(num_images=4, seed=99)
+    resumed.load_state_dict(cb.state_dict())
+    assert resumed.indices == cb.indices
+
+
+def test_explanation_quality_logs_val_xai_and_matches_the_metric(tmp_path):
+    cb = ExplanationQuality(num_batches=1)
+    trainer, module = _fit(tmp_path, CSVLogger(tmp_path), [cb])
+    for key in (
+        "relevance_mass",
+        "relevance_rank_accuracy",
+        "pointing_game",
+        "pixel_accuracy",
+        "miou",
+        "map",
+    ):
+        assert f"val/xai/{key}" in trainer.callback_metrics, key
+    val = SpuriousShapes("val", n=12)
+    batch = [val[i] for i in range(4)]
+    images = torch.stack([b["image"] for b in batch])
+    labels = torch.stack([b["label"] for b in batch])
+    masks = torch.stack([b["mask"] for b in batch])
+    from relreg.explain import explain
+
+    ref = relevance_mass(explain(module.model.eval(), images, "chefer", target=labels), masks)
+    assert cb.last["relevance_mass"] == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_callback_argument_errors():
+    with pytest.raises(ValueError, match="num_images"):
+        RelevanceHeatmapLogger(num_images=60)
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        ExplanationQuality(every_n_epochs=0)
