@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+from machine_info import machine  # experiments/machine_info.py (this script's folder)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,22 +47,6 @@ def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> list[
         _sync(device)
         times.append(time.perf_counter() - t0)
     return times
-
-
-def machine(device: torch.device) -> dict:
-    info = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    return info
 
 
 def run(model_name: str, img_size: int, batch: int, repeats: int, device: torch.device) -> dict:

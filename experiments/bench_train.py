@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine_info import machine  # experiments/machine_info.py (this script's folder)
 
 CASES = ("plain", "first_order", "second_order", "two_forward")
 MODELS = {
@@ -138,21 +138,6 @@ def run_case(model_key: str, case: str, args: argparse.Namespace) -> dict:
     ]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def machine(device: str) -> dict:
-    import torch
-
-    return {
-        "device": device,
-        "device_name": torch.cuda.get_device_name()
-        if device.startswith("cuda")
-        else platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def plot(result: dict, path: Path) -> None:

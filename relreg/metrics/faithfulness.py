@@ -122,6 +122,17 @@ class _ModelMetric(Metric):
                 f"Expected target (B,) labels for target_mode='label', but got {getattr(target, 'shape', None)}."
             )
 
+    def _prepare(
+        self, images: Tensor, maps: Tensor, target: Tensor | None, most_relevant_first: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Check inputs; return the clean logits, the class per image and each unit's removal rank."""
+        self._check(images, maps, target)
+        logits = self._forward(images)
+        scores = _unit_scores(
+            maps.to(images.device), tuple(images.shape[-2:]), self.unit, self.patch
+        )
+        return logits, self._targets(logits, target), _removal_ranks(scores, most_relevant_first)
+
     def _forward(self, batch: Tensor) -> Tensor:
         with torch.no_grad():
             return torch.cat(
@@ -199,13 +210,7 @@ class PerturbationAUC(_ModelMetric):
         )
 
     def update(self, images: Tensor, maps: Tensor, target: Tensor | None = None) -> None:
-        self._check(images, maps, target)
-        logits = self._forward(images)
-        tgt = self._targets(logits, target)
-        scores = _unit_scores(
-            maps.to(images.device), tuple(images.shape[-2:]), self.unit, self.patch
-        )
-        ranks = _removal_ranks(scores, most_relevant_first=self.mode == "positive")
+        logits, tgt, ranks = self._prepare(images, maps, target, self.mode == "positive")
         # one batched (chunked) pass per fraction: memory stays at one perturbed copy of the batch
         preds = torch.stack(
             [self._forward(self._perturbed(images, ranks, f)).argmax(1) for f in self.fractions]
@@ -266,12 +271,7 @@ class DeletionInsertionAUC(_ModelMetric):
         )
 
     def update(self, images: Tensor, maps: Tensor, target: Tensor | None = None) -> None:
-        self._check(images, maps, target)
-        tgt = self._targets(self._forward(images), target)
-        scores = _unit_scores(
-            maps.to(images.device), tuple(images.shape[-2:]), self.unit, self.patch
-        )
-        ranks = _removal_ranks(scores, most_relevant_first=True)
+        _, tgt, ranks = self._prepare(images, maps, target, most_relevant_first=True)
         insert = self.mode == "insertion"
         fractions = [i / self.steps for i in range(self.steps + 1)]
         probs = torch.stack(
