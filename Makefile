@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_explain.py --out experiments/results/bench_explain.json
+	$(PY) experiments/bench_train.py --out experiments/results/bench_train.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check relreg tests experiments
