@@ -51,7 +51,11 @@ def _attention_pass(
     if need_grad or differentiable:
         check_grad_mode(method)
     track = need_grad or differentiable
-    x = images if images.requires_grad or not track else images.detach().requires_grad_(True)
+    # A graph must reach every attention map. When the patch embedding trains (fine-tuning), it
+    # does; otherwise the input becomes a leaf that requires grad (cheap, but not free: the final
+    # backward would also compute the input's gradient, so it is skipped when not needed).
+    leaf = track and not images.requires_grad and not _embedding_trains(model)
+    x = images.detach().requires_grad_(True) if leaf else images
     with torch.set_grad_enabled(track):
         with AttentionCapture(model) as capture:
             logits = check_logits(model(x), images.shape[0])
@@ -71,6 +75,11 @@ def _attention_pass(
             create_graph=second_order,
         )
     return attentions, list(grads), logits
+
+
+def _embedding_trains(model: nn.Module) -> bool:
+    embed = getattr(model, "patch_embed", None)
+    return embed is not None and any(p.requires_grad for p in embed.parameters())
 
 
 def _readout(model: nn.Module, attention: Tensor) -> Tensor:
@@ -211,11 +220,15 @@ def chefer(
     _check_start_layer(start_layer, len(attentions))
     with torch.set_grad_enabled(differentiable):
         v = _readout(model, attentions[-1])
-        for a, g in reversed(list(zip(attentions, grads, strict=True))[start_layer:]):
+        for b in range(len(attentions) - 1, start_layer - 1, -1):
+            # take each gradient out of the list so that it is freed once used
+            a, g = attentions[b], grads[b]
+            grads[b] = None
             if second_order:
                 abar = (g * a).clamp(min=0).mean(dim=1)
             else:
                 abar = _PositiveGradientWeighted.apply(a, g.detach())
+            del g
             v = v + torch.bmm(v.unsqueeze(1), abar)[:, 0]
     return finish(_to_grid(model, images, v), logits, differentiable)
 

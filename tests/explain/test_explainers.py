@@ -129,3 +129,19 @@ def test_differentiable_logits_come_from_the_same_forward(name):
     out = explain_with_logits(model, images_for(model), name, differentiable=True)
     out.logits.sum().backward()  # the classification loss backpropagates without a second forward
     assert model.head.weight.grad is not None
+
+
+@pytest.mark.parametrize("frozen", ["all", "patch_embed", "none"])
+def test_same_maps_whatever_trains(frozen):
+    # with a trainable patch embedding the graph reaches every attention map through the weights;
+    # otherwise the input becomes a leaf: both routes must give the same relevance
+    model = make_tiny_vit()
+    x = images_for(model)
+    reference = explain(model, x, "chefer", target=1)
+    if frozen == "all":
+        model.requires_grad_(False)
+    elif frozen == "patch_embed":
+        model.patch_embed.requires_grad_(False)
+    torch.testing.assert_close(explain(model, x, "chefer", target=1), reference)
+    maps = explain(model, x, "chefer", target=1, differentiable=True)
+    assert maps.requires_grad
