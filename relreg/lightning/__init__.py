@@ -1,6 +1,6 @@
 """Lightning integration: the fine-tuning module and the LightningCLI entry point."""
 
-from relreg.lightning.callbacks import ExplanationQuality, RelevanceHeatmapLogger
+from relreg.lightning.callbacks import ExplanationQuality, OODEvaluation, RelevanceHeatmapLogger
 from relreg.lightning.module import RelRegModule
 
-__all__ = ["ExplanationQuality", "RelRegModule", "RelevanceHeatmapLogger"]
+__all__ = ["ExplanationQuality", "OODEvaluation", "RelRegModule", "RelevanceHeatmapLogger"]

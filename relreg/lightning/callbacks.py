@@ -6,6 +6,8 @@
   directory for loggers that hold no images).
 - :class:`ExplanationQuality`: localization metrics (:mod:`relreg.metrics`) on a bounded
   validation subset every N epochs, logged as ``val/xai/<metric>``.
+- :class:`OODEvaluation`: accuracy on named out-of-distribution datasets every N epochs, logged as
+  ``ood/<name>/acc`` and ``ood/mean_acc`` (a valid ``ModelCheckpoint`` monitor).
 
 Both skip the sanity check, work with ``inference_mode`` on or off (gradients are enabled
 locally), keep their state in ``state_dict`` so a resumed run continues with the same images, and
@@ -22,13 +24,16 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
 
+from relreg.data.folders import restrict_logits
 from relreg.explain import explain_with_logits, to_pixels
 from relreg.metrics import PointingGame, RelevanceMass, RelevanceRankAccuracy, SegmentationAgreement
 from relreg.metrics.functional import _relevance_mass_update
 from relreg.viz import explanation_grid, save_figure
 
-__all__ = ["ExplanationQuality", "RelevanceHeatmapLogger"]
+__all__ = ["ExplanationQuality", "OODEvaluation", "RelevanceHeatmapLogger"]
 
 
 def _val_dataset(trainer: pl.Trainer, dataloader_idx: int):
@@ -239,3 +244,66 @@ class ExplanationQuality(pl.Callback):
         self.last = values
         for key, value in values.items():
             pl_module.log(f"val/xai/{key}", value)  # the same value on every rank: already synced
+
+
+class OODEvaluation(pl.Callback):
+    """Accuracy on named OOD datasets, logged as ``ood/<name>/acc`` and their mean ``ood/mean_acc``.
+
+    For splits that are not already validation loaders of the data module (those are logged by
+    :class:`RelRegModule` itself under the same keys). A dataset with ``scoring="restricted"`` and
+    ``split_classes`` (:class:`relreg.data.OODImageFolder`) is scored over its own classes only.
+
+    Args:
+        datasets: ``{name: dataset}`` yielding relreg's sample dicts.
+        every_n_epochs: evaluate on every N-th validation epoch.
+        batch_size: evaluation batch size.
+    """
+
+    def __init__(
+        self, datasets: dict[str, Dataset], every_n_epochs: int = 1, batch_size: int = 64
+    ) -> None:
+        if not datasets:
+            raise ValueError("Expected at least one OOD dataset, but got none.")
+        if every_n_epochs < 1 or batch_size < 1:
+            raise ValueError(
+                f"Expected every_n_epochs and batch_size >= 1, but got {every_n_epochs!r}, {batch_size!r}."
+            )
+        self.datasets, self.every_n_epochs, self.batch_size = (
+            dict(datasets),
+            every_n_epochs,
+            batch_size,
+        )
+        self.last: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": dict(self.last)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last = dict(state_dict["last"])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _due(trainer, self.every_n_epochs):
+            return
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        values: dict[str, float] = {}
+        try:
+            for name, dataset in self.datasets.items():
+                accuracy = MulticlassAccuracy(model.num_classes, average="micro").to(
+                    pl_module.device
+                )
+                restricted = getattr(dataset, "scoring", "argmax") == "restricted"
+                for batch in DataLoader(dataset, batch_size=self.batch_size):
+                    with torch.no_grad():
+                        logits = model(batch["image"].to(pl_module.device))
+                    if restricted:
+                        logits = restrict_logits(logits, dataset.split_classes)
+                    accuracy.update(logits, batch["label"].to(pl_module.device))
+                values[name] = float(accuracy.compute())  # syncs across processes under DDP
+        finally:
+            model.train(was_training)
+        self.last = values
+        for name, value in values.items():
+            pl_module.log(f"ood/{name}/acc", value)
+        pl_module.log("ood/mean_acc", sum(values.values()) / len(values))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from relreg.data import RelRegDataModule, SpuriousShapes
@@ -22,7 +23,7 @@ def _fit(tmp_path, logger, callbacks, inference_mode=False, steps=2):
     dm = RelRegDataModule(SpuriousShapes("train", n=8), SpuriousShapes("val", n=12), batch_size=4)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps, logger=logger, callbacks=callbacks, default_root_dir=tmp_path,
-        enable_checkpointing=False, enable_progress_bar=False, inference_mode=inference_mode, limit_val_batches=3,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), enable_progress_bar=False, inference_mode=inference_mode, limit_val_batches=3,
         num_sanity_val_steps=1, log_every_n_steps=1,
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
@@ -80,3 +81,24 @@ def test_callback_argument_errors():
         RelevanceHeatmapLogger(num_images=60)
     with pytest.raises(ValueError, match="every_n_epochs"):
         ExplanationQuality(every_n_epochs=0)
+
+
+def test_ood_evaluation_logs_accuracy_and_mean_and_can_be_monitored(tmp_path):
+    from relreg.lightning import OODEvaluation
+
+    ood = {"ood": SpuriousShapes("ood", n=10), "test": SpuriousShapes("test", n=6)}
+    cb = OODEvaluation(ood, batch_size=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="ood/mean_acc", mode="max")
+    trainer, module = _fit(tmp_path, CSVLogger(tmp_path), [cb, ckpt])
+    module.model.eval()
+    for name, ds in ood.items():
+        with torch.no_grad():
+            ref = (module.model(ds.images).argmax(1) == ds.labels).float().mean().item()
+        assert cb.last[name] == pytest.approx(ref)
+        assert trainer.callback_metrics[f"ood/{name}/acc"].item() == pytest.approx(ref)
+    assert trainer.callback_metrics["ood/mean_acc"].item() == pytest.approx(
+        sum(cb.last.values()) / 2
+    )
+    assert ckpt.best_model_path
+    with pytest.raises(ValueError, match="at least one"):
+        OODEvaluation({})
