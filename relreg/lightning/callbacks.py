@@ -16,6 +16,8 @@ cost nothing on the epochs they skip. Media are logged on rank zero only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +38,39 @@ from relreg.viz import explanation_grid, save_figure
 __all__ = ["ExplanationQuality", "OODEvaluation", "RelevanceHeatmapLogger"]
 
 
-def _val_dataset(trainer: pl.Trainer, dataloader_idx: int):
+def _val_loader(trainer: pl.Trainer, dataloader_idx: int) -> DataLoader:
     loaders = trainer.val_dataloaders
-    loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
-    return loader.dataset
+    return loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode for the block, its previous mode restored after (also on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class _KeepsLast(pl.Callback):
+    """Keeps the last logged values in ``self.last`` and in the checkpoint."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": dict(self.last)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last = dict(state_dict["last"])
 
 
 def _explain(pl_module: pl.LightningModule, images: Tensor, labels: Tensor, method: str):
     """Maps and logits with gradients enabled, whatever the trainer's inference mode."""
-    model = pl_module.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            return explain_with_logits(model, images.clone(), method, target=labels)
-    finally:
-        model.train(was_training)
+    with _eval_mode(pl_module.model) as model, torch.inference_mode(False), torch.enable_grad():
+        return explain_with_logits(model, images.clone(), method, target=labels)
 
 
 def _due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
@@ -97,7 +116,7 @@ class RelevanceHeatmapLogger(pl.Callback):
     def _choose(self, trainer: pl.Trainer) -> None:
         if self.indices:
             return
-        n = len(_val_dataset(trainer, self.dataloader_idx))
+        n = len(_val_loader(trainer, self.dataloader_idx).dataset)
         g = torch.Generator().manual_seed(self.seed)
         self.indices = sorted(torch.randperm(n, generator=g)[: self.num_images].tolist())
 
@@ -105,7 +124,7 @@ class RelevanceHeatmapLogger(pl.Callback):
         if not _due(trainer, self.every_n_epochs) or not trainer.is_global_zero:
             return
         self._choose(trainer)
-        dataset = _val_dataset(trainer, self.dataloader_idx)
+        dataset = _val_loader(trainer, self.dataloader_idx).dataset
         samples = [dataset[i] for i in self.indices]
         images = torch.stack([s["image"] for s in samples]).to(pl_module.device)
         labels = torch.stack([torch.as_tensor(s["label"]) for s in samples]).to(pl_module.device)
@@ -178,7 +197,7 @@ def _to_array(figure) -> np.ndarray:
     return array
 
 
-class ExplanationQuality(pl.Callback):
+class ExplanationQuality(_KeepsLast):
     """Localization metrics of explanations on a bounded validation subset, as ``val/xai/<metric>``.
 
     Args:
@@ -208,19 +227,12 @@ class ExplanationQuality(pl.Callback):
             )
         self.num_batches, self.every_n_epochs = num_batches, every_n_epochs
         self.method, self.dataloader_idx = method, dataloader_idx
-        self.last: dict[str, float] = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last": dict(self.last)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last = dict(state_dict["last"])
+        super().__init__()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not _due(trainer, self.every_n_epochs):
             return
-        loaders = trainer.val_dataloaders
-        loader = loaders[self.dataloader_idx] if isinstance(loaders, list | tuple) else loaders
+        loader = _val_loader(trainer, self.dataloader_idx)
         metrics = {name: cls().to(pl_module.device) for name, cls in self.METRICS.items()}
         for i, batch in enumerate(loader):
             if i >= self.num_batches:
@@ -246,7 +258,7 @@ class ExplanationQuality(pl.Callback):
             pl_module.log(f"val/xai/{key}", value)  # the same value on every rank: already synced
 
 
-class OODEvaluation(pl.Callback):
+class OODEvaluation(_KeepsLast):
     """Accuracy on named OOD datasets, logged as ``ood/<name>/acc`` and their mean ``ood/mean_acc``.
 
     For splits that are not already validation loaders of the data module (those are logged by
@@ -273,22 +285,13 @@ class OODEvaluation(pl.Callback):
             every_n_epochs,
             batch_size,
         )
-        self.last: dict[str, float] = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last": dict(self.last)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last = dict(state_dict["last"])
+        super().__init__()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not _due(trainer, self.every_n_epochs):
             return
-        model = pl_module.model
-        was_training = model.training
-        model.eval()
         values: dict[str, float] = {}
-        try:
+        with _eval_mode(pl_module.model) as model:
             for name, dataset in self.datasets.items():
                 accuracy = MulticlassAccuracy(model.num_classes, average="micro").to(
                     pl_module.device
@@ -301,8 +304,6 @@ class OODEvaluation(pl.Callback):
                         logits = restrict_logits(logits, dataset.split_classes)
                     accuracy.update(logits, batch["label"].to(pl_module.device))
                 values[name] = float(accuracy.compute())  # syncs across processes under DDP
-        finally:
-            model.train(was_training)
         self.last = values
         for name, value in values.items():
             pl_module.log(f"ood/{name}/acc", value)
