@@ -2,6 +2,8 @@
 
 - ``relreg fit|validate|test|predict --config FILE.yaml``: the fine-tuning job (LightningCLI);
 - ``relreg explain IMAGE ... --model NAME``: heatmaps of image files;
+- ``relreg evaluate --checkpoint A.ckpt [B.ckpt] --data SPLIT``: explanation quality and OOD
+  accuracy of checkpoints, as ``report.json`` and figures;
 - ``relreg demo``: the whole job on the built-in CPU benchmark.
 
 Run ``relreg COMMAND --help`` for the options of each command.
@@ -10,6 +12,7 @@ Run ``relreg COMMAND --help`` for the options of each command.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -71,6 +74,61 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick", action="store_true", help="3 steps per stage: a smoke test, not a result"
     )
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    from relreg.explain import list_explainers
+
+    p = sub.add_parser(
+        "evaluate",
+        help="explanation quality (perturbation, deletion/insertion, segmentation, pointing game) "
+        "and OOD accuracy of checkpoints: report.json + figures",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="one or more weights files (two: a before/after comparison); relreg fit checkpoints "
+        "carry their architecture, so --model may be left out",
+    )
+    p.add_argument("--labels", nargs="+", default=None, help="names of the checkpoints in figures")
+    p.add_argument("--pretrained", action="store_true", help="also evaluate timm's weights")
+    p.add_argument("--model", default=None, help="timm model name (default: from the checkpoint)")
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON keyword arguments of timm.create_model, e.g. '{\"img_size\": 32}'",
+    )
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument(
+        "--data",
+        required=True,
+        help="masked split: a folder with images/<class>/ and masks/<class>/, or shapes:SPLIT[:N]",
+    )
+    p.add_argument(
+        "--ood",
+        nargs="+",
+        default=[],
+        metavar="NAME=SPEC",
+        help="OOD splits for accuracy: NAME=FOLDER (<class>/<image>) or NAME=shapes:ood",
+    )
+    p.add_argument("--classes", default=None, help="label space file (one class name per line)")
+    p.add_argument("--scoring", choices=("argmax", "restricted"), default="argmax")
+    p.add_argument(
+        "--methods", nargs="+", default=["chefer", "rollout", "gradcam"], choices=list_explainers()
+    )
+    p.add_argument("--unit", choices=("pixel", "patch"), default="pixel")
+    p.add_argument("--target", choices=("predicted", "label"), default="predicted")
+    p.add_argument("--steps", type=int, default=10, help="deletion/insertion steps")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-heatmaps", type=int, default=6, help="rows of heatmaps.png (0: none)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
 
 
 def _load_image(path: Path) -> Image.Image:
@@ -147,6 +205,134 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+def _evaluation_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    from relreg.models import build_model, lightning_model_args
+
+    sources: list[tuple[str, Path | None]] = [(p.stem, p) for p in args.checkpoint]
+    if args.pretrained:
+        sources.append(("pretrained", None))
+    if not sources:
+        raise ValueError("Expected --checkpoint FILE ... or --pretrained, but got neither.")
+    if args.labels is not None:
+        if len(args.labels) != len(sources):
+            raise ValueError(
+                f"Expected one --labels entry per model ({len(sources)}), but got {len(args.labels)}."
+            )
+        sources = [(label, path) for label, (_, path) in zip(args.labels, sources, strict=True)]
+    names = [label for label, _ in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expected distinct model labels, but got {names}; pass --labels.")
+    models = {}
+    for label, path in sources:
+        spec = {"name": args.model, "num_classes": args.num_classes, **args.model_kwargs}
+        if args.model is None:
+            found = lightning_model_args(path) if path is not None else None
+            if found is None:
+                raise ValueError(
+                    f"Expected --model NAME: {str(path)!r} is not a relreg fit checkpoint that "
+                    "names its architecture."
+                )
+            spec = {**found, **{k: v for k, v in spec.items() if v is not None}}
+        name, num_classes = spec.pop("name"), spec.pop("num_classes")
+        models[label] = build_model(name, path is None, path, num_classes, **spec)
+    return models
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    """``relreg evaluate``: returns the report it writes to ``--out/report.json``."""
+    import timm.data
+
+    from relreg.evaluate import evaluate_models, heatmap_grid_maps, load_split, write_figures
+
+    if args.num_heatmaps < 0:
+        raise ValueError(f"Expected --num-heatmaps >= 0, but got {args.num_heatmaps}.")
+    report_path = args.out / "report.json"
+    if report_path.exists() and not args.overwrite:
+        raise FileExistsError(
+            f"Output {str(report_path)!r} exists; pass --overwrite to replace it."
+        )
+    ood_specs = {}
+    for item in args.ood:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec or name == "data" or name in ood_specs:
+            raise ValueError(
+                f"Expected --ood entries NAME=SPEC with distinct names other than 'data', but got {item!r}."
+            )
+        ood_specs[name] = spec
+    _check_writable(args.out)  # fail before the work, not after it
+    models = _evaluation_models(args)
+    data = {label: load_split(args.data, m, classes=args.classes) for label, m in models.items()}
+    first = next(iter(models.values()))
+    ood = {
+        name: load_split(spec, first, masks=False, classes=args.classes, scoring=args.scoring)
+        for name, spec in ood_specs.items()
+    }
+    report = evaluate_models(
+        models,
+        data,
+        args.methods,
+        ood,
+        unit=args.unit,
+        target=args.target,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=args.device,
+        seed=args.seed,
+    )
+    report = {"data": args.data, "ood": ood_specs, "device": str(args.device), **report}
+    report["checkpoints"] = {
+        label: str(p) if p is not None else "pretrained"
+        for label, p in zip(
+            models, [*args.checkpoint, *([None] if args.pretrained else [])], strict=True
+        )
+    }
+    shown = heat = titles = None
+    if args.num_heatmaps:
+        dataset = next(iter(data.values()))
+        samples = [dataset[i] for i in range(min(args.num_heatmaps, len(dataset)))]
+        images = torch.stack([s["image"] for s in samples])
+        config = timm.data.resolve_model_data_config(first)
+        mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(config["std"]).view(1, 3, 1, 1)
+        shown = (images * std + mean).clamp(0, 1)
+        torch.manual_seed(args.seed)
+        heat = {"mask": torch.stack([s["mask"] for s in samples]).float()}
+        heat.update(heatmap_grid_maps(models, images, args.methods))
+        classes = getattr(dataset, "classes", None)
+        titles = [
+            classes[int(s["label"])] if classes else f"class {int(s['label'])}" for s in samples
+        ]
+    write_figures(report, args.out, shown, heat, titles)
+    _atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    return report
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(
+            f"Expected a writable output directory, but {str(out)!r} is not: {err}"
+        ) from err
+
+
+def _print_report(report: dict) -> None:
+    keys = {"perturbation_positive": "pert+ (lo)", "perturbation_negative": "pert- (hi)",
+            "deletion": "del (lo)", "insertion": "ins (hi)", "miou": "mIoU",
+            "relevance_mass": "mass"}  # fmt: skip
+    print(f"{'model':12s} {'method':24s} " + " ".join(f"{v:>10s}" for v in keys.values()))
+    for label, entry in report["models"].items():
+        for method, r in entry["explainers"].items():
+            cells = " ".join(f"{'-' if r[k] is None else format(r[k], '.3f'):>10s}" for k in keys)
+            print(f"{label:12s} {method:24s} {cells}")
+        acc = ", ".join(f"{k} {v:.3f}" for k, v in entry["accuracy"].items())
+        print(f"{label:12s} accuracy: {acc}")
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -163,12 +349,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _explain_parser(sub)
+    _evaluate_parser(sub)
     _demo_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "explain":
             files = run_explain(args)
             print(f"wrote {len(files)} files to {args.out}")
+        elif args.command == "evaluate":
+            report = run_evaluate(args)
+            _print_report(report)
+            print(f"wrote {args.out / 'report.json'} and figures")
         elif args.command == "demo":
             from relreg.demo import run_demo
 

@@ -9,7 +9,8 @@ Every stage is a LightningCLI run of the YAML files in ``configs/demo``:
    same steps: ``control`` (classification term only), ``relreg`` (plus the RobustViT relevance
    loss) and ``relreg_mass`` (plus the relevance-mass loss instead).
 
-Writes ``results/demo.json`` (``{"seeds", "baseline", "control", "relreg", "relreg_mass"}``, each arm with the mean
+Each stage leaves ``<stage>/final.ckpt`` (the model exactly as trained and tested; the next stage
+starts from it) for ``relreg evaluate``. Writes ``results/demo.json`` (``{"seeds", "baseline", "control", "relreg", "relreg_mass"}``, each arm with the mean
 and per-seed ``id_acc``, ``ood_acc`` and ``relevance_mass``, fractions in [0, 1]),
 ``results/ood_heatmaps.png`` (Chefer maps of OOD images: baseline and each arm, seed 0) and
 ``results/explainers.png`` (every explainer on the relreg model), all under ``--out``.
@@ -51,6 +52,8 @@ def _stage(
         *extra,
     ]  # fmt: skip
     cli = run_cli(args)
+    # the model as trained, whatever step ModelCheckpoint's last.ckpt was saved at
+    cli.trainer.save_checkpoint(out / name / "final.ckpt", weights_only=True)
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     _finish_wandb()
     merged = {k: float(v) for d in results for k, v in d.items()}
@@ -97,9 +100,9 @@ def run_demo(
     common = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1"] if quick else []
     t0 = time.perf_counter()
     cli, _ = _stage(configs, out, "pretrain", common)
-    pretrained = cli.trainer.checkpoint_callback.last_model_path
+    pretrained = str(out / "pretrain" / "final.ckpt")
     cli, baseline = _stage(configs, out, "bias", [*common, "--model.checkpoint", pretrained])
-    biased = cli.trainer.checkpoint_callback.last_model_path
+    biased = str(out / "bias" / "final.ckpt")  # the baseline exactly as tested
     models = {"baseline": cli.model.model}
     per_arm: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     for seed in seeds:

@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["build_model", "load_weights"]
+__all__ = ["build_model", "lightning_model_args", "load_weights"]
 
 
 def build_model(
@@ -104,3 +104,33 @@ def _strip_module_prefix(
         if set(stripped) & wanted:
             return stripped
     return state
+
+
+def lightning_model_args(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The timm model a :class:`relreg.lightning.RelRegModule` checkpoint was trained with.
+
+    Reads the checkpoint's ``hyper_parameters`` (``weights_only=True``) and returns
+    ``{"name", "num_classes", **model_kwargs}`` ready for :func:`build_model`, or None for a file
+    that is not such a checkpoint (a plain ``state_dict``, a ``.safetensors`` file, a module
+    built from an ``nn.Module`` rather than a timm name).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"Expected a checkpoint file, but {str(path)!r} does not exist.")
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file, or one that needs code to load: not ours
+        return None
+    hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("model"), str):
+        return None
+    return {
+        "name": hparams["model"],
+        "num_classes": hparams.get("num_classes"),
+        **dict(hparams.get("model_kwargs") or {}),
+    }

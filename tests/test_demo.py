@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from relreg.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -26,6 +28,17 @@ def test_demo_quick_writes_results(tmp_path):
     # each stage logged to its own offline W&B run
     runs = list(tmp_path.glob("*/wandb/offline-run-*"))
     assert len(runs) == 5
+    # each stage leaves the model it tested, and the next stage starts from exactly that file
+    ckpt = torch.load(tmp_path / "relreg-seed0" / "final.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["checkpoint"] == str(tmp_path / "bias" / "final.ckpt")
+    # relreg evaluate on the stage's final.ckpt reproduces the accuracy the demo reported
+    out = tmp_path / "evaluate"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "bias" / "final.ckpt"),
+                 "--data", "shapes:test", "--ood", "ood=shapes:ood", "--methods", "raw_attention",
+                 "--steps", "1", "--num-heatmaps", "0", "--out", str(out)]) == 0  # fmt: skip
+    accuracy = json.loads((out / "report.json").read_text())["models"]["final"]["accuracy"]
+    assert accuracy["data"] == result["baseline"]["id_acc"]["mean"]
+    assert accuracy["ood"] == result["baseline"]["ood_acc"]["mean"]
 
 
 def test_demo_without_configs_is_a_clear_error(tmp_path, capsys):

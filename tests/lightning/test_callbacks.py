@@ -102,3 +102,33 @@ def test_ood_evaluation_logs_accuracy_and_mean_and_can_be_monitored(tmp_path):
     assert ckpt.best_model_path
     with pytest.raises(ValueError, match="at least one"):
         OODEvaluation({})
+
+
+def _tensorboard_events(folder) -> list:
+    """Every ``Event`` in the TensorBoard files under ``folder`` (TFRecord framing, read by hand)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            events.append(Event.FromString(data[pos + 12 : pos + 12 + length]))
+            pos += 12 + length + 4
+    return events
+
+
+def test_heatmaps_and_xai_metrics_land_in_tensorboard(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    cb = RelevanceHeatmapLogger(num_images=3)
+    _fit(tmp_path, TensorBoardLogger(tmp_path, name="tb"), [cb, ExplanationQuality(num_batches=1)])
+    values = [v for e in _tensorboard_events(tmp_path / "tb") for v in e.summary.value]
+    images = [v for v in values if v.tag == "val/xai/heatmaps"]
+    assert len(images) == 1  # one validation epoch after the sanity check, which logs nothing
+    assert images[0].image.height > 100 and images[0].image.width > 100
+    assert images[0].image.encoded_image_string[:4] == b"\x89PNG"
+    assert {"val/xai/relevance_mass", "val/xai/pointing_game"} <= {v.tag for v in values}

@@ -1,0 +1,425 @@
+"""Evaluate explainers and checkpoints: the report behind ``relreg evaluate``.
+
+For each model (one or more checkpoints) and each explainer, on a split with foreground masks:
+
+- the perturbation test of Chefer, Gur & Wolf, "Transformer Interpretability Beyond Attention
+  Visualization" (CVPR 2021): positive and negative AUC (x100) over fractions 0.1 ... 0.9;
+- RISE deletion / insertion AUC (Petsiuk, Das & Saenko, BMVC 2018);
+- the CVPR 2021 segmentation test: pixel accuracy, mIoU and mAP of the map against the mask;
+- pointing game and relevance mass (fraction of relevance inside the mask);
+
+and the model's accuracy on the split and on each OOD split. Everything is computed with
+:mod:`relreg.metrics` (batched, one explanation per batch and method) and written as JSON
+(:func:`evaluate_models`) and figures (:func:`write_figures`).
+
+Datasets are given as specs (:func:`load_split`): a folder of images and masks
+(:class:`relreg.data.MaskedImageFolder` layout), an OOD folder laid out as ``<class>/<image>``
+(:class:`relreg.data.OODImageFolder`), or ``shapes:SPLIT[:N]`` for the built-in CPU benchmark
+(:class:`relreg.data.SpuriousShapes`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import timm.data
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from relreg.data.folders import MaskedImageFolder, OODImageFolder, restrict_logits
+from relreg.data.spurious import SPLITS, SpuriousShapes
+from relreg.explain import explain, explainer_info, to_pixels
+from relreg.metrics import (
+    DeletionInsertionAUC,
+    PerturbationAUC,
+    PointingGame,
+    RelevanceMass,
+    SegmentationAgreement,
+)
+from relreg.viz import explanation_grid, save_figure
+
+__all__ = ["REPORT_METRICS", "evaluate_models", "load_split", "write_figures"]
+
+REPORT_METRICS = {
+    "perturbation_positive": "positive perturbation AUC (lower is better)",
+    "perturbation_negative": "negative perturbation AUC (higher is better)",
+    "deletion": "deletion AUC (lower is better)",
+    "insertion": "insertion AUC (higher is better)",
+    "pixel_accuracy": "segmentation pixel accuracy",
+    "miou": "segmentation mIoU",
+    "map": "segmentation mAP",
+    "pointing_game": "pointing game",
+    "relevance_mass": "relevance mass inside the mask",
+}
+"""Per-explainer keys of the report, with their meaning."""
+
+
+def _model_data_config(model: nn.Module) -> tuple[int | tuple[int, int], list, list]:
+    config = timm.data.resolve_model_data_config(model)
+    size = (
+        getattr(getattr(model, "patch_embed", None), "img_size", None) or config["input_size"][1:]
+    )
+    return tuple(int(s) for s in size), list(config["mean"]), list(config["std"])
+
+
+def load_split(
+    spec: str,
+    model: nn.Module,
+    masks: bool = True,
+    classes: str | Sequence[str] | None = None,
+    scoring: str = "argmax",
+) -> Dataset:
+    """A dataset from a spec, preprocessed for ``model`` (its input size, mean and std).
+
+    Args:
+        spec: ``shapes:SPLIT`` or ``shapes:SPLIT:N`` (the built-in benchmark, N images, default
+            256), a folder with ``images/<class>/`` (and ``masks/<class>/``), or, for OOD splits
+            (``masks=False``), a folder laid out as ``<class>/<image>``.
+        model: the model that will see the images.
+        masks: whether the split is the masked one (an ``images/`` folder is then required).
+        classes: the model's label space for folders (see :func:`relreg.data.class_index`).
+        scoring: ``"argmax"`` or ``"restricted"`` for OOD folders.
+
+    Raises:
+        ValueError: a malformed ``shapes:`` spec or a folder of the wrong layout.
+        FileNotFoundError: a folder that does not exist.
+    """
+    size, mean, std = _model_data_config(model)
+    if spec.startswith("shapes:"):
+        parts = spec.split(":")
+        n = parts[2] if len(parts) == 3 else "256"
+        if len(parts) not in (2, 3) or parts[1] not in SPLITS or not n.isdigit() or int(n) < 1:
+            raise ValueError(
+                f"Expected a spec 'shapes:SPLIT' or 'shapes:SPLIT:N' with SPLIT in {SPLITS} and "
+                f"N >= 1, but got {spec!r}."
+            )
+        if size[0] != size[1]:
+            raise ValueError(f"Expected a model with square inputs for {spec!r}, but got {size}.")
+        num_classes = getattr(model, "num_classes", None)
+        if not isinstance(num_classes, int) or not 2 <= num_classes <= 6:
+            raise ValueError(
+                f"Expected a model with 2 to 6 classes for {spec!r}, but it has {num_classes!r}."
+            )
+        return SpuriousShapes(
+            parts[1], n=int(n), size=size[0], num_classes=num_classes, mean=mean[0], std=std[0]
+        )
+    root = Path(spec)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Expected a data folder or a 'shapes:SPLIT' spec, but got {spec!r}."
+        )
+    if (root / "images").is_dir():
+        return MaskedImageFolder(
+            root, train=False, img_size=size[0], mean=mean, std=std, classes=classes
+        )
+    if masks:
+        raise ValueError(
+            f"Expected the masked split {spec!r} to hold images/<class>/ (and masks/<class>/), "
+            "but it has no images/ folder."
+        )
+    return OODImageFolder(
+        root, classes=classes, img_size=size[0], mean=mean, std=std, scoring=scoring
+    )
+
+
+def _accuracy(
+    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, bar
+) -> float:
+    correct = total = 0
+    restricted = getattr(dataset, "scoring", "argmax") == "restricted"
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        with torch.no_grad():
+            logits = model(batch["image"].to(device))
+        if restricted:
+            logits = restrict_logits(logits, dataset.split_classes)
+        correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
+        total += len(logits)
+        bar.update(1)
+    return correct / max(total, 1)
+
+
+class _MethodMetrics:
+    """The report's metrics for one explainer, updated batch by batch."""
+
+    def __init__(
+        self, model: nn.Module, unit: str, target_mode: str, steps: int, device: torch.device
+    ) -> None:
+        kw = {"unit": unit, "target_mode": target_mode}
+        self.perturbation = {
+            mode: PerturbationAUC(model, mode=mode, **kw).to(device)
+            for mode in ("positive", "negative")
+        }
+        self.rise = {
+            mode: DeletionInsertionAUC(model, mode=mode, steps=steps, **kw).to(device)
+            for mode in ("deletion", "insertion")
+        }
+        self.segmentation = SegmentationAgreement().to(device)
+        self.pointing, self.mass = PointingGame().to(device), RelevanceMass().to(device)
+        self.masked = 0
+
+    def update(
+        self, images: Tensor, maps: Tensor, labels: Tensor, masks: Tensor, has: Tensor
+    ) -> None:
+        for metric in (*self.perturbation.values(), *self.rise.values()):
+            metric.update(images, maps, labels)
+        if has.any():
+            pixels = to_pixels(maps, size=masks.shape[-2:])
+            self.segmentation.update(pixels[has], masks[has])
+            self.pointing.update(pixels[has], masks[has])
+            self.mass.update(pixels[has], masks[has])
+            self.masked += int(has.sum())
+
+    def compute(self) -> dict:
+        out: dict = {f"perturbation_{m}": self.perturbation[m].compute() for m in self.perturbation}
+        out.update({m: metric.compute() for m, metric in self.rise.items()})
+        if self.masked:
+            out.update(self.segmentation.compute())
+            out["pointing_game"] = self.pointing.compute()
+            out["relevance_mass"] = self.mass.compute()
+        else:
+            out.update(dict.fromkeys(("pixel_accuracy", "miou", "map"), None))
+            out.update(pointing_game=None, relevance_mass=None)
+        result = {k: None if v is None else round(float(v), 4) for k, v in out.items()}
+        result["curves"] = {
+            **{m: [round(float(v), 4) for v in x.curve()] for m, x in self.perturbation.items()},
+            **{m: [round(float(v), 4) for v in x.curve()] for m, x in self.rise.items()},
+        }
+        return result
+
+
+def evaluate_models(
+    models: Mapping[str, nn.Module],
+    data: Mapping[str, Dataset] | Dataset,
+    methods: Sequence[str] = ("chefer", "rollout", "gradcam"),
+    ood: Mapping[str, Dataset] | None = None,
+    unit: str = "pixel",
+    target: str = "predicted",
+    steps: int = 10,
+    batch_size: int = 32,
+    limit: int | None = None,
+    method_options: Mapping[str, Mapping[str, object]] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Explanation quality of every method and OOD accuracy of every model.
+
+    Args:
+        models: ``{label: model}``, e.g. ``{"before": m0, "after": m1}``; each is put in eval
+            mode on ``device`` (and left there).
+        data: the masked split (one dataset for all models, or ``{label: dataset}`` when the
+            models need different preprocessing) yielding relreg's sample dicts
+            (``image (3, H, W)``, ``label``, ``mask (H, W)``, ``has_mask``).
+        methods: explainer names (see :func:`relreg.explain.list_explainers`).
+        ood: ``{name: dataset}`` of OOD splits (accuracy only); the same for all models.
+        unit: ``"pixel"`` or ``"patch"`` removal in the perturbation and RISE tests.
+        target: ``"predicted"`` (explain and score the top-1 class, as in the CVPR 2021 paper) or
+            ``"label"``.
+        steps: RISE steps (fractions 0, 1/steps, ..., 1).
+        batch_size: images per explanation batch.
+        limit: evaluate the first ``limit`` images of the split only.
+        method_options: per-method keyword options, e.g. ``{"smoothgrad": {"n_samples": 8}}``.
+        device: where to run.
+        seed: seeds the random methods (smoothgrad) for a deterministic report.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"methods", "unit", "target", "n_images", "n_masked", "fractions", "seconds",
+        "models": {label: {"accuracy": {"data": float, <ood name>: float}, "ood_mean": float or
+        None, "explainers": {method: {<REPORT_METRICS keys>: float or None, "curves": {...}}}}}}``;
+        accuracies are fractions, perturbation AUCs are x100 as in the paper.
+
+    Raises:
+        ValueError: an unknown method or option, a bad ``unit`` / ``target`` / ``limit``.
+    """
+    if not models:
+        raise ValueError("Expected at least one model, but got none.")
+    if not methods:
+        raise ValueError("Expected at least one explainer in methods, but got none.")
+    options = {k: dict(v) for k, v in (method_options or {}).items()}
+    for name in methods:
+        explainer_info(name)  # unknown names fail before any work
+    if target not in ("predicted", "label"):
+        raise ValueError(f"Expected target 'predicted' or 'label', but got {target!r}.")
+    if unit not in ("pixel", "patch"):
+        raise ValueError(f"Expected unit 'pixel' or 'patch', but got {unit!r}.")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"Expected limit an int >= 1 or None, but got {limit!r}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Expected batch_size an int >= 1, but got {batch_size!r}.")
+    device = torch.device(device)
+    ood = dict(ood or {})
+    splits = data if isinstance(data, Mapping) else dict.fromkeys(models, data)
+    if set(splits) != set(models):
+        raise ValueError(
+            f"Expected data for every model {sorted(models)}, but got it for {sorted(splits)}."
+        )
+    t0 = time.perf_counter()
+    report: dict = {"methods": list(methods), "unit": unit, "target": target, "models": {}}
+    for label, model in models.items():
+        model = model.eval().to(device)
+        dataset = splits[label]
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        subset = torch.utils.data.Subset(dataset, range(n))
+        n_batches = math.ceil(n / batch_size)
+        ood_batches = sum(math.ceil(len(d) / batch_size) for d in ood.values())
+        bar = tqdm(
+            total=n_batches * (len(methods) + 1) + ood_batches,
+            desc=f"evaluate {label}",
+            unit="batch",
+            disable=not progress,
+        )
+        metrics = {
+            m: _MethodMetrics(
+                model, unit, "label" if target == "label" else "predicted", steps, device
+            )
+            for m in methods
+        }
+        torch.manual_seed(seed)
+        correct = masked = 0
+        for batch in DataLoader(subset, batch_size=batch_size):
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            masks, has = batch["mask"].to(device), batch["has_mask"].to(device).bool()
+            with torch.no_grad():
+                correct += int((model(images).argmax(1) == labels).sum())
+            masked += int(has.sum())
+            bar.update(1)
+            explained = labels if target == "label" else None
+            for name in methods:
+                maps = explain(model, images, name, target=explained, **options.get(name, {}))
+                metrics[name].update(images, maps.detach(), labels, masks, has)
+                bar.update(1)
+        accuracy = {"data": round(correct / max(n, 1), 4)}
+        for name, split in ood.items():
+            accuracy[name] = round(_accuracy(model, split, batch_size, device, bar), 4)
+        bar.close()
+        report["n_images"], report["n_masked"] = n, masked
+        report["models"][label] = {
+            "accuracy": accuracy,
+            "ood_mean": round(sum(accuracy[k] for k in ood) / len(ood), 4) if ood else None,
+            "explainers": {name: metrics[name].compute() for name in methods},
+        }
+    report["fractions"] = [0.0, *PerturbationAUC(next(iter(models.values()))).fractions]
+    report["deletion_steps"] = steps
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def heatmap_grid_maps(
+    models: Mapping[str, nn.Module],
+    images: Tensor,
+    methods: Sequence[str],
+    method_options: Mapping[str, Mapping[str, object]] | None = None,
+) -> dict[str, Tensor]:
+    """``{"<label>/<method>": (B, H, W)}`` min-max normalised pixel maps for a heatmap grid."""
+    options = method_options or {}
+    out = {}
+    for label, model in models.items():
+        device = next(model.parameters()).device
+        for name in methods:
+            maps = explain(model.eval(), images.to(device), name, **options.get(name, {}))
+            key = name if len(models) == 1 else f"{label}/{name}"
+            out[key] = to_pixels(maps.detach(), size=images.shape[-2:]).cpu()
+    return out
+
+
+def write_figures(
+    report: Mapping,
+    out: str | Path,
+    shown: Tensor | None = None,
+    heatmaps: Mapping[str, Tensor] | None = None,
+    row_titles: Sequence[str] | None = None,
+) -> list[Path]:
+    """Figures of a report from :func:`evaluate_models`.
+
+    Writes ``perturbation_curves.png`` (accuracy vs removed fraction, positive and negative, one
+    panel per method, one colour per model), ``ood_accuracy.png`` (accuracy per split and model),
+    ``before_after.png`` (every metric per method, one bar per model; with two or more models)
+    and ``heatmaps.png`` (when ``shown (B, 3, H, W)`` images in [0, 1] and ``heatmaps`` are given).
+
+    Returns:
+        The paths written.
+    """
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    labels = list(report["models"])
+    methods = list(report["methods"])
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = []
+
+    fig, axes = plt.subplots(
+        1, len(methods), figsize=(3.3 * len(methods), 3.2), squeeze=False, constrained_layout=True
+    )
+    x = report["fractions"]
+    for ax, method in zip(axes[0], methods, strict=True):
+        for i, label in enumerate(labels):
+            r = report["models"][label]["explainers"][method]
+            c = colours[i % len(colours)]
+            ax.plot(x, r["curves"]["positive"], "-o", ms=3, color=c,
+                    label=f"{label} pos {r['perturbation_positive']:.1f}")  # fmt: skip
+            ax.plot(x, r["curves"]["negative"], "--s", ms=3, color=c,
+                    label=f"{label} neg {r['perturbation_negative']:.1f}")  # fmt: skip
+        ax.set_title(method)
+        ax.set_xlabel(
+            "fraction of pixels removed"
+            if report["unit"] == "pixel"
+            else "fraction of patches removed"
+        )
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="AUC x100", title_fontsize=7)
+    axes[0, 0].set_ylabel(f"top-1 accuracy ({report['target']} class)")
+    fig.suptitle(
+        "Perturbation test (positive: solid, lower is better; negative: dashed, higher is better)",
+        fontsize=9,
+    )
+    written.append(save_figure(fig, out / "perturbation_curves.png"))
+
+    splits = list(report["models"][labels[0]]["accuracy"])
+    fig, ax = plt.subplots(
+        figsize=(1.2 + 1.1 * len(splits) * max(1, len(labels) / 2), 3.2), constrained_layout=True
+    )
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        acc = report["models"][label]["accuracy"]
+        pos = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(splits))]
+        bars = ax.bar(
+            pos, [acc[s] for s in splits], width, label=label, color=colours[i % len(colours)]
+        )
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(splits)), splits)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy: the evaluated split ('data') and each OOD split", fontsize=9)
+    ax.legend(fontsize=8)
+    written.append(save_figure(fig, out / "ood_accuracy.png"))
+
+    if len(labels) >= 2:
+        keys = list(REPORT_METRICS)
+        fig, axes = plt.subplots(
+            3, 3, figsize=(4 + 1.2 * len(methods) * len(labels) / 2 * 3, 8), constrained_layout=True
+        )
+        for ax, key in zip(axes.flat, keys, strict=True):
+            for i, label in enumerate(labels):
+                values = [report["models"][label]["explainers"][m][key] for m in methods]
+                pos = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(methods))]
+                ax.bar(pos, [math.nan if v is None else v for v in values], width, label=label,
+                       color=colours[i % len(colours)])  # fmt: skip
+            ax.set_xticks(range(len(methods)), methods, fontsize=7)
+            ax.set_title(REPORT_METRICS[key], fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle(f"Explanation quality per method: {' vs '.join(labels)}", fontsize=10)
+        written.append(save_figure(fig, out / "before_after.png"))
+
+    if shown is not None and heatmaps:
+        written.append(
+            save_figure(explanation_grid(shown, heatmaps, row_titles), out / "heatmaps.png")
+        )
+    return written

@@ -1,0 +1,198 @@
+"""``relreg evaluate`` and :mod:`relreg.evaluate`: the report equals the metrics computed directly,
+does not depend on the batch size, handles images without masks, and the command writes the report
+and its figures or fails clearly before doing any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from relreg.cli import main
+from relreg.data import SpuriousShapes, write_shapes_folder
+from relreg.evaluate import REPORT_METRICS, evaluate_models, load_split
+from relreg.explain import explain, to_pixels
+from relreg.metrics import PerturbationAUC, relevance_mass, segmentation_agreement
+from relreg.models import lightning_model_args
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY).eval()
+
+
+def test_report_equals_the_metrics_on_the_whole_set_and_not_the_batch_size():
+    model, data = _model(), SpuriousShapes("test", n=10, masked_fraction=0.6)
+    kw = dict(methods=["chefer", "rollout"], steps=4, progress=False)
+    small = evaluate_models({"m": model}, data, batch_size=3, **kw)
+    whole = evaluate_models({"m": model}, data, batch_size=10, **kw)
+    for method in kw["methods"]:
+        a, b = (
+            small["models"]["m"]["explainers"][method],
+            whole["models"]["m"]["explainers"][method],
+        )
+        for key in REPORT_METRICS:
+            assert a[key] == pytest.approx(b[key], abs=2e-4), (method, key)
+    # naive reference: all images at once, straight from the metric functions
+    images = torch.stack([data[i]["image"] for i in range(10)])
+    labels = torch.stack([data[i]["label"] for i in range(10)])
+    masks = torch.stack([data[i]["mask"] for i in range(10)])
+    has = data.has_mask[:10]
+    maps = explain(model, images, "chefer")
+    pixels = to_pixels(maps, size=(32, 32))
+    entry = small["models"]["m"]
+    ref = segmentation_agreement(pixels[has], masks[has])
+    for key in ("pixel_accuracy", "miou", "map"):
+        assert entry["explainers"]["chefer"][key] == pytest.approx(float(ref[key]), abs=1e-4)
+    mass = relevance_mass(pixels[has], masks[has]).mean()
+    assert entry["explainers"]["chefer"]["relevance_mass"] == pytest.approx(float(mass), abs=1e-4)
+    auc = PerturbationAUC(model, mode="negative")
+    auc.update(images, maps, None)
+    assert entry["explainers"]["chefer"]["perturbation_negative"] == pytest.approx(
+        float(auc.compute()), abs=1e-3
+    )
+    assert entry["accuracy"]["data"] == pytest.approx(
+        float((model(images).argmax(1) == labels).float().mean()), abs=1e-4
+    )
+    assert small["n_images"] == 10 and small["n_masked"] == int(has.sum())
+    assert len(entry["explainers"]["chefer"]["curves"]["positive"]) == len(small["fractions"])
+
+
+def test_without_masks_the_localization_metrics_are_null_and_the_report_is_json():
+    report = evaluate_models(
+        {"m": _model()},
+        SpuriousShapes("ood", n=4, masked_fraction=0.0),
+        methods=["raw_attention"],
+        ood={"shifted": SpuriousShapes("ood", n=5)},
+        steps=2,
+        progress=False,
+    )
+    entry = report["models"]["m"]
+    assert entry["explainers"]["raw_attention"]["miou"] is None
+    assert entry["explainers"]["raw_attention"]["perturbation_positive"] is not None
+    assert set(entry["accuracy"]) == {"data", "shifted"}
+    assert entry["ood_mean"] == entry["accuracy"]["shifted"]
+    json.dumps(report)
+
+
+def test_evaluate_models_errors():
+    data = SpuriousShapes("ood", n=2)
+    with pytest.raises(ValueError, match="Unknown explainer 'nope'"):
+        evaluate_models({"m": _model()}, data, methods=["nope"], progress=False)
+    with pytest.raises(ValueError, match="target 'predicted' or 'label'"):
+        evaluate_models({"m": _model()}, data, target="foil", progress=False)
+    with pytest.raises(ValueError, match="limit an int >= 1"):
+        evaluate_models({"m": _model()}, data, limit=0, progress=False)
+    with pytest.raises(ValueError, match="at least one model"):
+        evaluate_models({}, data, progress=False)
+
+
+def test_load_split_specs_and_folders(tmp_path):
+    model = _model()
+    shapes = load_split("shapes:val:5", model)
+    assert len(shapes) == 5 and shapes[0]["image"].shape == (3, 32, 32)
+    root = write_shapes_folder(tmp_path / "split", "ood", n=6, size=32, num_classes=4)
+    masked = load_split(str(root), model)
+    assert len(masked) == 6 and bool(masked[0]["has_mask"])
+    ood = load_split(str(root / "images"), model, masks=False)
+    assert len(ood) == 6 and not bool(ood[0]["has_mask"])
+    for spec, match in [
+        ("shapes:nope", "shapes:SPLIT"),
+        ("shapes:ood:0", "shapes:SPLIT"),
+        (str(tmp_path / "missing"), "data folder or a 'shapes:SPLIT'"),
+        (str(root / "images"), "no images/ folder"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            load_split(spec, model)
+
+
+def _lightning_checkpoint(path, seed: int) -> None:
+    """A file laid out like a ``relreg fit`` checkpoint: prefixed weights and the hyper-parameters."""
+    state = {f"model.{k}": v for k, v in _model(seed).state_dict().items()}
+    hparams = {"model": "vit_tiny_patch16_224", "num_classes": 4, "model_kwargs": TINY}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "global_step": 1}, path)
+
+
+def test_lightning_model_args(tmp_path):
+    _lightning_checkpoint(tmp_path / "a.ckpt", 0)
+    assert lightning_model_args(tmp_path / "a.ckpt") == {
+        "name": "vit_tiny_patch16_224",
+        "num_classes": 4,
+        **TINY,
+    }
+    torch.save(_model().state_dict(), tmp_path / "plain.pt")
+    assert lightning_model_args(tmp_path / "plain.pt") is None
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    assert lightning_model_args(tmp_path / "junk.ckpt") is None
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        lightning_model_args(tmp_path / "missing.ckpt")
+
+
+def test_command_writes_report_and_figures_and_never_overwrites(tmp_path, capsys):
+    _lightning_checkpoint(tmp_path / "before.ckpt", 0)
+    _lightning_checkpoint(tmp_path / "after.ckpt", 1)
+    ood_root = write_shapes_folder(tmp_path / "ood", "ood", n=5, size=32, num_classes=4)
+    out = tmp_path / "out"
+    args = ["evaluate", "--checkpoint", str(tmp_path / "before.ckpt"), str(tmp_path / "after.ckpt"),
+            "--data", "shapes:ood:6", "--ood", f"folder={ood_root / 'images'}", "gen=shapes:ood:4",
+            "--methods", "chefer", "rollout", "--steps", "2", "--batch-size", "4",
+            "--num-heatmaps", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["before", "after"]
+    assert set(report["models"]["after"]["accuracy"]) == {"data", "folder", "gen"}
+    assert report["checkpoints"]["after"] == str(tmp_path / "after.ckpt")
+    # the two checkpoints are different models: their reports differ
+    before, after = (report["models"][k]["explainers"]["chefer"] for k in ("before", "after"))
+    assert before["curves"] != after["curves"]
+    for name in ("perturbation_curves", "ood_accuracy", "before_after", "heatmaps"):
+        assert (out / f"{name}.png").stat().st_size > 5000, name
+    assert "evaluate before" in capsys.readouterr().err  # the progress bar
+    written = (out / "report.json").read_bytes()
+    assert main(args) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == written
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ood", "noequals"], "NAME=SPEC"),
+        (["--ood", "data=shapes:ood"], "NAME=SPEC"),
+        (["--labels", "one", "two"], "one --labels entry per model"),
+        (["--num-heatmaps", "-1"], "--num-heatmaps >= 0"),
+    ],
+)
+def test_command_errors_name_the_argument(tmp_path, capsys, extra, message):
+    _lightning_checkpoint(tmp_path / "a.ckpt", 0)
+    args = ["evaluate", "--checkpoint", str(tmp_path / "a.ckpt"), "--data", "shapes:ood:2",
+            "--out", str(tmp_path / "out"), *extra]  # fmt: skip
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_command_needs_model_for_plain_weights_and_a_writable_out(tmp_path, capsys):
+    torch.save(_model().state_dict(), tmp_path / "plain.pt")
+    base = ["evaluate", "--checkpoint", str(tmp_path / "plain.pt"), "--data", "shapes:ood:2"]
+    assert main([*base, "--out", str(tmp_path / "out")]) == 2
+    assert "Expected --model NAME" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main([*base, "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "writable output directory" in capsys.readouterr().err
+    arch = [
+        "--model",
+        "vit_tiny_patch16_224",
+        "--num-classes",
+        "4",
+        "--model-kwargs",
+        json.dumps(TINY),
+    ]
+    assert main([*base, *arch, "--methods", "rollout", "--steps", "1", "--num-heatmaps", "0",
+                 "--out", str(tmp_path / "ok")]) == 0  # fmt: skip
+    assert (tmp_path / "ok" / "report.json").is_file()
+    assert not (tmp_path / "ok" / "heatmaps.png").exists()
