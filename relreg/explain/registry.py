@@ -41,6 +41,7 @@ class ExplainerInfo:
         output: ``"grid"`` for ``(B, gh, gw)`` patch-grid maps, ``"pixel"`` for ``(B, H, W)``.
         paper: the method's reference.
         options: names of the method's own keyword options (e.g. ``start_layer``).
+        differentiable: whether ``differentiable=True`` is supported (maps a loss can train).
     """
 
     name: str
@@ -48,13 +49,18 @@ class ExplainerInfo:
     output: str
     paper: str
     options: tuple[str, ...]
+    differentiable: bool = True
 
 
 _REGISTRY: dict[str, ExplainerInfo] = {}
 
 
-def register_explainer(name: str, output: str, paper: str) -> Callable[[ExplainFn], ExplainFn]:
-    """Decorator that registers ``fn`` under ``name`` (see the module docstring for the signature)."""
+def register_explainer(
+    name: str, output: str, paper: str, differentiable: bool = True
+) -> Callable[[ExplainFn], ExplainFn]:
+    """Decorator that registers ``fn`` under ``name`` (see the module docstring for the signature);
+    ``differentiable=False`` for methods whose maps cannot carry gradients (the registry then
+    refuses ``differentiable=True`` and ``second_order=True`` for them)."""
     if output not in ("grid", "pixel"):
         raise ValueError(f"Expected output 'grid' or 'pixel', but got {output!r}.")
 
@@ -66,10 +72,19 @@ def register_explainer(name: str, output: str, paper: str) -> Callable[[ExplainF
             raise TypeError(
                 f"Expected explainer {name!r} to take {_COMMON} first, but it takes {params}."
             )
-        _REGISTRY[name] = ExplainerInfo(name, fn, output, paper, params[len(_COMMON) :])
+        _REGISTRY[name] = ExplainerInfo(
+            name, fn, output, paper, params[len(_COMMON) :], differentiable
+        )
         return fn
 
     return wrap
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The original module of a ``torch.compile``'d model (explainers hook its submodules, which
+    compiled graphs do not run eagerly); any other module unchanged."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else model
 
 
 def list_explainers() -> list[str]:
@@ -165,6 +180,14 @@ def explain_with_logits(
     for flag_name, flag in (("differentiable", differentiable), ("second_order", second_order)):
         if not isinstance(flag, bool):
             raise TypeError(f"Expected {flag_name} to be a bool, but got {type(flag).__name__}.")
+    if (differentiable or second_order) and not info.differentiable:
+        trainable = ", ".join(n for n in list_explainers() if _REGISTRY[n].differentiable)
+        raise ValueError(
+            f"Explainer {method!r} is not differentiable: expected differentiable=False and "
+            f"second_order=False, but got {differentiable} and {second_order}. "
+            f"Differentiable explainers: {trainable}."
+        )
+    model = unwrap_compiled(model)
     check_images(model, images)
     return info.fn(
         model,

@@ -107,6 +107,11 @@ class RelRegModule(pl.LightningModule):
         self.relevance_loss = relevance_loss
         self.method = method or getattr(relevance_loss, "method", "chefer")
         info = explainer_info(self.method)
+        if not info.differentiable:
+            raise ValueError(
+                f"Expected a differentiable explainer for method, but {self.method!r} is not "
+                "(its maps cannot carry a loss's gradient); use e.g. 'chefer'."
+            )
         if info.output == "grid":
             find_attention_modules(self.model)  # fail now, not at the first step
         self.normalize = getattr(relevance_loss, "normalize", True)
@@ -271,8 +276,12 @@ class RelRegModule(pl.LightningModule):
         )
         if name == "id":
             for key in ("loss", "loss_cls", "loss_bg", "loss_fg"):
-                self.log(
-                    f"{prefix}/{key}", out[key].detach(), batch_size=b, add_dataloader_idx=False
+                self.log(  # sync_dist: under DDP the mean over all ranks, not rank 0's
+                    f"{prefix}/{key}",
+                    out[key].detach(),
+                    batch_size=b,
+                    add_dataloader_idx=False,
+                    sync_dist=True,
                 )
         if "maps" in out:
             masks = batch["mask"][out["masked"]]

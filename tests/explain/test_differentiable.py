@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relreg.explain import explain, list_explainers, to_pixels
+from relreg.explain import explain, explainer_info, list_explainers, to_pixels
 from tests.conftest import images_for, make_tiny_vit
 
 GRAD_WEIGHTED = ["chefer", "gradcam"]
@@ -33,7 +33,7 @@ def test_non_differentiable_leaves_no_graph_and_no_grads(name):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", list_explainers())
+@pytest.mark.parametrize("name", [n for n in list_explainers() if explainer_info(n).differentiable])
 def test_differentiable_maps_equal_detached_maps(name):
     model = make_tiny_vit()
     x = images_for(model)
@@ -41,6 +41,27 @@ def test_differentiable_maps_equal_detached_maps(name):
     b = explain(model, x, name, **OPTIONS.get(name, {}))
     assert a.requires_grad
     torch.testing.assert_close(a.detach(), b)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in list_explainers() if not explainer_info(n).differentiable]
+)
+def test_non_differentiable_explainers_are_refused_by_the_registry_and_the_module(name):
+    from relreg.lightning import RelRegModule
+
+    model = make_tiny_vit()
+    for flags in ({"differentiable": True}, {"second_order": True}):
+        with pytest.raises(ValueError, match=f"Explainer '{name}' is not differentiable.*chefer"):
+            explain(model, images_for(model), name, **flags)
+    with pytest.raises(ValueError, match=f"differentiable explainer for method, but '{name}'"):
+        RelRegModule(model, method=name)
+
+
+def test_compiled_models_are_explained_through_their_original_module():
+    model = make_tiny_vit()
+    x = images_for(model)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(explain(compiled, x, "chefer"), explain(model, x, "chefer"))
 
 
 def test_first_order_treats_gradients_as_constants():
