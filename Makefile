@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.relreg-installed
 OUT ?= runs/demo
 
-.PHONY: venv test test-all demo bench lint clean
+.PHONY: venv test test-all demo evaluate compare bench lint clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,20 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/relreg demo --out $(OUT)
+
+# after `make demo`: the baseline against the relreg arm (seed 0), on the OOD split with its masks
+evaluate: $(STAMP)
+	$(VENV)/bin/relreg evaluate --checkpoint $(OUT)/bias/final.ckpt $(OUT)/relreg-seed0/final.ckpt \
+		--labels baseline relreg --data shapes:ood --ood ood=shapes:ood test=shapes:test \
+		--methods chefer transformer_attribution rollout gradcam --out $(OUT)/evaluate --overwrite
+
+# after `make demo`: every explainer, in the shape of the CVPR 2021 tables, on the stage-1 model
+# (trained on unbiased data) and on the biased baseline
+compare: $(STAMP)
+	$(PY) experiments/compare_explainers.py --checkpoint $(OUT)/pretrain/final.ckpt \
+		--out experiments/results/compare_explainers.json
+	$(PY) experiments/compare_explainers.py --checkpoint $(OUT)/bias/final.ckpt \
+		--out experiments/results/compare_explainers_biased.json
 
 bench: $(STAMP)
 	$(PY) experiments/bench_explain.py --out experiments/results/bench_explain.json

@@ -308,16 +308,15 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, what: str = "output directory") -> None:
+    """Create ``out`` if needed and write and delete a probe file in it; ``what`` names it in the error."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise ValueError(
-            f"Expected a writable output directory, but {str(out)!r} is not: {err}"
-        ) from err
+        raise ValueError(f"Expected a writable {what}, but {str(out)!r} is not: {err}") from err
 
 
 def _print_report(report: dict) -> None:

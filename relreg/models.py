@@ -76,13 +76,21 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike, strict: bool =
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file holds weights of another architecture or another number of classes.
+        ValueError: the file is not a weights file, or holds weights of another architecture or
+            another number of classes.
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"Expected a checkpoint file, but {str(path)!r} does not exist.")
-    state = timm.models.load_state_dict(str(path), weights_only=True)
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # pickle, zip and safetensors errors come in many types
+        raise ValueError(
+            f"Expected a weights file (state_dict, .safetensors or Lightning checkpoint), but "
+            f"could not read {str(path)!r}: {type(err).__name__}: {err}"
+        ) from err
     state = _strip_module_prefix(state, set(model.state_dict()))
+    _check_fits(model, state, path, strict)  # torch would copy the fitting tensors, then raise
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as err:
@@ -91,6 +99,33 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike, strict: bool =
             f"(another architecture or another num_classes?): {err}"
         ) from err
     return model
+
+
+def _check_fits(model: nn.Module, state: dict[str, Any], path: Path, strict: bool) -> None:
+    """Raise before loading when ``state`` does not fit ``model``, so the model stays unchanged."""
+    own = model.state_dict()
+    theirs = {k: tuple(getattr(state[k], "shape", ())) for k in own.keys() & state.keys()}
+    shapes = [
+        f"{k}: checkpoint {theirs[k]}, model {tuple(own[k].shape)}"
+        for k in sorted(theirs)
+        if theirs[k] != tuple(own[k].shape)
+    ]
+    missing = sorted(own.keys() - state.keys()) if strict else []
+    unexpected = sorted(state.keys() - own.keys()) if strict else []
+    problems = [
+        f"{len(found)} {what}, e.g. {found[:3]}"
+        for what, found in (
+            ("shape mismatches", shapes),
+            ("keys missing from the checkpoint", missing),
+            ("unexpected keys", unexpected),
+        )
+        if found
+    ]
+    if problems:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} does not fit {type(model).__name__} (another architecture "
+            f"or another num_classes?): {'; '.join(problems)}."
+        )
 
 
 def _strip_module_prefix(

@@ -4,7 +4,7 @@ Every dataset yields relreg's batch contract: ``{"image": (3, H, W) float, "labe
 "mask": (H, W) float in {0, 1}, "has_mask": bool}`` (plus optional keys such as ``"path"``).
 """
 
-from relreg.data.datamodule import RelRegDataModule
+from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
 from relreg.data.folders import MaskedImageFolder, OODImageFolder, class_index, restrict_logits
 from relreg.data.spurious import SPLITS, SpuriousShapes, write_shapes_folder
 from relreg.data.synthetic import SHAPES, ShapesBatch, make_shapes
@@ -15,6 +15,7 @@ __all__ = [
     "SPLITS",
     "MaskedImageFolder",
     "OODImageFolder",
+    "EpochShuffleSampler",
     "RelRegDataModule",
     "ShapesBatch",
     "SpuriousShapes",

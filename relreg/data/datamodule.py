@@ -7,11 +7,13 @@ the in-distribution split followed by the OOD splits, in the order of ``eval_nam
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-__all__ = ["RelRegDataModule"]
+__all__ = ["EpochShuffleSampler", "RelRegDataModule"]
 
 REQUIRED_KEYS = ("image", "label", "mask", "has_mask")
 
@@ -26,6 +28,31 @@ def _check_sample(name: str, dataset: Dataset) -> None:
         )
 
 
+class EpochShuffleSampler(RandomSampler):
+    """A shuffle that is a function of ``(seed, epoch)`` only, not of what ran before.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint
+    (``relreg fit --ckpt_path last``) sees the same order of batches as an uninterrupted run.
+    Under DDP Lightning replaces it (a ``RandomSampler``) with its ``DistributedSampler``, which is
+    seeded and epoch-driven in the same way.
+
+    Args:
+        data_source: the dataset.
+        seed: base seed.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+
+
 class RelRegDataModule(pl.LightningDataModule):
     """Wire datasets into loaders.
 
@@ -38,7 +65,8 @@ class RelRegDataModule(pl.LightningDataModule):
         batch_size: per-device batch size (the paper: 8).
         eval_batch_size: batch size of the evaluation loaders (default: ``batch_size``).
         num_workers: loader workers.
-        seed: seed of the training shuffle.
+        seed: seed of the training shuffle (:class:`EpochShuffleSampler`: the order of each epoch
+            depends on ``seed`` and the epoch only, so resumed runs repeat it).
     """
 
     def __init__(
@@ -72,13 +100,11 @@ class RelRegDataModule(pl.LightningDataModule):
         return ["id", *self.ood]
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
-            generator=generator,
             persistent_workers=self.num_workers > 0,
         )
 

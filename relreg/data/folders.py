@@ -17,10 +17,11 @@ import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -37,6 +38,9 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 MASK_FORMATS = ("binary", "imagenet_s")
+# What PIL raises for a file it cannot decode: unknown format, truncated data, broken chunks.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_SKIP_HINT = "pass skip_corrupt=True to the image folder to drop unreadable files"
 
 
 # str first: jsonargparse tries the types in order, and a path must not become a list of characters
@@ -82,7 +86,9 @@ def _class_folders(root: Path, what: str) -> list[str]:
         raise FileNotFoundError(f"Expected {what} folder {str(root)!r}, but it does not exist.")
     folders = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not folders:
-        raise ValueError(f"Expected class folders in {str(root)!r}, but found none.")
+        loose = len(_images_in(root))
+        hint = f"; its {loose} image files belong in class folders <class>/<image>" if loose else ""
+        raise ValueError(f"Expected class folders in {str(root)!r}, but found none{hint}.")
     return folders
 
 
@@ -90,13 +96,94 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in IMAGE_EXTENSIONS)
 
 
+def _class_images(root: Path, folders: Sequence[str]) -> dict[str, list[Path]]:
+    """The sorted image files of each class folder; raises if any folder holds none."""
+    files = {name: _images_in(root / name) for name in folders}
+    empty = [name for name in folders if not files[name]]
+    if not empty:
+        return files
+    others = sorted(p.name for name in empty for p in (root / name).iterdir() if p.is_file())
+    seen = f" (other files: {others[:3]})" if others else ""
+    expected = f"image files ({', '.join(IMAGE_EXTENSIONS)})"
+    if len(empty) == len(folders):
+        raise ValueError(
+            f"Expected {expected} in the class folders of {str(root)!r}, but all "
+            f"{len(folders)} are empty{seen}."
+        )
+    raise ValueError(
+        f"Expected {expected} in every class folder of {str(root)!r}, but {len(empty)} of "
+        f"{len(folders)} are empty: {empty[:5]}{seen}."
+    )
+
+
+def _decodes(path: Path) -> bool:
+    """Whether PIL opens and fully decodes ``path``."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except _DECODE_ERRORS:
+        return False
+    return True
+
+
+def _unreadable(entry: tuple) -> Path | None:
+    """The first file of a sample ``(image, mask or None, ..., label)`` that does not decode."""
+    return next((p for p in entry[:-1] if p is not None and not _decodes(p)), None)
+
+
+Entry = TypeVar("Entry", bound=tuple)
+
+
+def _choose(
+    entries: Sequence[Entry],
+    per_class: int | None = None,
+    seed: str = "",
+    check: Callable[[Entry], Path | None] | None = None,
+) -> tuple[list[Entry], list[Path]]:
+    """Up to ``per_class`` entries (all if None) drawn with ``seed``, sorted, and the files rejected.
+
+    ``check`` returns the unreadable file of an entry or None. A rejected entry is replaced by a
+    further draw from the rest, so a class keeps ``per_class`` readable images when it has them;
+    when every file is readable the choice equals the unchecked one.
+    """
+    rng, pool, chosen, rejected = random.Random(seed), list(entries), [], []
+    while pool and (per_class is None or len(chosen) < per_class):
+        want = len(pool) if per_class is None else per_class - len(chosen)
+        if want >= len(pool):
+            draw, pool = pool, []
+        else:
+            draw = rng.sample(pool, want)
+            taken = set(draw)
+            pool = [e for e in pool if e not in taken]
+        for entry in draw:
+            bad = check(entry) if check is not None else None
+            if bad is None:
+                chosen.append(entry)
+            else:
+                rejected.append(bad)
+    return sorted(chosen), rejected
+
+
+def _warn_skipped(root: Path, skipped: Sequence[Path]) -> None:
+    if skipped:
+        names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in skipped]
+        more = ", ..." if len(names) > 5 else ""
+        warnings.warn(
+            f"Skipped {len(skipped)} unreadable files under {str(root)!r} (skip_corrupt=True): "
+            f"{', '.join(names[:5])}{more}.",
+            stacklevel=3,
+        )
+
+
 def load_rgb(path: Path) -> Tensor:
     """Read an image file as a ``(3, H, W)`` uint8 tensor (grey and RGBA are converted to RGB)."""
     try:
         with Image.open(path) as im:
             return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"Could not read {str(path)!r} as an image: {err}") from err
+    except _DECODE_ERRORS as err:
+        raise ValueError(
+            f"Could not read {str(path)!r} as an image ({err}); {_SKIP_HINT}."
+        ) from err
 
 
 def load_mask(path: Path, fmt: str = "binary") -> Tensor:
@@ -110,8 +197,8 @@ def load_mask(path: Path, fmt: str = "binary") -> Tensor:
             arr = np.asarray(im.convert("RGB") if fmt == "imagenet_s" else im.convert("L")).astype(
                 np.int64
             )
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"Could not read mask {str(path)!r}: {err}") from err
+    except _DECODE_ERRORS as err:
+        raise ValueError(f"Could not read mask {str(path)!r} ({err}); {_SKIP_HINT}.") from err
     if fmt == "imagenet_s":
         ids = arr[..., 0] + 256 * arr[..., 1]
         return torch.from_numpy(((ids != 0) & (ids != 1000)).astype(np.uint8))
@@ -139,10 +226,15 @@ class MaskedImageFolder(Dataset):
         seed: seed of the per-class choice.
         mask_format: ``"binary"`` or ``"imagenet_s"``.
         masked_only: keep only images that have a mask.
+        skip_corrupt: decode every chosen image and mask once at construction and drop the
+            samples whose files PIL cannot read (truncated, not an image), with one warning; a
+            dropped sample is replaced by another of its class when ``per_class`` is set. False:
+            such a file raises a ``ValueError`` naming it when it is read.
 
     Attributes:
         samples: ``(image_path, mask_path or None, label)`` in a fixed order.
         num_without_mask: how many images have no mask (they train with the classification term only).
+        skipped: the unreadable files dropped by ``skip_corrupt``.
 
     Example:
         >>> ds = MaskedImageFolder("data/shapes/train", img_size=32)  # doctest: +SKIP
@@ -163,6 +255,7 @@ class MaskedImageFolder(Dataset):
         seed: int = 0,
         mask_format: str = "binary",
         masked_only: bool = False,
+        skip_corrupt: bool = False,
     ) -> None:
         if mask_format not in MASK_FORMATS:
             raise ValueError(
@@ -178,27 +271,27 @@ class MaskedImageFolder(Dataset):
         image_root, mask_root = self.root / "images", self.root / "masks"
         folders = _class_folders(image_root, "images")
         self.class_to_idx = class_index(folders, classes)
+        files = _class_images(image_root, folders)
+        on_disk = {(name, p.stem) for name in folders for p in files[name]}
         self.samples: list[tuple[Path, Path | None, int]] = []
-        on_disk: set[tuple[str, str]] = set()
+        self.skipped: list[Path] = []
         for name in folders:
-            files = _images_in(image_root / name)
-            on_disk.update((name, p.stem) for p in files)
-            if not files:
-                raise ValueError(
-                    f"Expected images in class folder {str(image_root / name)!r}, but it is empty."
-                )
             entries = [
-                (p, _mask_for(mask_root / name, p.stem), self.class_to_idx[name]) for p in files
+                (p, _mask_for(mask_root / name, p.stem), self.class_to_idx[name])
+                for p in files[name]
             ]
             if masked_only:
                 entries = [e for e in entries if e[1] is not None]
-            if per_class is not None and len(entries) > per_class:
-                entries = sorted(random.Random(f"{seed}/{name}").sample(entries, per_class))
-            self.samples += entries
+            check = _unreadable if skip_corrupt else None
+            chosen, bad = _choose(entries, per_class, f"{seed}/{name}", check)
+            self.samples += chosen
+            self.skipped += bad
         if not self.samples:
             raise ValueError(
-                f"Expected images with masks under {str(self.root)!r}, but found none."
+                f"Expected usable images under {str(self.root)!r} (masked_only={masked_only}), "
+                f"but found none ({len(self.skipped)} unreadable)."
             )
+        _warn_skipped(self.root, self.skipped)
         self.num_without_mask = sum(m is None for _, m, _ in self.samples)
         orphans = _orphan_masks(mask_root, on_disk)
         if orphans:
@@ -255,9 +348,13 @@ class OODImageFolder(Dataset):
         transform: replaces the preset (called on ``tv_tensors.Image``).
         scoring: ``"argmax"`` (RobustViT: argmax over all the model's classes) or ``"restricted"``
             (argmax over the split's classes only, the common ImageNet-A/R protocol).
+        skip_corrupt: decode every image once at construction and drop those PIL cannot read
+            (truncated, not an image), with one warning. False: such a file raises a
+            ``ValueError`` naming it when it is read.
 
     Attributes:
         split_classes: ``(C_split,)`` long, the model indices of the split's classes.
+        skipped: the unreadable files dropped by ``skip_corrupt``.
     """
 
     def __init__(
@@ -269,6 +366,7 @@ class OODImageFolder(Dataset):
         std: Sequence[float] = (0.5, 0.5, 0.5),
         transform: Callable | None = None,
         scoring: str = "argmax",
+        skip_corrupt: bool = False,
     ) -> None:
         if scoring not in ("argmax", "restricted"):
             raise ValueError(f"Expected scoring 'argmax' or 'restricted', but got {scoring!r}.")
@@ -276,11 +374,16 @@ class OODImageFolder(Dataset):
         self.transform = transform or eval_transform(img_size, mean, std)
         folders = _class_folders(self.root, "OOD split")
         self.class_to_idx = class_index(folders, classes)
-        self.samples = [
-            (p, self.class_to_idx[name]) for name in folders for p in _images_in(self.root / name)
-        ]
+        files = _class_images(self.root, folders)
+        entries = [(p, self.class_to_idx[name]) for name in folders for p in files[name]]
+        check = _unreadable if skip_corrupt else None
+        self.samples, self.skipped = _choose(entries, check=check)
         if not self.samples:
-            raise ValueError(f"Expected images under {str(self.root)!r}, but found none.")
+            raise ValueError(
+                f"Expected readable images under {str(self.root)!r}, but all "
+                f"{len(self.skipped)} are unreadable."
+            )
+        _warn_skipped(self.root, self.skipped)
         self.split_classes = torch.tensor(sorted(set(self.class_to_idx.values())), dtype=torch.long)
 
     def __len__(self) -> int:

@@ -74,7 +74,8 @@ def check_images(model: nn.Module, images: Tensor) -> None:
     if images.shape[0] == 0:
         raise ValueError("Expected a non-empty batch of images, but got B = 0.")
     if not torch.isfinite(images).all():
-        raise ValueError("Expected finite images, but got NaN or Inf values.")
+        nan, inf = int(images.isnan().sum()), int(images.isinf().sum())
+        raise ValueError(f"Expected finite images, but got {nan} NaN and {inf} Inf values.")
 
 
 def check_logits(logits: object, batch: int) -> Tensor:
@@ -106,7 +107,8 @@ def _as_classes(
     bad = (t < 0) | (t >= num_classes)
     if bad.any():
         raise ValueError(
-            f"Expected {name} classes in [0, {num_classes - 1}], but got {t[bad].tolist()}."
+            f"Expected {name} classes in [0, {num_classes - 1}] (the model has {num_classes} "
+            f"classes), but got {sorted(set(t[bad].tolist()))}."
         )
     return t.long()
 

@@ -173,7 +173,9 @@ class RelevanceHeatmapLogger(pl.Callback):
                     key, _to_array(figure), trainer.global_step, dataformats="HWC"
                 )
                 return
-        root = Path(trainer.log_dir or trainer.default_root_dir) / "heatmaps"
+        # the logger's own log_dir: trainer.log_dir broadcasts, and this runs on rank zero only
+        log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
+        root = Path(log_dir or trainer.default_root_dir) / "heatmaps"
         save_figure(figure, root / f"epoch{trainer.current_epoch:04d}.png")
 
 

@@ -3,20 +3,24 @@
 
 Evaluation needs gradients for the relevance metrics, so the trainer defaults to
 ``inference_mode=False``. Loggers, callbacks and strategies are Lightning's own, chosen in the config.
+Output directories are checked before the command runs, so an unwritable one fails at once.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from unittest import mock
 
+from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningCLI
 
+from relreg.cli import _check_writable
 from relreg.data.datamodule import RelRegDataModule
 from relreg.lightning.module import RelRegModule
 
-__all__ = ["RelRegCLI", "run_cli"]
+__all__ = ["RelRegCLI", "output_dirs", "run_cli"]
 
 TRAINER_DEFAULTS = {"inference_mode": False}
 
@@ -24,18 +28,43 @@ TRAINER_DEFAULTS = {"inference_mode": False}
 class RelRegCLI(LightningCLI):
     """LightningCLI with relreg's module, data module and trainer defaults."""
 
+    def after_instantiate_classes(self) -> None:
+        """Before a subcommand runs: fail at once on an output directory that cannot be written.
+
+        Raises:
+            ValueError: naming the setting and the directory.
+        """
+        if self.subcommand is not None:
+            for what, directory in output_dirs(self.trainer).items():
+                _check_writable(directory, what)
+
+
+def output_dirs(trainer: Trainer) -> dict[str, Path]:
+    """The local directories a run writes to: ``trainer.default_root_dir``, each logger's
+    ``save_dir`` (else ``log_dir``) and each ``ModelCheckpoint``'s ``dirpath``, where set."""
+    found: dict[str, str | None] = {"trainer.default_root_dir": trainer.default_root_dir}
+    for i, logger in enumerate(trainer.loggers):
+        name = f"trainer.logger[{i}] ({type(logger).__name__})"
+        if logger.save_dir is not None:
+            found[f"{name} save_dir"] = logger.save_dir
+        else:
+            found[f"{name} log_dir"] = getattr(logger, "log_dir", None)
+    for i, callback in enumerate(trainer.checkpoint_callbacks):
+        found[f"checkpoint callback {i} ({type(callback).__name__}) dirpath"] = callback.dirpath
+    return {what: Path(d) for what, d in found.items() if d is not None and "://" not in str(d)}
+
 
 def run_cli(args: Sequence[str] | None = None, run: bool = True) -> RelRegCLI:
     """Run the Lightning CLI with ``args`` (e.g. ``["fit", "--config", "configs/demo/base.yaml"]``);
     None reads the command line."""
-    # Given args, LightningCLI ignores sys.argv; hide it so that it does not warn about both.
-    argv = sys.argv if args is None else sys.argv[:1]
+    # The args go through sys.argv: Lightning's DDP launcher starts the other ranks with sys.argv.
+    argv = sys.argv if args is None else [sys.argv[0], *args]
     with mock.patch.object(sys, "argv", argv):
         return RelRegCLI(
             RelRegModule,
             RelRegDataModule,
             trainer_defaults=dict(TRAINER_DEFAULTS),
-            args=list(args) if args is not None else None,
+            args=None,
             run=run,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,

@@ -53,7 +53,7 @@ def _check(relevance: Tensor, masks: Tensor, has_mask: Tensor | None) -> Tensor:
         )
     if not torch.isfinite(relevance).all():
         raise ValueError("Expected finite relevance, but got NaN or Inf values.")
-    if ((masks < 0) | (masks > 1)).any():
+    if not ((masks >= 0) & (masks <= 1)).all():  # written so that NaN fails too
         raise ValueError(
             f"Expected mask values in [0, 1], but got values in [{masks.min().item():g}, {masks.max().item():g}]; "
             "divide 0/255 masks by 255."

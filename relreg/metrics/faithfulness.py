@@ -117,6 +117,9 @@ class _ModelMetric(Metric):
             raise ValueError(
                 f"Expected maps (B, h, w) for {images.shape[0]} images, but got {getattr(maps, 'shape', None)}."
             )
+        for name, t in (("images", images), ("maps", maps)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"Expected finite {name}, but got NaN or Inf values.")
         if self.target_mode == "label" and (target is None or target.shape != (images.shape[0],)):
             raise ValueError(
                 f"Expected target (B,) labels for target_mode='label', but got {getattr(target, 'shape', None)}."

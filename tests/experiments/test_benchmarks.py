@@ -33,3 +33,26 @@ def test_bench_train_schema(tmp_path):
     # the one-forward relreg step keeps less graph than the two-forward step: a property, not a timing
     assert result["cases"]["first_order"]["graph_mb"] < result["cases"]["two_forward"]["graph_mb"]
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_compare_explainers_schema(tmp_path):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    tiny = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, **tiny)
+    ckpt = tmp_path / "final.ckpt"
+    hparams = {"model": "vit_tiny_patch16_224", "num_classes": 4, "model_kwargs": tiny}
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)
+    out = tmp_path / "compare.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "compare_explainers.py"), "--checkpoint",
+           str(ckpt), "--n", "4", "--methods", "chefer", "lrp", "rollout", "--quiet", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["table"]) == {"chefer", "lrp", "rollout"}
+    for key in ("perturbation_positive", "perturbation_negative", "pixel_accuracy", "miou", "map"):
+        assert sorted(result["ranks"][key].values()) == [1, 2, 3]
+        assert all(row[key] is not None for row in result["table"].values())
+    assert out.with_suffix(".png").stat().st_size > 10_000

@@ -114,7 +114,7 @@ def test_construction_errors():
     with pytest.raises(ValueError, match="Unknown relevance loss"):
         _module(relevance_loss="l1")
     with pytest.raises(ValueError, match="Unknown explainer"):
-        _module(method="lrp")
+        _module(method="no_such_method")
     with pytest.raises(TypeError, match="timm model name or an nn.Module"):
         RelRegModule(3)
     with pytest.raises(ValueError, match="lambda_seg >= 0"):

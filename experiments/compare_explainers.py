@@ -1,0 +1,143 @@
+"""Study: every relreg explainer on the CPU benchmark, in the shape of the CVPR 2021 paper's tables.
+
+Chefer, Gur & Wolf, "Transformer Interpretability Beyond Attention Visualization" (CVPR 2021)
+compare explainers of a ViT by the perturbation test (positive and negative AUC, predicted class,
+fractions 0.1 ... 0.9 of the pixels set to black) and the segmentation test (pixel accuracy, mIoU
+and mAP of the map thresholded at its mean against the object mask). This script runs both tests,
+through :func:`relreg.evaluate.evaluate_models`, for every registered explainer on the masked OOD
+split of SpuriousShapes (the background tint points to a wrong class) and a model trained by
+``make demo``.
+
+    make demo   # trains the models (runs/demo/<stage>/final.ckpt)
+    python experiments/compare_explainers.py --checkpoint runs/demo/bias/final.ckpt \\
+        --out experiments/results/compare_explainers.json
+
+Writes the JSON (the table, the ranks, the machine, the time) and a figure next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+from machine_info import machine  # experiments/machine_info.py (this script's folder)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from relreg.evaluate import evaluate_models, load_split  # noqa: E402
+from relreg.explain import list_explainers  # noqa: E402
+from relreg.models import build_model, lightning_model_args  # noqa: E402
+from relreg.viz import save_figure  # noqa: E402
+
+# (report key, column title, higher is better)
+COLUMNS = [
+    ("perturbation_positive", "positive AUC", False),
+    ("perturbation_negative", "negative AUC", True),
+    ("pixel_accuracy", "pixel acc", True),
+    ("miou", "mIoU", True),
+    ("map", "mAP", True),
+]
+
+
+def _ranks(values: dict[str, float], higher: bool) -> dict[str, int]:
+    order = sorted(values, key=lambda m: -values[m] if higher else values[m])
+    return {m: order.index(m) + 1 for m in values}
+
+
+def run(args: argparse.Namespace) -> dict:
+    spec = lightning_model_args(args.checkpoint)
+    if spec is None:
+        raise SystemExit(
+            f"{args.checkpoint} is not a relreg fit checkpoint (run `make demo` first)"
+        )
+    name, num_classes = spec.pop("name"), spec.pop("num_classes")
+    model = build_model(name, checkpoint=args.checkpoint, num_classes=num_classes, **spec)
+    data = load_split(f"shapes:{args.split}:{args.n}", model)
+    methods = args.methods or list_explainers()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    report = evaluate_models(
+        {"model": model}, data, methods, batch_size=args.batch_size, progress=not args.quiet
+    )
+    explainers = report["models"]["model"]["explainers"]
+    table = {
+        m: {key: explainers[m][key] for key, _, _ in COLUMNS}
+        | {"deletion": explainers[m]["deletion"], "insertion": explainers[m]["insertion"]}
+        for m in methods
+    }
+    ranks = {key: _ranks({m: table[m][key] for m in methods}, higher) for key, _, higher in COLUMNS}
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "data": f"shapes:{args.split}:{args.n} (SpuriousShapes, masks of every image)",
+        "accuracy": report["models"]["model"]["accuracy"]["data"],
+        "protocol": "perturbation: predicted class, pixels set to black, fractions 0.1..0.9, AUC x100; "
+        "segmentation: map upsampled, min-max normalised, thresholded at its mean",
+        "table": table,
+        "ranks": ranks,
+        "mean_rank": {
+            m: round(sum(ranks[k][m] for k, _, _ in COLUMNS) / len(COLUMNS), 2) for m in methods
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine("cpu"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    _figure(result, methods, args.out.with_suffix(".png"))
+    _print(result, methods)
+    return result
+
+
+def _figure(result: dict, methods: list[str], path: Path) -> None:
+    order = sorted(methods, key=lambda m: result["mean_rank"][m])
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(3.0 * len(COLUMNS), 0.35 * len(order) + 1.6),
+                             sharey=True, constrained_layout=True)  # fmt: skip
+    for ax, (key, title, higher) in zip(axes, COLUMNS, strict=True):
+        values = [result["table"][m][key] for m in order]
+        scale = 1.0 if key.startswith("perturbation") else 100.0
+        bars = ax.barh(range(len(order)), [v * scale for v in values], color="tab:blue")
+        top = max(values) if higher else min(values)
+        for bar, v in zip(bars, values, strict=True):
+            if abs(v - top) < 1e-3:  # every method tied with the best
+                bar.set_color("tab:orange")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=8)
+        ax.set_yticks(range(len(order)), order, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 105)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(
+        f"Explainers of {result['checkpoint']} on {result['data'].split(' ')[0]} (accuracy "
+        f"{result['accuracy']:.2f}): perturbation test (AUC x100) and segmentation test (%); "
+        "orange = best (ties included); rows by mean rank",
+        fontsize=9,
+    )
+    save_figure(fig, path)
+
+
+def _print(result: dict, methods: list[str]) -> None:
+    print(f"{'method':24s}" + "".join(f"{t:>14s}" for _, t, _ in COLUMNS) + f"{'mean rank':>11s}")
+    for m in sorted(methods, key=lambda m: result["mean_rank"][m]):
+        row = result["table"][m]
+        cells = "".join(f"{row[k]:14.3f}" for k, _, _ in COLUMNS)
+        print(f"{m:24s}{cells}{result['mean_rank'][m]:11.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/demo/bias/final.ckpt"))
+    p.add_argument("--split", default="ood", help="SpuriousShapes split (masks on every image)")
+    p.add_argument("--n", type=int, default=256, help="number of images")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered one")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("experiments/results/compare_explainers.json"))
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
