@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from relreg.evaluate import evaluate_models, load_split  # noqa: E402
 from relreg.explain import list_explainers  # noqa: E402
+from relreg.io import atomic_write  # noqa: E402
 from relreg.models import build_model, lightning_model_args  # noqa: E402
 from relreg.viz import save_figure  # noqa: E402
 
@@ -45,8 +46,12 @@ COLUMNS = [
 
 
 def _ranks(values: dict[str, float], higher: bool) -> dict[str, int]:
-    order = sorted(values, key=lambda m: -values[m] if higher else values[m])
-    return {m: order.index(m) + 1 for m in values}
+    """Competition ranks (1 = best); methods within 1e-3 of each other share a rank."""
+
+    def better(a: float, b: float) -> bool:
+        return a - b > 1e-3 if higher else b - a > 1e-3
+
+    return {m: 1 + sum(better(v, values[m]) for v in values.values()) for m in values}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -85,8 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": machine("cpu"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     _figure(result, methods, args.out.with_suffix(".png"))
     _print(result, methods)
     return result

@@ -142,14 +142,9 @@ def _load_image(path: Path) -> Image.Image:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from relreg.io import atomic_write
+
+    atomic_write(path, write)
 
 
 def run_explain(args: argparse.Namespace) -> list[Path]:
@@ -208,8 +203,13 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
 def _evaluation_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     from relreg.models import build_model, lightning_model_args
 
-    sources: list[tuple[str, Path | None]] = [(p.stem, p) for p in args.checkpoint]
+    stems = [p.stem for p in args.checkpoint]
+    # two final.ckpt of different runs: name them by their folders instead
+    names = stems if len(set(stems)) == len(stems) else [p.parent.name for p in args.checkpoint]
+    sources: list[tuple[str, Path | None]] = list(zip(names, args.checkpoint, strict=True))
     if args.pretrained:
+        if args.model is None:
+            raise ValueError("Expected --model NAME with --pretrained, but got no --model.")
         sources.append(("pretrained", None))
     if not sources:
         raise ValueError("Expected --checkpoint FILE ... or --pretrained, but got neither.")
@@ -224,18 +224,31 @@ def _evaluation_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
         raise ValueError(f"Expected distinct model labels, but got {names}; pass --labels.")
     models = {}
     for label, path in sources:
-        spec = {"name": args.model, "num_classes": args.num_classes, **args.model_kwargs}
-        if args.model is None:
-            found = lightning_model_args(path) if path is not None else None
-            if found is None:
-                raise ValueError(
-                    f"Expected --model NAME: {str(path)!r} is not a relreg fit checkpoint that "
-                    "names its architecture."
-                )
-            spec = {**found, **{k: v for k, v in spec.items() if v is not None}}
-        name, num_classes = spec.pop("name"), spec.pop("num_classes")
+        given = {"name": args.model, "num_classes": args.num_classes, **args.model_kwargs}
+        found = lightning_model_args(path) if path is not None else None
+        if found is None and args.model is None:
+            raise ValueError(
+                f"Expected --model NAME: {str(path)!r} does not name its architecture (not a "
+                "relreg fit checkpoint, or not readable)."
+            )
+        # what the checkpoint says, overridden by what was given on the command line
+        spec = {**(found or {}), **{k: v for k, v in given.items() if v is not None}}
+        name, num_classes = spec.pop("name"), spec.pop("num_classes", None)
         models[label] = build_model(name, path is None, path, num_classes, **spec)
     return models
+
+
+def _same_preprocessing(models: dict[str, torch.nn.Module]) -> None:
+    """The OOD splits and the heatmap images are loaded once: the models must share their input."""
+    from relreg.evaluate import model_data_config
+
+    configs = {label: model_data_config(m) for label, m in models.items()}
+    if len({repr(c) for c in configs.values()}) > 1:
+        raise ValueError(
+            "Expected checkpoints with the same input size, mean and std, but got "
+            + "; ".join(f"{label}: {c}" for label, c in configs.items())
+            + ". Evaluate them in separate runs."
+        )
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
@@ -261,6 +274,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         ood_specs[name] = spec
     _check_writable(args.out)  # fail before the work, not after it
     models = _evaluation_models(args)
+    _same_preprocessing(models)
     data = {label: load_split(args.data, m, classes=args.classes) for label, m in models.items()}
     first = next(iter(models.values()))
     ood = {

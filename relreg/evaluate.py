@@ -43,7 +43,14 @@ from relreg.metrics import (
 )
 from relreg.viz import explanation_grid, save_figure
 
-__all__ = ["REPORT_METRICS", "evaluate_models", "load_split", "write_figures"]
+__all__ = [
+    "REPORT_METRICS",
+    "evaluate_models",
+    "heatmap_grid_maps",
+    "load_split",
+    "model_data_config",
+    "write_figures",
+]
 
 REPORT_METRICS = {
     "perturbation_positive": "positive perturbation AUC (lower is better)",
@@ -59,7 +66,8 @@ REPORT_METRICS = {
 """Per-explainer keys of the report, with their meaning."""
 
 
-def _model_data_config(model: nn.Module) -> tuple[int | tuple[int, int], list, list]:
+def model_data_config(model: nn.Module) -> tuple[tuple[int, int], list, list]:
+    """``(input size (H, W), mean, std)`` of a timm model (its own ``patch_embed.img_size``)."""
     config = timm.data.resolve_model_data_config(model)
     size = (
         getattr(getattr(model, "patch_embed", None), "img_size", None) or config["input_size"][1:]
@@ -89,7 +97,7 @@ def load_split(
         ValueError: a malformed ``shapes:`` spec or a folder of the wrong layout.
         FileNotFoundError: a folder that does not exist.
     """
-    size, mean, std = _model_data_config(model)
+    size, mean, std = model_data_config(model)
     if spec.startswith("shapes:"):
         parts = spec.split(":")
         n = parts[2] if len(parts) == 3 else "256"
@@ -106,7 +114,7 @@ def load_split(
                 f"Expected a model with 2 to 6 classes for {spec!r}, but it has {num_classes!r}."
             )
         return SpuriousShapes(
-            parts[1], n=int(n), size=size[0], num_classes=num_classes, mean=mean[0], std=std[0]
+            parts[1], n=int(n), size=size[0], num_classes=num_classes, mean=mean, std=std
         )
     root = Path(spec)
     if not root.is_dir():
@@ -229,8 +237,8 @@ def evaluate_models(
         progress: show a progress bar.
 
     Returns:
-        ``{"methods", "unit", "target", "n_images", "n_masked", "fractions", "seconds",
-        "models": {label: {"accuracy": {"data": float, <ood name>: float}, "ood_mean": float or
+        ``{"methods", "unit", "target", "fractions", "seconds", "models": {label: {"n_images",
+        "n_masked", "accuracy": {"data": float, <ood name>: float}, "ood_mean": float or
         None, "explainers": {method: {<REPORT_METRICS keys>: float or None, "curves": {...}}}}}}``;
         accuracies are fractions, perturbation AUCs are x100 as in the paper.
 
@@ -298,8 +306,9 @@ def evaluate_models(
         for name, split in ood.items():
             accuracy[name] = round(_accuracy(model, split, batch_size, device, bar), 4)
         bar.close()
-        report["n_images"], report["n_masked"] = n, masked
         report["models"][label] = {
+            "n_images": n,
+            "n_masked": masked,
             "accuracy": accuracy,
             "ood_mean": round(sum(accuracy[k] for k in ood) / len(ood), 4) if ood else None,
             "explainers": {name: metrics[name].compute() for name in methods},

@@ -7,7 +7,6 @@ renamed, so a crash never leaves a half-written figure.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from relreg.io import atomic_write  # noqa: E402
 
 __all__ = ["overlay_figure", "explanation_grid", "save_figure"]
 
@@ -85,16 +86,9 @@ def explanation_grid(
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save ``fig`` atomically (temporary file, then rename) and close it."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=out.suffix, prefix=f".{out.stem}.")
-    os.close(fd)
+    """Save ``fig`` atomically (temporary file, then rename; :func:`relreg.io.atomic_write`) and
+    close it."""
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, out)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out

@@ -58,7 +58,7 @@ def test_report_equals_the_metrics_on_the_whole_set_and_not_the_batch_size():
     assert entry["accuracy"]["data"] == pytest.approx(
         float((model(images).argmax(1) == labels).float().mean()), abs=1e-4
     )
-    assert small["n_images"] == 10 and small["n_masked"] == int(has.sum())
+    assert entry["n_images"] == 10 and entry["n_masked"] == int(has.sum())
     assert len(entry["explainers"]["chefer"]["curves"]["positive"]) == len(small["fractions"])
 
 
@@ -196,3 +196,49 @@ def test_command_needs_model_for_plain_weights_and_a_writable_out(tmp_path, caps
                  "--out", str(tmp_path / "ok")]) == 0  # fmt: skip
     assert (tmp_path / "ok" / "report.json").is_file()
     assert not (tmp_path / "ok" / "heatmaps.png").exists()
+
+
+def test_same_named_checkpoints_are_labelled_by_their_folders(tmp_path):
+    for run, seed in (("bias", 0), ("relreg-seed0", 1)):
+        (tmp_path / run).mkdir()
+        _lightning_checkpoint(tmp_path / run / "final.ckpt", seed)
+    out = tmp_path / "out"
+    args = ["evaluate", "--checkpoint", str(tmp_path / "bias" / "final.ckpt"),
+            str(tmp_path / "relreg-seed0" / "final.ckpt"), "--data", "shapes:ood:2",
+            "--methods", "raw_attention", "--steps", "1", "--num-heatmaps", "0", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert list(json.loads((out / "report.json").read_text())["models"]) == ["bias", "relreg-seed0"]
+
+
+def test_model_flag_keeps_the_checkpoints_architecture_and_mismatches_are_refused(tmp_path, capsys):
+    _lightning_checkpoint(tmp_path / "a.ckpt", 0)
+    base = ["evaluate", "--data", "shapes:ood:2", "--methods", "raw_attention", "--steps", "1",
+            "--num-heatmaps", "0"]  # fmt: skip
+    # --model with a fit checkpoint: its stored num_classes and model_kwargs still apply
+    assert main([*base, "--checkpoint", str(tmp_path / "a.ckpt"), "--model",
+                 "vit_tiny_patch16_224", "--out", str(tmp_path / "o1")]) == 0  # fmt: skip
+    assert main([*base, "--pretrained", "--out", str(tmp_path / "o2")]) == 2
+    assert "--model NAME with --pretrained" in capsys.readouterr().err
+    other = {**TINY, "img_size": 48}
+    torch.manual_seed(0)
+    wide = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, **other)
+    state = {f"model.{k}": v for k, v in wide.state_dict().items()}
+    hparams = {"model": "vit_tiny_patch16_224", "num_classes": 4, "model_kwargs": other}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "wide.ckpt")
+    args = [*base, "--checkpoint", str(tmp_path / "a.ckpt"), str(tmp_path / "wide.ckpt"),
+            "--out", str(tmp_path / "o3")]  # fmt: skip
+    assert main(args) == 2
+    assert "same input size, mean and std" in capsys.readouterr().err
+
+
+def test_shapes_specs_follow_the_models_per_channel_normalisation():
+    model = timm.create_model(
+        "deit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY
+    ).eval()  # ImageNet mean and std
+    data = load_split("shapes:ood:3", model)
+    raw = SpuriousShapes("ood", n=3, mean=0.0, std=1.0)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(data[0]["image"], (raw[0]["image"] - mean) / std)
+    with pytest.raises(ValueError, match="Expected std a number or 3 numbers > 0"):
+        SpuriousShapes("ood", n=2, std=(0.5, 0.0, 0.5))

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ class SpuriousShapes(Dataset):
         seed: base seed; every split has its own stream.
         masked_fraction: fraction of samples that carry their mask (``has_mask``); the rest train
             with the classification term only.
-        mean, std: normalisation (RobustViT: 0.5, 0.5).
+        mean, std: normalisation, one value or one per RGB channel (RobustViT: 0.5, 0.5).
         cache_dir: if set, the split is written there once as a real image folder
             (:func:`write_shapes_folder`) and read back through
             :class:`relreg.data.MaskedImageFolder`, PNG files and all.
@@ -68,12 +69,13 @@ class SpuriousShapes(Dataset):
         spurious: float = 0.95,
         seed: int = 0,
         masked_fraction: float = 1.0,
-        mean: float = 0.5,
-        std: float = 0.5,
+        mean: float | Sequence[float] = 0.5,
+        std: float | Sequence[float] = 0.5,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if not 0.0 <= masked_fraction <= 1.0:
             raise ValueError(f"Expected masked_fraction in [0, 1], but got {masked_fraction!r}.")
+        mean, std = _per_channel("mean", mean), _per_channel("std", std)
         p, split_seed = _split_params(split, spurious, num_classes, seed)
         self.split, self.classes = split, list(SHAPES[:num_classes])
         g = torch.Generator().manual_seed(split_seed)
@@ -84,14 +86,14 @@ class SpuriousShapes(Dataset):
             root = write_shapes_folder(
                 Path(cache_dir) / name, split, n, size, num_classes, spurious, seed
             )
-            transform = v2.Compose(
-                [v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean] * 3, [std] * 3)]
-            )
+            transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
             self.folder = MaskedImageFolder(root, transform=transform, classes=self.classes)
             self.labels = torch.tensor([label for _, _, label in self.folder.samples])
             return
         batch = make_shapes(n, size=size, num_classes=num_classes, seed=split_seed, spurious=p)
-        self.images = (batch.images - mean) / std
+        self.images = (batch.images - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
+            3, 1, 1
+        )
         self.masks, self.labels = batch.masks, batch.labels
 
     def __len__(self) -> int:
@@ -110,6 +112,15 @@ class SpuriousShapes(Dataset):
             "mask": mask if has else torch.zeros_like(mask),
             "has_mask": has,
         }
+
+
+def _per_channel(name: str, value: float | Sequence[float]) -> list[float]:
+    values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != 3 or (name == "std" and min(values) <= 0):
+        raise ValueError(
+            f"Expected {name} a number or 3 numbers{' > 0' if name == 'std' else ''}, but got {value!r}."
+        )
+    return values
 
 
 def write_shapes_folder(

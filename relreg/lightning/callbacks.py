@@ -174,7 +174,8 @@ class RelevanceHeatmapLogger(pl.Callback):
                 )
                 return
         # the logger's own log_dir: trainer.log_dir broadcasts, and this runs on rank zero only
-        log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
+        logger = trainer.logger
+        log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         root = Path(log_dir or trainer.default_root_dir) / "heatmaps"
         save_figure(figure, root / f"epoch{trainer.current_epoch:04d}.png")
 

@@ -53,6 +53,6 @@ def test_compare_explainers_schema(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["table"]) == {"chefer", "lrp", "rollout"}
     for key in ("perturbation_positive", "perturbation_negative", "pixel_accuracy", "miou", "map"):
-        assert sorted(result["ranks"][key].values()) == [1, 2, 3]
+        assert min(result["ranks"][key].values()) == 1 and max(result["ranks"][key].values()) <= 3
         assert all(row[key] is not None for row in result["table"].values())
     assert out.with_suffix(".png").stat().st_size > 10_000

@@ -1,0 +1,51 @@
+"""Atomic file writes: a crash or an error never leaves a half-written output behind.
+
+Every file relreg writes (heatmaps, raw maps, figures, reports) goes through :func:`atomic_write`:
+the content is written to a temporary file in the target's folder and renamed into place, which
+replaces the target in one step on POSIX and Windows file systems.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_write"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Call ``write(tmp_path)``, then rename the temporary file to ``path``.
+
+    The folder is created if needed; the file gets the permissions a plain ``open(path, "w")``
+    would give (``mkstemp``'s are owner-only). If ``write`` raises, the temporary file is removed
+    and ``path`` is left as it was.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Example:
+        >>> import json, tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "report.json"
+        >>> atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps({"a": 1}))).read_text()
+        '{"a": 1}'
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
