@@ -42,6 +42,20 @@ def test_heatmaps_land_in_the_offline_wandb_run(tmp_path):
     assert pngs, list((tmp_path / "wandb").rglob("*"))[:20]
 
 
+def test_a_second_offline_wandb_run_in_the_same_directory_gets_its_own_run(tmp_path):
+    import wandb
+
+    for _ in range(2):
+        logger = WandbLogger(save_dir=tmp_path, offline=True, project="t")
+        try:
+            _fit(tmp_path, logger, [RelevanceHeatmapLogger(num_images=2)], steps=2)
+        finally:
+            wandb.finish()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    assert all(list(run.rglob("*heatmaps*.png")) for run in runs)
+
+
 def test_png_fallback_for_csv_logger_and_fixed_images(tmp_path):
     cb = RelevanceHeatmapLogger(num_images=4, seed=1)
     trainer, _ = _fit(tmp_path, CSVLogger(tmp_path), [cb], inference_mode=True)
