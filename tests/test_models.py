@@ -63,6 +63,36 @@ def test_checkpoint_never_executes_code(tmp_path):
     assert not isinstance(info.value, SystemExit)
 
 
+def test_no_loader_executes_code_from_a_checkpoint(tmp_path):
+    """relreg evaluate's architecture lookup and relreg fit --ckpt_path (Lightning's loader)."""
+    from relreg.lightning.cli import run_cli
+    from relreg.models import lightning_model_args
+
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(tmp_path / "evil.ckpt", "wb") as f:
+        pickle.dump({"state_dict": Evil(), "hyper_parameters": {"model": Evil()}}, f)
+    assert lightning_model_args(tmp_path / "evil.ckpt") is None
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "trainer: {accelerator: cpu, max_steps: 1, logger: false, enable_checkpointing: false,"
+        " enable_progress_bar: false}\n"
+        "model: {model: vit_tiny_patch16_224, num_classes: 4, model_kwargs: "
+        "{img_size: 32, patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}}\n"
+        "data: {batch_size: 4, train: {class_path: relreg.data.SpuriousShapes, "
+        "init_args: {split: train, n: 8}}}\n"
+    )
+    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")]
+    with pytest.raises(Exception) as info:  # torch's unpickling error type varies by version
+        run_cli([*args, "--ckpt_path", str(tmp_path / "evil.ckpt")])
+    assert "weights_only" in str(info.value) or "Unpickl" in type(info.value).__name__
+    assert not marker.exists()
+
+
 def test_unknown_model_name_suggests():
     with pytest.raises(
         ValueError,
