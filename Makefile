@@ -37,6 +37,8 @@ compare: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_explain.py --out experiments/results/bench_explain.json
+	$(PY) experiments/bench_explain.py --method transformer_attribution \
+		--out experiments/results/bench_explain_transformer_attribution.json
 	$(PY) experiments/bench_train.py --out experiments/results/bench_train.json
 
 lint: $(STAMP)

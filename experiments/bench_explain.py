@@ -30,6 +30,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from relreg.explain import explain  # noqa: E402
+from relreg.io import atomic_write  # noqa: E402
+from relreg.viz import save_figure  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -49,18 +51,25 @@ def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> list[
     return times
 
 
-def run(model_name: str, img_size: int, batch: int, repeats: int, device: torch.device) -> dict:
+def run(
+    model_name: str,
+    img_size: int,
+    batch: int,
+    repeats: int,
+    device: torch.device,
+    method: str = "chefer",
+) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False, img_size=img_size).to(device).eval()
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     target = torch.arange(batch, device=device) % 10
 
     def batched() -> None:
-        explain(model, x, "chefer", target=target)
+        explain(model, x, method, target=target)
 
     def one_at_a_time() -> None:
         for i in range(batch):
-            explain(model, x[i : i + 1], "chefer", target=int(target[i]))
+            explain(model, x[i : i + 1], method, target=int(target[i]))
 
     def forward_backward() -> None:
         model.zero_grad(set_to_none=True)
@@ -81,6 +90,7 @@ def run(model_name: str, img_size: int, batch: int, repeats: int, device: torch.
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "model": model_name,
+        "method": method,
         "img_size": img_size,
         "batch": batch,
         "repeats": repeats,
@@ -95,9 +105,10 @@ def run(model_name: str, img_size: int, batch: int, repeats: int, device: torch.
 
 def plot(result: dict, path: Path) -> None:
     per_image = result["median_s_per_image"]
+    method = result.get("method", "chefer")
     labels = {
-        "batched": "chefer, batched",
-        "one_at_a_time": "chefer, one image at a time",
+        "batched": f"{method}, batched",
+        "one_at_a_time": f"{method}, one image at a time",
         "forward_backward": "plain forward+backward",
     }
     fig, ax = plt.subplots(figsize=(6.4, 3.2), constrained_layout=True)
@@ -112,8 +123,7 @@ def plot(result: dict, path: Path) -> None:
         f"{result['model']} @ {result['img_size']}px, batch {result['batch']}, {m['device']} ({m['torch_threads']} threads)",
         fontsize=9,
     )
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -122,6 +132,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--method", default="chefer", help="explainer to time (registry name)")
     parser.add_argument("--quick", action="store_true", help="batch 4, 2 repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_explain.json"))
@@ -129,10 +140,9 @@ def main() -> None:
     if args.quick:
         args.batch, args.repeats = 4, 2
     device = torch.device(args.device)
-    result = run(args.model, args.img_size, args.batch, args.repeats, device)
+    result = run(args.model, args.img_size, args.batch, args.repeats, device, args.method)
     result["machine"] = machine(device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps({k: result[k] for k in ("median_s_per_image", "ratios", "machine")}, indent=2))
 
