@@ -353,9 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relreg`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        from relreg.lightning.cli import run_cli
+        from relreg.lightning.cli import OutputDirError, run_cli
 
-        run_cli(argv)
+        try:
+            run_cli(argv)
+        except OutputDirError as err:  # a setup error: the message says it all, no traceback
+            print(f"relreg {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
         return 0
     parser = argparse.ArgumentParser(
         prog="relreg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -395,7 +395,9 @@ def test_11_config_key_with_a_typo(tmp_path, capsys):
 @pytest.mark.parametrize(
     "setting, what", [("root", "default_root_dir"), ("logs", "CSVLogger"), ("ckpt", "dirpath")]
 )
-def test_12_unwritable_output_dir_fails_before_training(tmp_path, monkeypatch, setting, what):
+def test_12_unwritable_output_dir_fails_before_training(
+    tmp_path, monkeypatch, capsys, setting, what
+):
     (tmp_path / "file").write_text("a regular file, so nothing can be created below it")
     bad = tmp_path / "file" / "out"
 
@@ -403,10 +405,13 @@ def test_12_unwritable_output_dir_fails_before_training(tmp_path, monkeypatch, s
         raise AssertionError("training started")
 
     monkeypatch.setattr(RelRegModule, "training_step", no_training)
-    with pytest.raises(
-        ValueError, match=rf"Expected a writable .*{what}.*, but '{re.escape(str(bad))}' is not"
-    ):
-        main(demo_args(tmp_path, **{setting: bad}))
+    assert main(demo_args(tmp_path, **{setting: bad})) == 2
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"relreg fit: error: Expected a writable .*{what}.*, but '{re.escape(str(bad))}' is not",
+        err,
+    ), err[-500:]
+    assert "Traceback" not in err
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
 
 

@@ -20,9 +20,13 @@ from relreg.cli import _check_writable
 from relreg.data.datamodule import RelRegDataModule
 from relreg.lightning.module import RelRegModule
 
-__all__ = ["RelRegCLI", "output_dirs", "run_cli"]
+__all__ = ["OutputDirError", "RelRegCLI", "output_dirs", "run_cli"]
 
 TRAINER_DEFAULTS = {"inference_mode": False}
+
+
+class OutputDirError(ValueError):
+    """An output, log or checkpoint directory that cannot be written, found before any work."""
 
 
 class RelRegCLI(LightningCLI):
@@ -32,11 +36,14 @@ class RelRegCLI(LightningCLI):
         """Before a subcommand runs: fail at once on an output directory that cannot be written.
 
         Raises:
-            ValueError: naming the setting and the directory.
+            OutputDirError: a ``ValueError`` naming the setting and the directory.
         """
         if self.subcommand is not None:
             for what, directory in output_dirs(self.trainer).items():
-                _check_writable(directory, what)
+                try:
+                    _check_writable(directory, what)
+                except ValueError as err:
+                    raise OutputDirError(str(err)) from err
 
 
 def output_dirs(trainer: Trainer) -> dict[str, Path]:
