@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relreg.explain.attention import _check_start_layer
+from relreg.explain.attention import _check_start_layer, _to_grid
 from relreg.explain.inputs import (
     Explanation,
     TargetLike,
@@ -70,7 +70,7 @@ from relreg.explain.inputs import (
     score,
 )
 from relreg.explain.registry import register_explainer
-from relreg.explain.tokens import num_prefix_tokens, patch_grid, readout_weights
+from relreg.explain.tokens import readout_weights
 
 __all__ = ["lrp", "partial_lrp", "transformer_attribution"]
 
@@ -620,13 +620,6 @@ def _prepare(
     _check_image_size(model, images)
 
 
-def _grid_map(model: nn.Module, images: Tensor, rows: Tensor) -> Tensor:
-    """Patch columns of read-out rows ``(B, N)`` as ``(B, gh, gw)``."""
-    patches = rows[:, num_prefix_tokens(model) :]
-    gh, gw = patch_grid(model, images.shape[-2:], patches.shape[1])
-    return patches.reshape(patches.shape[0], gh, gw)
-
-
 def _readout(model: nn.Module, relevance: Tensor) -> Tensor:
     b, n = relevance.shape[0], relevance.shape[-1]
     return readout_weights(model, n, relevance.device, relevance.dtype).expand(b, n)
@@ -685,7 +678,7 @@ def transformer_attribution(
         for i in range(len(fwd.blocks) - 1, start_layer - 1, -1):
             abar = (grads[i - start_layer] * relevance[i]).clamp(min=0).mean(dim=1)
             v = v + torch.bmm(v.unsqueeze(1), abar)[:, 0]
-    return finish(_grid_map(model, images, v), fwd.logits, False)
+    return finish(_to_grid(model, images, v), fwd.logits, False)
 
 
 @register_explainer(
@@ -718,7 +711,7 @@ def partial_lrp(
         relevance, _ = contrast_propagate(model, fwd, tgt, fl, last)
         abar = relevance[last].clamp(min=0).mean(dim=1)
         row = torch.bmm(_readout(model, abar).unsqueeze(1), abar)[:, 0]
-    return finish(_grid_map(model, images, row), fwd.logits, False)
+    return finish(_to_grid(model, images, row), fwd.logits, False)
 
 
 @register_explainer(
