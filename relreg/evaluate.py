@@ -31,7 +31,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from relreg.data.folders import MaskedImageFolder, OODImageFolder, restrict_logits
+from relreg.data.folders import (
+    MaskedImageFolder,
+    OODImageFolder,
+    accuracy_targets,
+    restrict_logits,
+)
 from relreg.data.spurious import SPLITS, SpuriousShapes
 from relreg.explain import explain, explainer_info, to_pixels
 from relreg.metrics import (
@@ -145,7 +150,7 @@ def _accuracy(
             logits = model(batch["image"].to(device))
         if restricted:
             logits = restrict_logits(logits, dataset.split_classes)
-        correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
+        correct += int((logits.argmax(1) == accuracy_targets(logits, batch)).sum())
         total += len(logits)
         bar.update(1)
     return correct / max(total, 1)

@@ -5,7 +5,14 @@ Every dataset yields relreg's batch contract: ``{"image": (3, H, W) float, "labe
 """
 
 from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
-from relreg.data.folders import MaskedImageFolder, OODImageFolder, class_index, restrict_logits
+from relreg.data.folders import (
+    MaskedImageFolder,
+    OODImageFolder,
+    accuracy_targets,
+    class_index,
+    class_sets,
+    restrict_logits,
+)
 from relreg.data.spurious import SPLITS, SpuriousShapes, write_shapes_folder
 from relreg.data.synthetic import SHAPES, ShapesBatch, make_shapes
 from relreg.data.transforms import eval_transform, train_transform
@@ -19,7 +26,9 @@ __all__ = [
     "RelRegDataModule",
     "ShapesBatch",
     "SpuriousShapes",
+    "accuracy_targets",
     "class_index",
+    "class_sets",
     "eval_transform",
     "make_shapes",
     "restrict_logits",

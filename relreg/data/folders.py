@@ -12,6 +12,7 @@ Both yield the batch contract of relreg: ``{"image": (3, H, W) float, "label": l
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import warnings
@@ -32,7 +33,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MaskedImageFolder",
     "OODImageFolder",
+    "accuracy_targets",
     "class_index",
+    "class_sets",
     "restrict_logits",
 ]
 
@@ -43,32 +46,39 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 _SKIP_HINT = "pass skip_corrupt=True to the image folder to drop unreadable files"
 
 
-# str first: jsonargparse tries the types in order, and a path must not become a list of characters
-ClassesLike = str | os.PathLike | Mapping[str, int] | Sequence[str] | None
+# Order matters to jsonargparse, which tries the types in turn: with str first, YAML mappings and
+# lists arrived as their string form; list[str] (not Sequence[str]) keeps a path from becoming
+# a list of characters.
+ClassesLike = Mapping[str, int | list[int]] | list[str] | str | os.PathLike | None
 
 
-def class_index(folders: Sequence[str], classes: ClassesLike) -> dict[str, int]:
-    """Map folder names to class indices.
+def class_sets(folders: Sequence[str], classes: ClassesLike) -> dict[str, tuple[int, ...]]:
+    """Map folder names to the model class indices each folder counts as.
 
     Args:
         folders: the class folder names found on disk.
         classes: None (sorted folder names -> 0..C-1), a list of names in the model's label order
-            (e.g. the 1000 ImageNet wnids), a text file with one such name per line, or an explicit
-            ``{name: index}`` mapping.
+            (e.g. the 1000 ImageNet wnids), a text file with one such name per line, a ``.json``
+            file holding a mapping, or an explicit mapping ``{name: index}``; for OOD splits whose
+            classes stand for several model classes (ObjectNet), ``{name: [index, ...]}``.
 
     Raises:
-        ValueError: a folder that the given label space does not contain.
+        ValueError: a folder that the given label space does not contain, or an empty or
+            non-integer entry.
         FileNotFoundError: a class file that does not exist.
     """
     if isinstance(classes, str | os.PathLike):
         path = Path(classes)
         if not path.is_file():
             raise FileNotFoundError(
-                f"Expected a class file with one name per line, but {str(path)!r} does not exist."
+                f"Expected a class file (one name per line, or a .json mapping), but {str(path)!r} "
+                "does not exist."
             )
-        classes = path.read_text().split()
+        classes = (
+            json.loads(path.read_text()) if path.suffix == ".json" else path.read_text().split()
+        )
     if classes is None:
-        return {name: i for i, name in enumerate(sorted(folders))}
+        return {name: (i,) for i, name in enumerate(sorted(folders))}
     if isinstance(classes, Mapping):
         mapping = dict(classes)
     else:
@@ -78,7 +88,53 @@ def class_index(folders: Sequence[str], classes: ClassesLike) -> dict[str, int]:
         raise ValueError(
             f"Expected class folders from the given label space, but got unknown folders {unknown[:5]}."
         )
-    return {name: mapping[name] for name in sorted(folders)}
+    out = {}
+    for name in sorted(folders):
+        value = mapping[name]
+        indices = (
+            tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+        )
+        if not indices or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices
+        ):
+            raise ValueError(
+                f"Expected class {name!r} to map to an index >= 0 or a non-empty list of them, but got {value!r}."
+            )
+        out[name] = indices
+    return out
+
+
+def class_index(folders: Sequence[str], classes: ClassesLike) -> dict[str, int]:
+    """Map folder names to one class index each (see :func:`class_sets` for ``classes``).
+
+    Raises:
+        ValueError: as :func:`class_sets`, or a folder mapped to several classes (allowed for
+            :class:`OODImageFolder` only).
+    """
+    sets = class_sets(folders, classes)
+    many = sorted(name for name, s in sets.items() if len(s) > 1)
+    if many:
+        raise ValueError(
+            f"Expected one class index per folder for training data, but {many[:3]} map to several; "
+            "several classes per folder are for OODImageFolder (ObjectNet-style evaluation)."
+        )
+    return {name: s[0] for name, s in sets.items()}
+
+
+def accuracy_targets(logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    """Labels ``(B,)`` against which top-1 accuracy of ``logits (B, K)`` is right.
+
+    For samples with a ``label_set`` (an OOD folder standing for several model classes, as in
+    ObjectNet), the prediction itself when it is one of them, else the first of them; otherwise
+    ``batch["label"]``. Feed the result to any accuracy metric (torchmetrics ``MulticlassAccuracy``).
+    """
+    labels = batch["label"].to(logits.device)
+    sets = batch.get("label_set")
+    if sets is None:
+        return labels
+    preds = logits.argmax(-1)
+    hit = (sets.to(logits.device) == preds[:, None]).any(dim=1)
+    return torch.where(hit, preds, labels)
 
 
 def _class_folders(root: Path, what: str) -> list[str]:
@@ -343,7 +399,9 @@ class OODImageFolder(Dataset):
         root: the split's folder.
         classes: the model's label space (list of names in label order, or ``{name: index}``); the
             split's folders must be in it (ImageNet-A/R use 200 of the 1000 wnids). None: sorted
-            folder names.
+            folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for splits whose
+            classes stand for several model classes (ObjectNet): a prediction of any of them is
+            right; samples then carry ``label_set`` (see :func:`accuracy_targets`).
         img_size, mean, std: the eval preset.
         transform: replaces the preset (called on ``tv_tensors.Image``).
         scoring: ``"argmax"`` (RobustViT: argmax over all the model's classes) or ``"restricted"``
@@ -353,7 +411,9 @@ class OODImageFolder(Dataset):
             ``ValueError`` naming it when it is read.
 
     Attributes:
-        split_classes: ``(C_split,)`` long, the model indices of the split's classes.
+        split_classes: ``(C_split,)`` long, the model indices of the split's classes (all of them,
+            for many-to-many mappings).
+        class_sets: ``{folder: (index, ...)}``.
         skipped: the unreadable files dropped by ``skip_corrupt``.
     """
 
@@ -373,9 +433,22 @@ class OODImageFolder(Dataset):
         self.root, self.scoring = Path(root), scoring
         self.transform = transform or eval_transform(img_size, mean, std)
         folders = _class_folders(self.root, "OOD split")
-        self.class_to_idx = class_index(folders, classes)
+        self.class_sets = class_sets(folders, classes)
+        self.class_to_idx = {name: s[0] for name, s in self.class_sets.items()}
+        width = max(len(s) for s in self.class_sets.values())
+        # (B, width) label sets padded with -1, only for many-to-many mappings (ObjectNet)
+        self._label_sets = (
+            {
+                name: torch.tensor([*s, *[-1] * (width - len(s))], dtype=torch.long)
+                for name, s in self.class_sets.items()
+            }
+            if width > 1
+            else None
+        )
+        self._folder_of = {}
         files = _class_images(self.root, folders)
         entries = [(p, self.class_to_idx[name]) for name in folders for p in files[name]]
+        self._folder_of = {p: name for name in folders for p in files[name]}
         check = _unreadable if skip_corrupt else None
         self.samples, self.skipped = _choose(entries, check=check)
         if not self.samples:
@@ -384,7 +457,9 @@ class OODImageFolder(Dataset):
                 f"{len(self.skipped)} are unreadable."
             )
         _warn_skipped(self.root, self.skipped)
-        self.split_classes = torch.tensor(sorted(set(self.class_to_idx.values())), dtype=torch.long)
+        self.split_classes = torch.tensor(
+            sorted({i for s in self.class_sets.values() for i in s}), dtype=torch.long
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -392,13 +467,16 @@ class OODImageFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         path, label = self.samples[index]
         image = self.transform(tv_tensors.Image(load_rgb(path))).as_subclass(Tensor)
-        return {
+        sample = {
             "image": image,
             "label": torch.tensor(label, dtype=torch.long),
             "mask": torch.zeros(image.shape[-2:]),
             "has_mask": torch.tensor(False),
             "path": str(path),
         }
+        if self._label_sets is not None:
+            sample["label_set"] = self._label_sets[self._folder_of[path]]
+        return sample
 
 
 def restrict_logits(logits: Tensor, classes: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from relreg.data.folders import restrict_logits
+from relreg.data.folders import accuracy_targets, restrict_logits
 from relreg.explain import explain_with_logits, to_pixels
 from relreg.metrics import PointingGame, RelevanceMass, RelevanceRankAccuracy, SegmentationAgreement
 from relreg.metrics.functional import _relevance_mass_update
@@ -305,7 +305,7 @@ class OODEvaluation(_KeepsLast):
                         logits = model(batch["image"].to(pl_module.device))
                     if restricted:
                         logits = restrict_logits(logits, dataset.split_classes)
-                    accuracy.update(logits, batch["label"].to(pl_module.device))
+                    accuracy.update(logits, accuracy_targets(logits, batch))
                 values[name] = float(accuracy.compute())  # syncs across processes under DDP
         self.last = values
         for name, value in values.items():

@@ -21,7 +21,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from relreg.data.folders import restrict_logits
+from relreg.data.folders import accuracy_targets, restrict_logits
 from relreg.explain import explain_with_logits, explainer_info, find_attention_modules, to_pixels
 from relreg.losses import ClassificationLoss, create_relevance_loss
 from relreg.metrics import RelevanceMass
@@ -264,7 +264,7 @@ class RelRegModule(pl.LightningModule):
         if split_classes is not None:
             logits = restrict_logits(logits, split_classes)
         b = batch["label"].shape[0]
-        self.eval_acc[dataloader_idx](logits, batch["label"])
+        self.eval_acc[dataloader_idx](logits, accuracy_targets(logits, batch))
         # metric_attribute: the metrics are made per evaluation split at setup, after Lightning
         # has indexed the module's metric attributes
         self.log(
