@@ -6,6 +6,12 @@ the class's own tint with probability ``spurious`` and another class's tint othe
 model can learn instead of the shape. ``spurious = 1 / num_classes`` makes the tint uninformative
 (unbiased data); ``spurious = 0`` makes it always point to a wrong class (an out-of-distribution
 split for the same classes).
+
+``cue="marker"`` makes the cue local instead, as in decoy MNIST (Ross, Hughes & Doshi-Velez, IJCAI
+2017): a white square of ``size // 8`` pixels in one of the four corners (corner ``k`` for class
+``k``, classes beyond four share corners modulo four), aligned to a grid of ``size // 8``; the shape
+stays inside the central region, at least one marker width away from it, and the background tint
+is uninformative.
 Everything is a function of ``seed``: the same call gives the same data on every machine.
 """
 
@@ -17,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SHAPES", "ShapesBatch", "make_shapes"]
+__all__ = ["CUES", "SHAPES", "ShapesBatch", "make_shapes"]
+
+CUES = ("tint", "marker")
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 _TINTS = torch.tensor(
@@ -71,6 +79,7 @@ def make_shapes(
     num_classes: int = 4,
     seed: int = 0,
     spurious: float = 0.0,
+    cue: str = "tint",
 ) -> ShapesBatch:
     """Generate ``n`` images of shapes with their masks and labels.
 
@@ -81,6 +90,8 @@ def make_shapes(
         seed: random seed; the output is a pure function of the arguments.
         spurious: probability that the background tint is the class's own tint (a shortcut);
             otherwise it is the tint of another class, chosen uniformly.
+        cue: ``"tint"`` (the background's colour) or ``"marker"`` (a corner square; then
+            ``spurious`` is the probability that the marker sits in the class's corner).
 
     Returns:
         A :class:`ShapesBatch`; labels cycle through the classes (balanced).
@@ -100,11 +111,16 @@ def make_shapes(
         )
     if not 0.0 <= spurious <= 1.0:
         raise ValueError(f"Expected spurious in [0, 1], but got {spurious!r}.")
+    if cue not in CUES:
+        raise ValueError(f"Expected cue one of {CUES}, but got {cue!r}.")
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
-    r = size * (0.22 + 0.12 * torch.rand(n, generator=g))
-    cx = r + (size - 2 * r) * torch.rand(n, generator=g)
-    cy = r + (size - 2 * r) * torch.rand(n, generator=g)
+    # marker: the shape keeps to the centre, a marker width (size // 8) from each edge
+    margin = size // 8 if cue == "marker" else 0
+    inner = size - 2 * margin
+    r = inner * (0.22 + 0.12 * torch.rand(n, generator=g))
+    cx = margin + r + (inner - 2 * r) * torch.rand(n, generator=g)
+    cy = margin + r + (inner - 2 * r) * torch.rand(n, generator=g)
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     dy = coords.view(1, -1, 1) - cy.view(-1, 1, 1)
     dx = coords.view(1, 1, -1) - cx.view(-1, 1, 1)
@@ -113,7 +129,8 @@ def make_shapes(
         idx = labels == c
         masks[idx] = _shape_mask(SHAPES[c], dx[idx], dy[idx], r[idx].view(-1, 1, 1)).float()
     other = (labels + torch.randint(1, num_classes, (n,), generator=g)) % num_classes
-    tint_index = torch.where(torch.rand(n, generator=g) < spurious, labels, other)
+    agree = torch.rand(n, generator=g) < spurious
+    tint_index = torch.where(agree, labels, other)
     texture = F.interpolate(
         torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear", align_corners=False
     )
@@ -123,4 +140,12 @@ def make_shapes(
     colour = 0.7 + 0.3 * torch.rand(n, 3, 1, 1, generator=g)
     m = masks.unsqueeze(1)
     images = m * colour + (1 - m) * background
+    if cue == "marker":
+        corner = tint_index % 4  # the marker's corner follows the cue draw; the tint does not
+        tint = (labels + torch.randint(0, num_classes, (n,), generator=g)) % num_classes
+        background = 0.6 * (0.5 * _TINTS[tint].view(n, 3, 1, 1) + 0.5 * texture)
+        images = m * colour + (1 - m) * background
+        far = size - margin
+        for i, (row, col) in enumerate(((0, 0), (0, far), (far, 0), (far, far))):
+            images[corner == i, :, row : row + margin, col : col + margin] = 1.0
     return ShapesBatch(images=images, masks=masks, labels=labels)

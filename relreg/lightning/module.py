@@ -5,7 +5,9 @@ Per step, one forward pass gives the logits and (through the captured attention)
 the ground-truth class; the loss is ``lambda_seg * L_seg + lambda_cls * L_cls`` (paper: 0.8 and 0.2)
 with ``L_seg`` a relevance loss on the masked samples and ``L_cls`` the classification term
 (paper: cross-entropy to the model's own top-1, ``classification="self"``). With
-``lambda_seg=0`` it is a plain fine-tune (no relevance is computed): the control.
+``lambda_seg=0`` it is a plain fine-tune (no relevance is computed): the control. ``lambda_cf > 0``
+adds a background-counterfactual term in training (:mod:`relreg.losses.counterfactual`): the
+masked samples' prediction must not change when their background is swapped for another's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from relreg.data.folders import accuracy_targets, restrict_logits
 from relreg.explain import explain_with_logits, explainer_info, find_attention_modules, to_pixels
-from relreg.losses import ClassificationLoss, create_relevance_loss
+from relreg.losses import (
+    ClassificationLoss,
+    counterfactual_loss,
+    create_relevance_loss,
+    swap_backgrounds,
+)
 from relreg.metrics import RelevanceMass
 from relreg.models import build_model, load_weights
 
@@ -54,6 +61,8 @@ class RelRegModule(pl.LightningModule):
             (needs gradients: ``Trainer(inference_mode=False)``).
         relevance_every: compute the relevance loss on every k-th training step only (the other
             steps are plain fine-tune steps); 1: every step, as in the paper.
+        lambda_cf: weight of the background-counterfactual consistency term (training only; one
+            more forward pass over the masked samples); 0: off, as in the paper.
     """
 
     def __init__(
@@ -81,6 +90,7 @@ class RelRegModule(pl.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         eval_relevance: bool = True,
         relevance_every: int = 1,
+        lambda_cf: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -116,10 +126,14 @@ class RelRegModule(pl.LightningModule):
             find_attention_modules(self.model)  # fail now, not at the first step
         self.normalize = getattr(relevance_loss, "normalize", True)
         self.second_order = second_order
-        for name, value in (("lambda_seg", lambda_seg), ("lambda_cls", lambda_cls)):
+        for name, value in (
+            ("lambda_seg", lambda_seg),
+            ("lambda_cls", lambda_cls),
+            ("lambda_cf", lambda_cf),
+        ):
             if value < 0:
                 raise ValueError(f"Expected {name} >= 0, but got {value}.")
-        self.lambda_seg, self.lambda_cls = lambda_seg, lambda_cls
+        self.lambda_seg, self.lambda_cls, self.lambda_cf = lambda_seg, lambda_cls, lambda_cf
         if (
             isinstance(relevance_every, bool)
             or not isinstance(relevance_every, int)
@@ -181,7 +195,9 @@ class RelRegModule(pl.LightningModule):
         return self.model(images)
 
     # ------------------------------------------------------------------ step
-    def model_step(self, batch: dict[str, Tensor], relevance: bool) -> dict[str, Tensor]:
+    def model_step(
+        self, batch: dict[str, Tensor], relevance: bool, counterfactual: bool = False
+    ) -> dict[str, Tensor]:
         """Logits ``(B, K)``, relevance maps and losses of a batch, in one pass over each sample.
 
         With ``relevance``, only the samples that have a mask go through the explainer (unfused
@@ -221,9 +237,17 @@ class RelRegModule(pl.LightningModule):
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
         loss_cls = self.classification_loss(logits, labels, teacher_logits)
+        loss_cf = logits.new_zeros(())
+        if counterfactual and self.lambda_cf > 0 and has_mask.sum() > 1:
+            masked = has_mask.nonzero().flatten()
+            swapped = swap_backgrounds(images[masked], batch["mask"][masked].to(images.dtype))
+            loss_cf = counterfactual_loss(logits[masked], self.model(swapped))
         out.update(
             logits=logits,
-            loss=self.lambda_seg * rel["loss"] + self.lambda_cls * loss_cls,
+            loss=self.lambda_seg * rel["loss"]
+            + self.lambda_cls * loss_cls
+            + self.lambda_cf * loss_cf,
+            loss_cf=loss_cf,
             loss_cls=loss_cls,
             loss_bg=rel["loss_bg"],
             loss_fg=rel["loss_fg"],
@@ -235,11 +259,13 @@ class RelRegModule(pl.LightningModule):
             self.teacher.eval()
         every = self.hparams.relevance_every
         out = self.model_step(
-            batch, relevance=self.lambda_seg > 0 and self.global_step % every == 0
+            batch,
+            relevance=self.lambda_seg > 0 and self.global_step % every == 0,
+            counterfactual=True,
         )
         self.train_acc(out["logits"].detach(), batch["label"])
         b = batch["label"].shape[0]
-        for key in ("loss", "loss_cls", "loss_bg", "loss_fg"):
+        for key in ("loss", "loss_cls", "loss_bg", "loss_fg") + ("loss_cf",) * (self.lambda_cf > 0):
             self.log(f"train/{key}", out[key].detach(), prog_bar=key == "loss", batch_size=b)
         self.log("train/acc", self.train_acc, prog_bar=True, batch_size=b)
         return out["loss"]

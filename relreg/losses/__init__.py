@@ -1,5 +1,7 @@
-"""Relevance losses (RobustViT, relevance mass, RRR) and classification terms, with module twins."""
+"""Relevance losses (RobustViT, relevance mass, RRR), background counterfactuals and classification
+terms, with module twins."""
 
+from relreg.losses.counterfactual import counterfactual_loss, swap_backgrounds
 from relreg.losses.functional import (
     CLASSIFICATION_MODES,
     classification_loss,
@@ -24,8 +26,10 @@ __all__ = [
     "RelevanceLoss",
     "RelevanceMassLoss",
     "classification_loss",
+    "counterfactual_loss",
     "create_relevance_loss",
     "relevance_loss",
     "relevance_mass_loss",
     "rrr_loss",
+    "swap_backgrounds",
 ]

@@ -53,8 +53,42 @@ def test_background_tint_follows_spurious(spurious, expected):
         ({"n": 2, "size": 4}, "size an int"),
         ({"n": 2, "num_classes": len(SHAPES) + 1}, "num_classes"),
         ({"n": 2, "spurious": 2.0}, "spurious"),
+        ({"n": 2, "cue": "corner"}, "cue one of"),
     ],
 )
 def test_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_shapes(**kwargs)
+
+
+def _marker_corner(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Which corner (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) is all white."""
+    w = size // 8
+    corners = [images[:, :, r : r + w, c : c + w] for r in (0, size - w) for c in (0, size - w)]
+    white = torch.stack([(c == 1.0).flatten(1).all(1) for c in corners], dim=1)
+    assert torch.all(white.sum(1) == 1), "exactly one marker per image"
+    return white.float().argmax(1)
+
+
+@pytest.mark.parametrize("spurious", [1.0, 0.0])
+def test_marker_cue_sits_in_the_class_corner_only_when_spurious(spurious):
+    size = 32
+    batch = make_shapes(48, size=size, num_classes=4, seed=2, spurious=spurious, cue="marker")
+    corner = _marker_corner(batch.images, size)
+    agree = (corner == batch.labels).float().mean().item()
+    assert agree == spurious
+    # the shape keeps a marker width from every edge, so marker and object never touch
+    w = size // 8
+    ring = torch.ones(size, size, dtype=torch.bool)
+    ring[w:-w, w:-w] = False
+    assert batch.masks[:, ring].sum() == 0
+    assert torch.all(batch.masks.flatten(1).sum(1) > 0)
+
+
+def test_marker_cue_leaves_the_tint_uninformative():
+    batch = make_shapes(400, size=16, num_classes=4, seed=3, spurious=1.0, cue="marker")
+    bg = (batch.images * (1 - batch.masks[:, None])).sum((2, 3)) / (1 - batch.masks).sum((1, 2))[
+        :, None
+    ]
+    nearest = torch.cdist(bg, 0.6 * (0.5 * _TINTS[:4] + 0.25)).argmin(1)
+    assert (nearest == batch.labels).float().mean().item() < 0.4

@@ -10,7 +10,12 @@ import torchvision
 from relreg.data import RelRegDataModule, SpuriousShapes
 from relreg.explain import explain, to_pixels
 from relreg.lightning import RelRegModule
-from relreg.losses import classification_loss, relevance_loss
+from relreg.losses import (
+    classification_loss,
+    counterfactual_loss,
+    relevance_loss,
+    swap_backgrounds,
+)
 from relreg.metrics import relevance_mass
 from relreg.models import build_model
 
@@ -222,11 +227,32 @@ def test_relevance_every_k_steps():
     module = _module(relevance_every=3)
     seen = []
     original = module.model_step
-    module.model_step = lambda batch, relevance: (
-        seen.append(relevance) or original(batch, relevance)
+    module.model_step = lambda batch, relevance, **kw: (
+        seen.append(relevance) or original(batch, relevance, **kw)
     )
     trainer = _trainer(max_steps=6)
     trainer.fit(module, datamodule=RelRegDataModule(SpuriousShapes("train", n=24), batch_size=4))
     assert seen == [True, False, False, True, False, False]
     with pytest.raises(ValueError, match="relevance_every an int >= 1"):
         _module(relevance_every=0)
+
+
+def test_counterfactual_term_equals_its_reference_and_trains():
+    module = _module(lambda_seg=0.0, lambda_cls=1.0, classification="label", lambda_cf=0.5)
+    batch = _batch(masked_fraction=0.5, seed=3)
+    out = module.model_step(batch, relevance=False, counterfactual=True)
+    m = batch["has_mask"]
+    logits = module.model(batch["image"])
+    cf = counterfactual_loss(
+        logits[m], module.model(swap_backgrounds(batch["image"][m], batch["mask"][m]))
+    )
+    cls = classification_loss(logits, "label", batch["label"])
+    torch.testing.assert_close(out["loss_cf"], cf)
+    torch.testing.assert_close(out["loss"], cls + 0.5 * cf)
+    assert cf.item() > 0
+    # evaluation steps and lambda_cf = 0 compute no counterfactual
+    assert module.model_step(batch, relevance=False)["loss_cf"].item() == 0.0
+    module.training_step(batch, 0).backward()
+    assert module.model.patch_embed.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="lambda_cf >= 0"):
+        _module(lambda_cf=-1.0)
