@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.relreg-installed
 OUT ?= runs/demo
 
-.PHONY: venv test test-all demo evaluate compare bench lint clean
+.PHONY: venv test test-all demo evaluate compare study bench lint clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ compare: $(STAMP)
 		--out experiments/results/compare_explainers.json
 	$(PY) experiments/compare_explainers.py --checkpoint $(OUT)/bias/final.ckpt \
 		--out experiments/results/compare_explainers_biased.json
+
+# the robustness study (about 14 minutes on 2 CPU cores): when does relevance fine-tuning help?
+study: $(STAMP)
+	$(PY) experiments/robustness_study.py --out experiments/results/robustness_study.json --overwrite
 
 bench: $(STAMP)
 	$(PY) experiments/bench_explain.py --out experiments/results/bench_explain.json

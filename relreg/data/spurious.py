@@ -4,7 +4,8 @@ The class is given only by the shape of a foreground object (exact masks); the b
 agrees with the class with probability ``spurious`` (0.95) in the ``train``, ``val`` and ``test``
 splits, is uninformative in ``unbiased`` (probability 1 / num_classes) and always points to a wrong
 class in ``ood``. A model that leans on the tint loses accuracy on ``ood``; one that looks at the
-shape does not. Deterministic from ``seed``.
+shape does not. ``cue="marker"`` puts the cue in a white corner square instead (a local cue).
+Deterministic from ``seed``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class SpuriousShapes(Dataset):
         masked_fraction: fraction of samples that carry their mask (``has_mask``); the rest train
             with the classification term only.
         mean, std: normalisation, one value or one per RGB channel (RobustViT: 0.5, 0.5).
+        cue: ``"tint"`` (the background's colour) or ``"marker"`` (a white corner square, a local
+            cue; :func:`relreg.data.make_shapes`).
         cache_dir: if set, the split is written there once as a real image folder
             (:func:`write_shapes_folder`) and read back through
             :class:`relreg.data.MaskedImageFolder`, PNG files and all.
@@ -72,6 +75,7 @@ class SpuriousShapes(Dataset):
         mean: float | Sequence[float] = 0.5,
         std: float | Sequence[float] = 0.5,
         cache_dir: str | os.PathLike | None = None,
+        cue: str = "tint",
     ) -> None:
         if not 0.0 <= masked_fraction <= 1.0:
             raise ValueError(f"Expected masked_fraction in [0, 1], but got {masked_fraction!r}.")
@@ -83,14 +87,17 @@ class SpuriousShapes(Dataset):
         self.folder: MaskedImageFolder | None = None
         if cache_dir is not None:
             name = f"{split}-n{n}-s{size}-c{num_classes}-p{spurious}-seed{seed}"
+            name += "" if cue == "tint" else f"-{cue}"
             root = write_shapes_folder(
-                Path(cache_dir) / name, split, n, size, num_classes, spurious, seed
+                Path(cache_dir) / name, split, n, size, num_classes, spurious, seed, cue
             )
             transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
             self.folder = MaskedImageFolder(root, transform=transform, classes=self.classes)
             self.labels = torch.tensor([label for _, _, label in self.folder.samples])
             return
-        batch = make_shapes(n, size=size, num_classes=num_classes, seed=split_seed, spurious=p)
+        batch = make_shapes(
+            n, size=size, num_classes=num_classes, seed=split_seed, spurious=p, cue=cue
+        )
         self.images = (batch.images - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
             3, 1, 1
         )
@@ -131,6 +138,7 @@ def write_shapes_folder(
     num_classes: int = 4,
     spurious: float = 0.95,
     seed: int = 0,
+    cue: str = "tint",
 ) -> Path:
     """Write a split as a real image folder (``images/<shape>/*.png`` and ``masks/<shape>/*.png``).
 
@@ -149,6 +157,7 @@ def write_shapes_folder(
         "num_classes": num_classes,
         "spurious": spurious,
         "seed": seed,
+        **({} if cue == "tint" else {"cue": cue}),  # tint folders keep their earlier meta.json
     }
     if root.exists():
         found = (
@@ -160,7 +169,7 @@ def write_shapes_folder(
             f"Expected {str(root)!r} to be absent or a shapes folder made with {meta}, but got {found}."
         )
     p, split_seed = _split_params(split, spurious, num_classes, seed)
-    batch = make_shapes(n, size=size, num_classes=num_classes, seed=split_seed, spurious=p)
+    batch = make_shapes(n, size=size, num_classes=num_classes, seed=split_seed, spurious=p, cue=cue)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     try:

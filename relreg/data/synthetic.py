@@ -48,11 +48,13 @@ class ShapesBatch:
         images: ``(N, 3, H, W)`` floats in [0, 1].
         masks: ``(N, H, W)`` floats in {0, 1}, 1 on the shape.
         labels: ``(N,)`` long, the shape's index in :data:`SHAPES`.
+        cues: ``(N,)`` long, the class the cue points to (equal to ``labels`` where it agrees).
     """
 
     images: Tensor
     masks: Tensor
     labels: Tensor
+    cues: Tensor
 
 
 def _shape_mask(kind: str, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
@@ -148,4 +150,4 @@ def make_shapes(
         far = size - margin
         for i, (row, col) in enumerate(((0, 0), (0, far), (far, 0), (far, far))):
             images[corner == i, :, row : row + margin, col : col + margin] = 1.0
-    return ShapesBatch(images=images, masks=masks, labels=labels)
+    return ShapesBatch(images=images, masks=masks, labels=labels, cues=tint_index)

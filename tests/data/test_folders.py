@@ -224,3 +224,17 @@ def test_class_file(folder, tmp_path):
     }
     with pytest.raises(FileNotFoundError, match="class file"):
         MaskedImageFolder(folder, classes=str(tmp_path / "none.txt"))
+
+
+def test_spurious_marker_cue_through_the_cache(tmp_path):
+    plain = SpuriousShapes("ood", n=12, seed=1, cue="marker")
+    cached = SpuriousShapes("ood", n=12, seed=1, cue="marker", cache_dir=tmp_path)
+    assert cached.folder.root.name.endswith("-marker")
+    tint = SpuriousShapes("ood", n=12, seed=1, cache_dir=tmp_path)
+    assert tint.folder.root != cached.folder.root and not torch.equal(plain.images, tint.images)
+    by_stem = {p.stem: i for i, (p, _, _) in enumerate(cached.folder.samples)}
+    for i in (0, 5, 11):
+        j = by_stem[f"{i:05d}"]
+        torch.testing.assert_close(cached[j]["image"], plain.images[i], atol=2 / 255 + 1e-6, rtol=0)
+    with pytest.raises(FileExistsError, match="absent or a shapes folder"):
+        write_shapes_folder(cached.folder.root, "ood", 12, 32, 4, 0.95, 1, "tint")

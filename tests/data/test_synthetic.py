@@ -40,6 +40,7 @@ def test_background_tint_follows_spurious(spurious, expected):
     ]
     nearest = torch.cdist(bg, 0.6 * (0.5 * _TINTS[:4] + 0.25)).argmin(1)
     agree = (nearest == batch.labels).float().mean().item()
+    assert torch.equal(nearest, batch.cues)
     if expected is not None:
         assert agree == expected
     else:
@@ -77,6 +78,7 @@ def test_marker_cue_sits_in_the_class_corner_only_when_spurious(spurious):
     corner = _marker_corner(batch.images, size)
     agree = (corner == batch.labels).float().mean().item()
     assert agree == spurious
+    assert torch.equal(corner, batch.cues)  # cues: the class the marker points to
     # the shape keeps a marker width from every edge, so marker and object never touch
     w = size // 8
     ring = torch.ones(size, size, dtype=torch.bool)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,3 +58,51 @@ def test_compare_explainers_schema(tmp_path):
         assert min(result["ranks"][key].values()) == 1 and max(result["ranks"][key].values()) <= 3
         assert all(row[key] is not None for row in result["table"].values())
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_robustness_study_schema(tmp_path):
+    out = tmp_path / "study.json"
+    script = str(ROOT / "experiments" / "robustness_study.py")
+    cmd = [sys.executable, script, "--quick", "--seeds", "0", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    methods = set(yaml_methods())
+    assert set(result["benchmarks"]) == {"tint", "marker"}
+    for arms in result["benchmarks"].values():
+        assert set(arms) == methods | {"baseline"}
+        for name, arm in arms.items():
+            for key in ("id_acc", "ood_acc", "unbiased_acc", "relevance_mass", "follows_cue"):
+                stats = arm[key]
+                assert len(stats["per_seed"]) == (1 if name == "baseline" else 2)
+                assert all(0.0 <= v <= 1.0 for v in stats["per_seed"])
+                assert abs(stats["mean"] - sum(stats["per_seed"]) / len(stats["per_seed"])) < 1e-3
+            # on OOD images the cue never names the label: no prediction follows both
+            for acc, cue in zip(
+                arm["ood_acc"]["per_seed"], arm["follows_cue"]["per_seed"], strict=True
+            ):
+                assert acc + cue <= 1 + 1e-6
+            if name != "baseline":  # the curve ends at the reported accuracy
+                assert arm["curve"]["ood_acc"]["mean"][-1] == arm["ood_acc"]["mean"]
+    # the marker cue is found exactly: one (size // 8)^2 square per image
+    assert result["faithfulness"]["marker"]["effects"]["cue_area_share"] == round(1 / 64, 4)
+    assert result["faithfulness"]["tint"]["effects"]["cue_area_share"] == pytest.approx(
+        result["faithfulness"]["tint"]["effects"]["bg_area_share"]
+    )
+    assert set(result["sweeps"]["per_class"]["results"]["relreg_label"]) == {"2", "1"}
+    for suffix in ("ood_vs_steps", "mass_vs_ood", "faithfulness", "sweeps"):
+        assert (tmp_path / f"study_{suffix}.png").stat().st_size > 10_000
+    # an existing result is not overwritten without --overwrite; unknown methods are named
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    bad = subprocess.run(
+        [*cmd, "--overwrite", "--methods", "relreg", "nope"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "unknown ['nope']" in bad.stderr
+
+
+def yaml_methods() -> list[str]:
+    import yaml
+
+    return list(
+        yaml.safe_load((ROOT / "configs" / "study" / "robustness.yaml").read_text())["methods"]
+    )
