@@ -94,21 +94,29 @@ def make_split(cfg: dict, kind: str, split: str, n: int, seed: int = 0) -> dict[
 
 
 # ----------------------------------------------------------------------------------- training
+def new_model(cfg: dict) -> torch.nn.Module:
+    """The study's (untrained) tiny ViT."""
+    return build_model(
+        cfg["model"]["name"], False, None, cfg["num_classes"], **cfg["model"]["kwargs"]
+    )
+
+
 def fit(
     module: RelRegModule,
     data: dict[str, torch.Tensor],
-    steps: int,
-    batch_size: int,
-    lr: float,
+    stage: dict,
     seed: int,
     one_cycle: bool = False,
-    every: int = 0,
     on_eval: Any = None,
 ) -> None:
     """Plain AdamW steps of ``module.model_step`` (the same losses ``relreg fit`` trains with).
 
+    ``stage`` holds ``steps``, ``batch_size``, ``lr`` and, with ``on_eval``, ``eval_every``.
+
     A Trainer per arm would cost seconds of start-up each; the study runs about a hundred arms.
     """
+    steps, batch_size, lr = stage["steps"], stage["batch_size"], stage["lr"]
+    every = stage.get("eval_every", 0) if on_eval is not None else 0
     g = torch.Generator().manual_seed(seed)
     params = [p for p in module.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -133,7 +141,7 @@ def fit(
         opt.step()
         if sched is not None:
             sched.step()
-        if every and step % every == 0 and on_eval is not None:
+        if every and step % every == 0:
             on_eval(step)
 
 
@@ -175,24 +183,14 @@ def eval_splits(cfg: dict, kind: str) -> dict[str, dict[str, torch.Tensor]]:
 def build_baseline(cfg: dict, kind: str, log: Any) -> tuple[dict, dict]:
     """Pretrain on unbiased data, then bias; returns the state dict and the stages' accuracies."""
     torch.manual_seed(0)
-    model = build_model(
-        cfg["model"]["name"], False, None, cfg["num_classes"], **cfg["model"]["kwargs"]
-    )
+    model = new_model(cfg)
     evals = eval_splits(cfg, kind)
     stages = {}
     for stage, split in (("pretrain", "unbiased"), ("bias", "bias")):
         c = cfg[stage]
         module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
         data = make_split(cfg, kind, split, c["n"])
-        fit(
-            module,
-            data,
-            c["steps"],
-            c["batch_size"],
-            c["lr"],
-            seed=0,
-            one_cycle=stage == "pretrain",
-        )
+        fit(module, data, c, seed=0, one_cycle=stage == "pretrain")
         stages[stage] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
         log(f"{kind} {stage}: " + ", ".join(f"{k} {v:.3f}" for k, v in stages[stage].items()))
     return copy.deepcopy(model.state_dict()), stages
@@ -211,9 +209,7 @@ def finetune(
     c = cfg["finetune"]
     per_class = per_class or c["per_class"]
     torch.manual_seed(seed)
-    model = build_model(
-        cfg["model"]["name"], False, None, cfg["num_classes"], **cfg["model"]["kwargs"]
-    )
+    model = new_model(cfg)
     model.load_state_dict(base)
     module = RelRegModule(model, **method)
     data = make_split(cfg, kind, "finetune", per_class * cfg["num_classes"], seed=10 + seed)
@@ -224,16 +220,7 @@ def finetune(
         curve["ood_acc"].append(accuracy(model, evals["ood"]))
 
     start = time.perf_counter()
-    fit(
-        module,
-        data,
-        c["steps"],
-        c["batch_size"],
-        c["lr"],
-        seed,
-        every=c["eval_every"],
-        on_eval=on_eval,
-    )
+    fit(module, data, c, seed, on_eval=on_eval)
     seconds = time.perf_counter() - start
     if curve["steps"][-1] != c["steps"]:
         on_eval(c["steps"])
@@ -269,6 +256,13 @@ def _class_prob(model: torch.nn.Module, images: torch.Tensor, target: torch.Tens
     return model(images).softmax(1).gather(1, target[:, None]).squeeze(1)
 
 
+@torch.no_grad()
+def _class_logit(
+    model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    return model(images).gather(1, target[:, None]).squeeze(1)
+
+
 def cue_region(images: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tensor:
     """``(B, H, W)`` where the cue is: the whole background (tint) or the white corner square."""
     if kind == "tint":
@@ -286,7 +280,8 @@ def cue_region(images: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Te
 def faithfulness(cfg: dict, model: torch.nn.Module, kind: str) -> dict:
     """Where the baseline's maps put relevance against where its prediction reads.
 
-    Interventions on the OOD split, for the predicted class ``c``: the drop of ``p(c)`` when the
+    Interventions on the OOD split, for the predicted class ``c``: the drop of ``p(c)`` (and of
+    its logit, ``*_logit_drop``) when the
     background (or the object) is set to the dataset mean (0 after normalisation), and the share
     of predictions that change when the background is swapped for another image's. The maps'
     background share is ``1 - relevance mass``; the cue's share is the relevance on the cue's
@@ -308,10 +303,17 @@ def faithfulness(cfg: dict, model: torch.nn.Module, kind: str) -> dict:
     drop_bg = p - _class_prob(model, x * fg, pred)
     drop_fg = p - _class_prob(model, x * (1 - fg), pred)
     drop_cue = p - _class_prob(model, x * (1 - cue.unsqueeze(1)), pred)
+    swapped = swap_backgrounds(x, m)
     with torch.no_grad():
-        flips = (model(swap_backgrounds(x, m)).argmax(1) != pred).float().mean().item()
+        flips = (model(swapped).argmax(1) != pred).float().mean().item()
     pos_bg, pos_fg = drop_bg.clamp_min(0).mean(), drop_fg.clamp_min(0).mean()
+    z = logits.gather(1, pred[:, None]).squeeze(1)
     effects = {
+        "bg_occlusion_logit_drop": (z - _class_logit(model, x * fg, pred)).mean().item(),
+        "cue_occlusion_logit_drop": (z - _class_logit(model, x * (1 - cue.unsqueeze(1)), pred))
+        .mean()
+        .item(),
+        "bg_swap_logit_drop": (z - _class_logit(model, swapped, pred)).mean().item(),
         "bg_occlusion_drop": drop_bg.mean().item(),
         "fg_occlusion_drop": drop_fg.mean().item(),
         "cue_occlusion_drop": drop_cue.mean().item(),
@@ -517,9 +519,7 @@ def run(cfg: dict, seeds: list[int], log: Any, sweeps: bool = True, faithful: bo
         base, stages = build_baseline(cfg, kind, log)
         bases[kind] = base
         evals = eval_splits(cfg, kind)
-        model = build_model(
-            cfg["model"]["name"], False, None, cfg["num_classes"], **cfg["model"]["kwargs"]
-        )
+        model = new_model(cfg)
         model.load_state_dict(base)
         baseline = evaluate(model, evals, kind, cfg["eval"]["relevance_n"])
         result["baselines"][kind] = stages
