@@ -472,16 +472,28 @@ def plot_sweeps(result: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        for method, points in sweeps[name]["results"].items():
+        keys = sweeps[name].get("keys", {})
+        for i, (method, points) in enumerate(sweeps[name]["results"].items()):
             xs = sorted(points, key=float)
-            mean = [points[x]["ood_acc"]["mean"] for x in xs]
-            std = [points[x]["ood_acc"]["std"] for x in xs]
-            ax.errorbar([float(x) for x in xs], mean, yerr=std, marker="o", capsize=3, label=method)
+            label = f"{method} ({keys[method]})" if method in keys else method
+            for metric, style in (("ood_acc", "-"), ("id_acc", ":")):
+                mean = [points[x][metric]["mean"] for x in xs]
+                std = [points[x][metric]["std"] for x in xs]
+                ax.errorbar(
+                    [float(x) for x in xs],
+                    mean,
+                    yerr=std,
+                    marker="o" if metric == "ood_acc" else "x",
+                    linestyle=style,
+                    color=f"C{i}",
+                    capsize=3,
+                    label=f"{label}: {metric.split('_')[0].upper()}",
+                )
         ax.set_xscale("log")
         ax.set(
-            title=f"{sweeps['benchmark']}: OOD accuracy vs {sweeps[name]['label']}",
+            title=f"{sweeps['benchmark']}: accuracy vs {sweeps[name]['label']}",
             xlabel=sweeps[name]["label"],
-            ylabel="OOD accuracy",
+            ylabel="OOD (solid) and ID (dotted) accuracy",
             ylim=(0, 1),
         )
         ax.title.set_fontsize(9)
@@ -512,7 +524,7 @@ def run(cfg: dict, seeds: list[int], log: Any, sweeps: bool = True, faithful: bo
         sw = cfg["sweeps"]
         total += len(seeds) * (
             len(sw["per_class"]["methods"]) * len(sw["per_class"]["values"])
-            + len(sw["weight"]["methods"]) * len(sw["weight"]["values"])
+            + sum(len(w["values"]) for w in sw["weight"].values())
         )
     bar = tqdm(total=total, desc="fine-tunes", unit="run", disable=None)
     for kind in cfg["benchmarks"]:
@@ -561,11 +573,11 @@ def run(cfg: dict, seeds: list[int], log: Any, sweeps: bool = True, faithful: bo
             "label": "masked images per class",
             "results": _strip(per_class),
         }
-        key = sw["weight"]["key"]
         weight: dict[str, dict] = {}
-        for name in sw["weight"]["methods"]:
+        for name, spec in sw["weight"].items():
+            key = spec["key"]
             weight[name] = {str(methods[name][key]): result["benchmarks"][kind][name]}
-            for value in sw["weight"]["values"]:
+            for value in spec["values"]:
                 runs = []
                 for seed in seeds:
                     runs.append(
@@ -573,7 +585,11 @@ def run(cfg: dict, seeds: list[int], log: Any, sweeps: bool = True, faithful: bo
                     )
                     bar.update()
                 weight[name][str(value)] = summarise(runs)
-        result["sweeps"]["weight"] = {"label": f"{key} (lambda_cls = 1)", "results": _strip(weight)}
+        result["sweeps"]["weight"] = {
+            "label": "loss weight (lambda_cls = 1)",
+            "keys": {name: spec["key"] for name, spec in sw["weight"].items()},
+            "results": _strip(weight),
+        }
         log(
             "sweeps: "
             + json.dumps(
@@ -660,10 +676,9 @@ def main() -> None:
             parser.error(f"--methods: unknown {unknown}; the config has {sorted(cfg['methods'])}")
         keep = {"control", *args.methods}
         cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in keep}
-        for sweep in ("per_class", "weight"):
-            cfg["sweeps"][sweep]["methods"] = [
-                m for m in cfg["sweeps"][sweep]["methods"] if m in keep
-            ]
+        sw = cfg["sweeps"]
+        sw["per_class"]["methods"] = [m for m in sw["per_class"]["methods"] if m in keep]
+        sw["weight"] = {m: spec for m, spec in sw["weight"].items() if m in keep}
     if args.steps:
         cfg["finetune"]["steps"] = args.steps
     if args.quick:
@@ -673,7 +688,8 @@ def main() -> None:
         cfg["eval"].update(n=16, relevance_n=8)
         cfg["faithfulness"]["n"] = 8
         cfg["sweeps"]["per_class"]["values"] = [1]
-        cfg["sweeps"]["weight"]["values"] = [0.5]
+        for spec in cfg["sweeps"]["weight"].values():
+            spec["values"] = [0.5]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run(
         cfg,

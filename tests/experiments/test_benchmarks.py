@@ -89,6 +89,10 @@ def test_robustness_study_schema(tmp_path):
         result["faithfulness"]["tint"]["effects"]["bg_area_share"]
     )
     assert set(result["sweeps"]["per_class"]["results"]["relreg_label"]) == {"2", "1"}
+    weights = result["sweeps"]["weight"]
+    assert weights["keys"] == {"relreg_label": "lambda_seg", "counterfactual": "lambda_cf"}
+    assert set(weights["results"]["relreg_label"]) == {"2.0", "0.5"}
+    assert set(weights["results"]["counterfactual"]) == {"1.0", "0.5"}
     for suffix in ("ood_vs_steps", "mass_vs_ood", "faithfulness", "sweeps"):
         assert (tmp_path / f"study_{suffix}.png").stat().st_size > 10_000
     # an existing result is not overwritten without --overwrite; unknown methods are named
