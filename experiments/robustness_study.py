@@ -181,8 +181,13 @@ def eval_splits(cfg: dict, kind: str) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def build_baseline(cfg: dict, kind: str, log: Any) -> tuple[dict, dict]:
-    """Pretrain on unbiased data, then bias; returns the state dict and the stages' accuracies."""
-    torch.manual_seed(0)
+    """Pretrain on unbiased data, then bias; returns the state dict and the stages' accuracies.
+
+    ``cfg["baseline_seed"]`` (default 0) seeds the initialisation and the batch order of both
+    stages; their data are fixed.
+    """
+    seed = cfg.get("baseline_seed", 0)
+    torch.manual_seed(seed)
     model = new_model(cfg)
     evals = eval_splits(cfg, kind)
     stages = {}
@@ -190,7 +195,7 @@ def build_baseline(cfg: dict, kind: str, log: Any) -> tuple[dict, dict]:
         c = cfg[stage]
         module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
         data = make_split(cfg, kind, split, c["n"])
-        fit(module, data, c, seed=0, one_cycle=stage == "pretrain")
+        fit(module, data, c, seed=seed, one_cycle=stage == "pretrain")
         stages[stage] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
         log(f"{kind} {stage}: " + ", ".join(f"{k} {v:.3f}" for k, v in stages[stage].items()))
     return copy.deepcopy(model.state_dict()), stages
@@ -490,6 +495,9 @@ def plot_sweeps(result: dict, path: Path) -> None:
                     label=f"{label}: {metric.split('_')[0].upper()}",
                 )
         ax.set_xscale("log")
+        ticks = sorted({float(x) for pts in sweeps[name]["results"].values() for x in pts})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set(
             title=f"{sweeps['benchmark']}: accuracy vs {sweeps[name]['label']}",
             xlabel=sweeps[name]["label"],
@@ -652,6 +660,11 @@ def main() -> None:
         "--methods", nargs="+", help="a subset of the config's methods (control is always run)"
     )
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
+    parser.add_argument(
+        "--baseline-seed",
+        type=int,
+        help="seed of the baseline's training (initialisation, batch order); default: the config's",
+    )
     parser.add_argument("--no-sweeps", action="store_true")
     parser.add_argument("--no-faithfulness", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -681,6 +694,8 @@ def main() -> None:
         sw["weight"] = {m: spec for m, spec in sw["weight"].items() if m in keep}
     if args.steps:
         cfg["finetune"]["steps"] = args.steps
+    if args.baseline_seed is not None:
+        cfg["baseline_seed"] = args.baseline_seed
     if args.quick:
         for stage in ("pretrain", "bias"):
             cfg[stage].update(n=64, steps=4, batch_size=16)

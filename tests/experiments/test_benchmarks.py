@@ -104,6 +104,44 @@ def test_robustness_study_schema(tmp_path):
     assert bad.returncode == 2 and "unknown ['nope']" in bad.stderr
 
 
+def test_robustness_baselines_reuse_the_study_and_summarise(tmp_path):
+    experiments = ROOT / "experiments"
+    study = tmp_path / "study.json"
+    common = ["--quick", "--seeds", "0", "1", "--benchmarks", "marker"]
+    subprocess.run(
+        [sys.executable, str(experiments / "robustness_study.py"), *common]
+        + ["--methods", "relreg_label", "--no-sweeps", "--no-faithfulness", "--out", str(study)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    out = tmp_path / "baselines.json"
+    done = subprocess.run(
+        [sys.executable, str(experiments / "robustness_baselines.py"), *common]
+        + ["--methods", "relreg_label", "--baseline-seeds", "0", "1"]
+        + ["--from-study", str(study), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # baseline seed 0 is the study's own run (same quick protocol); seed 1 is trained here
+    assert f"baseline seed 0: from {study}" in done.stdout
+    assert "baseline seed 1: from" not in done.stdout
+    result, first = json.loads(out.read_text()), json.loads(study.read_text())
+    assert result["per_baseline"]["0"]["gains"] == first["gains"]
+    assert result["per_baseline"]["0"]["baselines"] == first["baselines"]
+    assert result["per_baseline"]["1"]["baselines"] != first["baselines"]
+    row = result["summary"]["marker"]["relreg_label"]
+    gains = [result["per_baseline"][b]["gains"]["marker"]["relreg_label"] for b in ("0", "1")]
+    assert row["ood_gain"]["per_baseline"] == [g["ood_minus_control"] for g in gains]
+    assert row["ood_gain"]["mean"] == pytest.approx(
+        sum(row["ood_gain"]["per_baseline"]) / 2, abs=1e-4
+    )
+    assert row["gain_every_seed"] == [g["ood_gain_every_seed"] for g in gains]
+    assert (tmp_path / "baselines.png").stat().st_size > 10_000
+
+
 def yaml_methods() -> list[str]:
     import yaml
 
