@@ -29,7 +29,7 @@ from typing import Any
 import matplotlib
 import yaml
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
-from robustness_study import DEFAULT_CONFIG, run
+from robustness_study import DEFAULT_CONFIG, run, shrink
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -156,10 +156,7 @@ def main() -> None:
     if args.benchmarks:
         cfg["benchmarks"] = args.benchmarks
     if args.quick:
-        for stage in ("pretrain", "bias"):
-            cfg[stage].update(n=64, steps=4, batch_size=16)
-        cfg["finetune"].update(steps=4, eval_every=2, per_class=2)
-        cfg["eval"].update(n=16, relevance_n=8)
+        shrink(cfg)
     study = json.loads(args.from_study.read_text()) if args.from_study else None
     start = time.perf_counter()
     per_baseline: dict[str, dict] = {}

@@ -646,6 +646,18 @@ def _strip(points: dict) -> dict:
     }
 
 
+def shrink(cfg: dict) -> None:
+    """Tiny sizes in place (``--quick``): a smoke test of the whole pipeline, not a result."""
+    for stage in ("pretrain", "bias"):
+        cfg[stage].update(n=64, steps=4, batch_size=16)
+    cfg["finetune"].update(steps=4, eval_every=2, per_class=2)
+    cfg["eval"].update(n=16, relevance_n=8)
+    cfg["faithfulness"]["n"] = 8
+    cfg["sweeps"]["per_class"]["values"] = [1]
+    for spec in cfg["sweeps"]["weight"].values():
+        spec["values"] = [0.5]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -697,14 +709,7 @@ def main() -> None:
     if args.baseline_seed is not None:
         cfg["baseline_seed"] = args.baseline_seed
     if args.quick:
-        for stage in ("pretrain", "bias"):
-            cfg[stage].update(n=64, steps=4, batch_size=16)
-        cfg["finetune"].update(steps=4, eval_every=2, per_class=2)
-        cfg["eval"].update(n=16, relevance_n=8)
-        cfg["faithfulness"]["n"] = 8
-        cfg["sweeps"]["per_class"]["values"] = [1]
-        for spec in cfg["sweeps"]["weight"].values():
-            spec["values"] = [0.5]
+        shrink(cfg)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run(
         cfg,
