@@ -13,8 +13,8 @@ differences to the CE control of the same baseline.
 
 ``--from-study`` reuses the study's own run as baseline seed 0 when its protocol matches. Writes
 the JSON (``{"summary": {KIND: {METHOD: {"ood_gain": {"mean", "std", "per_baseline"}, "id_diff":
-..., "gain_every_seed": [...]}}}, "per_baseline": {...}}``) and ``*.png`` next to it (one dot per
-baseline). About 7 minutes per baseline seed with the default methods on 2 CPU cores (1320 s for three).
+..., "gain_every_seed": [...]}}}, "per_baseline": {...}}``), ``*.png`` next to it (one dot per
+baseline) and ``*_cue.png`` (relevance on the cue against reliance on it, every fine-tuned model). About 7 minutes per baseline seed with the default methods on 2 CPU cores (1320 s for three).
 """
 
 from __future__ import annotations
@@ -123,6 +123,50 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _pearson(xs: list[float], ys: list[float]) -> float:
+    return statistics.correlation(xs, ys) if len(xs) > 2 and len(set(xs)) > 1 else float("nan")
+
+
+def plot_cue(result: dict, path: Path) -> None:
+    """Per benchmark: relevance on the cue against how often the prediction follows it.
+
+    One point per fine-tuned model (every baseline, method and seed), on OOD images; the title
+    gives Pearson's r over all of them. A map that is faithful to the cue's use puts the points on
+    a rising line.
+    """
+    per_baseline = result["per_baseline"]
+    kinds = list(result["summary"])
+    names = ["control", *result["methods"]]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        xs_all, ys_all = [], []
+        for i, name in enumerate(names):
+            xs, ys = [], []
+            for one in per_baseline.values():
+                arm = one["benchmarks"][kind][name]
+                xs += arm["cue_relevance"]["per_seed"]
+                ys += arm["follows_cue"]["per_seed"]
+            ax.scatter(xs, ys, s=14, color=f"C{i}", label=name)
+            xs_all += xs
+            ys_all += ys
+        ax.set(
+            title=f"{kind}: {len(xs_all)} fine-tuned models, Pearson r = "
+            f"{_pearson(xs_all, ys_all):.2f}",
+            xlabel="Chefer relevance on the cue's pixels (OOD images)",
+            ylabel="OOD predictions that follow the cue",
+            ylim=(0, 1),
+        )
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    save_figure(fig, path)
+
+
+def plot_all(result: dict, out: Path) -> None:
+    plot(result, out.with_suffix(".png"))
+    plot_cue(result, Path(f"{out.with_suffix('')}_cue.png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -143,7 +187,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args()
     if args.replot:
-        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        plot_all(json.loads(args.out.read_text()), args.out)
         return
     if args.out.exists() and not args.overwrite:
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
@@ -193,7 +237,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
-    plot(out, args.out.with_suffix(".png"))
+    plot_all(out, args.out)
     for kind, rows in out["summary"].items():
         for name in methods:
             r = rows[name]

@@ -139,7 +139,8 @@ def test_robustness_baselines_reuse_the_study_and_summarise(tmp_path):
         sum(row["ood_gain"]["per_baseline"]) / 2, abs=1e-4
     )
     assert row["gain_every_seed"] == [g["ood_gain_every_seed"] for g in gains]
-    assert (tmp_path / "baselines.png").stat().st_size > 10_000
+    for name in ("baselines.png", "baselines_cue.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
 
 
 def yaml_methods() -> list[str]:
