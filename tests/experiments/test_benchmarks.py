@@ -143,6 +143,36 @@ def test_robustness_baselines_reuse_the_study_and_summarise(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
+def test_robustness_mechanism_reimplements_chefer_and_writes_its_schema(tmp_path):
+    # the script asserts that its positive_mean rule equals relreg's chefer maps on every model
+    out = tmp_path / "mech.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "robustness_mechanism.py"), "--quick"]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert list(result["models"]) == [
+        "baseline",
+        "control",
+        "relreg_label",
+        "energy",
+        "counterfactual",
+    ]
+    for row in result["models"].values():
+        assert set(row["rule_variants"]) == {
+            "positive_mean",
+            "negative_mean",
+            "abs_mean",
+            "positive_max_head",
+        }
+        assert all(0.0 <= v <= 1.0 for v in row["rule_variants"].values())
+        # the tint covers the whole background: the chefer rule's cue share is the explainer's
+        assert row["rule_variants"]["positive_mean"] == pytest.approx(
+            row["explainers"]["chefer"]["relevance_cue_share"], abs=2e-3
+        )
+    assert (tmp_path / "mech.png").stat().st_size > 10_000
+    again = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
 def yaml_methods() -> list[str]:
     import yaml
 
