@@ -8,6 +8,11 @@ study's protocol) and measures, for the baseline and each fine-tuned model, on O
 
 - what the prediction reads: the study's faithfulness test (occluding or swapping the background,
   keeping only the patches the object touches or only its pixels; :func:`faithfulness`);
+- by which route the background reaches the prediction: its tokens send another image's keys
+  and/or values at every block (path patching, :func:`patch_keys_values`);
+- how far the map moves with the function held fixed: a value-bias reparametrisation that leaves
+  every logit unchanged, optimised to take Chefer relevance off the background
+  (:class:`ValueBiasGauge`, :func:`gauge_shift`);
 - where the maps put relevance: the share on the cue for several explainers, and for variants of
   the gradient-weighted attention rule that drop one of its choices: positive part only
   (``chefer``), negative part only, absolute value, and the maximum over heads instead of the mean
@@ -17,7 +22,7 @@ study's protocol) and measures, for the baseline and each fine-tuned model, on O
     python experiments/robustness_mechanism.py --baseline-seed 1 --benchmark tint \\
         --out experiments/results/robustness_mechanism.json
 
-Writes the JSON and ``*.png`` next to it. About 2 minutes on 2 CPU cores.
+Writes the JSON and ``*.png`` next to it. About 3 minutes on 2 CPU cores (156 s measured).
 """
 
 from __future__ import annotations
@@ -44,11 +49,18 @@ from robustness_study import (
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from relreg.explain import AttentionCapture, explain, to_pixels  # noqa: E402
+from relreg.explain import (  # noqa: E402
+    AttentionCapture,
+    explain,
+    find_attention_modules,
+    to_pixels,
+)
 from relreg.io import atomic_write  # noqa: E402
 from relreg.lightning import RelRegModule  # noqa: E402
+from relreg.losses import swap_backgrounds  # noqa: E402
 from relreg.viz import save_figure  # noqa: E402
 
 EXPLAINERS = ["chefer", "rollout", "transformer_attribution", "input_x_gradient"]
@@ -86,12 +98,184 @@ def rule_variants(model: torch.nn.Module, images: Tensor, target: Tensor) -> dic
     return out
 
 
+@torch.no_grad()
+def value_flow(model: torch.nn.Module, images: Tensor, senders: Tensor) -> dict[str, list[float]]:
+    """Per block: how much of what the CLS token and the object's tokens receive comes from ``senders``.
+
+    For receiver ``i`` and head ``h``, the attention output splits into the part from the senders,
+    ``sum_{j in S} A_hij v_hj``, and the rest; ``*_value_share`` is the norm of the first over the
+    sum of both norms (mean over heads, images and, for ``object``, the object's tokens);
+    ``*_attention`` is the attention mass ``sum_{j in S} A_hij`` itself. ``senders``: ``(B, N)``
+    bool; the object's tokens are the other non-CLS tokens.
+    """
+    modules = find_attention_modules(model)
+    values: list[Tensor] = []
+    hooks = [m.qkv.register_forward_hook(lambda _m, _i, out: values.append(out)) for m in modules]
+    try:
+        with AttentionCapture(model) as capture:
+            model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    s = senders.to(images.dtype)[:, None, None, :]  # (B, 1, 1, N)
+    objects = ~senders
+    objects[:, 0] = False
+    out: dict[str, list[float]] = {k: [] for k in ("cls_attention", "cls_value_share")}
+    out.update({"object_attention": [], "object_value_share": []})
+    for a, qkv, m in zip(capture.attentions, values, modules, strict=True):
+        b, n, _ = qkv.shape
+        v = qkv[..., 2 * qkv.shape[-1] // 3 :].reshape(b, n, m.num_heads, -1).transpose(1, 2)
+        from_s, from_rest = (a * s) @ v, (a * (1 - s)) @ v  # (B, h, N, d)
+        ns, nr = from_s.norm(dim=-1), from_rest.norm(dim=-1)
+        share = (ns / (ns + nr).clamp_min(1e-12)).mean(1)  # (B, N)
+        mass = (a * s).sum(-1).mean(1)  # (B, N)
+        w = objects.to(share.dtype)
+        per_image = w.sum(1).clamp_min(1)
+        out["cls_attention"].append(round(mass[:, 0].mean().item(), 4))
+        out["cls_value_share"].append(round(share[:, 0].mean().item(), 4))
+        out["object_attention"].append(round(((mass * w).sum(1) / per_image).mean().item(), 4))
+        out["object_value_share"].append(round(((share * w).sum(1) / per_image).mean().item(), 4))
+    return out
+
+
+class ValueBiasGauge:
+    """A function-preserving reparametrisation: value bias ``b`` in, ``W_proj b`` out, per block.
+
+    Adding ``b_l`` to every value of block ``l`` adds ``b_l`` to every attention output (each
+    attention row sums to 1), and subtracting ``W_proj b_l`` after the output projection removes
+    it again, so the network computes the same function for any ``b``. The gradient of a logit
+    with respect to the post-softmax attention ``A_ij`` is ``<dy/dout_i, v_j>``: it shifts by
+    ``<dy/dout_i, b>``, the same for every ``j`` of row ``i``, so gradient-weighted attention
+    rules (``chefer``) depend on ``b``. Used as a context manager, it holds the hooks that apply
+    ``self.bias: (blocks, dim)``.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.modules = find_attention_modules(model)
+        dim = self.modules[0].qkv.out_features // 3
+        p = self.modules[0].qkv.weight
+        self.bias = torch.zeros(len(self.modules), dim, device=p.device, dtype=p.dtype)
+        self.bias.requires_grad_(True)
+        self.hooks: list = []
+
+    def __enter__(self) -> ValueBiasGauge:
+        for i, m in enumerate(self.modules):
+            dim = self.bias.shape[1]
+
+            def shift_values(_m, _i, out: Tensor, i: int = i, dim: int = dim) -> Tensor:
+                pad = torch.zeros_like(self.bias[i]).repeat(2)
+                return out + torch.cat([pad, self.bias[i]])
+
+            def unshift_output(mod, _i, out: Tensor, i: int = i) -> Tensor:
+                return out - mod.weight @ self.bias[i]
+
+            self.hooks.append(m.qkv.register_forward_hook(shift_values))
+            self.hooks.append(m.proj.register_forward_hook(unshift_output))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+def gauge_shift(
+    model: torch.nn.Module, images: Tensor, masks: Tensor, steps: int = 60, lr: float = 0.1
+) -> dict[str, float]:
+    """Move Chefer relevance onto the object without changing the function (:class:`ValueBiasGauge`).
+
+    Adam on the value-bias gauge only (the weights are untouched), minimising the share of Chefer
+    relevance outside ``masks`` (the energy loss) through the second-order maps. Returns the
+    background share before and after, and the largest change of any logit (0 up to rounding).
+    """
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+    target = logits.argmax(1)
+
+    def bg_share(maps: Tensor) -> Tensor:
+        pix = to_pixels(maps, size=masks.shape[-2:])
+        return (pix * (1 - masks)).flatten(1).sum(1) / pix.flatten(1).sum(1).clamp_min(1e-8)
+
+    gauge = ValueBiasGauge(model)
+    opt = torch.optim.Adam([gauge.bias], lr=lr)
+    with gauge:
+        before = bg_share(explain(model, images, "chefer", target=target)).mean().item()
+        for _ in range(steps):
+            maps = explain(
+                model, images, "chefer", target=target, differentiable=True, second_order=True
+            )
+            loss = bg_share(maps).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            change = (model(images) - logits).abs().max().item()
+        after = bg_share(explain(model, images, "chefer", target=target)).mean().item()
+    model.train()
+    return {
+        "bg_share_before": round(before, 4),
+        "bg_share_after": round(after, 4),
+        "max_logit_change": change,
+        "bias_norm": round(gauge.bias.norm().item(), 4),
+    }
+
+
 def cue_share(patches: Tensor, cue: Tensor) -> float:
     """Mean share of ``|relevance|`` on the cue's pixels; ``patches: (B, P)``, ``cue: (B, H, W)``."""
     side = int(patches.shape[1] ** 0.5)
     pix = to_pixels(patches.reshape(-1, side, side), size=cue.shape[-2:]).abs()
     total = pix.flatten(1).sum(1).clamp_min(1e-8)
     return round(((pix * cue).flatten(1).sum(1) / total).mean().item(), 4)
+
+
+@torch.no_grad()
+def patch_keys_values(
+    model: torch.nn.Module, images: Tensor, counterfactual: Tensor, senders: Tensor
+) -> dict[str, Tensor]:
+    """Predictions ``(B,)`` when chosen tokens send the counterfactual's keys and/or values.
+
+    Path patching at every block: a forward hook on each attention's ``qkv`` projection records
+    the counterfactual run's keys and values, then, in runs on ``images``, overwrites them for the
+    ``senders`` tokens (``(B, N)`` bool): keys only (the tokens change how every token weighs the
+    others, through the softmax), values only (what they pass on), or both (everything they send;
+    the receivers, CLS included, keep their own queries). Returns the predictions of each run and
+    of the plain runs on ``images`` and ``counterfactual``.
+    """
+    modules = find_attention_modules(model)
+    recorded: list[Tensor] = []
+    hooks = [m.qkv.register_forward_hook(lambda _m, _i, out: recorded.append(out)) for m in modules]
+    try:
+        preds = {"counterfactual": model(counterfactual).argmax(1)}
+    finally:
+        for h in hooks:
+            h.remove()
+    preds["original"] = model(images).argmax(1)
+    dim = recorded[0].shape[-1] // 3
+    parts = {"keys": slice(dim, 2 * dim), "values": slice(2 * dim, 3 * dim)}
+    for name, slices in (
+        ("keys", [parts["keys"]]),
+        ("values", [parts["values"]]),
+        ("keys_and_values", [parts["keys"], parts["values"]]),
+    ):
+
+        def patch(block: int, _m: torch.nn.Module, _i: tuple, out: Tensor, slices=slices) -> Tensor:
+            out = out.clone()
+            sel = senders.unsqueeze(-1)
+            for sl in slices:
+                out[..., sl] = torch.where(sel, recorded[block][..., sl], out[..., sl])
+            return out
+
+        hooks = [
+            m.qkv.register_forward_hook(lambda mod, i, o, b=b: patch(b, mod, i, o))
+            for b, m in enumerate(modules)
+        ]
+        try:
+            preds[name] = model(images).argmax(1)
+        finally:
+            for h in hooks:
+                h.remove()
+    return preds
 
 
 def measure(cfg: dict, model: torch.nn.Module, kind: str) -> dict:
@@ -109,6 +293,24 @@ def measure(cfg: dict, model: torch.nn.Module, kind: str) -> dict:
     torch.testing.assert_close(
         variants["positive_mean"].reshape(reference.shape), reference, rtol=1e-4, atol=1e-6
     )
+    # which route does the background take? its tokens send another image's keys and/or values
+    fg = data["mask"].unsqueeze(1)
+    patch = cfg["model"]["kwargs"]["patch_size"]
+    touched = F.max_pool2d(fg, patch).flatten(1) > 0  # (B, P): patches the object touches
+    senders = torch.cat([torch.zeros_like(touched[:, :1]), ~touched], 1)  # CLS never sends
+    preds = patch_keys_values(
+        model, data["image"], swap_backgrounds(data["image"], data["mask"]), senders
+    )
+    new_cue = data["cue"].roll(1, 0)  # swap_backgrounds: image i gets image i - 1's background
+    result["patching"] = {
+        name: {
+            "flips": round((p != preds["original"]).float().mean().item(), 4),
+            "follows_new_cue": round((p == new_cue).float().mean().item(), 4),
+        }
+        for name, p in preds.items()
+        if name != "original"
+    }
+    result["value_flow"] = value_flow(model, data["image"], senders)
     model.train()
     return result
 
@@ -116,7 +318,7 @@ def measure(cfg: dict, model: torch.nn.Module, kind: str) -> dict:
 def plot(result: dict, path: Path) -> None:
     models = list(result["models"])
     rows = result["models"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.2))
     ax = axes[0]
     reads = {
         "follows cue (full image)": [
@@ -154,6 +356,18 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
+    ax = axes[2]
+    routes = ["counterfactual", "keys_and_values", "keys", "values"]
+    width = 0.8 / len(routes)
+    for i, route in enumerate(routes):
+        values = [rows[m]["patching"][route]["follows_new_cue"] for m in models]
+        label = "whole image swapped" if route == "counterfactual" else f"background sends {route}"
+        ax.bar([j + i * width for j in range(len(models))], values, width, label=label)
+    ax.set(title="background swapped in one route: predictions following the new cue", ylim=(0, 1))
+    ax.title.set_fontsize(9)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
     fig.suptitle(
         f"{result['benchmark']}, baseline seed {result['baseline_seed']}, fine-tune seed "
         f"{result['seed']}",
@@ -177,6 +391,8 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--replot", action="store_true", help="only redraw the figure of --out")
+    parser.add_argument("--gauge-n", type=int, default=128, help="OOD images for the gauge test")
+    parser.add_argument("--gauge-steps", type=int, default=60, help="Adam steps of the gauge test")
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
@@ -189,6 +405,7 @@ def main() -> None:
         parser.error(f"--methods: unknown {unknown}; the config has {sorted(cfg['methods'])}")
     if args.quick:
         shrink(cfg)
+        args.gauge_n, args.gauge_steps = 8, 2
     cfg["baseline_seed"] = args.baseline_seed
     cfg["faithfulness"]["explainers"] = EXPLAINERS
     kind = args.benchmark
@@ -198,6 +415,10 @@ def main() -> None:
     model = new_model(cfg)
     model.load_state_dict(base)
     models["baseline"] = measure(cfg, model, kind)
+    # how far can the map move with the function held fixed? (the baseline's weights, value gauge)
+    data = make_split(cfg, kind, "ood", args.gauge_n, seed=2)
+    gauge = gauge_shift(model, data["image"], data["mask"], steps=args.gauge_steps)
+    print(f"value-bias gauge on the baseline: {gauge}", flush=True)
     c = cfg["finetune"]
     for name in args.methods:
         torch.manual_seed(args.seed)
@@ -222,6 +443,7 @@ def main() -> None:
         "seed": args.seed,
         "config": cfg,
         "stages": stages,
+        "gauge": {"n": args.gauge_n, "steps": args.gauge_steps, **gauge},
         "models": models,
         "seconds": round(time.perf_counter() - start, 1),
     }

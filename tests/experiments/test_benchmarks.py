@@ -168,9 +168,59 @@ def test_robustness_mechanism_reimplements_chefer_and_writes_its_schema(tmp_path
         assert row["rule_variants"]["positive_mean"] == pytest.approx(
             row["explainers"]["chefer"]["relevance_cue_share"], abs=2e-3
         )
+        assert set(row["patching"]) == {"counterfactual", "keys", "values", "keys_and_values"}
+    assert result["gauge"]["max_logit_change"] < 1e-3
     assert (tmp_path / "mech.png").stat().st_size > 10_000
     again = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_patching_every_token_gives_the_counterfactual_prediction(monkeypatch):
+    # CLS starts from the same embedding in both runs; if every patch token sends the
+    # counterfactual's keys and values at every block, CLS's state follows the counterfactual run
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import timm
+    import torch
+    from robustness_mechanism import patch_keys_values, value_flow
+
+    from relreg.explain import explain
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, num_classes=5
+    ).eval()
+    x, x_cf = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    everyone = torch.ones(6, 17, dtype=torch.bool)
+    everyone[:, 0] = False
+    preds = patch_keys_values(model, x, x_cf, everyone)
+    assert torch.equal(preds["keys_and_values"], preds["counterfactual"])
+    assert not torch.equal(preds["original"], preds["counterfactual"])
+    nobody = torch.zeros(6, 17, dtype=torch.bool)
+    unchanged = patch_keys_values(model, x, x_cf, nobody)
+    for name in ("keys", "values", "keys_and_values"):
+        assert torch.equal(unchanged[name], unchanged["original"])
+    # the value-bias gauge changes no logit, but it does change the chefer maps
+    from robustness_mechanism import ValueBiasGauge
+
+    with torch.no_grad():
+        logits = model(x)
+    reference = explain(model, x, "chefer", target=logits.argmax(1))
+    gauge = ValueBiasGauge(model)
+    with gauge, torch.no_grad():
+        gauge.bias.normal_(0, 3.0)
+        torch.testing.assert_close(model(x), logits, atol=1e-4, rtol=1e-4)
+    with gauge:
+        shifted = explain(model, x, "chefer", target=logits.argmax(1))
+    assert (shifted - reference).abs().max() > 1e-2
+    torch.testing.assert_close(model(x), logits)  # hooks gone on exit
+    # nothing flows from no senders; from every patch token, all but the CLS column does
+    flow = value_flow(model, x, nobody)
+    assert all(v == 0.0 for values in flow.values() for v in values)
+    flow = value_flow(model, x, everyone)
+    assert all(0.0 < v < 1.0 for v in flow["cls_attention"] + flow["cls_value_share"])
+    assert not model._forward_hooks and all(
+        not m.qkv._forward_hooks for m in model.blocks.modules() if hasattr(m, "qkv")
+    )
 
 
 def yaml_methods() -> list[str]:
