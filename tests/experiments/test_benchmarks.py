@@ -162,6 +162,7 @@ def test_robustness_mechanism_reimplements_chefer_and_writes_its_schema(tmp_path
             "negative_mean",
             "abs_mean",
             "positive_max_head",
+            "positive_mean_logit_grad",
         }
         assert all(0.0 <= v <= 1.0 for v in row["rule_variants"].values())
         # the tint covers the whole background: the chefer rule's cue share is the explainer's
@@ -212,6 +213,17 @@ def test_patching_every_token_gives_the_counterfactual_prediction(monkeypatch):
     with gauge:
         shifted = explain(model, x, "chefer", target=logits.argmax(1))
     assert (shifted - reference).abs().max() > 1e-2
+    # ... while the rule on the attention logits' gradient does not move with it
+    from robustness_mechanism import rule_variants
+
+    target = logits.argmax(1)
+    plain = rule_variants(model, x, target)
+    with gauge:
+        moved = rule_variants(model, x, target)
+    torch.testing.assert_close(
+        moved["positive_mean_logit_grad"], plain["positive_mean_logit_grad"], atol=1e-4, rtol=1e-3
+    )
+    assert (moved["positive_mean"] - plain["positive_mean"]).abs().max() > 1e-2
     torch.testing.assert_close(model(x), logits)  # hooks gone on exit
     # nothing flows from no senders; from every patch token, all but the CLS column does
     flow = value_flow(model, x, nobody)
