@@ -199,6 +199,7 @@ def chefer(
     differentiable: bool = False,
     second_order: bool = False,
     start_layer: int = 0,
+    gradient: str = "attention",
 ) -> Explanation:
     """Gradient-weighted attention relevance (the RobustViT rule): ``(B, gh, gw)``, raw.
 
@@ -207,6 +208,12 @@ def chefer(
     keeps the graph through ``A`` with the gradients as constants (as RobustViT trains);
     ``second_order=True`` also differentiates through the gradients.
 
+    ``gradient="logits"`` (a relreg variant, not the papers') weights ``A`` by the gradient with
+    respect to the attention logits instead of the probabilities: ``dy/dA * A`` becomes
+    ``A * (dy/dA - sum_k A_ik dy/dA_ik)``. Adding a bias to every value and removing it after the
+    output projection leaves the model's function unchanged but shifts ``dy/dA`` by a constant per
+    row, which moves the default map and not this one (see the robustness study in the README).
+
     Example:
         >>> import timm, torch
         >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
@@ -214,6 +221,8 @@ def chefer(
         >>> chefer(model, torch.randn(2, 3, 32, 32)).maps.shape
         torch.Size([2, 4, 4])
     """
+    if gradient not in ("attention", "logits"):
+        raise ValueError(f"Expected gradient 'attention' or 'logits', but got {gradient!r}.")
     attentions, grads, logits = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "chefer"
     )
@@ -224,6 +233,8 @@ def chefer(
             # take each gradient out of the list so that it is freed once used
             a, g = attentions[b], grads[b]
             grads[b] = None
+            if gradient == "logits":  # a constant in first order, like g itself
+                g = g - ((a if second_order else a.detach()) * g).sum(-1, keepdim=True)
             if second_order:
                 abar = (g * a).clamp(min=0).mean(dim=1)
             else:

@@ -47,6 +47,8 @@ class RelRegModule(pl.LightningModule):
         num_classes: classifier size (timm names only; None keeps the model's).
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ...).
         method: explainer whose maps the loss shapes (default: the loss's own, ``chefer``).
+        method_options: keyword options of that explainer, e.g. ``{"gradient": "logits"}`` for
+            ``chefer`` (see :func:`relreg.explain.chefer`); used in training and validation.
         second_order: differentiate through the attention gradients too (RobustViT: False).
         relevance_loss: ``"robustvit"``, ``"mass"``, ``"rrr"`` or a loss module.
         lambda_bg, lambda_fg: weights inside the RobustViT loss (paper: 2, 0.3).
@@ -73,6 +75,7 @@ class RelRegModule(pl.LightningModule):
         num_classes: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
         method: str | None = None,
+        method_options: dict[str, Any] | None = None,
         second_order: bool = False,
         relevance_loss: str | nn.Module = "robustvit",
         lambda_bg: float = 2.0,
@@ -121,6 +124,13 @@ class RelRegModule(pl.LightningModule):
             raise ValueError(
                 f"Expected a differentiable explainer for method, but {self.method!r} is not "
                 "(its maps cannot carry a loss's gradient); use e.g. 'chefer'."
+            )
+        self.method_options = dict(method_options or {})
+        unknown = sorted(set(self.method_options) - set(info.options))
+        if unknown:
+            raise TypeError(
+                f"Expected method_options among {list(info.options)} for {self.method!r}, but got "
+                f"unknown {unknown}."
             )
         if info.output == "grid":
             find_attention_modules(self.model)  # fail now, not at the first step
@@ -220,6 +230,7 @@ class RelRegModule(pl.LightningModule):
                     target=labels if whole else labels[masked],
                     differentiable=True,
                     second_order=self.second_order,
+                    **self.method_options,
                 )
                 masks = batch["mask"] if whole else batch["mask"][masked]
                 pix = to_pixels(exp.maps, size=masks.shape[-2:], normalize=self.normalize)
@@ -341,7 +352,9 @@ class RelRegModule(pl.LightningModule):
     ) -> dict[str, Tensor]:
         """Logits ``(B, K)`` and raw maps of the top-1 class for a batch."""
         with torch.enable_grad():
-            exp = explain_with_logits(self.model, batch["image"], self.method)
+            exp = explain_with_logits(
+                self.model, batch["image"], self.method, **self.method_options
+            )
         return {"logits": exp.logits, "maps": exp.maps}
 
     # ------------------------------------------------------------- optimiser

@@ -40,16 +40,30 @@ def _record_one(model: nn.Module, image: Tensor, cls: int) -> tuple[list[Tensor]
 
 
 def dense_chefer(
-    model: nn.Module, images: Tensor, classes: Tensor, prefix: int, start_layer: int = 0
+    model: nn.Module,
+    images: Tensor,
+    classes: Tensor,
+    prefix: int,
+    start_layer: int = 0,
+    gradient: str = "attention",
 ) -> Tensor:
-    """R = I; R = R + Abar @ R per block; CLS row, patch columns; (B, P)."""
+    """R = I; R = R + Abar @ R per block; CLS row, patch columns; (B, P).
+
+    ``gradient="logits"``: the gradient w.r.t. the attention logits, by the softmax Jacobian
+    applied row by row (``dA_ij/ds_ik = A_ij (delta_jk - A_ik)``), as a dense N x N product.
+    """
     rows = []
     for image, cls in zip(images, classes.tolist(), strict=True):
         attns, grads = _record_one(model, image, cls)
         n = attns[0].shape[-1]
         r = torch.eye(n, dtype=images.dtype)
         for a, g in list(zip(attns, grads, strict=True))[start_layer:]:
-            abar = (g * a).clamp(min=0).mean(dim=1)[0]
+            if gradient == "logits":  # ds = J^T g with J = diag(A_i) - A_i A_i^T per row i
+                jac = torch.diag_embed(a) - a.unsqueeze(-1) * a.unsqueeze(-2)
+                ds = (jac @ g.unsqueeze(-1)).squeeze(-1)
+                abar = ds.clamp(min=0).mean(dim=1)[0]
+            else:
+                abar = (g * a).clamp(min=0).mean(dim=1)[0]
             r = r + abar @ r
         rows.append(r[0, prefix:])
     return torch.stack(rows)

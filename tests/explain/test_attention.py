@@ -9,6 +9,8 @@ from relreg.explain import explain, num_prefix_tokens
 from tests.conftest import images_for, make_tiny_vit
 from tests.explain.reference import dense_chefer, dense_gradcam, dense_rollout
 
+GRADIENTS = ("attention", "logits")
+
 LAYOUTS = {
     "vit": ("vit_tiny_patch16_224", {}),
     "nonsquare": ("vit_tiny_patch16_224", {"img_size": (12, 20)}),
@@ -31,6 +33,48 @@ def test_chefer_equals_dense_reference(model, start_layer):
     ref = dense_chefer(model, x, target, num_prefix_tokens(model), start_layer)
     assert maps.shape[0] == 3 and maps.shape[1] * maps.shape[2] == ref.shape[1]
     torch.testing.assert_close(maps.flatten(1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chefer_logit_gradient_equals_dense_softmax_jacobian(model):
+    x = images_for(model, batch=3)
+    target = torch.tensor([2, 0, 1])
+    maps = explain(model, x, "chefer", target=target, gradient="logits")
+    ref = dense_chefer(model, x, target, num_prefix_tokens(model), gradient="logits")
+    torch.testing.assert_close(maps.flatten(1), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(maps, explain(model, x, "chefer", target=target))
+
+
+def test_chefer_logit_gradient_ignores_a_function_preserving_value_bias():
+    # b added to every value of a block and W_proj b removed after the projection: the same
+    # function; dy/dA shifts by <dy/dout_i, b> per row, which moves the default rule only
+    model = make_tiny_vit("vit_tiny_patch16_224", dtype=torch.float64)
+    x = images_for(model, batch=4)
+    target = model(x).argmax(1)
+    before = {g: explain(model, x, "chefer", target=target, gradient=g) for g in GRADIENTS}
+    logits = model(x)
+    gen = torch.Generator().manual_seed(0)
+    hooks = []
+    for block in model.blocks:
+        attn = block.attn
+        dim = attn.qkv.out_features // 3
+        bias = torch.randn(dim, generator=gen, dtype=torch.float64) * 3
+        shift = torch.cat([torch.zeros(2 * dim, dtype=torch.float64), bias])
+        hooks.append(attn.qkv.register_forward_hook(lambda m, i, o, s=shift: o + s))
+        hooks.append(attn.proj.register_forward_hook(lambda m, i, o, b=bias: o - m.weight @ b))
+    try:
+        torch.testing.assert_close(model(x), logits)
+        after = {g: explain(model, x, "chefer", target=target, gradient=g) for g in GRADIENTS}
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(after["logits"], before["logits"])
+    assert (after["attention"] - before["attention"]).abs().max() > 1e-3
+
+
+def test_chefer_gradient_option_is_checked():
+    model = make_tiny_vit("vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="gradient 'attention' or 'logits', but got 'probs'"):
+        explain(model, images_for(model), "chefer", gradient="probs")
 
 
 def test_chefer_default_target_is_top1(model):

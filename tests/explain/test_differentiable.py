@@ -82,21 +82,29 @@ def test_first_order_treats_gradients_as_constants():
     assert not torch.allclose(grads[0], grads[1])
 
 
-def _chefer_of_images(model, target, second_order):
+def _chefer_of_images(model, target, second_order, gradient="attention"):
     def fn(x):
         return explain(
-            model, x, "chefer", target=target, differentiable=True, second_order=second_order
+            model,
+            x,
+            "chefer",
+            target=target,
+            differentiable=True,
+            second_order=second_order,
+            gradient=gradient,
         )
 
     return fn
 
 
-def test_second_order_passes_gradcheck():
+@pytest.mark.parametrize("gradient", ["attention", "logits"])
+def test_second_order_passes_gradcheck(gradient):
     model = make_tiny_vit(
         dtype=torch.float64, img_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3
     )
     x = images_for(model, batch=1).requires_grad_(True)
-    assert torch.autograd.gradcheck(_chefer_of_images(model, 1, True), (x,), eps=1e-6, atol=1e-5)
+    fn = _chefer_of_images(model, 1, True, gradient)
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5)
 
 
 def test_first_order_fails_gradcheck():

@@ -64,6 +64,24 @@ def test_loss_equals_reference():
     torch.testing.assert_close(out["loss_bg"], rel["loss_bg"])
 
 
+def test_method_options_reach_the_explainer():
+    module = _module(lambda_seg=1.0, lambda_cls=0.0, method_options={"gradient": "logits"})
+    batch = _batch(masked_fraction=1.0, seed=2)
+    out = module.model_step(batch, relevance=True)
+    rel = {}
+    for gradient in ("logits", "attention"):
+        maps = explain(
+            module.model, batch["image"], "chefer", target=batch["label"], gradient=gradient
+        )
+        rel[gradient] = relevance_loss(
+            to_pixels(maps, size=(32, 32)), batch["mask"], 2.0, 0.3, batch["has_mask"]
+        )["loss"]
+    torch.testing.assert_close(out["loss"], rel["logits"])
+    assert not torch.allclose(rel["logits"], rel["attention"])
+    with pytest.raises(TypeError, match=r"method_options among \['start_layer', 'gradient'\]"):
+        _module(method_options={"grad": "logits"})
+
+
 def test_gradient_of_the_relevance_term_reaches_attention_weights():
     module = _module(lambda_cls=0.0)
     module.training_step(_batch(), 0).backward()
