@@ -124,7 +124,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def _pearson(xs: list[float], ys: list[float]) -> float:
-    return statistics.correlation(xs, ys) if len(xs) > 2 and len(set(xs)) > 1 else float("nan")
+    constant = len(set(xs)) < 2 or len(set(ys)) < 2
+    return float("nan") if len(xs) < 3 or constant else statistics.correlation(xs, ys)
 
 
 def plot_cue(result: dict, path: Path) -> None:
@@ -177,6 +178,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tune seeds")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument(
+        "--define",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON"),
+        help="add a method to the config's: RelRegModule arguments as JSON (repeatable)",
+    )
+    parser.add_argument(
         "--benchmarks", nargs="+", choices=["tint", "marker"], help="default: the config's"
     )
     parser.add_argument(
@@ -192,6 +201,11 @@ def main() -> None:
     if args.out.exists() and not args.overwrite:
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
     cfg = yaml.safe_load(args.config.read_text())
+    for name, spec in args.define:
+        try:
+            cfg["methods"][name] = json.loads(spec)
+        except json.JSONDecodeError as err:
+            parser.error(f"--define {name}: expected a JSON object, but got {spec!r} ({err})")
     unknown = sorted(set(args.methods) - set(cfg["methods"]))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; the config has {sorted(cfg['methods'])}")

@@ -143,6 +143,25 @@ def test_robustness_baselines_reuse_the_study_and_summarise(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
+def test_robustness_baselines_define_checks_its_json(tmp_path):
+    script = str(ROOT / "experiments" / "robustness_baselines.py")
+    out = str(tmp_path / "b.json")
+    bad = subprocess.run(
+        [sys.executable, script, "--define", "x", "{lambda_seg: 1}", "--out", out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--define x: expected a JSON object" in bad.stderr
+    unknown = subprocess.run(
+        [sys.executable, script, "--define", "x", "{}", "--methods", "y", "--out", out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unknown.returncode == 2 and "unknown ['y']" in unknown.stderr
+
+
 def test_robustness_mechanism_reimplements_chefer_and_writes_its_schema(tmp_path):
     # the script asserts that its positive_mean rule equals relreg's chefer maps on every model
     out = tmp_path / "mech.json"
