@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import yaml
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
-from robustness_study import DEFAULT_CONFIG, run, shrink
+from robustness_study import DEFAULT_CONFIG, check_methods, load_config, run, shrink
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -198,17 +197,13 @@ def main() -> None:
     if args.replot:
         plot_all(json.loads(args.out.read_text()), args.out)
         return
-    if args.out.exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
-    cfg = yaml.safe_load(args.config.read_text())
+    cfg = load_config(parser, args)
     for name, spec in args.define:
         try:
             cfg["methods"][name] = json.loads(spec)
         except json.JSONDecodeError as err:
             parser.error(f"--define {name}: expected a JSON object, but got {spec!r} ({err})")
-    unknown = sorted(set(args.methods) - set(cfg["methods"]))
-    if unknown:
-        parser.error(f"--methods: unknown {unknown}; the config has {sorted(cfg['methods'])}")
+    check_methods(parser, cfg, args.methods)
     methods = [m for m in args.methods if m != "control"]
     cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in {"control", *methods}}
     if args.benchmarks:

@@ -35,14 +35,15 @@ from pathlib import Path
 
 import matplotlib
 import torch
-import yaml
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
 from robustness_study import (
     DEFAULT_CONFIG,
     build_baseline,
+    check_methods,
     cue_region,
     faithfulness,
     fit,
+    load_config,
     make_split,
     new_model,
     shrink,
@@ -403,12 +404,8 @@ def main() -> None:
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
-    if args.out.exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
-    cfg = yaml.safe_load(args.config.read_text())
-    unknown = sorted(set(args.methods) - set(cfg["methods"]))
-    if unknown:
-        parser.error(f"--methods: unknown {unknown}; the config has {sorted(cfg['methods'])}")
+    cfg = load_config(parser, args)
+    check_methods(parser, cfg, args.methods)
     if args.quick:
         shrink(cfg)
         args.gauge_n, args.gauge_steps = 8, 2

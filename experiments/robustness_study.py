@@ -658,6 +658,21 @@ def shrink(cfg: dict) -> None:
         spec["values"] = [0.5]
 
 
+def load_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """``args.config`` as a dict, after refusing to replace an existing ``args.out`` without
+    ``args.overwrite`` (exit 2); shared by the robustness scripts."""
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    return yaml.safe_load(args.config.read_text())
+
+
+def check_methods(parser: argparse.ArgumentParser, cfg: dict, names: list[str]) -> None:
+    """Exit 2 naming the ``--methods`` the config does not define."""
+    unknown = sorted(set(names) - set(cfg["methods"]))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; the config has {sorted(cfg['methods'])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -690,15 +705,11 @@ def main() -> None:
     if args.replot:
         plot_all(json.loads(args.out.read_text()), args.out)
         return
-    if args.out.exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
-    cfg = yaml.safe_load(args.config.read_text())
+    cfg = load_config(parser, args)
     if args.benchmarks:
         cfg["benchmarks"] = args.benchmarks
     if args.methods:
-        unknown = sorted(set(args.methods) - set(cfg["methods"]))
-        if unknown:
-            parser.error(f"--methods: unknown {unknown}; the config has {sorted(cfg['methods'])}")
+        check_methods(parser, cfg, args.methods)
         keep = {"control", *args.methods}
         cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in keep}
         sw = cfg["sweeps"]
