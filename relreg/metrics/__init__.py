@@ -5,6 +5,7 @@ from relreg.metrics.functional import (
     pointing_game,
     relevance_mass,
     relevance_rank_accuracy,
+    relevance_share,
     segmentation_agreement,
 )
 from relreg.metrics.localization import (
@@ -24,5 +25,6 @@ __all__ = [
     "pointing_game",
     "relevance_mass",
     "relevance_rank_accuracy",
+    "relevance_share",
     "segmentation_agreement",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "pointing_game",
     "relevance_mass",
     "relevance_rank_accuracy",
+    "relevance_share",
     "segmentation_agreement",
 ]
 
@@ -49,6 +50,28 @@ def _relevance_mass_update(maps: Tensor, masks: Tensor, eps: float = 1e-12) -> T
     """Per-image fraction ``(B,)`` of the (normalised) relevance inside the mask."""
     pix, masks = _pixels(maps, masks)
     return (pix * masks).flatten(1).sum(1) / pix.flatten(1).sum(1).clamp_min(eps)
+
+
+def relevance_share(maps: Tensor, regions: Tensor) -> Tensor:
+    """Per-image share ``(B,)`` of the min-max normalised relevance that falls inside ``regions``.
+
+    The per-sample form of :func:`relevance_mass`, for any binary region (a foreground mask, its
+    background ``1 - mask``, a cue's pixels).
+
+    Args:
+        maps: ``(B, h, w)`` patch-grid or ``(B, H, W)`` pixel maps, upsampled to the regions.
+        regions: ``(B, H, W)`` binary.
+
+    Returns:
+        ``(B,)`` fractions in [0, 1].
+
+    Example:
+        >>> import torch
+        >>> maps = torch.tensor([[[0.0, 1.0], [0.0, 3.0]]])
+        >>> relevance_share(maps, torch.tensor([[[0.0, 0.0], [0.0, 1.0]]]))
+        tensor([0.7500])
+    """
+    return _relevance_mass_update(maps, regions)
 
 
 def _relevance_rank_update(maps: Tensor, masks: Tensor) -> Tensor:

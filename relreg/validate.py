@@ -1,0 +1,38 @@
+"""Argument checks shared by every layer of relreg (the bottom of the import graph).
+
+Each raises a ``ValueError`` / ``TypeError`` that names the argument, the expected and the
+received value, in torchmetrics' ``"Expected ... but got ..."`` form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+__all__ = ["check_choice", "check_positive_int"]
+
+
+def check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= 1 (``bool`` is refused), or None if allowed.
+
+    Example:
+        >>> check_positive_int("steps", 4)
+        >>> check_positive_int("steps", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected steps an int >= 1, but got 0.
+    """
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        suffix = " or None" if allow_none else ""
+        raise ValueError(f"Expected {name} an int >= 1{suffix}, but got {value!r}.")
+
+
+def check_choice(name: str, value: object, choices: Collection[object]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``.
+
+    Example:
+        >>> check_choice("mode", "positive", ("positive", "negative"))
+    """
+    if value not in tuple(choices):
+        raise ValueError(f"Expected {name} one of {choices}, but got {value!r}.")
