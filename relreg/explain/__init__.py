@@ -4,8 +4,8 @@
 """
 
 from relreg.explain import attention, gradient, lrp  # noqa: F401  (registers the explainers)
+from relreg.explain._contract import Explanation
 from relreg.explain.capture import AttentionCapture, find_attention_modules
-from relreg.explain.inputs import Explanation
 from relreg.explain.registry import (
     Explainer,
     ExplainerInfo,

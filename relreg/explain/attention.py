@@ -21,18 +21,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from relreg.explain.capture import AttentionCapture
-from relreg.explain.inputs import (
+from relreg.explain._contract import (
     Explanation,
     TargetLike,
     check_grad_mode,
     check_logits,
+    check_start_layer,
     finish,
     resolve_classes,
     score,
 )
+from relreg.explain.capture import AttentionCapture
 from relreg.explain.registry import register_explainer
-from relreg.explain.tokens import num_prefix_tokens, patch_grid, readout_weights
+from relreg.explain.tokens import _patches_to_grid, _readout, _to_grid, num_prefix_tokens
 
 __all__ = ["raw_attention", "rollout", "gradcam", "chefer"]
 
@@ -82,21 +83,6 @@ def _embedding_trains(model: nn.Module) -> bool:
     return embed is not None and any(p.requires_grad for p in embed.parameters())
 
 
-def _readout(model: nn.Module, attention: Tensor) -> Tensor:
-    b, _, n, _ = attention.shape
-    return readout_weights(model, n, attention.device, attention.dtype).expand(b, n)
-
-
-def _to_grid(model: nn.Module, images: Tensor, row: Tensor) -> Tensor:
-    """Patch columns of read-out rows ``(B, N)`` as maps ``(B, gh, gw)``."""
-    return _patches_to_grid(model, images, row[:, num_prefix_tokens(model) :])
-
-
-def _patches_to_grid(model: nn.Module, images: Tensor, patches: Tensor) -> Tensor:
-    gh, gw = patch_grid(model, images.shape[-2:], patches.shape[1])
-    return patches.reshape(patches.shape[0], gh, gw)
-
-
 @register_explainer(
     "raw_attention",
     output="grid",
@@ -144,7 +130,7 @@ def rollout(
     attentions, _, logits = _attention_pass(
         model, images, target, foil, False, differentiable, False, "rollout"
     )
-    _check_start_layer(start_layer, len(attentions))
+    check_start_layer(start_layer, len(attentions))
     v = _readout(model, attentions[-1])
     for attention in reversed(attentions[start_layer:]):
         m = attention.mean(dim=1) + torch.eye(attention.shape[-1], device=v.device, dtype=v.dtype)
@@ -226,7 +212,7 @@ def chefer(
     attentions, grads, logits = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "chefer"
     )
-    _check_start_layer(start_layer, len(attentions))
+    check_start_layer(start_layer, len(attentions))
     with torch.set_grad_enabled(differentiable):
         v = _readout(model, attentions[-1])
         for b in range(len(attentions) - 1, start_layer - 1, -1):
@@ -263,14 +249,3 @@ class _PositiveGradientWeighted(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (weight,) = ctx.saved_tensors
         return grad_out.unsqueeze(1) * weight, None
-
-
-def _check_start_layer(start_layer: int, depth: int) -> None:
-    if (
-        isinstance(start_layer, bool)
-        or not isinstance(start_layer, int)
-        or not 0 <= start_layer < depth
-    ):
-        raise ValueError(
-            f"Expected start_layer an int in [0, {depth - 1}], but got {start_layer!r}."
-        )

@@ -21,8 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor, nn
 
-from relreg.explain.capture import unfused_attention
-from relreg.explain.inputs import (
+from relreg.explain._contract import (
     Explanation,
     TargetLike,
     check_grad_mode,
@@ -31,7 +30,9 @@ from relreg.explain.inputs import (
     resolve_classes,
     score,
 )
+from relreg.explain.capture import unfused_attention
 from relreg.explain.registry import register_explainer
+from relreg.validate import check_positive_int
 
 __all__ = ["saliency", "input_x_gradient", "smoothgrad", "integrated_gradients"]
 
@@ -163,7 +164,7 @@ def smoothgrad(
     the target is resolved on the clean images.
     """
     check_grad_mode("smoothgrad")
-    _check_positive_int("n_samples", n_samples)
+    check_positive_int("n_samples", n_samples)
     _check_chunk(internal_batch_size)
     if not isinstance(noise_level, int | float) or noise_level < 0:
         raise ValueError(f"Expected noise_level a float >= 0, but got {noise_level!r}.")
@@ -204,7 +205,7 @@ def integrated_gradients(
     broadcasts to ``images`` (0: the normalised mean colour for mean/std-normalised inputs).
     """
     check_grad_mode("integrated_gradients")
-    _check_positive_int("steps", steps)
+    check_positive_int("steps", steps)
     _check_chunk(internal_batch_size)
     base = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
     try:
@@ -220,11 +221,6 @@ def integrated_gradients(
     return finish(((images - base) * grads.mean(dim=0)).sum(dim=1), logits, differentiable)
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected {name} an int >= 1, but got {value!r}.")
-
-
 def _check_chunk(value: object) -> None:
     if value is not None:
-        _check_positive_int("internal_batch_size", value)
+        check_positive_int("internal_batch_size", value)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from relreg.explain.inputs import Explanation, TargetLike, check_images
+from relreg.explain._contract import Explanation, TargetLike, check_images
 
 __all__ = [
     "ExplainerInfo",

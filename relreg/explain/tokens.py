@@ -79,6 +79,31 @@ def readout_weights(
     return w
 
 
+def _readout(model: nn.Module, relevance: Tensor) -> Tensor:
+    """Read-out row ``(B, N)`` of :func:`readout_weights` for square maps ``(B, ..., N, N)``.
+
+    Args:
+        model: the timm ViT the maps come from.
+        relevance: attention or relevance maps ``(B, h, N, N)`` or ``(B, N, N)``.
+
+    Returns:
+        The read-out weights, expanded to ``(B, N)`` in ``relevance``'s device and dtype.
+    """
+    b, n = relevance.shape[0], relevance.shape[-1]
+    return readout_weights(model, n, relevance.device, relevance.dtype).expand(b, n)
+
+
+def _to_grid(model: nn.Module, images: Tensor, row: Tensor) -> Tensor:
+    """Patch columns of read-out rows ``(B, N)`` as maps ``(B, gh, gw)``."""
+    return _patches_to_grid(model, images, row[:, num_prefix_tokens(model) :])
+
+
+def _patches_to_grid(model: nn.Module, images: Tensor, patches: Tensor) -> Tensor:
+    """Patch-token values ``(B, P)`` as maps ``(B, gh, gw)`` for ``images`` ``(B, C, H, W)``."""
+    gh, gw = patch_grid(model, images.shape[-2:], patches.shape[1])
+    return patches.reshape(patches.shape[0], gh, gw)
+
+
 def min_max(maps: Tensor, eps: float = 1e-8) -> Tensor:
     """Per-image min-max normalisation of ``maps`` ``(B, ...)`` to [0, 1]; constant maps give 0."""
     flat = maps.flatten(1)

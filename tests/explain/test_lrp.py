@@ -2,8 +2,9 @@
 
 The reference below re-derives every rule with autograd (gradient x input, ``R_x = x * dz/dx .
 R / z``) on one image at a time, head by head, with 2-D matrices and whole-tensor sums: a
-different code path from the batched, analytic implementation in ``relreg.explain.lrp``. The
-transformer-attribution gradients come from the real model (hooks, ``tests.explain.reference``).
+different code path from the batched, analytic implementation in ``relreg.explain.lrp_rules``
+and ``relreg.explain.lrp_vit``. The transformer-attribution gradients come from the real model
+(hooks, ``tests.explain.reference``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from relreg.explain import (
     to_pixels,
 )
 from relreg.explain import lrp as L
+from relreg.explain import lrp_rules as R
+from relreg.explain import lrp_vit as V
 from tests.conftest import images_for, make_tiny_vit, model_state
 from tests.explain.reference import _record_one
 
@@ -236,7 +239,7 @@ def test_linear_alpha_beta_hand_computed():
     w = torch.tensor([[2.0, -1.0], [3.0, 1.0]], dtype=torch.float64)
     r = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
     expected = torch.tensor([[0.5 + 2.0, 0.5]], dtype=torch.float64)
-    torch.testing.assert_close(L.linear_alpha_beta(x, w, r), expected)
+    torch.testing.assert_close(R.linear_alpha_beta(x, w, r), expected)
 
 
 def test_linear_alpha_beta_equals_naive_loops():
@@ -254,7 +257,7 @@ def test_linear_alpha_beta_equals_naive_loops():
                 for i in range(5):
                     expected[b, t, i] += contrib[i] / sum(contrib) * r[b, t, j]
     # (the implementation's 1e-9 stabiliser of the denominators: 1e-5 relative at most here)
-    torch.testing.assert_close(L.linear_alpha_beta(x, w, r), expected, atol=1e-9, rtol=1e-5)
+    torch.testing.assert_close(R.linear_alpha_beta(x, w, r), expected, atol=1e-9, rtol=1e-5)
 
 
 def test_linear_alpha_beta_conserves_with_positive_inputs_only_when_some_contribution_is_positive():
@@ -263,14 +266,14 @@ def test_linear_alpha_beta_conserves_with_positive_inputs_only_when_some_contrib
     w = torch.randn(4, 5, generator=g, dtype=torch.float64)
     w[:, 0] = w[:, 0].abs() + 0.1  # each output has a positive contribution
     r = torch.randn(2, 7, 4, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(_sums(L.linear_alpha_beta(x, w, r)), _sums(r), atol=1e-12, rtol=1e-7)
+    torch.testing.assert_close(_sums(R.linear_alpha_beta(x, w, r)), _sums(r), atol=1e-12, rtol=1e-7)
     # an output whose contributions are all negative passes nothing on: relevance is lost
     w[1] = -w[1].abs() - 0.1
     lost = r[..., 1].flatten(1).sum(1)
     torch.testing.assert_close(
-        _sums(L.linear_alpha_beta(x, w, r)), _sums(r) - lost, atol=1e-12, rtol=1e-7
+        _sums(R.linear_alpha_beta(x, w, r)), _sums(r) - lost, atol=1e-12, rtol=1e-7
     )
-    assert not torch.allclose(_sums(L.linear_alpha_beta(x, w, r)), _sums(r))
+    assert not torch.allclose(_sums(R.linear_alpha_beta(x, w, r)), _sums(r))
 
 
 def test_matmul_rule_equals_autograd_and_conserves():
@@ -278,7 +281,7 @@ def test_matmul_rule_equals_autograd_and_conserves():
     a = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
     b = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64)
     r = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
-    ra, rb = L.matmul_rule(a, b, r)
+    ra, rb = R.matmul_rule(a, b, r)
     ref_a, ref_b = (t / 2 for t in _gi(torch.matmul, [a, b], r))
     torch.testing.assert_close(ra, ref_a, atol=1e-8, rtol=1e-6)
     torch.testing.assert_close(rb, ref_b, atol=1e-8, rtol=1e-6)
@@ -291,7 +294,7 @@ def test_add_rule_conserves_per_sample_and_shares_by_absolute_sums():
     a = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
     b = torch.randn(1, 4, 5, generator=g, dtype=torch.float64)  # broadcast, like pos_embed
     r = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
-    ra, rb = L.add_rule(a, b, r)
+    ra, rb = R.add_rule(a, b, r)
     torch.testing.assert_close(_sums(ra) + _sums(rb), _sums(r), atol=1e-7, rtol=1e-7)
     s = r / (a + b)
     sa, sb = _sums(a * s), _sums(b * s)
@@ -302,7 +305,7 @@ def test_add_rule_conserves_per_sample_and_shares_by_absolute_sums():
     torch.testing.assert_close(ra / (a * s), (_sums(ra) / sa)[:, None, None].expand_as(ra))
     # per sample: one image alone gives its own rows of the batched result
     for i in range(3):
-        ra_i, rb_i = L.add_rule(a[i : i + 1], b, r[i : i + 1])
+        ra_i, rb_i = R.add_rule(a[i : i + 1], b, r[i : i + 1])
         torch.testing.assert_close(ra_i, ra[i : i + 1])
         torch.testing.assert_close(rb_i, rb[i : i + 1])
 
@@ -312,7 +315,7 @@ def test_conv_zb_equals_autograd_and_conserves():
     conv = nn.Conv2d(3, 5, kernel_size=4, stride=4).double()
     x = torch.randn(2, 3, 8, 12, generator=g, dtype=torch.float64)
     r = torch.rand(2, 5, 2, 3, generator=g, dtype=torch.float64)
-    out = L.conv_zb(x, conv, r)
+    out = R.conv_zb(x, conv, r)
     with torch.no_grad():
         for i in range(2):
             torch.testing.assert_close(out[i : i + 1], _ref_zb(x[i : i + 1], conv, r[i : i + 1]))
@@ -322,7 +325,7 @@ def test_conv_zb_equals_autograd_and_conserves():
 def test_safe_divide_is_zero_where_the_denominator_is_zero():
     a = torch.tensor([1.0, 1.0, -2.0, 3.0], dtype=torch.float64)
     b = torch.tensor([0.0, 2.0, -4.0, 1e-12], dtype=torch.float64)
-    out = L.safe_divide(a, b)
+    out = R.safe_divide(a, b)
     assert out[0] == 0 and out[1] == pytest.approx(0.5) and out[2] == pytest.approx(0.5)
     assert torch.isfinite(out).all() and out[3] > 0
 
@@ -335,7 +338,7 @@ def test_functional_forward_logits_equal_model(layout):
     model = _model(layout, dtype=torch.float32)
     x = images_for(model, batch=3)
     torch.testing.assert_close(
-        L.functional_forward(model, x).logits, model(x), atol=1e-5, rtol=1e-5
+        V.functional_forward(model, x).logits, model(x), atol=1e-5, rtol=1e-5
     )
 
 
@@ -343,7 +346,7 @@ def test_functional_forward_dynamic_img_size():
     model = make_tiny_vit(dynamic_img_size=True)
     x = torch.randn(2, 3, 20, 12)
     torch.testing.assert_close(
-        L.functional_forward(model, x).logits, model(x), atol=1e-5, rtol=1e-5
+        V.functional_forward(model, x).logits, model(x), atol=1e-5, rtol=1e-5
     )
     maps = explain(model, x, "transformer_attribution")
     assert maps.shape == (2, 5, 3)
@@ -352,19 +355,19 @@ def test_functional_forward_dynamic_img_size():
 
 def test_each_block_and_the_head_conserve_relevance(model):
     x = images_for(model, batch=3)
-    fwd = L.functional_forward(model, x)
+    fwd = V.functional_forward(model, x)
     start = L.start_relevance(fwd.logits, torch.tensor([0, 2, 1]))
-    r = L.head_relprop(model, fwd, start)
+    r = V.head_relprop(model, fwd, start)
     torch.testing.assert_close(_sums(r), _sums(start), atol=1e-6, rtol=0)
     for i in reversed(range(len(model.blocks))):
-        r_in, r_attn = L.block_relprop(model.blocks[i], fwd.blocks[i], r)
+        r_in, r_attn = V.block_relprop(model.blocks[i], fwd.blocks[i], r)
         torch.testing.assert_close(_sums(r_in), _sums(r), atol=1e-5, rtol=0)
         # the attention branch's relevance reaches A halved by the A @ v rule
         assert (_sums(r_attn).abs() <= _sums(r).abs() + 1e-6).all()
-        _, again = L.block_relprop(model.blocks[i], fwd.blocks[i], r, attention_only=True)
+        _, again = V.block_relprop(model.blocks[i], fwd.blocks[i], r, attention_only=True)
         torch.testing.assert_close(again, r_attn)
         r = r_in
-    pixels, absorbed = L.embed_relprop(model, fwd, r)
+    pixels, absorbed = V.embed_relprop(model, fwd, r)
     torch.testing.assert_close(_sums(pixels) + absorbed, _sums(r))
 
 
@@ -372,17 +375,17 @@ def test_lrp_total_is_the_start_minus_what_prefix_tokens_and_pos_embed_take(mode
     x = images_for(model, batch=2)
     target = torch.tensor([1, 2])
     maps = explain(model, x, "lrp", target=target)
-    fwd = L.functional_forward(model, x)
-    r = L.head_relprop(model, fwd, L.start_relevance(fwd.logits, target))
+    fwd = V.functional_forward(model, x)
+    r = V.head_relprop(model, fwd, L.start_relevance(fwd.logits, target))
     for blk, cache in zip(reversed(model.blocks), reversed(fwd.blocks), strict=True):
-        r, _ = L.block_relprop(blk, cache, r)
+        r, _ = V.block_relprop(blk, cache, r)
     p = model.num_prefix_tokens
     if model.no_embed_class:
-        _, r_pos = L.add_rule(fwd.patches, fwd.pos, r[:, p:])
+        _, r_pos = R.add_rule(fwd.patches, fwd.pos, r[:, p:])
         absorbed = _sums(r[:, :p]) + _sums(r_pos)
     else:
         before_pos = fwd.blocks[0].x - fwd.pos  # prefix and patch tokens before pos_embed
-        r_tok, r_pos = L.add_rule(before_pos, fwd.pos, r)
+        r_tok, r_pos = R.add_rule(before_pos, fwd.pos, r)
         absorbed = _sums(r_tok[:, :p]) + _sums(r_pos)
     torch.testing.assert_close(maps.flatten(1).sum(1), 1 - absorbed, atol=1e-5, rtol=0)
 
@@ -446,11 +449,11 @@ def test_literal_contrast_start_vanishes_under_the_normalised_add_rule():
     # normalised residual rule rescales every part to a share of that total
     model = make_tiny_vit(dtype=torch.float64)
     x = images_for(model, batch=2)
-    fwd = L.functional_forward(model, x)
+    fwd = V.functional_forward(model, x)
     start = L.start_relevance(fwd.logits, torch.tensor([1, 2]))
     contrast = start - L.start_relevance(fwd.logits, torch.tensor([3, 0]))
-    att, _ = L.propagate(model, fwd, contrast, 0)
-    att_t, _ = L.propagate(model, fwd, start, 0)
+    att, _ = V.propagate(model, fwd, contrast, 0)
+    att_t, _ = V.propagate(model, fwd, start, 0)
     assert att[0].abs().max() < 1e-6 * att_t[0].abs().max()
 
 

@@ -1,4 +1,9 @@
-"""Checks and conventions shared by every explainer: images, targets, foils and the score.
+"""The explainers' shared internal contract: what every registered explainer checks and returns.
+
+Image checks, logits checks, target/foil resolution, the explained score, the grad-mode and
+``start_layer`` checks, and the :class:`Explanation` type (exported publicly by
+:mod:`relreg.explain`). Every explainer module imports from here, never from another explainer
+module.
 
 The explained score of sample ``i`` is the logit (pre-softmax) ``y[i, target[i]]``, or the
 contrast ``y[i, target[i]] - y[i, foil[i]]`` when a foil class is given ("why this class rather
@@ -17,8 +22,10 @@ from torch import Tensor, nn
 __all__ = [
     "Explanation",
     "TargetLike",
+    "check_grad_mode",
     "check_images",
     "check_logits",
+    "check_start_layer",
     "finish",
     "resolve_classes",
     "score",
@@ -153,4 +160,16 @@ def check_grad_mode(method: str) -> None:
         raise RuntimeError(
             f"Explainer {method!r} needs gradients, but torch.inference_mode() is on. Call it under "
             "torch.no_grad() or outside inference mode (Lightning: Trainer(inference_mode=False))."
+        )
+
+
+def check_start_layer(start_layer: int, depth: int) -> None:
+    """Raise unless ``start_layer`` is an int in ``[0, depth - 1]`` (``depth``: number of blocks)."""
+    if (
+        isinstance(start_layer, bool)
+        or not isinstance(start_layer, int)
+        or not 0 <= start_layer < depth
+    ):
+        raise ValueError(
+            f"Expected start_layer an int in [0, {depth - 1}], but got {start_layer!r}."
         )
