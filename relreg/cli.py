@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -272,7 +270,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
                 f"Expected --ood entries NAME=SPEC with distinct names other than 'data', but got {item!r}."
             )
         ood_specs[name] = spec
-    _check_writable(args.out)  # fail before the work, not after it
+    from relreg.io import check_writable
+
+    check_writable(args.out)  # fail before the work, not after it
     models = _evaluation_models(args)
     _same_preprocessing(models)
     data = {label: load_split(args.data, m, classes=args.classes) for label, m in models.items()}
@@ -322,21 +322,10 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
-def _check_writable(out: Path, what: str = "output directory") -> None:
-    """Create ``out`` if needed and write and delete a probe file in it; ``what`` names it in the error."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"Expected a writable {what}, but {str(out)!r} is not: {err}") from err
-
-
 def _print_report(report: dict) -> None:
-    keys = {"perturbation_positive": "pert+ (lo)", "perturbation_negative": "pert- (hi)",
-            "deletion": "del (lo)", "insertion": "ins (hi)", "miou": "mIoU",
-            "relevance_mass": "mass"}  # fmt: skip
+    from relreg.metrics import list_metrics, metric_spec
+
+    keys = {k: v for n in list_metrics("report") for k, v in metric_spec(n).summary.items()}
     print(f"{'model':12s} {'method':24s} " + " ".join(f"{v:>10s}" for v in keys.values()))
     for label, entry in report["models"].items():
         for method, r in entry["explainers"].items():

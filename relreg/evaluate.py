@@ -31,45 +31,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from relreg.data.folders import (
-    MaskedImageFolder,
-    OODImageFolder,
-    accuracy_targets,
-    restrict_logits,
-)
+from relreg.data.folders import MaskedImageFolder, OODImageFolder
 from relreg.data.spurious import SPLITS, SpuriousShapes
 from relreg.explain import explain, explainer_info, to_pixels
-from relreg.metrics import (
-    DeletionInsertionAUC,
-    PerturbationAUC,
-    PointingGame,
-    RelevanceMass,
-    SegmentationAgreement,
-)
+from relreg.metrics import dataset_accuracy, list_metrics, metric_spec, report_keys
+from relreg.metrics.perturbation import PAPER_FRACTIONS
+from relreg.validate import check_positive_int
 from relreg.viz import explanation_grid, save_figure
 
 __all__ = [
-    "REPORT_METRICS",
     "evaluate_models",
     "heatmap_grid_maps",
     "load_split",
     "model_data_config",
     "write_figures",
 ]
-
-REPORT_METRICS = {
-    "perturbation_positive": "positive perturbation AUC (lower is better)",
-    "perturbation_negative": "negative perturbation AUC (higher is better)",
-    "deletion": "deletion AUC (lower is better)",
-    "insertion": "insertion AUC (higher is better)",
-    "pixel_accuracy": "segmentation pixel accuracy",
-    "miou": "segmentation mIoU",
-    "map": "segmentation mAP",
-    "pointing_game": "pointing game",
-    "relevance_mass": "relevance mass inside the mask",
-}
-"""Per-explainer keys of the report, with their meaning."""
-
 
 def model_data_config(model: nn.Module) -> tuple[tuple[int, int], list, list]:
     """``(input size (H, W), mean, std)`` of a timm model (its own ``patch_embed.img_size``)."""
@@ -140,67 +116,43 @@ def load_split(
     )
 
 
-def _accuracy(
-    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, bar
-) -> float:
-    correct = total = 0
-    restricted = getattr(dataset, "scoring", "argmax") == "restricted"
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        with torch.no_grad():
-            logits = model(batch["image"].to(device))
-        if restricted:
-            logits = restrict_logits(logits, dataset.split_classes)
-        correct += int((logits.argmax(1) == accuracy_targets(logits, batch)).sum())
-        total += len(logits)
-        bar.update(1)
-    return correct / max(total, 1)
-
-
 class _MethodMetrics:
-    """The report's metrics for one explainer, updated batch by batch."""
+    """The report's metrics (:func:`relreg.metrics.list_metrics` ``("report")``) for one explainer."""
 
     def __init__(
         self, model: nn.Module, unit: str, target_mode: str, steps: int, device: torch.device
     ) -> None:
-        kw = {"unit": unit, "target_mode": target_mode}
-        self.perturbation = {
-            mode: PerturbationAUC(model, mode=mode, **kw).to(device)
-            for mode in ("positive", "negative")
-        }
-        self.rise = {
-            mode: DeletionInsertionAUC(model, mode=mode, steps=steps, **kw).to(device)
-            for mode in ("deletion", "insertion")
-        }
-        self.segmentation = SegmentationAgreement().to(device)
-        self.pointing, self.mass = PointingGame().to(device), RelevanceMass().to(device)
+        self.specs = [metric_spec(name) for name in list_metrics("report")]
+        context = {"model": model, "unit": unit, "target_mode": target_mode, "steps": steps}
+        self.metrics = {s.name: s.build(**context).to(device) for s in self.specs}
         self.masked = 0
 
     def update(
         self, images: Tensor, maps: Tensor, labels: Tensor, masks: Tensor, has: Tensor
     ) -> None:
-        for metric in (*self.perturbation.values(), *self.rise.values()):
-            metric.update(images, maps, labels)
+        for spec in self.specs:
+            if spec.inputs == "model":
+                self.metrics[spec.name].update(images, maps, labels)
         if has.any():
             pixels = to_pixels(maps, size=masks.shape[-2:])
-            self.segmentation.update(pixels[has], masks[has])
-            self.pointing.update(pixels[has], masks[has])
-            self.mass.update(pixels[has], masks[has])
+            for spec in self.specs:
+                if spec.inputs == "masks":
+                    self.metrics[spec.name].update(pixels[has], masks[has])
             self.masked += int(has.sum())
 
     def compute(self) -> dict:
-        out: dict = {f"perturbation_{m}": self.perturbation[m].compute() for m in self.perturbation}
-        out.update({m: metric.compute() for m, metric in self.rise.items()})
-        if self.masked:
-            out.update(self.segmentation.compute())
-            out["pointing_game"] = self.pointing.compute()
-            out["relevance_mass"] = self.mass.compute()
-        else:
-            out.update(dict.fromkeys(("pixel_accuracy", "miou", "map"), None))
-            out.update(pointing_game=None, relevance_mass=None)
+        out: dict = {}
+        for spec in self.specs:
+            if spec.inputs == "masks" and not self.masked:
+                out.update(dict.fromkeys(spec.outputs))
+                continue
+            value = self.metrics[spec.name].compute()
+            out.update(value if isinstance(value, dict) else {next(iter(spec.outputs)): value})
         result = {k: None if v is None else round(float(v), 4) for k, v in out.items()}
         result["curves"] = {
-            **{m: [round(float(v), 4) for v in x.curve()] for m, x in self.perturbation.items()},
-            **{m: [round(float(v), 4) for v in x.curve()] for m, x in self.rise.items()},
+            s.curve: [round(float(v), 4) for v in self.metrics[s.name].curve()]
+            for s in self.specs
+            if s.curve is not None
         }
         return result
 
@@ -244,7 +196,7 @@ def evaluate_models(
     Returns:
         ``{"methods", "unit", "target", "fractions", "seconds", "models": {label: {"n_images",
         "n_masked", "accuracy": {"data": float, <ood name>: float}, "ood_mean": float or
-        None, "explainers": {method: {<REPORT_METRICS keys>: float or None, "curves": {...}}}}}}``;
+        None, "explainers": {method: {<report_keys()>: float or None, "curves": {...}}}}}}``;
         accuracies are fractions, perturbation AUCs are x100 as in the paper.
 
     Raises:
@@ -261,10 +213,8 @@ def evaluate_models(
         raise ValueError(f"Expected target 'predicted' or 'label', but got {target!r}.")
     if unit not in ("pixel", "patch"):
         raise ValueError(f"Expected unit 'pixel' or 'patch', but got {unit!r}.")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"Expected limit an int >= 1 or None, but got {limit!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"Expected batch_size an int >= 1, but got {batch_size!r}.")
+    check_positive_int("limit", limit, allow_none=True)
+    check_positive_int("batch_size", batch_size)
     device = torch.device(device)
     ood = dict(ood or {})
     splits = data if isinstance(data, Mapping) else dict.fromkeys(models, data)
@@ -309,7 +259,7 @@ def evaluate_models(
                 bar.update(1)
         accuracy = {"data": round(correct / max(n, 1), 4)}
         for name, split in ood.items():
-            accuracy[name] = round(_accuracy(model, split, batch_size, device, bar), 4)
+            accuracy[name] = round(dataset_accuracy(model, split, batch_size, device, bar.update), 4)
         bar.close()
         report["models"][label] = {
             "n_images": n,
@@ -318,7 +268,7 @@ def evaluate_models(
             "ood_mean": round(sum(accuracy[k] for k in ood) / len(ood), 4) if ood else None,
             "explainers": {name: metrics[name].compute() for name in methods},
         }
-    report["fractions"] = [0.0, *PerturbationAUC(next(iter(models.values()))).fractions]
+    report["fractions"] = [0.0, *PAPER_FRACTIONS]
     report["deletion_steps"] = steps
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
@@ -415,18 +365,25 @@ def write_figures(
     written.append(save_figure(fig, out / "ood_accuracy.png"))
 
     if len(labels) >= 2:
-        keys = list(REPORT_METRICS)
+        described = report_keys()
+        first = report["models"][labels[0]]["explainers"][methods[0]]
+        keys = [k for k in described if k in first]  # the grid follows the declared metrics
+        cols = min(3, len(keys))
+        rows = math.ceil(len(keys) / cols)
         fig, axes = plt.subplots(
-            3, 3, figsize=(4 + 1.2 * len(methods) * len(labels) / 2 * 3, 8), constrained_layout=True
-        )
-        for ax, key in zip(axes.flat, keys, strict=True):
+            rows, cols, figsize=(4 + 1.2 * len(methods) * len(labels) / 2 * cols, 8 * rows / 3),
+            squeeze=False, constrained_layout=True,
+        )  # fmt: skip
+        for ax in axes.flat[len(keys) :]:
+            ax.set_visible(False)
+        for ax, key in zip(axes.flat, keys, strict=False):
             for i, label in enumerate(labels):
                 values = [report["models"][label]["explainers"][m][key] for m in methods]
                 pos = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(methods))]
                 ax.bar(pos, [math.nan if v is None else v for v in values], width, label=label,
                        color=colours[i % len(colours)])  # fmt: skip
             ax.set_xticks(range(len(methods)), methods, fontsize=7)
-            ax.set_title(REPORT_METRICS[key], fontsize=8)
+            ax.set_title(described[key], fontsize=8)
             ax.grid(axis="y", alpha=0.3)
         axes[0, 0].legend(fontsize=7)
         fig.suptitle(f"Explanation quality per method: {' vs '.join(labels)}", fontsize=10)

@@ -1,8 +1,9 @@
-"""Atomic file writes: a crash or an error never leaves a half-written output behind.
+"""File output: atomic writes and writability checks (the bottom of the import graph).
 
 Every file relreg writes (heatmaps, raw maps, figures, reports) goes through :func:`atomic_write`:
 the content is written to a temporary file in the target's folder and renamed into place, which
-replaces the target in one step on POSIX and Windows file systems.
+replaces the target in one step on POSIX and Windows file systems. :func:`check_writable` lets a
+command fail before its work, not after it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "check_writable"]
 
 
 def _umask() -> int:
@@ -49,3 +50,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def check_writable(out: str | os.PathLike, what: str = "output directory") -> None:
+    """Create the directory ``out`` if needed, then write and delete a probe file in it.
+
+    Args:
+        out: the directory.
+        what: names the directory in the error, e.g. ``"trainer.default_root_dir"``.
+
+    Raises:
+        ValueError: ``out`` cannot be created or written, naming ``what``, the path and the cause.
+
+    Example:
+        >>> import tempfile
+        >>> check_writable(Path(tempfile.mkdtemp()) / "runs")
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"Expected a writable {what}, but {str(out)!r} is not: {err}") from err

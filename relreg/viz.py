@@ -7,6 +7,7 @@ renamed, so a crash never leaves a half-written figure.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from torch import Tensor  # noqa: E402
 from relreg.io import atomic_write  # noqa: E402
 
 __all__ = ["overlay_figure", "explanation_grid", "save_figure"]
+
+_CAPTION_WIDTH = 12  # characters per line of a row caption
 
 
 def _hwc(image: Tensor) -> Tensor:
@@ -63,7 +66,12 @@ def explanation_grid(
     row_titles: Sequence[str] | None = None,
     alpha: float = 0.55,
 ) -> Figure:
-    """One row per image, one column per method: overlays of ``(B, H, W)`` maps on ``(B, 3, H, W)`` images."""
+    """One row per image, one column per method: overlays of ``(B, H, W)`` maps on ``(B, 3, H, W)`` images.
+
+    Row captions (``row_titles``, e.g. ``"#12 pred 3 label 3 mass 0.45"``) are written
+    horizontally left of each row and wrapped to a few words per line, so a long caption grows
+    the figure's margin instead of running into the next row's.
+    """
     b = images.shape[0]
     cols = len(maps) + 1
     fig, axes = plt.subplots(
@@ -72,7 +80,8 @@ def explanation_grid(
     for i in range(b):
         img = _hwc(images[i])
         axes[i, 0].imshow(img)
-        axes[i, 0].set_ylabel(row_titles[i] if row_titles else f"#{i}", fontsize=8)
+        caption = textwrap.fill(row_titles[i] if row_titles else f"#{i}", width=_CAPTION_WIDTH)
+        axes[i, 0].set_ylabel(caption, fontsize=7, rotation=0, ha="right", va="center")
         for j, (name, m) in enumerate(maps.items(), start=1):
             axes[i, j].imshow(img)
             axes[i, j].imshow(m[i].detach().float().cpu(), cmap="jet", alpha=alpha, vmin=0, vmax=1)

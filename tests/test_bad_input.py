@@ -23,7 +23,7 @@ from relreg.cli import main
 from relreg.data import MaskedImageFolder, OODImageFolder, write_shapes_folder
 from relreg.explain import explain
 from relreg.lightning import RelRegModule
-from relreg.losses import create_relevance_loss, relevance_loss, relevance_mass_loss, rrr_loss
+from relreg.losses import create_relevance_loss, relevance_mass_loss, robustvit_loss, rrr_loss
 from relreg.metrics import PerturbationAUC, RelevanceMass, pointing_game, relevance_mass
 from relreg.models import build_model, load_weights
 from tests.conftest import model_state
@@ -241,7 +241,7 @@ def test_07_non_finite_images(bad):
     assert model_state(model) == before
 
 
-LOSSES = [relevance_loss, relevance_mass_loss, rrr_loss]
+LOSSES = [robustvit_loss, relevance_mass_loss, rrr_loss]
 METRICS = [relevance_mass, pointing_game, lambda m, s: RelevanceMass()(m, s)]
 
 

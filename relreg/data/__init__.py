@@ -1,18 +1,12 @@
 """Data: image folders with masks, OOD folders, the SpuriousShapes benchmark, joint transforms.
 
-Every dataset yields relreg's batch contract: ``{"image": (3, H, W) float, "label": long,
-"mask": (H, W) float in {0, 1}, "has_mask": bool}`` (plus optional keys such as ``"path"``).
+Every dataset yields :class:`Sample` dicts, relreg's batch contract (:mod:`relreg.data.sample`).
 """
 
+from relreg.data.classes import class_index, class_sets
 from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
-from relreg.data.folders import (
-    MaskedImageFolder,
-    OODImageFolder,
-    accuracy_targets,
-    class_index,
-    class_sets,
-    restrict_logits,
-)
+from relreg.data.folders import MaskedImageFolder, OODImageFolder
+from relreg.data.sample import Sample
 from relreg.data.spurious import SPLITS, SpuriousShapes, write_shapes_folder
 from relreg.data.synthetic import SHAPES, ShapesBatch, make_shapes
 from relreg.data.transforms import eval_transform, train_transform
@@ -24,14 +18,13 @@ __all__ = [
     "OODImageFolder",
     "EpochShuffleSampler",
     "RelRegDataModule",
+    "Sample",
     "ShapesBatch",
     "SpuriousShapes",
-    "accuracy_targets",
     "class_index",
     "class_sets",
     "eval_transform",
     "make_shapes",
-    "restrict_logits",
     "train_transform",
     "write_shapes_folder",
 ]

@@ -1,6 +1,6 @@
 """``RelRegDataModule``: train (masked), validation, test and any number of named OOD splits.
 
-Any ``torch.utils.data.Dataset`` that yields relreg's sample dicts can be plugged in, from Python or
+Any ``torch.utils.data.Dataset`` that yields :class:`relreg.data.Sample` dicts can be plugged in, from Python or
 from a LightningCLI config (``class_path`` / ``init_args``). The validation and test loaders are
 the in-distribution split followed by the OOD splits, in the order of ``eval_names``.
 """
@@ -13,9 +13,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from relreg.data.sample import Sample
+from relreg.validate import check_positive_int
+
 __all__ = ["EpochShuffleSampler", "RelRegDataModule"]
 
-REQUIRED_KEYS = ("image", "label", "mask", "has_mask")
+REQUIRED_KEYS = tuple(k for k in Sample.__annotations__ if k in Sample.__required_keys__)
 
 
 def _check_sample(name: str, dataset: Dataset) -> None:
@@ -81,8 +84,7 @@ class RelRegDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"Expected batch_size an int >= 1, but got {batch_size!r}.")
+        check_positive_int("batch_size", batch_size)
         self.train_set, self.val_set, self.test_set = train, val, test if test is not None else val
         self.ood = dict(ood or {})
         for name, ds in {"train": train, "val": val, "test": self.test_set, **self.ood}.items():

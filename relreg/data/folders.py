@@ -6,17 +6,16 @@ class is ``R + 256 * G``, 0 is background and 1000 "ignore"). ``OODImageFolder``
 laid out as ``<class>/<image>`` (ImageNet-A/R/Sketch/V2, ObjectNet-style), with folder names mapped
 to the model's classes.
 
-Both yield the batch contract of relreg: ``{"image": (3, H, W) float, "label": long,
-"mask": (H, W) float in {0, 1}, "has_mask": bool, "path": str}``.
+Both yield :class:`relreg.data.Sample` dicts (with ``"path"``; ObjectNet-style splits add
+``"label_set"``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,114 +26,19 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from relreg.data.classes import ClassesLike, class_index, class_sets
+from relreg.data.sample import Sample
 from relreg.data.transforms import eval_transform, train_transform
+from relreg.metrics.accuracy import SCORINGS
+from relreg.validate import check_choice, check_positive_int
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "MaskedImageFolder",
-    "OODImageFolder",
-    "accuracy_targets",
-    "class_index",
-    "class_sets",
-    "restrict_logits",
-]
+__all__ = ["IMAGE_EXTENSIONS", "MaskedImageFolder", "OODImageFolder"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 MASK_FORMATS = ("binary", "imagenet_s")
 # What PIL raises for a file it cannot decode: unknown format, truncated data, broken chunks.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _SKIP_HINT = "pass skip_corrupt=True to the image folder to drop unreadable files"
-
-
-# Order matters to jsonargparse, which tries the types in turn: with str first, YAML mappings and
-# lists arrived as their string form; list[str] (not Sequence[str]) keeps a path from becoming
-# a list of characters.
-ClassesLike = Mapping[str, int | list[int]] | list[str] | str | os.PathLike | None
-
-
-def class_sets(folders: Sequence[str], classes: ClassesLike) -> dict[str, tuple[int, ...]]:
-    """Map folder names to the model class indices each folder counts as.
-
-    Args:
-        folders: the class folder names found on disk.
-        classes: None (sorted folder names -> 0..C-1), a list of names in the model's label order
-            (e.g. the 1000 ImageNet wnids), a text file with one such name per line, a ``.json``
-            file holding a mapping, or an explicit mapping ``{name: index}``; for OOD splits whose
-            classes stand for several model classes (ObjectNet), ``{name: [index, ...]}``.
-
-    Raises:
-        ValueError: a folder that the given label space does not contain, or an empty or
-            non-integer entry.
-        FileNotFoundError: a class file that does not exist.
-    """
-    if isinstance(classes, str | os.PathLike):
-        path = Path(classes)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Expected a class file (one name per line, or a .json mapping), but {str(path)!r} "
-                "does not exist."
-            )
-        classes = (
-            json.loads(path.read_text()) if path.suffix == ".json" else path.read_text().split()
-        )
-    if classes is None:
-        return {name: (i,) for i, name in enumerate(sorted(folders))}
-    if isinstance(classes, Mapping):
-        mapping = dict(classes)
-    else:
-        mapping = {name: i for i, name in enumerate(classes)}
-    unknown = sorted(set(folders) - set(mapping))
-    if unknown:
-        raise ValueError(
-            f"Expected class folders from the given label space, but got unknown folders {unknown[:5]}."
-        )
-    out = {}
-    for name in sorted(folders):
-        value = mapping[name]
-        indices = (
-            tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
-        )
-        if not indices or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices
-        ):
-            raise ValueError(
-                f"Expected class {name!r} to map to an index >= 0 or a non-empty list of them, but got {value!r}."
-            )
-        out[name] = indices
-    return out
-
-
-def class_index(folders: Sequence[str], classes: ClassesLike) -> dict[str, int]:
-    """Map folder names to one class index each (see :func:`class_sets` for ``classes``).
-
-    Raises:
-        ValueError: as :func:`class_sets`, or a folder mapped to several classes (allowed for
-            :class:`OODImageFolder` only).
-    """
-    sets = class_sets(folders, classes)
-    many = sorted(name for name, s in sets.items() if len(s) > 1)
-    if many:
-        raise ValueError(
-            f"Expected one class index per folder for training data, but {many[:3]} map to several; "
-            "several classes per folder are for OODImageFolder (ObjectNet-style evaluation)."
-        )
-    return {name: s[0] for name, s in sets.items()}
-
-
-def accuracy_targets(logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-    """Labels ``(B,)`` against which top-1 accuracy of ``logits (B, K)`` is right.
-
-    For samples with a ``label_set`` (an OOD folder standing for several model classes, as in
-    ObjectNet), the prediction itself when it is one of them, else the first of them; otherwise
-    ``batch["label"]``. Feed the result to any accuracy metric (torchmetrics ``MulticlassAccuracy``).
-    """
-    labels = batch["label"].to(logits.device)
-    sets = batch.get("label_set")
-    if sets is None:
-        return labels
-    preds = logits.argmax(-1)
-    hit = (sets.to(logits.device) == preds[:, None]).any(dim=1)
-    return torch.where(hit, preds, labels)
 
 
 def _class_folders(root: Path, what: str) -> list[str]:
@@ -317,8 +221,7 @@ class MaskedImageFolder(Dataset):
             raise ValueError(
                 f"Expected mask_format one of {MASK_FORMATS}, but got {mask_format!r}."
             )
-        if per_class is not None and (not isinstance(per_class, int) or per_class < 1):
-            raise ValueError(f"Expected per_class an int >= 1 or None, but got {per_class!r}.")
+        check_positive_int("per_class", per_class, allow_none=True)
         self.root = Path(root)
         self.mask_format = mask_format
         self.transform = transform or (train_transform if train else eval_transform)(
@@ -359,7 +262,7 @@ class MaskedImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Sample:
         path, mask_path, label = self.samples[index]
         image = load_rgb(path)
         if mask_path is None:
@@ -428,8 +331,7 @@ class OODImageFolder(Dataset):
         scoring: str = "argmax",
         skip_corrupt: bool = False,
     ) -> None:
-        if scoring not in ("argmax", "restricted"):
-            raise ValueError(f"Expected scoring 'argmax' or 'restricted', but got {scoring!r}.")
+        check_choice("scoring", scoring, SCORINGS)
         self.root, self.scoring = Path(root), scoring
         self.transform = transform or eval_transform(img_size, mean, std)
         folders = _class_folders(self.root, "OOD split")
@@ -464,7 +366,7 @@ class OODImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Sample:
         path, label = self.samples[index]
         image = self.transform(tv_tensors.Image(load_rgb(path))).as_subclass(Tensor)
         sample = {
@@ -478,9 +380,3 @@ class OODImageFolder(Dataset):
             sample["label_set"] = self._label_sets[self._folder_of[path]]
         return sample
 
-
-def restrict_logits(logits: Tensor, classes: Tensor) -> Tensor:
-    """Logits ``(B, K)`` with every class outside ``classes`` set to -inf (restricted scoring)."""
-    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    keep[classes.to(logits.device)] = True
-    return logits.masked_fill(~keep, float("-inf"))

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from relreg.data.folders import MaskedImageFolder
+from relreg.data.sample import Sample
 from relreg.data.synthetic import SHAPES, make_shapes
 
 __all__ = ["SPLITS", "SpuriousShapes", "write_shapes_folder"]
@@ -106,7 +107,7 @@ class SpuriousShapes(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Sample:
         has = self.has_mask[index]
         if self.folder is not None:
             sample = self.folder[index]

@@ -27,12 +27,10 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.classification import MulticlassAccuracy
 
-from relreg.data.folders import accuracy_targets, restrict_logits
 from relreg.explain import explain_with_logits, to_pixels
-from relreg.metrics import PointingGame, RelevanceMass, RelevanceRankAccuracy, SegmentationAgreement
-from relreg.metrics.functional import _relevance_mass_update
+from relreg.metrics import dataset_accuracy, list_metrics, metric_spec, relevance_share
+from relreg.validate import check_positive_int
 from relreg.viz import explanation_grid, save_figure
 
 __all__ = ["ExplanationQuality", "OODEvaluation", "RelevanceHeatmapLogger"]
@@ -101,8 +99,7 @@ class RelevanceHeatmapLogger(pl.Callback):
     ) -> None:
         if not 1 <= num_images < 50:
             raise ValueError(f"Expected num_images in [1, 49], but got {num_images!r}.")
-        if every_n_epochs < 1:
-            raise ValueError(f"Expected every_n_epochs >= 1, but got {every_n_epochs!r}.")
+        check_positive_int("every_n_epochs", every_n_epochs)
         self.num_images, self.every_n_epochs, self.method = num_images, every_n_epochs, method
         self.dataloader_idx, self.seed, self.mean, self.std = dataloader_idx, seed, mean, std
         self.indices: list[int] = []
@@ -132,7 +129,7 @@ class RelevanceHeatmapLogger(pl.Callback):
         has = torch.stack([torch.as_tensor(s["has_mask"]) for s in samples]).bool()
         exp = _explain(pl_module, images, labels, self.method)
         pix = to_pixels(exp.maps.detach(), size=images.shape[-2:]).cpu()
-        mass = _relevance_mass_update(exp.maps.detach(), masks).cpu()
+        mass = relevance_share(exp.maps.detach(), masks).cpu()
         preds = exp.logits.argmax(1).cpu()
         captions = [
             f"#{i} pred {int(p)} label {int(y)}" + (f" mass {float(m):.2f}" if h else "")
@@ -201,7 +198,11 @@ def _to_array(figure) -> np.ndarray:
 
 
 class ExplanationQuality(_KeepsLast):
-    """Localization metrics of explanations on a bounded validation subset, as ``val/xai/<metric>``.
+    """Explanation metrics on a bounded validation subset, as ``val/xai/<key>``.
+
+    Logs every metric declared for the callback (:func:`relreg.metrics.list_metrics`
+    ``("callback")``: relevance mass, relevance rank accuracy, pointing game, segmentation mIoU /
+    pixel accuracy / mAP, and any metric registered with ``used_by=("callback", ...)``).
 
     Args:
         num_batches: validation batches to explain (from the start of the loader).
@@ -210,13 +211,6 @@ class ExplanationQuality(_KeepsLast):
         dataloader_idx: which validation loader.
     """
 
-    METRICS = {
-        "relevance_mass": RelevanceMass,
-        "relevance_rank_accuracy": RelevanceRankAccuracy,
-        "pointing_game": PointingGame,
-        "segmentation": SegmentationAgreement,
-    }
-
     def __init__(
         self,
         num_batches: int = 2,
@@ -224,10 +218,8 @@ class ExplanationQuality(_KeepsLast):
         method: str = "chefer",
         dataloader_idx: int = 0,
     ) -> None:
-        if num_batches < 1 or every_n_epochs < 1:
-            raise ValueError(
-                f"Expected num_batches and every_n_epochs >= 1, but got {num_batches!r}, {every_n_epochs!r}."
-            )
+        check_positive_int("num_batches", num_batches)
+        check_positive_int("every_n_epochs", every_n_epochs)
         self.num_batches, self.every_n_epochs = num_batches, every_n_epochs
         self.method, self.dataloader_idx = method, dataloader_idx
         super().__init__()
@@ -236,7 +228,9 @@ class ExplanationQuality(_KeepsLast):
         if not _due(trainer, self.every_n_epochs):
             return
         loader = _val_loader(trainer, self.dataloader_idx)
-        metrics = {name: cls().to(pl_module.device) for name, cls in self.METRICS.items()}
+        specs = [metric_spec(name) for name in list_metrics("callback")]
+        context = {"model": pl_module.model, "target_mode": "label"}
+        metrics = {s.name: s.build(**context).to(pl_module.device) for s in specs}
         for i, batch in enumerate(loader):
             if i >= self.num_batches:
                 break
@@ -249,8 +243,10 @@ class ExplanationQuality(_KeepsLast):
             )
             maps = _explain(pl_module, images, labels, self.method).maps.detach()
             masks = batch["mask"][has].to(pl_module.device)
-            for metric in metrics.values():
-                metric.update(maps, masks)
+            with _eval_mode(pl_module.model):
+                for spec in specs:
+                    inputs = (maps, masks) if spec.inputs == "masks" else (images, maps, labels)
+                    metrics[spec.name].update(*inputs)
         values: dict[str, float] = {}
         for name, metric in metrics.items():
             result = metric.compute()  # syncs across processes under DDP
@@ -265,11 +261,11 @@ class OODEvaluation(_KeepsLast):
     """Accuracy on named OOD datasets, logged as ``ood/<name>/acc`` and their mean ``ood/mean_acc``.
 
     For splits that are not already validation loaders of the data module (those are logged by
-    :class:`RelRegModule` itself under the same keys). A dataset with ``scoring="restricted"`` and
-    ``split_classes`` (:class:`relreg.data.OODImageFolder`) is scored over its own classes only.
+    :class:`RelRegModule` itself under the same keys). Each split is scored under its own
+    convention (:func:`relreg.metrics.dataset_accuracy`: full argmax, restricted, label sets).
 
     Args:
-        datasets: ``{name: dataset}`` yielding relreg's sample dicts.
+        datasets: ``{name: dataset}`` yielding :class:`relreg.data.Sample` dicts.
         every_n_epochs: evaluate on every N-th validation epoch.
         batch_size: evaluation batch size.
     """
@@ -279,10 +275,8 @@ class OODEvaluation(_KeepsLast):
     ) -> None:
         if not datasets:
             raise ValueError("Expected at least one OOD dataset, but got none.")
-        if every_n_epochs < 1 or batch_size < 1:
-            raise ValueError(
-                f"Expected every_n_epochs and batch_size >= 1, but got {every_n_epochs!r}, {batch_size!r}."
-            )
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_positive_int("batch_size", batch_size)
         self.datasets, self.every_n_epochs, self.batch_size = (
             dict(datasets),
             every_n_epochs,
@@ -296,17 +290,8 @@ class OODEvaluation(_KeepsLast):
         values: dict[str, float] = {}
         with _eval_mode(pl_module.model) as model:
             for name, dataset in self.datasets.items():
-                accuracy = MulticlassAccuracy(model.num_classes, average="micro").to(
-                    pl_module.device
-                )
-                restricted = getattr(dataset, "scoring", "argmax") == "restricted"
-                for batch in DataLoader(dataset, batch_size=self.batch_size):
-                    with torch.no_grad():
-                        logits = model(batch["image"].to(pl_module.device))
-                    if restricted:
-                        logits = restrict_logits(logits, dataset.split_classes)
-                    accuracy.update(logits, accuracy_targets(logits, batch))
-                values[name] = float(accuracy.compute())  # syncs across processes under DDP
+                # torchmetrics' accuracy: syncs across processes under DDP
+                values[name] = dataset_accuracy(model, dataset, self.batch_size, pl_module.device)
         self.last = values
         for name, value in values.items():
             pl_module.log(f"ood/{name}/acc", value)

@@ -16,8 +16,8 @@ from unittest import mock
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningCLI
 
-from relreg.cli import _check_writable
 from relreg.data.datamodule import RelRegDataModule
+from relreg.io import check_writable
 from relreg.lightning.module import RelRegModule
 
 __all__ = ["OutputDirError", "RelRegCLI", "output_dirs", "run_cli"]
@@ -41,7 +41,7 @@ class RelRegCLI(LightningCLI):
         if self.subcommand is not None:
             for what, directory in output_dirs(self.trainer).items():
                 try:
-                    _check_writable(directory, what)
+                    check_writable(directory, what)
                 except ValueError as err:
                     raise OutputDirError(str(err)) from err
 

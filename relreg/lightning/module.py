@@ -23,7 +23,6 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from relreg.data.folders import accuracy_targets, restrict_logits
 from relreg.explain import explain_with_logits, explainer_info, find_attention_modules, to_pixels
 from relreg.losses import (
     ClassificationLoss,
@@ -31,8 +30,9 @@ from relreg.losses import (
     create_relevance_loss,
     swap_backgrounds,
 )
-from relreg.metrics import RelevanceMass
+from relreg.metrics import RelevanceMass, accuracy_targets, score_logits, scoring_classes
 from relreg.models import build_model, load_weights
+from relreg.validate import check_positive_int
 
 __all__ = ["RelRegModule"]
 
@@ -50,8 +50,11 @@ class RelRegModule(pl.LightningModule):
         method_options: keyword options of that explainer, e.g. ``{"gradient": "logits"}`` for
             ``chefer`` (see :func:`relreg.explain.chefer`); used in training and validation.
         second_order: differentiate through the attention gradients too (RobustViT: False).
-        relevance_loss: ``"robustvit"``, ``"mass"``, ``"rrr"`` or a loss module.
-        lambda_bg, lambda_fg: weights inside the RobustViT loss (paper: 2, 0.3).
+        relevance_loss: a registered name (``"robustvit"``, ``"mass"``, ``"rrr"``; see
+            :func:`relreg.losses.list_relevance_losses`) or a loss module.
+        relevance_loss_options: keyword options of a named relevance loss, e.g.
+            ``{"lambda_bg": 2.0, "lambda_fg": 0.3}`` for ``robustvit`` (the paper's, and the
+            defaults).
         lambda_seg, lambda_cls: weights of the relevance and classification terms (paper: 0.8, 0.2).
         classification: ``"self"`` (paper), ``"label"`` or ``"teacher"`` (KL to a frozen copy).
         temperature: of the classification term (paper: 1; DeiT-B 0.65, DeiT-S 0.55).
@@ -78,8 +81,7 @@ class RelRegModule(pl.LightningModule):
         method_options: dict[str, Any] | None = None,
         second_order: bool = False,
         relevance_loss: str | nn.Module = "robustvit",
-        lambda_bg: float = 2.0,
-        lambda_fg: float = 0.3,
+        relevance_loss_options: dict[str, Any] | None = None,
         lambda_seg: float = 0.8,
         lambda_cls: float = 0.2,
         classification: str = "self",
@@ -111,12 +113,12 @@ class RelRegModule(pl.LightningModule):
             load_weights(self.model, checkpoint)
         self.model.train()  # Lightning keeps modules in the mode it finds them in
         if isinstance(relevance_loss, str):
-            kwargs = (
-                {"lambda_bg": lambda_bg, "lambda_fg": lambda_fg}
-                if relevance_loss == "robustvit"
-                else {}
+            relevance_loss = create_relevance_loss(relevance_loss, **(relevance_loss_options or {}))
+        elif relevance_loss_options:
+            raise ValueError(
+                "Expected relevance_loss_options only with a relevance loss given by name, but got "
+                f"{relevance_loss_options!r} with a {type(relevance_loss).__name__} instance."
             )
-            relevance_loss = create_relevance_loss(relevance_loss, **kwargs)
         self.relevance_loss = relevance_loss
         self.method = method or getattr(relevance_loss, "method", "chefer")
         info = explainer_info(self.method)
@@ -144,12 +146,7 @@ class RelRegModule(pl.LightningModule):
             if value < 0:
                 raise ValueError(f"Expected {name} >= 0, but got {value}.")
         self.lambda_seg, self.lambda_cls, self.lambda_cf = lambda_seg, lambda_cls, lambda_cf
-        if (
-            isinstance(relevance_every, bool)
-            or not isinstance(relevance_every, int)
-            or relevance_every < 1
-        ):
-            raise ValueError(f"Expected relevance_every an int >= 1, but got {relevance_every!r}.")
+        check_positive_int("relevance_every", relevance_every)
         self.classification_loss = ClassificationLoss(classification, temperature)
         self.teacher = (
             copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -297,9 +294,7 @@ class RelRegModule(pl.LightningModule):
         prefix = stage if name == "id" else f"ood/{name}"
         out = self.model_step(batch, relevance=self.eval_relevance)
         logits = out["logits"].detach()
-        split_classes = self._split_classes(dataloader_idx)
-        if split_classes is not None:
-            logits = restrict_logits(logits, split_classes)
+        logits = score_logits(logits, self._scoring_classes(dataloader_idx))
         b = batch["label"].shape[0]
         self.eval_acc[dataloader_idx](logits, accuracy_targets(logits, batch))
         # metric_attribute: the metrics are made per evaluation split at setup, after Lightning
@@ -331,13 +326,11 @@ class RelRegModule(pl.LightningModule):
                 metric_attribute=f"eval_mass.{dataloader_idx}",
             )
 
-    def _split_classes(self, dataloader_idx: int) -> Tensor | None:
+    def _scoring_classes(self, dataloader_idx: int) -> Tensor | None:
         dm = getattr(self.trainer, "datamodule", None)
         name = self._eval_names[dataloader_idx]
         dataset = getattr(dm, "ood", {}).get(name) if dm is not None else None
-        if getattr(dataset, "scoring", "argmax") == "restricted":
-            return dataset.split_classes
-        return None
+        return scoring_classes(dataset)
 
     def validation_step(
         self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0

@@ -1,5 +1,5 @@
 """Relevance losses (RobustViT, relevance mass, RRR), background counterfactuals and classification
-terms, with module twins."""
+terms, with module twins and a registry of relevance losses by name."""
 
 from relreg.losses.counterfactual import counterfactual_loss, swap_backgrounds
 from relreg.losses.functional import (
@@ -7,15 +7,21 @@ from relreg.losses.functional import (
     classification_loss,
     relevance_loss,
     relevance_mass_loss,
+    robustvit_loss,
     rrr_loss,
 )
 from relreg.losses.modules import (
-    RELEVANCE_LOSSES,
     ClassificationLoss,
     RelevanceLoss,
     RelevanceMassLoss,
+    RobustViTLoss,
     RRRLoss,
+)
+from relreg.losses.registry import (
+    RELEVANCE_LOSSES,
     create_relevance_loss,
+    list_relevance_losses,
+    register_relevance_loss,
 )
 
 __all__ = [
@@ -25,11 +31,15 @@ __all__ = [
     "RRRLoss",
     "RelevanceLoss",
     "RelevanceMassLoss",
+    "RobustViTLoss",
     "classification_loss",
     "counterfactual_loss",
     "create_relevance_loss",
+    "list_relevance_losses",
+    "register_relevance_loss",
     "relevance_loss",
     "relevance_mass_loss",
+    "robustvit_loss",
     "rrr_loss",
     "swap_backgrounds",
 ]

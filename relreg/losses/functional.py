@@ -1,6 +1,6 @@
 """Losses on relevance maps and the classification terms of relevance-regularised fine-tuning.
 
-- :func:`relevance_loss`: RobustViT (Chefer, Schwartz & Wolf, "Optimizing Relevance Maps of Vision
+- :func:`robustvit_loss`: RobustViT (Chefer, Schwartz & Wolf, "Optimizing Relevance Maps of Vision
   Transformers Improves Robustness", NeurIPS 2022): ``L_bg = MSE(R * (1 - S), 0)``,
   ``L_fg = MSE(R * S, S)``, ``L = lambda_bg * L_bg + lambda_fg * L_fg`` on per-image min-max
   normalised pixel relevance ``R`` and a binary foreground mask ``S``.
@@ -20,11 +20,16 @@ nothing; a batch without any mask gives zeros that still belong to the graph.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from relreg.validate import check_choice
+
 __all__ = [
+    "robustvit_loss",
     "relevance_loss",
     "relevance_mass_loss",
     "rrr_loss",
@@ -78,7 +83,7 @@ def _masked_mean(per_pixel: Tensor, has_mask: Tensor) -> Tensor:
     return (per_pixel * weight).sum() / count.clamp_min(1)
 
 
-def relevance_loss(
+def robustvit_loss(
     relevance: Tensor,
     masks: Tensor,
     lambda_bg: float = 2.0,
@@ -101,7 +106,7 @@ def relevance_loss(
         >>> import torch
         >>> r = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
         >>> s = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
-        >>> {k: round(v.item(), 4) for k, v in relevance_loss(r, s).items()}
+        >>> {k: round(v.item(), 4) for k, v in robustvit_loss(r, s).items()}
         {'loss': 0.125, 'loss_bg': 0.0625, 'loss_fg': 0.0}
     """
     has = _check(relevance, masks, has_mask)
@@ -112,6 +117,16 @@ def relevance_loss(
         "loss_bg": loss_bg,
         "loss_fg": loss_fg,
     }
+
+
+def relevance_loss(*args, **kwargs) -> dict[str, Tensor]:
+    """Deprecated alias of :func:`robustvit_loss` (removed after relreg 0.2)."""
+    warnings.warn(
+        "relreg.losses.relevance_loss is deprecated; use relreg.losses.robustvit_loss.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return robustvit_loss(*args, **kwargs)
 
 
 def relevance_mass_loss(
@@ -163,8 +178,7 @@ def classification_loss(
     Returns:
         A scalar tensor.
     """
-    if mode not in CLASSIFICATION_MODES:
-        raise ValueError(f"Expected mode one of {CLASSIFICATION_MODES}, but got {mode!r}.")
+    check_choice("mode", mode, CLASSIFICATION_MODES)
     if not isinstance(logits, Tensor) or logits.ndim != 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"Expected logits of shape (B, K), but got {got}.")

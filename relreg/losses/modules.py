@@ -1,33 +1,37 @@
 """``nn.Module`` twins of :mod:`relreg.losses.functional`, for injection through LightningCLI configs.
 
 Each relevance loss says which explainer it expects by default (``method``) and whether that
-explainer's map is min-max normalised to pixels before the loss (``normalize``).
+explainer's map is min-max normalised to pixels before the loss (``normalize``); its ``forward``
+takes ``(relevance (B, H, W), masks (B, H, W), has_mask (B,) or None)`` and returns
+``{"loss", "loss_bg", "loss_fg"}``. Names for configs live in :mod:`relreg.losses.registry`.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from torch import Tensor, nn
 
 from relreg.losses.functional import (
     CLASSIFICATION_MODES,
     classification_loss,
-    relevance_loss,
     relevance_mass_loss,
+    robustvit_loss,
     rrr_loss,
 )
+from relreg.validate import check_choice
 
 __all__ = [
+    "ClassificationLoss",
+    "RRRLoss",
     "RelevanceLoss",
     "RelevanceMassLoss",
-    "RRRLoss",
-    "ClassificationLoss",
-    "RELEVANCE_LOSSES",
-    "create_relevance_loss",
+    "RobustViTLoss",
 ]
 
 
-class RelevanceLoss(nn.Module):
-    """RobustViT's relevance loss (NeurIPS 2022); see :func:`relreg.losses.relevance_loss`.
+class RobustViTLoss(nn.Module):
+    """RobustViT's relevance loss (NeurIPS 2022); see :func:`relreg.losses.robustvit_loss`.
 
     Args:
         lambda_bg: background weight (paper: 2).
@@ -45,10 +49,22 @@ class RelevanceLoss(nn.Module):
         self, relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None
     ) -> dict[str, Tensor]:
         """``relevance``, ``masks``: ``(B, H, W)``; ``has_mask``: ``(B,)`` bool or None."""
-        return relevance_loss(relevance, masks, self.lambda_bg, self.lambda_fg, has_mask)
+        return robustvit_loss(relevance, masks, self.lambda_bg, self.lambda_fg, has_mask)
 
     def extra_repr(self) -> str:
         return f"lambda_bg={self.lambda_bg}, lambda_fg={self.lambda_fg}"
+
+
+class RelevanceLoss(RobustViTLoss):
+    """Deprecated alias of :class:`RobustViTLoss` (removed after relreg 0.2)."""
+
+    def __init__(self, lambda_bg: float = 2.0, lambda_fg: float = 0.3) -> None:
+        warnings.warn(
+            "relreg.losses.RelevanceLoss is deprecated; use relreg.losses.RobustViTLoss.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(lambda_bg, lambda_fg)
 
 
 class RelevanceMassLoss(nn.Module):
@@ -83,8 +99,7 @@ class ClassificationLoss(nn.Module):
 
     def __init__(self, mode: str = "self", temperature: float = 1.0) -> None:
         super().__init__()
-        if mode not in CLASSIFICATION_MODES:
-            raise ValueError(f"Expected mode one of {CLASSIFICATION_MODES}, but got {mode!r}.")
+        check_choice("mode", mode, CLASSIFICATION_MODES)
         self.mode, self.temperature = mode, temperature
 
     def forward(
@@ -95,19 +110,3 @@ class ClassificationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, temperature={self.temperature}"
-
-
-RELEVANCE_LOSSES: dict[str, type[nn.Module]] = {
-    "robustvit": RelevanceLoss,
-    "mass": RelevanceMassLoss,
-    "rrr": RRRLoss,
-}
-
-
-def create_relevance_loss(name: str, **kwargs: float) -> nn.Module:
-    """Relevance loss by name: ``robustvit``, ``mass`` or ``rrr``."""
-    if name not in RELEVANCE_LOSSES:
-        raise ValueError(
-            f"Unknown relevance loss {name!r}; expected one of: {', '.join(RELEVANCE_LOSSES)}."
-        )
-    return RELEVANCE_LOSSES[name](**kwargs)

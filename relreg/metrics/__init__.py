@@ -1,5 +1,14 @@
-"""Explanation-quality metrics: functional twins and torchmetrics ``Metric`` classes."""
+"""Explanation-quality metrics and accuracy: functional twins, torchmetrics ``Metric`` classes and
+the registry that declares each metric once (:mod:`relreg.metrics.registry`)."""
 
+from relreg.metrics.accuracy import (
+    SCORINGS,
+    accuracy_targets,
+    dataset_accuracy,
+    restrict_logits,
+    score_logits,
+    scoring_classes,
+)
 from relreg.metrics.faithfulness import DeletionInsertionAUC, PerturbationAUC
 from relreg.metrics.functional import (
     pointing_game,
@@ -14,17 +23,40 @@ from relreg.metrics.localization import (
     RelevanceRankAccuracy,
     SegmentationAgreement,
 )
+from relreg.metrics.perturbation import deletion_insertion_auc, perturbation_auc
+from relreg.metrics.registry import (
+    MetricSpec,
+    build_metrics,
+    list_metrics,
+    metric_spec,
+    register_metric,
+    report_keys,
+)
 
 __all__ = [
+    "SCORINGS",
     "DeletionInsertionAUC",
+    "MetricSpec",
     "PerturbationAUC",
     "PointingGame",
     "RelevanceMass",
     "RelevanceRankAccuracy",
     "SegmentationAgreement",
+    "accuracy_targets",
+    "build_metrics",
+    "dataset_accuracy",
+    "deletion_insertion_auc",
+    "list_metrics",
+    "metric_spec",
+    "perturbation_auc",
     "pointing_game",
+    "register_metric",
     "relevance_mass",
     "relevance_rank_accuracy",
     "relevance_share",
+    "report_keys",
+    "restrict_logits",
+    "score_logits",
+    "scoring_classes",
     "segmentation_agreement",
 ]

@@ -14,10 +14,10 @@ from relreg.data import (
     RelRegDataModule,
     SpuriousShapes,
     class_index,
-    restrict_logits,
     write_shapes_folder,
 )
 from relreg.data.folders import load_mask
+from relreg.metrics import restrict_logits
 
 
 def _write(path, array, mode=None):

@@ -18,12 +18,12 @@ from relreg.data import (
     OODImageFolder,
     RelRegDataModule,
     SpuriousShapes,
-    accuracy_targets,
     class_sets,
     write_shapes_folder,
 )
 from relreg.evaluate import evaluate_models
 from relreg.lightning import OODEvaluation, RelRegModule
+from relreg.metrics import accuracy_targets
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 SETS = {"circle": [0, 2], "square": [1], "triangle": [3, 0]}
@@ -133,7 +133,7 @@ def _naive_accuracy_single(model, ds) -> float:
 def test_yaml_mappings_lists_and_paths_reach_the_dataset_as_such(tmp_path):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from relreg.data.folders import ClassesLike
+    from relreg.data.classes import ClassesLike
 
     parser = ArgumentParser()
     parser.add_argument("--config", action=ActionConfigFile)

@@ -13,7 +13,7 @@ from relreg.lightning import RelRegModule
 from relreg.losses import (
     classification_loss,
     counterfactual_loss,
-    relevance_loss,
+    robustvit_loss,
     swap_backgrounds,
 )
 from relreg.metrics import relevance_mass
@@ -54,11 +54,12 @@ def test_one_forward_pass_per_step():
 
 
 def test_loss_equals_reference():
-    module = _module(lambda_seg=0.7, lambda_cls=0.3, lambda_bg=1.5, lambda_fg=0.4, temperature=0.5)
+    options = {"lambda_bg": 1.5, "lambda_fg": 0.4}
+    module = _module(lambda_seg=0.7, lambda_cls=0.3, relevance_loss_options=options, temperature=0.5)
     batch = _batch(masked_fraction=0.5, seed=1)
     out = module.model_step(batch, relevance=True)
     maps = explain(module.model, batch["image"], "chefer", target=batch["label"])
-    rel = relevance_loss(to_pixels(maps, size=(32, 32)), batch["mask"], 1.5, 0.4, batch["has_mask"])
+    rel = robustvit_loss(to_pixels(maps, size=(32, 32)), batch["mask"], 1.5, 0.4, batch["has_mask"])
     cls = classification_loss(module.model(batch["image"]), "self", temperature=0.5)
     torch.testing.assert_close(out["loss"], 0.7 * rel["loss"] + 0.3 * cls)
     torch.testing.assert_close(out["loss_bg"], rel["loss_bg"])
@@ -73,7 +74,7 @@ def test_method_options_reach_the_explainer():
         maps = explain(
             module.model, batch["image"], "chefer", target=batch["label"], gradient=gradient
         )
-        rel[gradient] = relevance_loss(
+        rel[gradient] = robustvit_loss(
             to_pixels(maps, size=(32, 32)), batch["mask"], 2.0, 0.3, batch["has_mask"]
         )["loss"]
     torch.testing.assert_close(out["loss"], rel["logits"])

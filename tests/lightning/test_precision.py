@@ -12,7 +12,7 @@ from pytorch_lightning.loggers import CSVLogger
 from relreg.data import RelRegDataModule, SpuriousShapes
 from relreg.explain import explain, to_pixels
 from relreg.lightning import ExplanationQuality, RelevanceHeatmapLogger, RelRegModule
-from relreg.losses import relevance_loss
+from relreg.losses import robustvit_loss
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 
@@ -50,7 +50,7 @@ def test_relevance_loss_under_bf16_autocast_is_close_to_float32():
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             maps = explain(model, images, "chefer", differentiable=True)
-            loss = relevance_loss(to_pixels(maps.float(), size=(32, 32)), masks)["loss"]
+            loss = robustvit_loss(to_pixels(maps.float(), size=(32, 32)), masks)["loss"]
         loss.backward()
         return loss.detach(), model.blocks[0].attn.qkv.weight.grad.clone()
 

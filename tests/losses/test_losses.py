@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from relreg.explain import explain, to_pixels
 from relreg.losses import (
     ClassificationLoss,
-    RelevanceLoss,
+    RobustViTLoss,
     RRRLoss,
     classification_loss,
     create_relevance_loss,
-    relevance_loss,
     relevance_mass_loss,
+    robustvit_loss,
     rrr_loss,
 )
 from tests.conftest import images_for, make_tiny_vit
@@ -28,7 +28,7 @@ def _rand(b=4, h=6, w=5, seed=0):
 def test_relevance_loss_hand_computed():
     r = torch.tensor([[[0.8, 0.2], [0.4, 1.0]]])
     s = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    out = relevance_loss(r, s)
+    out = robustvit_loss(r, s)
     bg = (0.2**2 + 0.4**2) / 4
     fg = ((0.8 - 1) ** 2 + 0.0) / 4
     assert out["loss_bg"].item() == pytest.approx(bg)
@@ -38,7 +38,7 @@ def test_relevance_loss_hand_computed():
 
 def test_relevance_loss_equals_torch_mse_and_weights():
     r, s = _rand()
-    out = relevance_loss(r, s, lambda_bg=1.5, lambda_fg=0.7)
+    out = robustvit_loss(r, s, lambda_bg=1.5, lambda_fg=0.7)
     bg = F.mse_loss(r * (1 - s), torch.zeros_like(r))
     fg = F.mse_loss(r * s, s)
     torch.testing.assert_close(out["loss_bg"], bg)
@@ -46,7 +46,7 @@ def test_relevance_loss_equals_torch_mse_and_weights():
     torch.testing.assert_close(out["loss"], 1.5 * bg + 0.7 * fg)
 
 
-@pytest.mark.parametrize("fn", [relevance_loss, relevance_mass_loss, rrr_loss])
+@pytest.mark.parametrize("fn", [robustvit_loss, relevance_mass_loss, rrr_loss])
 def test_unmasked_samples_contribute_nothing(fn):
     r, s = _rand()
     has = torch.tensor([True, False, True, False])
@@ -60,7 +60,7 @@ def test_unmasked_samples_contribute_nothing(fn):
     torch.testing.assert_close(fn(r2, s, has_mask=has)["loss"], mixed["loss"])
 
 
-@pytest.mark.parametrize("fn", [relevance_loss, relevance_mass_loss, rrr_loss])
+@pytest.mark.parametrize("fn", [robustvit_loss, relevance_mass_loss, rrr_loss])
 def test_no_mask_at_all_gives_zero_in_the_graph(fn):
     r, s = _rand()
     r.requires_grad_(True)
@@ -94,7 +94,7 @@ def test_robustvit_loss_reaches_model_weights_through_chefer():
     masks = torch.zeros(3, 16, 16)
     masks[:, :8] = 1
     pix = to_pixels(explain(model, x, "chefer", target=1, differentiable=True), size=(16, 16))
-    RelevanceLoss()(pix, masks)["loss"].backward()
+    RobustViTLoss()(pix, masks)["loss"].backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
@@ -157,14 +157,14 @@ def test_self_target_is_a_constant():
 )
 def test_input_errors(relevance, masks, match):
     with pytest.raises(ValueError, match=match):
-        relevance_loss(relevance, masks)
+        robustvit_loss(relevance, masks)
 
 
 def test_dtype_and_has_mask_errors():
     with pytest.raises(TypeError, match="masks of a floating dtype"):
-        relevance_loss(torch.rand(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.long))
+        robustvit_loss(torch.rand(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"has_mask a bool tensor of shape \(1,\)"):
-        relevance_loss(torch.rand(1, 2, 2), torch.ones(1, 2, 2), has_mask=torch.ones(1))
+        robustvit_loss(torch.rand(1, 2, 2), torch.ones(1, 2, 2), has_mask=torch.ones(1))
 
 
 def test_classification_errors():
@@ -180,6 +180,6 @@ def test_classification_errors():
 
 
 def test_loss_registry():
-    assert isinstance(create_relevance_loss("robustvit", lambda_bg=1.0), RelevanceLoss)
+    assert isinstance(create_relevance_loss("robustvit", lambda_bg=1.0), RobustViTLoss)
     with pytest.raises(ValueError, match="Unknown relevance loss 'l2'.*robustvit, mass, rrr"):
         create_relevance_loss("l2")

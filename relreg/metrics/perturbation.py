@@ -1,0 +1,278 @@
+"""Functional core of the faithfulness metrics: remove what a map calls relevant, watch the model.
+
+The math lives here once; :mod:`relreg.metrics.faithfulness` holds the ``Metric`` twins, which
+call the same ``_x_update`` / ``_x_compute`` functions and keep their results as summed states.
+
+- :func:`perturbation_auc`: the perturbation test of Chefer, Gur & Wolf, "Transformer
+  Interpretability Beyond Attention Visualization", CVPR 2021 (accuracy as the top-p units are
+  set to ``fill``; AUC by the trapezoid rule over x = 0, 0.1, ..., 0.9, times 100);
+- :func:`deletion_insertion_auc`: RISE deletion / insertion (Petsiuk, Das & Saenko, BMVC 2018):
+  mean class probability as the most relevant units are deleted or inserted into a ``fill`` canvas.
+
+Each fraction is one batched forward pass over the batch (chunked by ``chunk_size``) under
+``torch.no_grad``; only one perturbed copy of the batch exists at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import timm.data
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from relreg.explain.tokens import to_pixels
+from relreg.validate import check_positive_int
+
+__all__ = ["PAPER_FRACTIONS", "black_fill", "deletion_insertion_auc", "perturbation_auc"]
+
+PAPER_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+UNITS = ("pixel", "patch")
+TARGET_MODES = ("predicted", "label")
+
+
+def black_fill(model: nn.Module) -> Tensor:
+    """``(C,)`` value of black (0 in [0, 1] space) under the model's mean/std normalisation."""
+    config = timm.data.resolve_model_data_config(model)
+    mean, std = torch.tensor(config["mean"]), torch.tensor(config["std"])
+    return -mean / std
+
+
+@dataclass(frozen=True)
+class _Perturber:
+    """How a batch is perturbed and scored: the model, the removal unit and the fill value."""
+
+    model: nn.Module
+    unit: str
+    fill: Tensor
+    target_mode: str
+    chunk_size: int
+    patch: tuple[int, int]
+
+
+def _perturber(
+    model: nn.Module,
+    unit: str = "pixel",
+    fill: float | Sequence[float] | Tensor | None = None,
+    target_mode: str = "predicted",
+    chunk_size: int = 64,
+) -> _Perturber:
+    """Validate the options shared by the faithfulness metrics."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}.")
+    if unit not in UNITS:
+        raise ValueError(f"Expected unit 'pixel' or 'patch', but got {unit!r}.")
+    if target_mode not in TARGET_MODES:
+        raise ValueError(f"Expected target_mode 'label' or 'predicted', but got {target_mode!r}.")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"Expected chunk_size an int >= 1, but got {chunk_size!r}.")
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if unit == "patch" and patch is None:
+        raise ValueError("Expected a model with patch_embed.patch_size for unit='patch'.")
+    fill = black_fill(model) if fill is None else torch.as_tensor(fill, dtype=torch.float32)
+    patch = (int(patch[0]), int(patch[1])) if patch is not None else (1, 1)
+    return _Perturber(model, unit, fill, target_mode, chunk_size, patch)
+
+
+def _check_fractions(fractions: Sequence[float]) -> list[float]:
+    fr = [float(f) for f in fractions]
+    if not fr or any(not 0 < f < 1 for f in fr) or fr != sorted(fr):
+        raise ValueError(f"Expected increasing fractions in (0, 1), but got {fractions!r}.")
+    return fr
+
+
+def _check_mode(mode: str, choices: tuple[str, str]) -> None:
+    if mode not in choices:
+        raise ValueError(f"Expected mode {choices[0]!r} or {choices[1]!r}, but got {mode!r}.")
+
+
+def _unit_scores(maps: Tensor, size: tuple[int, int], unit: str, patch: tuple[int, int]) -> Tensor:
+    """Relevance per removable unit, ``(B, U)``: pixels of the image or patches of the grid."""
+    if unit == "pixel":
+        return to_pixels(maps.detach().float(), size=size, normalize=False).flatten(1)
+    grid = (size[0] // patch[0], size[1] // patch[1])
+    m = maps.detach().float()
+    if tuple(m.shape[-2:]) != grid:  # pixel maps: mean relevance of each patch
+        m = F.adaptive_avg_pool2d(to_pixels(m, size=size, normalize=False)[:, None], grid)[:, 0]
+    return m.flatten(1)
+
+
+def _removal_ranks(scores: Tensor, most_relevant_first: bool) -> Tensor:
+    """Rank ``(B, U)`` of each unit in the removal order (0 = removed first); ties keep index order."""
+    order = scores.argsort(dim=1, descending=most_relevant_first, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ranks
+
+
+def _to_pixel_mask(
+    removed: Tensor, size: tuple[int, int], unit: str, patch: tuple[int, int]
+) -> Tensor:
+    """Boolean ``(N, 1, H, W)`` pixel mask from a unit mask ``(N, U)``."""
+    n = removed.shape[0]
+    if unit == "pixel":
+        return removed.view(n, 1, *size)
+    grid = (size[0] // patch[0], size[1] // patch[1])
+    return removed.view(n, 1, *grid).repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
+
+
+def _check(p: _Perturber, images: Tensor, maps: Tensor, target: Tensor | None) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise ValueError(
+            f"Expected images (B, C, H, W), but got {getattr(images, 'shape', type(images))}."
+        )
+    if not isinstance(maps, Tensor) or maps.ndim != 3 or maps.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"Expected maps (B, h, w) for {images.shape[0]} images, but got {getattr(maps, 'shape', None)}."
+        )
+    for name, t in (("images", images), ("maps", maps)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"Expected finite {name}, but got NaN or Inf values.")
+    if p.target_mode == "label" and (target is None or target.shape != (images.shape[0],)):
+        raise ValueError(
+            f"Expected target (B,) labels for target_mode='label', but got {getattr(target, 'shape', None)}."
+        )
+
+
+def _forward(p: _Perturber, batch: Tensor) -> Tensor:
+    with torch.no_grad():
+        return torch.cat(
+            [p.model(batch[i : i + p.chunk_size]) for i in range(0, len(batch), p.chunk_size)]
+        )
+
+
+def _prepare(
+    p: _Perturber, images: Tensor, maps: Tensor, target: Tensor | None, most_relevant_first: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Check inputs; return the clean logits, the class per image and each unit's removal rank."""
+    _check(p, images, maps, target)
+    logits = _forward(p, images)
+    scores = _unit_scores(maps.to(images.device), tuple(images.shape[-2:]), p.unit, p.patch)
+    tgt = logits.argmax(1) if p.target_mode == "predicted" else target.to(logits.device)
+    return logits, tgt, _removal_ranks(scores, most_relevant_first)
+
+
+def _perturbed(
+    p: _Perturber, images: Tensor, ranks: Tensor, fraction: float, insert: bool = False
+) -> Tensor:
+    """Images with the first ``fraction`` of units (by rank) replaced by ``fill``; with
+    ``insert``, a ``fill`` canvas with those units revealed instead."""
+    k = int(fraction * ranks.shape[1])
+    chosen = _to_pixel_mask(ranks < k, tuple(images.shape[-2:]), p.unit, p.patch)
+    fill = p.fill.to(images).view(1, -1, 1, 1).expand_as(images)
+    return torch.where(chosen, images, fill) if insert else torch.where(chosen, fill, images)
+
+
+def _perturbation_update(
+    p: _Perturber,
+    images: Tensor,
+    maps: Tensor,
+    target: Tensor | None,
+    mode: str,
+    fractions: Sequence[float],
+) -> Tensor:
+    """Right predictions ``(F + 1,)`` float64 at fraction 0 (unperturbed) and at each fraction."""
+    logits, tgt, ranks = _prepare(p, images, maps, target, mode == "positive")
+    # one batched (chunked) pass per fraction: memory stays at one perturbed copy of the batch
+    preds = torch.stack(
+        [_forward(p, _perturbed(p, images, ranks, f)).argmax(1) for f in fractions]
+    )
+    return torch.cat([(logits.argmax(1) == tgt)[None], preds == tgt[None]]).double().sum(1)
+
+
+def _perturbation_compute(correct: Tensor, count: Tensor, fractions: Sequence[float]) -> Tensor:
+    """AUC x 100 of the accuracy curve over x = 0, *fractions."""
+    x = torch.tensor([0.0, *fractions], dtype=torch.float64, device=correct.device)
+    return (torch.trapezoid(correct / count.clamp_min(1), x) * 100).float()
+
+
+def _rise_update(
+    p: _Perturber, images: Tensor, maps: Tensor, target: Tensor | None, mode: str, steps: int
+) -> Tensor:
+    """Summed class probability ``(steps + 1,)`` float64 at fractions 0, 1/steps, ..., 1."""
+    _, tgt, ranks = _prepare(p, images, maps, target, most_relevant_first=True)
+    insert = mode == "insertion"
+    fractions = [i / steps for i in range(steps + 1)]
+    probs = torch.stack(
+        [_forward(p, _perturbed(p, images, ranks, f, insert)).softmax(1) for f in fractions]
+    )
+    index = tgt.view(1, -1, 1).expand(len(fractions), -1, 1)
+    return probs.gather(2, index)[..., 0].double().sum(1)
+
+
+def _rise_compute(prob_sum: Tensor, count: Tensor, steps: int) -> Tensor:
+    x = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=prob_sum.device)
+    return torch.trapezoid(prob_sum / count.clamp_min(1), x).float()
+
+
+def perturbation_auc(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    target: Tensor | None = None,
+    mode: str = "positive",
+    unit: str = "pixel",
+    fill: float | Sequence[float] | Tensor | None = None,
+    target_mode: str = "predicted",
+    fractions: Sequence[float] = PAPER_FRACTIONS,
+    chunk_size: int = 64,
+) -> Tensor:
+    """Perturbation-test AUC x 100 of one batch (the functional twin of ``PerturbationAUC``).
+
+    Args:
+        model: the classifier (called under ``torch.no_grad``; its mode is left as it is).
+        images: ``(B, C, H, W)`` normalised as the model expects.
+        maps: ``(B, h, w)`` patch-grid or ``(B, H, W)`` pixel relevance.
+        target: ``(B,)`` labels, needed for ``target_mode="label"``.
+        mode: ``"positive"`` (most relevant removed first; lower is better) or ``"negative"``.
+        unit: ``"pixel"`` or ``"patch"``.
+        fill: value of removed pixels: a float, a ``(C,)`` sequence, or None for black.
+        target_mode: accuracy against ``"predicted"`` (the unperturbed top-1) or ``"label"``.
+        fractions: removed fractions (paper: 0.1 ... 0.9).
+        chunk_size: images per forward pass.
+
+    Returns:
+        Scalar AUC in [0, 100 * max(fractions)].
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+        ...                           patch_size=8, num_classes=3).eval()
+        >>> auc = perturbation_auc(model, torch.randn(2, 3, 32, 32), torch.rand(2, 4, 4))
+        >>> 0.0 <= auc.item() <= 90.0
+        True
+    """
+    _check_mode(mode, ("positive", "negative"))
+    fr = _check_fractions(fractions)
+    p = _perturber(model, unit, fill, target_mode, chunk_size)
+    correct = _perturbation_update(p, images, maps, target, mode, fr)
+    return _perturbation_compute(correct, torch.tensor(float(images.shape[0])), fr)
+
+
+def deletion_insertion_auc(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    target: Tensor | None = None,
+    mode: str = "deletion",
+    unit: str = "pixel",
+    fill: float | Sequence[float] | Tensor | None = None,
+    target_mode: str = "predicted",
+    steps: int = 10,
+    chunk_size: int = 64,
+) -> Tensor:
+    """RISE deletion / insertion AUC of one batch (the functional twin of ``DeletionInsertionAUC``).
+
+    Arguments as :func:`perturbation_auc`, with ``mode`` ``"deletion"`` (lower is better) or
+    ``"insertion"`` (higher is better) and ``steps`` fractions after 0.
+
+    Returns:
+        Scalar AUC in [0, 1].
+    """
+    _check_mode(mode, ("deletion", "insertion"))
+    check_positive_int("steps", steps)
+    p = _perturber(model, unit, fill, target_mode, chunk_size)
+    prob_sum = _rise_update(p, images, maps, target, mode, steps)
+    return _rise_compute(prob_sum, torch.tensor(float(images.shape[0])), steps)
