@@ -22,6 +22,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from relreg.quiet import quiet_dependencies
+
 __all__ = ["main"]
 
 
@@ -338,6 +340,20 @@ def _print_report(report: dict) -> None:
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+def _run_command(args: argparse.Namespace) -> None:
+    if args.command == "explain":
+        files = run_explain(args)
+        print(f"wrote {len(files)} files to {args.out}")
+    elif args.command == "evaluate":
+        report = run_evaluate(args)
+        _print_report(report)
+        print(f"wrote {args.out / 'report.json'} and figures")
+    elif args.command == "demo":
+        from relreg.demo import run_demo
+
+        run_demo(args.out, seeds=tuple(args.seeds), configs=args.configs, quick=args.quick)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relreg`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -345,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relreg.lightning.cli import OutputDirError, run_cli
 
         try:
-            run_cli(argv)
+            with quiet_dependencies():
+                run_cli(argv)
         except OutputDirError as err:  # a setup error: the message says it all, no traceback
             print(f"relreg {argv[0]}: error: {err}", file=sys.stderr)
             return 2
@@ -359,17 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _demo_parser(sub)
     args = parser.parse_args(argv)
     try:
-        if args.command == "explain":
-            files = run_explain(args)
-            print(f"wrote {len(files)} files to {args.out}")
-        elif args.command == "evaluate":
-            report = run_evaluate(args)
-            _print_report(report)
-            print(f"wrote {args.out / 'report.json'} and figures")
-        elif args.command == "demo":
-            from relreg.demo import run_demo
-
-            run_demo(args.out, seeds=tuple(args.seeds), configs=args.configs, quick=args.quick)
+        with quiet_dependencies(stages=args.command == "demo"):
+            _run_command(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"relreg {args.command}: error: {err}", file=sys.stderr)
         return 2

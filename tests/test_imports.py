@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "relreg"
 LAYERS = {
     "relreg.validate": 0,
     "relreg.io": 0,
+    "relreg.quiet": 0,
     "relreg.explain": 1,
     "relreg.models": 1,
     "relreg.viz": 1,
@@ -139,3 +140,12 @@ def test_the_import_reader_sees_function_level_and_relative_imports(tmp_path):
         "relreg.explain.mod", tmp_path / "mod.py", {"relreg.explain.sibling", "relreg.cli"}
     )
     assert found == {"relreg.explain.sibling", "relreg.cli"}
+
+
+def test_the_explain_subpackage_is_not_shadowed_by_its_function():
+    import relreg
+    import relreg.explain as explain_package
+
+    assert explain_package.__name__ == "relreg.explain"
+    assert relreg.explain is explain_package and callable(relreg.explain.explain)
+    assert relreg.list_explainers() == explain_package.list_explainers()
