@@ -94,3 +94,24 @@ def test_marker_cue_leaves_the_tint_uninformative():
     ]
     nearest = torch.cdist(bg, 0.6 * (0.5 * _TINTS[:4] + 0.25)).argmin(1)
     assert (nearest == batch.labels).float().mean().item() < 0.4
+
+
+def test_every_dataset_yields_the_sample_contract(tmp_path):
+    from relreg.data import (
+        MaskedImageFolder,
+        OODImageFolder,
+        Sample,
+        SpuriousShapes,
+        write_shapes_folder,
+    )
+    from relreg.data.datamodule import REQUIRED_KEYS
+
+    assert REQUIRED_KEYS == ("image", "label", "mask", "has_mask")
+    assert set(REQUIRED_KEYS) == Sample.__required_keys__
+    root = write_shapes_folder(tmp_path / "shapes", "val", n=6)
+    datasets = [SpuriousShapes("val", n=4), MaskedImageFolder(root, train=False, img_size=32)]
+    datasets.append(OODImageFolder(root / "images", img_size=32))
+    for ds in datasets:
+        sample = ds[0]
+        assert set(REQUIRED_KEYS) <= set(sample) <= set(Sample.__annotations__), type(ds).__name__
+        assert sample["image"].ndim == 3 and sample["mask"].shape == sample["image"].shape[-2:]

@@ -275,3 +275,14 @@ def test_counterfactual_term_equals_its_reference_and_trains():
     assert module.model.patch_embed.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="lambda_cf >= 0"):
         _module(lambda_cf=-1.0)
+
+
+def test_relevance_loss_options_go_to_the_named_loss_only():
+    module = _module(relevance_loss="robustvit", relevance_loss_options={"lambda_bg": 1.25})
+    assert module.relevance_loss.lambda_bg == 1.25 and module.relevance_loss.lambda_fg == 0.3
+    with pytest.raises(TypeError, match="lambda_bg"):
+        _module(relevance_loss="mass", relevance_loss_options={"lambda_bg": 1.0})
+    from relreg.losses import RobustViTLoss
+
+    with pytest.raises(ValueError, match="Expected relevance_loss_options only with a relevance loss given by name"):
+        _module(relevance_loss=RobustViTLoss(), relevance_loss_options={"lambda_bg": 1.0})

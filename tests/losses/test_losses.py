@@ -183,3 +183,30 @@ def test_loss_registry():
     assert isinstance(create_relevance_loss("robustvit", lambda_bg=1.0), RobustViTLoss)
     with pytest.raises(ValueError, match="Unknown relevance loss 'l2'.*robustvit, mass, rrr"):
         create_relevance_loss("l2")
+
+
+def test_old_names_are_deprecated_aliases_with_equal_results():
+    from relreg.losses import RelevanceLoss, relevance_loss
+
+    r, s = torch.rand(2, 4, 4), (torch.rand(2, 4, 4) > 0.5).float()
+    with pytest.deprecated_call(match="use relreg.losses.robustvit_loss"):
+        old = relevance_loss(r, s, 1.5, 0.7)
+    new = robustvit_loss(r, s, 1.5, 0.7)
+    assert all(torch.equal(old[k], new[k]) for k in new)
+    with pytest.deprecated_call(match="use relreg.losses.RobustViTLoss"):
+        module = RelevanceLoss(lambda_bg=1.5)
+    assert isinstance(module, RobustViTLoss) and module.lambda_bg == 1.5
+
+
+def test_relevance_loss_registry(monkeypatch):
+    import relreg.losses.registry as registry
+    from relreg.losses import list_relevance_losses, register_relevance_loss
+
+    monkeypatch.setattr(registry, "RELEVANCE_LOSSES", dict(registry.RELEVANCE_LOSSES))
+    assert list_relevance_losses() == ["robustvit", "mass", "rrr"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_relevance_loss("mass", RobustViTLoss)
+    with pytest.raises(TypeError, match="Expected an nn.Module subclass"):
+        register_relevance_loss("f", robustvit_loss)
+    register_relevance_loss("l2", RobustViTLoss)
+    assert isinstance(create_relevance_loss("l2", lambda_fg=0.1), RobustViTLoss)

@@ -169,3 +169,36 @@ def test_update_errors():
         metric.update(x, torch.rand(3, 4, 4), torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="model"):
         PerturbationAUC("vit")
+
+
+@pytest.mark.parametrize("unit", ["pixel", "patch"])
+def test_functional_twins_equal_the_metric_classes_on_one_batch(unit):
+    from relreg.metrics import deletion_insertion_auc, perturbation_auc
+
+    model = make_tiny_vit(num_classes=3)
+    x = images_for(model, batch=4)
+    maps = torch.rand(4, 4, 4, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 0])
+    for mode in ("positive", "negative"):
+        metric = PerturbationAUC(model, mode=mode, unit=unit, target_mode="label")
+        metric.update(x, maps, labels)
+        twin = perturbation_auc(model, x, maps, labels, mode=mode, unit=unit, target_mode="label")
+        assert twin.item() == pytest.approx(metric.compute().item(), abs=1e-6)
+    for mode in ("deletion", "insertion"):
+        metric = DeletionInsertionAUC(model, mode=mode, unit=unit, steps=4)
+        metric.update(x, maps)
+        twin = deletion_insertion_auc(model, x, maps, mode=mode, unit=unit, steps=4)
+        assert twin.item() == pytest.approx(metric.compute().item(), abs=1e-6)
+
+
+def test_functional_twins_check_their_arguments():
+    from relreg.metrics import deletion_insertion_auc, perturbation_auc
+
+    model = make_tiny_vit(num_classes=3)
+    x, maps = images_for(model, batch=2), torch.rand(2, 4, 4)
+    with pytest.raises(ValueError, match="Expected mode 'positive' or 'negative', but got 'deletion'"):
+        perturbation_auc(model, x, maps, mode="deletion")
+    with pytest.raises(ValueError, match="Expected steps an int >= 1, but got 0"):
+        deletion_insertion_auc(model, x, maps, steps=0)
+    with pytest.raises(ValueError, match="Expected target"):
+        perturbation_auc(model, x, maps, target_mode="label")
