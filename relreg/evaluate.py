@@ -178,8 +178,7 @@ def evaluate_models(
         models: ``{label: model}``, e.g. ``{"before": m0, "after": m1}``; each is put in eval
             mode on ``device`` (and left there).
         data: the masked split (one dataset for all models, or ``{label: dataset}`` when the
-            models need different preprocessing) yielding relreg's sample dicts
-            (``image (3, H, W)``, ``label``, ``mask (H, W)``, ``has_mask``).
+            models need different preprocessing) yielding :class:`relreg.data.Sample` dicts.
         methods: explainer names (see :func:`relreg.explain.list_explainers`).
         ood: ``{name: dataset}`` of OOD splits (accuracy only); the same for all models.
         unit: ``"pixel"`` or ``"patch"`` removal in the perturbation and RISE tests.

@@ -66,8 +66,7 @@ def _perturber(
         raise ValueError(f"Expected unit 'pixel' or 'patch', but got {unit!r}.")
     if target_mode not in TARGET_MODES:
         raise ValueError(f"Expected target_mode 'label' or 'predicted', but got {target_mode!r}.")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"Expected chunk_size an int >= 1, but got {chunk_size!r}.")
+    check_positive_int("chunk_size", chunk_size)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if unit == "patch" and patch is None:
         raise ValueError("Expected a model with patch_embed.patch_size for unit='patch'.")
