@@ -201,7 +201,7 @@ def test_patching_every_token_gives_the_counterfactual_prediction(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "experiments"))
     import timm
     import torch
-    from robustness_mechanism import patch_keys_values, value_flow
+    from robustness.mechanism import patch_keys_values, value_flow
 
     from relreg.explain import explain
 
@@ -220,7 +220,7 @@ def test_patching_every_token_gives_the_counterfactual_prediction(monkeypatch):
     for name in ("keys", "values", "keys_and_values"):
         assert torch.equal(unchanged[name], unchanged["original"])
     # the value-bias gauge changes no logit, but it does change the chefer maps
-    from robustness_mechanism import ValueBiasGauge
+    from robustness.mechanism import ValueBiasGauge
 
     with torch.no_grad():
         logits = model(x)
@@ -233,7 +233,7 @@ def test_patching_every_token_gives_the_counterfactual_prediction(monkeypatch):
         shifted = explain(model, x, "chefer", target=logits.argmax(1))
     assert (shifted - reference).abs().max() > 1e-2
     # ... while the rule on the attention logits' gradient does not move with it
-    from robustness_mechanism import rule_variants
+    from robustness.mechanism import rule_variants
 
     target = logits.argmax(1)
     plain = rule_variants(model, x, target)

@@ -1,0 +1,91 @@
+"""The study's main comparison over several baselines: reusing a study run, and the summaries.
+
+Used by ``experiments/robustness_baselines.py``: each baseline seed is a study run without sweeps
+(:func:`robustness.study.run`), kept as :func:`compact`; :func:`summarise_gains` collects each
+method's differences to the control over the baselines.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+# the sections of the protocol that must match for a study run to stand in for a baseline seed
+PROTOCOL = ("num_classes", "image_size", "model", "pretrain", "bias", "finetune", "eval")
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.pstdev(values), 4),
+        "per_baseline": [round(v, 4) for v in values],
+    }
+
+
+def study_matches(study: dict, cfg: dict, seeds: list[int], baseline_seed: int) -> bool:
+    """Whether a study run can stand in for ``baseline_seed``.
+
+    Args:
+        study: a ``robustness_study.py`` JSON.
+        cfg: the comparison's config.
+        seeds: the comparison's fine-tuning seeds.
+        baseline_seed: the baseline seed to fill.
+
+    Returns:
+        True when the study ran that baseline seed with the same fine-tuning seeds and
+        :data:`PROTOCOL` sections, on every benchmark and method of ``cfg``.
+    """
+    return (
+        study["config"].get("baseline_seed", 0) == baseline_seed
+        and study["seeds"] == seeds
+        and all(study["config"][k] == cfg[k] for k in PROTOCOL)
+        and set(cfg["benchmarks"]) <= set(study["benchmarks"])
+        and all(set(cfg["methods"]) <= set(study["benchmarks"][k]) for k in cfg["benchmarks"])
+    )
+
+
+def compact(result: dict, benchmarks: list[str] | None = None) -> dict:
+    """A study result without curves and sweeps: the baselines, the arms' metrics and the gains,
+    for ``benchmarks`` only (default: all of the result's), so that a study run that covered more
+    benchmarks than the comparison can stand in for one of its baselines."""
+    kinds = list(result["benchmarks"]) if benchmarks is None else list(benchmarks)
+    return {
+        "baselines": {kind: result["baselines"][kind] for kind in kinds},
+        "benchmarks": {
+            kind: {
+                name: {k: v for k, v in arm.items() if k not in ("curve", "seconds")}
+                for name, arm in result["benchmarks"][kind].items()
+            }
+            for kind in kinds
+        },
+        "gains": {kind: result["gains"][kind] for kind in kinds},
+    }
+
+
+def summarise_gains(per_baseline: dict[str, dict], methods: list[str]) -> dict:
+    """Per benchmark and method: the OOD and ID differences to the control, over the baselines.
+
+    Args:
+        per_baseline: ``{baseline seed: compact(study result)}``.
+        methods: the methods to summarise (not the control).
+
+    Returns:
+        ``{kind: {method: {"ood_gain", "id_diff": {"mean", "std", "per_baseline"},
+        "gain_every_seed": [...]}, "baseline_ood_acc": {...}}}`` (std over the baselines,
+        population).
+    """
+    kinds = next(iter(per_baseline.values()))["benchmarks"]
+    summary: dict[str, dict] = {}
+    for kind in kinds:
+        summary[kind] = {}
+        for name in methods:
+            gains = [per_baseline[b]["gains"][kind][name] for b in per_baseline]
+            summary[kind][name] = {
+                "ood_gain": _stats([g["ood_minus_control"] for g in gains]),
+                "id_diff": _stats([g["id_minus_control"] for g in gains]),
+                "gain_every_seed": [g["ood_gain_every_seed"] for g in gains],
+            }
+        summary[kind]["baseline_ood_acc"] = _stats(
+            [per_baseline[b]["baselines"][kind]["bias"]["ood_acc"] for b in per_baseline]
+        )
+    return summary

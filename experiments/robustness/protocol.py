@@ -1,0 +1,327 @@
+"""The robustness study's protocol: config, data, model, training, evaluation and summaries.
+
+The benchmarks are relreg's shapes with a spurious cue (:func:`relreg.data.make_shapes`): ``tint``
+(the background's colour) or ``marker`` (a white square in the class's corner). A tiny ViT learns
+the shapes on unbiased data, then the cue on biased data (the baseline, :func:`build_baseline`);
+each method fine-tunes it on a few masked images per class (:func:`finetune`), and every model is
+scored by :func:`evaluate` (:data:`METRICS`). The protocol's numbers are in
+``configs/study/robustness.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from relreg.data import make_shapes
+from relreg.explain import explain
+from relreg.lightning import RelRegModule
+from relreg.metrics import relevance_share
+from relreg.models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = ROOT / "configs" / "study" / "robustness.yaml"
+SPLIT_SEEDS = {"unbiased": 1, "bias": 2, "finetune": 3, "id": 4, "ood": 5}
+# id / ood / unbiased: accuracy with the cue agreeing 95%, pointing to a wrong class, uninformative;
+# on OOD images: Chefer relevance inside the object (mass) and on the cue's pixels, and the share of
+# predictions that follow the cue (a shape-only model: 0)
+METRICS = ("id_acc", "ood_acc", "unbiased_acc", "relevance_mass", "cue_relevance", "follows_cue")
+EVAL_SPLITS = ("id", "ood", "unbiased")
+
+
+# ------------------------------------------------------------------------------------------ data
+def make_split(cfg: dict, kind: str, split: str, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A normalised split of a benchmark.
+
+    Args:
+        cfg: the study's config.
+        kind: the benchmark, ``"tint"`` or ``"marker"``.
+        split: ``"unbiased"``, ``"bias"``, ``"finetune"``, ``"id"`` or ``"ood"`` (how often the
+            cue agrees with the label, and the split's seed offset).
+        n: number of images.
+        seed: the split's seed, ``1000 * seed`` plus the split's offset.
+
+    Returns:
+        ``image (n, 3, S, S)`` in [-1, 1], ``mask (n, S, S)`` in {0, 1}, ``label (n,)`` and
+        ``cue (n,)``, the class the cue points to.
+    """
+    k = cfg["num_classes"]
+    spurious = {
+        "unbiased": 1.0 / k,
+        "bias": cfg["bias"]["spurious"],
+        "finetune": cfg["finetune"]["spurious"],
+        "id": cfg["eval"]["id_spurious"],
+        "ood": 0.0,
+    }[split]
+    batch = make_shapes(
+        n,
+        size=cfg["image_size"],
+        num_classes=k,
+        seed=1000 * seed + SPLIT_SEEDS[split],
+        spurious=spurious,
+        cue=kind,
+    )
+    return {
+        "image": (batch.images - 0.5) / 0.5,
+        "mask": batch.masks,
+        "label": batch.labels,
+        "cue": batch.cues,
+    }
+
+
+def cue_region(images: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tensor:
+    """``(B, H, W)`` in {0, 1} where the cue is: the background (tint) or the marker's square."""
+    if kind == "tint":
+        return 1 - masks
+    size = images.shape[-1]
+    w = size // 8
+    white = (images == 1.0).all(1).float()  # 1.0 after normalisation: pure white, only the marker
+    corners = torch.zeros_like(masks)
+    for r in (0, size - w):
+        for c in (0, size - w):
+            corners[:, r : r + w, c : c + w] = 1
+    return white * corners
+
+
+# ----------------------------------------------------------------------------------- training
+def new_model(cfg: dict) -> torch.nn.Module:
+    """The study's (untrained) tiny ViT."""
+    return build_model(
+        cfg["model"]["name"], False, None, cfg["num_classes"], **cfg["model"]["kwargs"]
+    )
+
+
+def fit(
+    module: RelRegModule,
+    data: dict[str, torch.Tensor],
+    stage: dict,
+    seed: int,
+    one_cycle: bool = False,
+    on_eval: Any = None,
+) -> None:
+    """Plain AdamW steps of ``module.model_step`` (the same losses ``relreg fit`` trains with).
+
+    A Trainer per arm would cost seconds of start-up each; the study runs about a hundred arms.
+
+    Args:
+        module: the model and its losses.
+        data: a split from :func:`make_split` (every image has a mask).
+        stage: ``steps``, ``batch_size``, ``lr`` and, with ``on_eval``, ``eval_every``.
+        seed: seeds the batch order.
+        one_cycle: a one-cycle learning-rate schedule instead of a constant one.
+        on_eval: called with the step number every ``eval_every`` steps.
+    """
+    steps, batch_size, lr = stage["steps"], stage["batch_size"], stage["lr"]
+    every = stage.get("eval_every", 0) if on_eval is not None else 0
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+        if one_cycle
+        else None
+    )
+    n = data["label"].shape[0]
+    order, pos = torch.randperm(n, generator=g), 0
+    module.model.train()
+    for step in range(1, steps + 1):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        batch = {key: data[key][idx] for key in ("image", "mask", "label")}
+        batch["has_mask"] = torch.ones(idx.numel(), dtype=torch.bool)
+        out = module.model_step(batch, relevance=module.lambda_seg > 0, counterfactual=True)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if every and step % every == 0:
+            on_eval(step)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode, restored after) on a split."""
+    was = model.training
+    model.eval()
+    acc = (model(data["image"]).argmax(1) == data["label"]).float().mean().item()
+    model.train(was)
+    return acc
+
+
+def evaluate(model: torch.nn.Module, evals: dict, kind: str, n: int) -> dict[str, float]:
+    """The study's :data:`METRICS` of a model.
+
+    Args:
+        model: the model to score.
+        evals: the splits of :func:`eval_splits`.
+        kind: the benchmark.
+        n: the relevance metrics use the first ``n`` OOD images (Chefer maps of the label).
+
+    Returns:
+        ``{metric: value}``; ``relevance_mass`` and ``cue_relevance`` are the mean shares
+        (:func:`relreg.metrics.relevance_share`) in the object and on the cue's pixels.
+    """
+    out = {f"{split}_acc": accuracy(model, evals[split]) for split in EVAL_SPLITS}
+    was = model.training
+    model.eval()
+    ood = {key: value[:n] for key, value in evals["ood"].items()}
+    maps = explain(model, ood["image"], "chefer", target=ood["label"])
+    cue = cue_region(ood["image"], ood["mask"], kind)
+    with torch.no_grad():
+        pred = model(ood["image"]).argmax(1)
+    model.train(was)
+    out["relevance_mass"] = relevance_share(maps, ood["mask"]).mean().item()
+    out["cue_relevance"] = relevance_share(maps, cue).mean().item()
+    out["follows_cue"] = (pred == ood["cue"]).float().mean().item()
+    return out
+
+
+def eval_splits(cfg: dict, kind: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The :data:`EVAL_SPLITS` of a benchmark, ``cfg["eval"]["n"]`` images each."""
+    return {
+        split: make_split(cfg, kind, split, cfg["eval"]["n"], seed=int(split == "unbiased"))
+        for split in EVAL_SPLITS
+    }
+
+
+def build_baseline(cfg: dict, kind: str, log: Any) -> tuple[dict, dict]:
+    """Pretrain on unbiased data, then bias.
+
+    Args:
+        cfg: the study's config; ``cfg["baseline_seed"]`` (default 0) seeds the initialisation and
+            the batch order of both stages; their data are fixed.
+        kind: the benchmark.
+        log: called with a line per stage.
+
+    Returns:
+        The baseline's state dict and each stage's accuracies.
+    """
+    seed = cfg.get("baseline_seed", 0)
+    torch.manual_seed(seed)
+    model = new_model(cfg)
+    evals = eval_splits(cfg, kind)
+    stages = {}
+    for stage, split in (("pretrain", "unbiased"), ("bias", "bias")):
+        c = cfg[stage]
+        module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
+        data = make_split(cfg, kind, split, c["n"])
+        fit(module, data, c, seed=seed, one_cycle=stage == "pretrain")
+        stages[stage] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
+        log(f"{kind} {stage}: " + ", ".join(f"{k} {v:.3f}" for k, v in stages[stage].items()))
+    return copy.deepcopy(model.state_dict()), stages
+
+
+def finetune(
+    cfg: dict,
+    base: dict,
+    kind: str,
+    method: dict,
+    seed: int,
+    evals: dict,
+    per_class: int | None = None,
+) -> dict:
+    """One arm: the baseline fine-tuned with ``method`` for one seed.
+
+    Args:
+        cfg: the study's config (``cfg["finetune"]``: the stage).
+        base: the baseline's state dict.
+        kind: the benchmark.
+        method: :class:`relreg.lightning.RelRegModule` arguments.
+        seed: seeds the initialisation's RNG, the fine-tuning data and the batch order.
+        evals: the splits of :func:`eval_splits`.
+        per_class: masked images per class (default: the config's).
+
+    Returns:
+        :func:`evaluate`'s metrics, the OOD ``curve`` while fine-tuning and ``train_s``.
+    """
+    c = cfg["finetune"]
+    per_class = per_class or c["per_class"]
+    torch.manual_seed(seed)
+    model = new_model(cfg)
+    model.load_state_dict(base)
+    module = RelRegModule(model, **method)
+    data = make_split(cfg, kind, "finetune", per_class * cfg["num_classes"], seed=10 + seed)
+    curve = {"steps": [0], "ood_acc": [accuracy(model, evals["ood"])]}
+
+    def on_eval(step: int) -> None:
+        curve["steps"].append(step)
+        curve["ood_acc"].append(accuracy(model, evals["ood"]))
+
+    start = time.perf_counter()
+    fit(module, data, c, seed, on_eval=on_eval)
+    seconds = time.perf_counter() - start
+    if curve["steps"][-1] != c["steps"]:
+        on_eval(c["steps"])
+    metrics = evaluate(model, evals, kind, cfg["eval"]["relevance_n"])
+    return {**metrics, "curve": curve, "train_s": seconds}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean, (sample) std and per-seed values of each metric, plus the mean OOD curve.
+
+    Args:
+        runs: one :func:`finetune` (or :func:`evaluate`) result per seed.
+
+    Returns:
+        ``{metric: {"mean", "std", "per_seed"}}``, with ``curve`` and ``train_s_per_run`` when
+        the runs have curves.
+    """
+    out: dict[str, Any] = {}
+    for key in METRICS:
+        values = [round(r[key], 4) for r in runs]
+        out[key] = {
+            "mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "per_seed": values,
+        }
+    if "curve" in runs[0]:
+        curves = [r["curve"] for r in runs]
+        out["curve"] = {"steps": curves[0]["steps"]}
+        cols = list(zip(*(c["ood_acc"] for c in curves), strict=True))
+        out["curve"]["ood_acc"] = {
+            "mean": [round(statistics.fmean(v), 4) for v in cols],
+            "std": [round(statistics.stdev(v), 4) if len(v) > 1 else 0.0 for v in cols],
+        }
+        out["train_s_per_run"] = round(statistics.fmean(r["train_s"] for r in runs), 2)
+    return out
+
+
+# ------------------------------------------------------------------------------------- config
+def shrink(cfg: dict) -> None:
+    """Tiny sizes in place (``--quick``): a smoke test of the whole pipeline, not a result."""
+    for stage in ("pretrain", "bias"):
+        cfg[stage].update(n=64, steps=4, batch_size=16)
+    cfg["finetune"].update(steps=4, eval_every=2, per_class=2)
+    cfg["eval"].update(n=16, relevance_n=8)
+    cfg["faithfulness"]["n"] = 8
+    cfg["sweeps"]["per_class"]["values"] = [1]
+    for spec in cfg["sweeps"]["weight"].values():
+        spec["values"] = [0.5]
+
+
+def load_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """``args.config`` as a dict, after refusing to replace an existing ``args.out``.
+
+    Without ``args.overwrite``, an existing ``args.out`` is a usage error (exit 2); shared by the
+    robustness scripts.
+    """
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    return yaml.safe_load(args.config.read_text())
+
+
+def check_methods(parser: argparse.ArgumentParser, cfg: dict, names: list[str]) -> None:
+    """Exit 2 naming the ``--methods`` the config does not define."""
+    unknown = sorted(set(names) - set(cfg["methods"]))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; the config has {sorted(cfg['methods'])}")

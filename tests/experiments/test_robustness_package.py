@@ -1,0 +1,134 @@
+"""The ``experiments/robustness`` package: its modules import, and the relevance shares the study
+reports are per-image shares of the min-max normalised, upsampled maps (checked against a loop)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULES = {
+    "protocol": ("load_config", "make_split", "cue_region", "fit", "evaluate", "summarise"),
+    "study": ("run", "gains"),
+    "faithfulness": ("faithfulness",),
+    "baselines": ("compact", "study_matches", "summarise_gains"),
+    "mechanism": ("rule_variants", "patch_keys_values", "gauge_shift", "measure", "cue_share"),
+    "plots": ("plot_study", "plot_baselines", "plot_mechanism"),
+}
+
+
+@pytest.fixture
+def robustness(monkeypatch):
+    """The package, imported as the scripts import it (``experiments/`` on ``sys.path``)."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    return {name: importlib.import_module(f"robustness.{name}") for name in MODULES}
+
+
+def naive_share(maps, regions):
+    """Per image, in float64: bilinear upsampling, min-max, then sum inside / sum; 0 if all zero."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for m, r in zip(maps, regions, strict=True):
+        up = F.interpolate(
+            m[None, None].double(), size=tuple(r.shape), mode="bilinear", align_corners=False
+        )[0, 0]
+        up = (up - up.min()) / max((up.max() - up.min()).item(), 1e-8)
+        total = up.sum().item()
+        out.append((up * r.double()).sum().item() / total if total > 0 else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def tiny_config():
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "study" / "robustness.yaml").read_text())
+    cfg["image_size"] = 16
+    cfg["model"]["kwargs"] = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    cfg["eval"].update(n=8, relevance_n=6)
+    cfg["faithfulness"].update(n=8, explainers=["chefer", "rollout"])
+    return cfg
+
+
+def test_the_package_modules_import_and_hold_their_pieces(robustness):
+    for name, attrs in MODULES.items():
+        module = robustness[name]
+        assert module.__doc__, name
+        for attr in attrs:
+            assert callable(getattr(module, attr)), f"robustness.{name}.{attr}"
+
+
+@pytest.mark.parametrize("kind", ["tint", "marker"])
+def test_the_study_relevance_shares_equal_a_per_image_loop(robustness, kind):
+    import torch
+
+    from relreg.explain import explain
+
+    protocol = robustness["protocol"]
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = protocol.new_model(cfg)
+    evals = protocol.eval_splits(cfg, kind)
+    out = protocol.evaluate(model, evals, kind, n=6)
+    ood = {key: value[:6] for key, value in evals["ood"].items()}
+    cue = protocol.cue_region(ood["image"], ood["mask"], kind)
+    for region in (ood["mask"], cue):  # relevance_share needs binary regions
+        assert set(region.unique().tolist()) <= {0.0, 1.0}
+    assert cue.sum() > 0
+    maps = explain(model.eval(), ood["image"], "chefer", target=ood["label"])
+    assert maps.std() > 0  # not a trivially constant map
+    mass, on_cue = naive_share(maps, ood["mask"]), naive_share(maps, cue)
+    assert out["relevance_mass"] == pytest.approx(mass.mean().item(), abs=1e-5)
+    assert out["cue_relevance"] == pytest.approx(on_cue.mean().item(), abs=1e-5)
+    if kind == "tint":  # the tint's region is the background: the two shares add up to 1
+        assert out["relevance_mass"] + out["cue_relevance"] == pytest.approx(1, abs=1e-5)
+    # the faithfulness test's shares, per explainer, on its own OOD images
+    faith = robustness["faithfulness"].faithfulness(cfg, model, kind)
+    data = protocol.make_split(cfg, kind, "ood", 8, seed=2)
+    with torch.no_grad():
+        pred = model.eval()(data["image"]).argmax(1)
+    cue = protocol.cue_region(data["image"], data["mask"], kind)
+    for name in ("chefer", "rollout"):
+        maps = explain(model, data["image"], name, target=pred)
+        row = faith["explainers"][name]
+        bg = 1 - naive_share(maps, data["mask"])
+        assert row["relevance_bg_share"] == pytest.approx(bg.mean().item(), abs=1e-4)
+        assert row["relevance_cue_share"] == pytest.approx(
+            naive_share(maps, cue).mean().item(), abs=1e-4
+        )
+
+
+def test_the_mechanism_cue_share_equals_a_per_image_loop(robustness):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    patches = torch.rand(3, 16, generator=g)  # a 4 x 4 patch grid
+    cue = (torch.rand(3, 16, 16, generator=g) > 0.7).float()
+    expected = naive_share(patches.reshape(3, 4, 4), cue).mean().item()
+    assert robustness["mechanism"].cue_share(patches, cue) == pytest.approx(expected, abs=1e-4)
+    # a region the study would never pass: not binary
+    with pytest.raises(ValueError, match="binary"):
+        robustness["mechanism"].cue_share(patches, cue * 0.5)
+
+
+def test_compact_keeps_only_the_comparisons_benchmarks(robustness):
+    """A study over tint and marker can stand in for a marker-only comparison (was a KeyError)."""
+    compact = robustness["baselines"].compact
+    summarise_gains = robustness["baselines"].summarise_gains
+    arm = {"ood_acc": 0.5, "curve": [1, 2], "seconds": 3.0}
+    gain = {"m": {"ood_minus_control": 0.1, "id_minus_control": 0.0, "ood_gain_every_seed": True}}
+    study = {
+        "baselines": {k: {"bias": {"ood_acc": 0.2}} for k in ("tint", "marker")},
+        "benchmarks": {k: {"control": dict(arm), "m": dict(arm)} for k in ("tint", "marker")},
+        "gains": {k: gain for k in ("tint", "marker")},
+    }
+    both = compact(study)
+    assert list(both["benchmarks"]) == ["tint", "marker"]
+    assert "curve" not in both["benchmarks"]["tint"]["m"]
+    marker = compact(study, ["marker"])
+    assert list(marker["benchmarks"]) == list(marker["gains"]) == list(marker["baselines"]) == ["marker"]
+    summary = summarise_gains({"0": marker, "1": marker}, ["m"])
+    assert list(summary) == ["marker"] and summary["marker"]["m"]["ood_gain"]["mean"] == 0.1
