@@ -29,7 +29,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from relreg.evaluate import evaluate_models, load_split  # noqa: E402
+from relreg.data import load_split  # noqa: E402
+from relreg.evaluate import evaluate_models  # noqa: E402
 from relreg.explain import list_explainers  # noqa: E402
 from relreg.io import atomic_write  # noqa: E402
 from relreg.models import build_model, lightning_model_args  # noqa: E402

@@ -240,7 +240,7 @@ def _evaluation_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
 
 def _same_preprocessing(models: dict[str, torch.nn.Module]) -> None:
     """The OOD splits and the heatmap images are loaded once: the models must share their input."""
-    from relreg.evaluate import model_data_config
+    from relreg.models import model_data_config
 
     configs = {label: model_data_config(m) for label, m in models.items()}
     if len({repr(c) for c in configs.values()}) > 1:
@@ -255,7 +255,8 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     """``relreg evaluate``: returns the report it writes to ``--out/report.json``."""
     import timm.data
 
-    from relreg.evaluate import evaluate_models, heatmap_grid_maps, load_split, write_figures
+    from relreg.data import load_split
+    from relreg.evaluate import evaluate_models, heatmap_grid_maps, write_figures
 
     if args.num_heatmaps < 0:
         raise ValueError(f"Expected --num-heatmaps >= 0, but got {args.num_heatmaps}.")

@@ -12,10 +12,7 @@ and the model's accuracy on the split and on each OOD split. Everything is compu
 :mod:`relreg.metrics` (batched, one explanation per batch and method) and written as JSON
 (:func:`evaluate_models`) and figures (:func:`write_figures`).
 
-Datasets are given as specs (:func:`load_split`): a folder of images and masks
-(:class:`relreg.data.MaskedImageFolder` layout), an OOD folder laid out as ``<class>/<image>``
-(:class:`relreg.data.OODImageFolder`), or ``shapes:SPLIT[:N]`` for the built-in CPU benchmark
-(:class:`relreg.data.SpuriousShapes`).
+On the command line datasets are given as specs (:func:`relreg.data.load_split`).
 """
 
 from __future__ import annotations
@@ -25,96 +22,26 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import timm.data
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from relreg.data.folders import MaskedImageFolder, OODImageFolder
-from relreg.data.spurious import SPLITS, SpuriousShapes
 from relreg.explain import explain, explainer_info, to_pixels
-from relreg.metrics import dataset_accuracy, list_metrics, metric_spec, report_keys
-from relreg.metrics.perturbation import PAPER_FRACTIONS
-from relreg.validate import check_positive_int
+from relreg.metrics import (
+    accuracy_targets,
+    dataset_accuracy,
+    list_metrics,
+    metric_spec,
+    report_keys,
+    score_logits,
+    scoring_classes,
+)
+from relreg.metrics.perturbation import PAPER_FRACTIONS, TARGET_MODES, UNITS
+from relreg.validate import check_choice, check_positive_int
 from relreg.viz import explanation_grid, save_figure
 
-__all__ = [
-    "evaluate_models",
-    "heatmap_grid_maps",
-    "load_split",
-    "model_data_config",
-    "write_figures",
-]
-
-def model_data_config(model: nn.Module) -> tuple[tuple[int, int], list, list]:
-    """``(input size (H, W), mean, std)`` of a timm model (its own ``patch_embed.img_size``)."""
-    config = timm.data.resolve_model_data_config(model)
-    size = (
-        getattr(getattr(model, "patch_embed", None), "img_size", None) or config["input_size"][1:]
-    )
-    return tuple(int(s) for s in size), list(config["mean"]), list(config["std"])
-
-
-def load_split(
-    spec: str,
-    model: nn.Module,
-    masks: bool = True,
-    classes: str | Sequence[str] | None = None,
-    scoring: str = "argmax",
-) -> Dataset:
-    """A dataset from a spec, preprocessed for ``model`` (its input size, mean and std).
-
-    Args:
-        spec: ``shapes:SPLIT`` or ``shapes:SPLIT:N`` (the built-in benchmark, N images, default
-            256), a folder with ``images/<class>/`` (and ``masks/<class>/``), or, for OOD splits
-            (``masks=False``), a folder laid out as ``<class>/<image>``.
-        model: the model that will see the images.
-        masks: whether the split is the masked one (an ``images/`` folder is then required).
-        classes: the model's label space for folders (see :func:`relreg.data.class_index`).
-        scoring: ``"argmax"`` or ``"restricted"`` for OOD folders.
-
-    Raises:
-        ValueError: a malformed ``shapes:`` spec or a folder of the wrong layout.
-        FileNotFoundError: a folder that does not exist.
-    """
-    size, mean, std = model_data_config(model)
-    if spec.startswith("shapes:"):
-        parts = spec.split(":")
-        n = parts[2] if len(parts) == 3 else "256"
-        if len(parts) not in (2, 3) or parts[1] not in SPLITS or not n.isdigit() or int(n) < 1:
-            raise ValueError(
-                f"Expected a spec 'shapes:SPLIT' or 'shapes:SPLIT:N' with SPLIT in {SPLITS} and "
-                f"N >= 1, but got {spec!r}."
-            )
-        if size[0] != size[1]:
-            raise ValueError(f"Expected a model with square inputs for {spec!r}, but got {size}.")
-        num_classes = getattr(model, "num_classes", None)
-        if not isinstance(num_classes, int) or not 2 <= num_classes <= 6:
-            raise ValueError(
-                f"Expected a model with 2 to 6 classes for {spec!r}, but it has {num_classes!r}."
-            )
-        return SpuriousShapes(
-            parts[1], n=int(n), size=size[0], num_classes=num_classes, mean=mean, std=std
-        )
-    root = Path(spec)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"Expected a data folder or a 'shapes:SPLIT' spec, but got {spec!r}."
-        )
-    if (root / "images").is_dir():
-        return MaskedImageFolder(
-            root, train=False, img_size=size[0], mean=mean, std=std, classes=classes
-        )
-    if masks:
-        raise ValueError(
-            f"Expected the masked split {spec!r} to hold images/<class>/ (and masks/<class>/), "
-            "but it has no images/ folder."
-        )
-    return OODImageFolder(
-        root, classes=classes, img_size=size[0], mean=mean, std=std, scoring=scoring
-    )
-
+__all__ = ["evaluate_models", "heatmap_grid_maps", "write_figures"]
 
 class _MethodMetrics:
     """The report's metrics (:func:`relreg.metrics.list_metrics` ``("report")``) for one explainer."""
@@ -208,10 +135,8 @@ def evaluate_models(
     options = {k: dict(v) for k, v in (method_options or {}).items()}
     for name in methods:
         explainer_info(name)  # unknown names fail before any work
-    if target not in ("predicted", "label"):
-        raise ValueError(f"Expected target 'predicted' or 'label', but got {target!r}.")
-    if unit not in ("pixel", "patch"):
-        raise ValueError(f"Expected unit 'pixel' or 'patch', but got {unit!r}.")
+    check_choice("target", target, TARGET_MODES)
+    check_choice("unit", unit, UNITS)
     check_positive_int("limit", limit, allow_none=True)
     check_positive_int("batch_size", batch_size)
     device = torch.device(device)
@@ -243,12 +168,14 @@ def evaluate_models(
             for m in methods
         }
         torch.manual_seed(seed)
+        classes = scoring_classes(dataset)
         correct = masked = 0
         for batch in DataLoader(subset, batch_size=batch_size):
             images, labels = batch["image"].to(device), batch["label"].to(device)
             masks, has = batch["mask"].to(device), batch["has_mask"].to(device).bool()
             with torch.no_grad():
-                correct += int((model(images).argmax(1) == labels).sum())
+                logits = score_logits(model(images), classes)
+            correct += int((logits.argmax(1) == accuracy_targets(logits, batch)).sum())
             masked += int(has.sum())
             bar.update(1)
             explained = labels if target == "label" else None
@@ -393,3 +320,17 @@ def write_figures(
             save_figure(explanation_grid(shown, heatmaps, row_titles), out / "heatmaps.png")
         )
     return written
+
+
+def __getattr__(name: str) -> object:
+    """``REPORT_METRICS`` (deprecated): the report's keys now come from the metric registry."""
+    if name == "REPORT_METRICS":
+        import warnings
+
+        warnings.warn(
+            "relreg.evaluate.REPORT_METRICS is deprecated; use relreg.metrics.report_keys().",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return report_keys()
+    raise AttributeError(f"module 'relreg.evaluate' has no attribute {name!r}")

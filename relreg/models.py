@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import timm.data
 import torch
 from torch import nn
 
-__all__ = ["build_model", "lightning_model_args", "load_weights"]
+__all__ = ["build_model", "lightning_model_args", "load_weights", "model_data_config"]
 
 
 def build_model(
@@ -169,3 +170,12 @@ def lightning_model_args(checkpoint: str | os.PathLike) -> dict[str, Any] | None
         "num_classes": hparams.get("num_classes"),
         **dict(hparams.get("model_kwargs") or {}),
     }
+
+
+def model_data_config(model: nn.Module) -> tuple[tuple[int, int], list, list]:
+    """``(input size (H, W), mean, std)`` of a timm model (its own ``patch_embed.img_size``)."""
+    config = timm.data.resolve_model_data_config(model)
+    size = (
+        getattr(getattr(model, "patch_embed", None), "img_size", None) or config["input_size"][1:]
+    )
+    return tuple(int(s) for s in size), list(config["mean"]), list(config["std"])

@@ -11,8 +11,8 @@ import timm
 import torch
 
 from relreg.cli import main
-from relreg.data import SpuriousShapes, write_shapes_folder
-from relreg.evaluate import evaluate_models, load_split
+from relreg.data import SpuriousShapes, load_split, write_shapes_folder
+from relreg.evaluate import evaluate_models
 from relreg.explain import explain, to_pixels
 from relreg.metrics import PerturbationAUC, relevance_mass, report_keys, segmentation_agreement
 from relreg.models import lightning_model_args
@@ -83,7 +83,7 @@ def test_evaluate_models_errors():
     data = SpuriousShapes("ood", n=2)
     with pytest.raises(ValueError, match="Unknown explainer 'nope'"):
         evaluate_models({"m": _model()}, data, methods=["nope"], progress=False)
-    with pytest.raises(ValueError, match="target 'predicted' or 'label'"):
+    with pytest.raises(ValueError, match=r"Expected target one of \('predicted', 'label'\), but got 'foil'"):
         evaluate_models({"m": _model()}, data, target="foil", progress=False)
     with pytest.raises(ValueError, match="limit an int >= 1"):
         evaluate_models({"m": _model()}, data, limit=0, progress=False)

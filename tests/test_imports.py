@@ -149,3 +149,16 @@ def test_the_explain_subpackage_is_not_shadowed_by_its_function():
     assert explain_package.__name__ == "relreg.explain"
     assert relreg.explain is explain_package and callable(relreg.explain.explain)
     assert relreg.list_explainers() == explain_package.list_explainers()
+
+
+def test_moved_names_still_resolve_with_a_deprecation_warning():
+    import relreg.data
+    import relreg.evaluate
+    import relreg.metrics
+
+    with pytest.deprecated_call(match="moved to relreg.metrics.accuracy_targets"):
+        assert relreg.data.accuracy_targets is relreg.metrics.accuracy_targets
+    with pytest.deprecated_call(match="use relreg.metrics.report_keys"):
+        assert relreg.evaluate.REPORT_METRICS == relreg.metrics.report_keys()
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        relreg.data.nope  # noqa: B018

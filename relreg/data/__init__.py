@@ -7,6 +7,7 @@ from relreg.data.classes import class_index, class_sets
 from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
 from relreg.data.sample import Sample
+from relreg.data.specs import load_split
 from relreg.data.spurious import SPLITS, SpuriousShapes, write_shapes_folder
 from relreg.data.synthetic import SHAPES, ShapesBatch, make_shapes
 from relreg.data.transforms import eval_transform, train_transform
@@ -24,7 +25,25 @@ __all__ = [
     "class_index",
     "class_sets",
     "eval_transform",
+    "load_split",
     "make_shapes",
     "train_transform",
     "write_shapes_folder",
 ]
+
+_MOVED = {"accuracy_targets": "relreg.metrics", "restrict_logits": "relreg.metrics"}
+
+
+def __getattr__(name: str) -> object:
+    """Names that moved to :mod:`relreg.metrics` (scoring is a metric concern): deprecated here."""
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(
+            f"relreg.data.{name} moved to {_MOVED[name]}.{name}; the old name goes after relreg 0.2.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'relreg.data' has no attribute {name!r}")

@@ -217,10 +217,7 @@ class MaskedImageFolder(Dataset):
         masked_only: bool = False,
         skip_corrupt: bool = False,
     ) -> None:
-        if mask_format not in MASK_FORMATS:
-            raise ValueError(
-                f"Expected mask_format one of {MASK_FORMATS}, but got {mask_format!r}."
-            )
+        check_choice("mask_format", mask_format, MASK_FORMATS)
         check_positive_int("per_class", per_class, allow_none=True)
         self.root = Path(root)
         self.mask_format = mask_format
@@ -304,7 +301,7 @@ class OODImageFolder(Dataset):
             split's folders must be in it (ImageNet-A/R use 200 of the 1000 wnids). None: sorted
             folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for splits whose
             classes stand for several model classes (ObjectNet): a prediction of any of them is
-            right; samples then carry ``label_set`` (see :func:`accuracy_targets`).
+            right; samples then carry ``label_set`` (see :func:`relreg.metrics.accuracy_targets`).
         img_size, mean, std: the eval preset.
         transform: replaces the preset (called on ``tv_tensors.Image``).
         scoring: ``"argmax"`` (RobustViT: argmax over all the model's classes) or ``"restricted"``

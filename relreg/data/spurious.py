@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 from relreg.data.folders import MaskedImageFolder
 from relreg.data.sample import Sample
 from relreg.data.synthetic import SHAPES, make_shapes
+from relreg.validate import check_choice
 
 __all__ = ["SPLITS", "SpuriousShapes", "write_shapes_folder"]
 
@@ -33,14 +34,13 @@ SPLITS = ("unbiased", "train", "val", "test", "ood")
 
 
 def _split_params(split: str, spurious: float, num_classes: int, seed: int) -> tuple[float, int]:
-    if split not in SPLITS:
-        raise ValueError(f"Expected split one of {SPLITS}, but got {split!r}.")
+    check_choice("split", split, SPLITS)
     p = {"unbiased": 1.0 / num_classes, "ood": 0.0}.get(split, spurious)
     return p, seed * len(SPLITS) + SPLITS.index(split) + 1
 
 
 class SpuriousShapes(Dataset):
-    """Generated shapes with a spurious background cue, yielding relreg's batch dicts.
+    """Generated shapes with a spurious background cue, yielding :class:`relreg.data.Sample` dicts.
 
     Args:
         split: ``unbiased``, ``train``, ``val``, ``test`` or ``ood``.

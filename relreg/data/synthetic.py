@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from relreg.validate import check_positive_int
+
 __all__ = ["CUES", "SHAPES", "ShapesBatch", "make_shapes"]
 
 CUES = ("tint", "marker")
@@ -103,8 +105,7 @@ def make_shapes(
         >>> batch.images.shape, batch.masks.shape, batch.labels.tolist()[:4]
         (torch.Size([8, 3, 32, 32]), torch.Size([8, 32, 32]), [0, 1, 2, 3])
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"Expected n an int >= 1, but got {n!r}.")
+    check_positive_int("n", n)
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"Expected size an int >= 8, but got {size!r}.")
     if not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPES):

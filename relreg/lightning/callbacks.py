@@ -4,8 +4,9 @@
   overlays, logged as a figure every N epochs through the active logger (W&B ``log_image`` plus a
   ``wandb.Table`` of per-image metrics, TensorBoard ``add_image``, or PNG files in the run
   directory for loggers that hold no images).
-- :class:`ExplanationQuality`: localization metrics (:mod:`relreg.metrics`) on a bounded
-  validation subset every N epochs, logged as ``val/xai/<metric>``.
+- :class:`ExplanationQuality`: the metrics declared for the callback
+  (:func:`relreg.metrics.list_metrics` ``("callback")``) on a bounded validation subset every N
+  epochs, logged as ``val/xai/<key>``.
 - :class:`OODEvaluation`: accuracy on named out-of-distribution datasets every N epochs, logged as
   ``ood/<name>/acc`` and ``ood/mean_acc`` (a valid ``ModelCheckpoint`` monitor).
 
@@ -229,7 +230,7 @@ class ExplanationQuality(_KeepsLast):
             return
         loader = _val_loader(trainer, self.dataloader_idx)
         specs = [metric_spec(name) for name in list_metrics("callback")]
-        context = {"model": pl_module.model, "target_mode": "label"}
+        context = {"model": pl_module.model, "unit": "pixel", "target_mode": "label", "steps": 10}
         metrics = {s.name: s.build(**context).to(pl_module.device) for s in specs}
         for i, batch in enumerate(loader):
             if i >= self.num_batches:

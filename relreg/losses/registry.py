@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -58,7 +59,14 @@ def create_relevance_loss(name: str, **kwargs: Any) -> nn.Module:
         raise ValueError(
             f"Unknown relevance loss {name!r}; expected one of: {', '.join(RELEVANCE_LOSSES)}."
         )
-    return RELEVANCE_LOSSES[name](**kwargs)
+    cls = RELEVANCE_LOSSES[name]
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"Expected options of relevance loss {name!r} among {accepted}, but got {unknown}."
+        )
+    return cls(**kwargs)
 
 
 register_relevance_loss("robustvit", RobustViTLoss)

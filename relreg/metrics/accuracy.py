@@ -7,10 +7,11 @@
 - label sets: a split whose classes each stand for several model classes (ObjectNet) counts a
   prediction of any of them as right (:func:`accuracy_targets`).
 
-:func:`scoring_classes` reads a dataset's convention, :func:`score_logits` applies it, and
-:func:`dataset_accuracy` is the one evaluation loop that ``RelRegModule``, the ``OODEvaluation``
-callback and ``relreg evaluate`` share. Accuracy is torchmetrics' ``MulticlassAccuracy`` (summed
-states: exact under DDP).
+:func:`scoring_classes` reads a dataset's convention and :func:`score_logits` applies it;
+``RelRegModule``, the ``OODEvaluation`` callback and ``relreg evaluate`` all score through them.
+:func:`dataset_accuracy` is the one loop over a whole split (``OODEvaluation`` and the OOD splits
+of ``relreg evaluate``), with torchmetrics' ``MulticlassAccuracy`` (summed states: exact under
+DDP; the result is float32).
 """
 
 from __future__ import annotations
@@ -102,11 +103,13 @@ def dataset_accuracy(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     classes = scoring_classes(dataset)
-    accuracy = MulticlassAccuracy(model.num_classes, average="micro").to(device)
+    accuracy = None  # sized by the first batch's logits: any classifier, not only timm's
     for batch in DataLoader(dataset, batch_size=batch_size):
         with torch.no_grad():
             logits = score_logits(model(batch["image"].to(device)), classes)
+        if accuracy is None:
+            accuracy = MulticlassAccuracy(logits.shape[-1], average="micro").to(device)
         accuracy.update(logits, accuracy_targets(logits, batch))
         if on_batch is not None:
             on_batch()
-    return float(accuracy.compute())
+    return 0.0 if accuracy is None else float(accuracy.compute())

@@ -58,8 +58,12 @@ class MetricSpec:
         outputs: ``{key: description}`` of the result: one key for a scalar ``compute()``, the
             dict's keys for a dict-valued one.
         higher_is_better: the direction of every output.
-        inputs: ``"masks"``: ``update(maps (B, h, w), masks (B, H, W))`` on the samples that have a
-            mask; ``"model"``: ``update(images (B, 3, H, W), maps, target (B,))`` on every sample.
+        inputs: ``"masks"``: ``update(maps, masks (B, H, W))`` on the samples that have a mask,
+            with raw ``(B, h, w)`` maps in the callback and min-max normalised ``(B, H, W)`` pixel
+            maps in ``relreg evaluate`` (normalise with :func:`relreg.explain.to_pixels` to be
+            indifferent); ``"model"``: ``update(images (B, 3, H, W), maps, target (B,))`` on the
+            explained samples (all of them in ``relreg evaluate``, those with a mask in the
+            callback).
         used_by: any of :data:`USES`.
         summary: ``{output key: column title}`` printed by ``relreg evaluate`` (may be empty).
         curve: key of the metric's ``curve()`` under the report's ``"curves"``, or None.

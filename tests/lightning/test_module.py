@@ -280,9 +280,27 @@ def test_counterfactual_term_equals_its_reference_and_trains():
 def test_relevance_loss_options_go_to_the_named_loss_only():
     module = _module(relevance_loss="robustvit", relevance_loss_options={"lambda_bg": 1.25})
     assert module.relevance_loss.lambda_bg == 1.25 and module.relevance_loss.lambda_fg == 0.3
-    with pytest.raises(TypeError, match="lambda_bg"):
+    with pytest.raises(ValueError, match=r"Expected options of relevance loss 'mass' among \[\], but got \['lambda_bg'\]"):
         _module(relevance_loss="mass", relevance_loss_options={"lambda_bg": 1.0})
     from relreg.losses import RobustViTLoss
 
     with pytest.raises(ValueError, match="Expected relevance_loss_options only with a relevance loss given by name"):
         _module(relevance_loss=RobustViTLoss(), relevance_loss_options={"lambda_bg": 1.0})
+
+
+@pytest.mark.parametrize("loss", ["robustvit", "mass", "rrr"])
+def test_paper_config_model_section_takes_every_named_loss(loss):
+    import yaml
+
+    from relreg.losses import RobustViTLoss
+
+    from pathlib import Path
+
+    base = Path(__file__).resolve().parents[2] / "configs" / "paper" / "base.yaml"
+    section = yaml.safe_load(base.read_text())["model"]
+    section = {k: v for k, v in section.items() if k != "pretrained"} | {"relevance_loss": loss}
+    module = _module(**section)
+    assert module.lambda_seg == 0.8 and module.lambda_cls == 0.2
+    if loss == "robustvit":  # the loss's defaults are the paper's weights
+        assert isinstance(module.relevance_loss, RobustViTLoss)
+        assert (module.relevance_loss.lambda_bg, module.relevance_loss.lambda_fg) == (2.0, 0.3)
