@@ -290,11 +290,11 @@ def test_relevance_loss_options_go_to_the_named_loss_only():
 
 @pytest.mark.parametrize("loss", ["robustvit", "mass", "rrr"])
 def test_paper_config_model_section_takes_every_named_loss(loss):
+    from pathlib import Path
+
     import yaml
 
     from relreg.losses import RobustViTLoss
-
-    from pathlib import Path
 
     base = Path(__file__).resolve().parents[2] / "configs" / "paper" / "base.yaml"
     section = yaml.safe_load(base.read_text())["model"]
