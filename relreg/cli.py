@@ -359,12 +359,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``relreg`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from relreg.lightning.checkpoint_io import CheckpointWriteError
         from relreg.lightning.cli import OutputDirError, run_cli
+        from relreg.lightning.nonfinite import NonFiniteError
+        from relreg.lightning.resume import CheckpointError
 
         try:
             with quiet_dependencies():
                 run_cli(argv)
-        except OutputDirError as err:  # a setup error: the message says it all, no traceback
+        # the faults relreg diagnoses itself: the message says it all, no traceback
+        except (OutputDirError, CheckpointError, CheckpointWriteError, NonFiniteError) as err:
             print(f"relreg {argv[0]}: error: {err}", file=sys.stderr)
             return 2
         return 0

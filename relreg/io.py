@@ -8,7 +8,9 @@ command fail before its work, not after it.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 
     The folder is created if needed; the file gets the permissions a plain ``open(path, "w")``
     would give (``mkstemp``'s are owner-only). If ``write`` raises, the temporary file is removed
-    and ``path`` is left as it was.
+    and ``path`` is left as it was; a full disk is an ``OSError`` that names the path, the bytes
+    written before the disk filled and the bytes free.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -46,6 +49,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        free = shutil.disk_usage(out.parent).free
+        kept = "the previous file is intact" if out.exists() else "nothing was written"
+        raise OSError(
+            err.errno,
+            f"No space left on device while writing {str(out)!r} (it needs more than "
+            f"{written:,} bytes; {free:,} bytes are free there); {kept}.",
+        ) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -32,3 +32,20 @@ def test_an_error_while_writing_leaves_the_old_file_and_no_temporary(tmp_path):
         atomic_write(target, fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_previous_file(tmp_path):
+    import errno
+
+    out = tmp_path / "report.json"
+    out.write_text("old")
+
+    def fill_the_disk(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write("x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on device while writing .*report.json.* more than 100 bytes") as info:
+        atomic_write(out, fill_the_disk)
+    assert info.value.errno == errno.ENOSPC and "the previous file is intact" in str(info.value)
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

@@ -1,6 +1,21 @@
-"""Lightning integration: the fine-tuning module and the LightningCLI entry point."""
+"""Lightning integration: the fine-tuning module, callbacks, fault handling and the LightningCLI
+entry point."""
 
 from relreg.lightning.callbacks import ExplanationQuality, OODEvaluation, RelevanceHeatmapLogger
+from relreg.lightning.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from relreg.lightning.module import RelRegModule
+from relreg.lightning.nonfinite import NonFiniteError
+from relreg.lightning.resume import CheckpointError, check_checkpoint, resolve_ckpt_path
 
-__all__ = ["ExplanationQuality", "OODEvaluation", "RelRegModule", "RelevanceHeatmapLogger"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "ExplanationQuality",
+    "NonFiniteError",
+    "OODEvaluation",
+    "RelRegModule",
+    "RelevanceHeatmapLogger",
+    "check_checkpoint",
+    "resolve_ckpt_path",
+]

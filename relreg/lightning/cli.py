@@ -3,22 +3,29 @@
 
 Evaluation needs gradients for the relevance metrics, so the trainer defaults to
 ``inference_mode=False``. Loggers, callbacks and strategies are Lightning's own, chosen in the config.
-Output directories are checked before the command runs, so an unwritable one fails at once.
+Output directories are checked before the command runs, so an unwritable one fails at once;
+checkpoints are written atomically (:class:`relreg.lightning.AtomicCheckpointIO`, unless the config
+sets another checkpoint IO) and ``--ckpt_path`` is checked before any work
+(:func:`relreg.lightning.resume.resolve_ckpt_path`).
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from unittest import mock
 
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningCLI
 
 from relreg.data.datamodule import RelRegDataModule
 from relreg.io import check_writable
+from relreg.lightning.checkpoint_io import AtomicCheckpointIO
 from relreg.lightning.module import RelRegModule
+from relreg.lightning.resume import resolve_ckpt_path
 
 __all__ = ["OutputDirError", "RelRegCLI", "output_dirs", "run_cli"]
 
@@ -44,6 +51,25 @@ class RelRegCLI(LightningCLI):
                     check_writable(directory, what)
                 except ValueError as err:
                     raise OutputDirError(str(err)) from err
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not chosen
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyperparameters of ``--ckpt_path`` while parsing; a damaged file is
+        left to :meth:`_prepare_subcommand_kwargs`, which names it and the newest readable one."""
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError):
+            return
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        """Lightning's arguments for the subcommand, with ``ckpt_path`` checked (and ``last``
+        replaced by the newest readable checkpoint when the last one is damaged)."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") is not None:
+            kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], self.trainer, self.model)
+        return kwargs
 
 
 def output_dirs(trainer: Trainer) -> dict[str, Path]:

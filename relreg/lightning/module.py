@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from relreg.explain import explain_with_logits, explainer_info, find_attention_modules, to_pixels
+from relreg.lightning.nonfinite import NonFiniteError, NonFiniteGuard, nonfinite_terms
 from relreg.losses import (
     ClassificationLoss,
     counterfactual_loss,
@@ -68,6 +69,9 @@ class RelRegModule(pl.LightningModule):
             steps are plain fine-tune steps); 1: every step, as in the paper.
         lambda_cf: weight of the background-counterfactual consistency term (training only; one
             more forward pass over the masked samples); 0: off, as in the paper.
+        nonfinite: ``"error"`` (stop at a non-finite loss or relevance map, saying where) or
+            ``"skip"`` (skip that optimiser step); see :mod:`relreg.lightning.nonfinite`.
+        max_skipped: with ``"skip"``, stop after this many skipped steps in a row.
     """
 
     def __init__(
@@ -96,6 +100,8 @@ class RelRegModule(pl.LightningModule):
         eval_relevance: bool = True,
         relevance_every: int = 1,
         lambda_cf: float = 0.0,
+        nonfinite: str = "error",
+        max_skipped: int = 3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -156,6 +162,7 @@ class RelRegModule(pl.LightningModule):
         self._freeze(freeze)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_relevance = eval_relevance
+        self.nonfinite_guard = NonFiniteGuard(nonfinite, max_skipped)
         num = self._num_classes()
         self.train_acc = MulticlassAccuracy(num, average="micro")
         self.eval_acc = nn.ModuleList()
@@ -231,7 +238,11 @@ class RelRegModule(pl.LightningModule):
                 )
                 masks = batch["mask"] if whole else batch["mask"][masked]
                 pix = to_pixels(exp.maps, size=masks.shape[-2:], normalize=self.normalize)
-                rel = self.relevance_loss(pix, masks.to(pix.dtype))
+                if torch.isfinite(exp.maps).all():
+                    rel = self.relevance_loss(pix, masks.to(pix.dtype))
+                else:  # reported by the step (relreg.lightning.nonfinite), not inside the loss
+                    nan = pix.new_full((), float("nan"))
+                    rel = {"loss": nan, "loss_bg": nan, "loss_fg": nan}
             logits = (
                 exp.logits if whole else _merge(exp.logits, masked, self.model(images[rest]), rest)
             )
@@ -271,6 +282,8 @@ class RelRegModule(pl.LightningModule):
             relevance=self.lambda_seg > 0 and self.global_step % every == 0,
             counterfactual=True,
         )
+        if self.nonfinite_guard.skip(self, out, batch, batch_idx):
+            return None  # skipped: no backward pass, no optimiser step
         self.train_acc(out["logits"].detach(), batch["label"])
         b = batch["label"].shape[0]
         for key in ("loss", "loss_cls", "loss_bg", "loss_fg") + ("loss_cf",) * (self.lambda_cf > 0):
@@ -293,6 +306,8 @@ class RelRegModule(pl.LightningModule):
         )
         prefix = stage if name == "id" else f"ood/{name}"
         out = self.model_step(batch, relevance=self.eval_relevance)
+        if "relevance" in nonfinite_terms(out):
+            raise NonFiniteError(f"Non-finite relevance in {stage} (batch of {name!r}).")
         logits = out["logits"].detach()
         logits = score_logits(logits, self._scoring_classes(dataloader_idx))
         b = batch["label"].shape[0]
