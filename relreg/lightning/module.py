@@ -204,6 +204,13 @@ class RelRegModule(pl.LightningModule):
         )
         self.eval_mass = nn.ModuleList([RelevanceMass() for _ in names]).to(self.device)
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.nonfinite_guard.policy == "skip" and self.trainer.world_size > 1:
+            raise ValueError(
+                "Expected model.nonfinite 'error' with more than one process, but got 'skip': "
+                "Lightning cannot skip a step under distributed training."
+            )
+
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(B, K)`` of images ``(B, 3, H, W)``."""
         return self.model(images)

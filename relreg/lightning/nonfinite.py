@@ -4,8 +4,10 @@
 :class:`NonFiniteError` that names the step, the batch, the samples (their ``path`` or ``index``
 where the dataset gives them), the term and the last checkpoint written. ``nonfinite="skip"``
 skips that optimiser step instead (``training_step`` returns None: no backward pass, no weight
-update; under DDP the ranks agree first, so all of them skip together), counts it as
-``train/skipped_steps`` and still stops after ``max_skipped`` skips in a row. Neither path writes a
+update), counts it as ``train/skipped_steps`` and still stops after ``max_skipped`` skips in a
+row; it needs a single process (Lightning refuses to skip a step under distributed training, and
+``RelRegModule`` says so at set-up). Under DDP the ranks agree on every step, so with ``error``
+all of them stop at the same step, whichever rank saw the non-finite term. Neither path writes a
 checkpoint, so none holds non-finite weights from such a step.
 """
 

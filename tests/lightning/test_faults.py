@@ -133,3 +133,39 @@ def test_ddp_two_processes_log_the_metrics_of_one_process(tmp_path):
     assert {"val/acc", "val/loss", "val/relevance_mass", "val/xai/relevance_mass"} <= set(keys)
     for key in keys:
         assert logged[key] == pytest.approx(expected[key], abs=1e-5), key
+
+
+class NaNOnRank(pl.Callback):
+    """Test-only callback: the classifier head is NaN for one training batch on one DDP rank."""
+
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank, self.batch, self.calls, self.saved = rank, batch, -1, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.calls += 1
+        if trainer.global_rank == self.rank and self.calls == self.batch:
+            self.saved = pl_module.model.head.weight.detach().clone()
+            with torch.no_grad():
+                pl_module.model.head.weight[0, 0] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.saved is not None:
+            with torch.no_grad():
+                pl_module.model.head.weight.copy_(self.saved)
+            self.saved = None
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_at_a_nonfinite_step_and_skip_is_refused(tmp_path):
+    """A NaN on rank 1 only: both ranks stop at that step with relreg's one-line error, no hang;
+    ``nonfinite: skip`` is refused at set-up under DDP (Lightning cannot skip a step there)."""
+    nan = {"class_path": "tests.lightning.test_faults.NaNOnRank", "init_args": {"rank": 1, "batch": 1}}
+    path = _config(tmp_path, [nan], strategy="ddp", devices=2, max_epochs=1)
+    proc = _relreg("fit", "--config", str(path), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "relreg fit: error: Non-finite loss (on another process) at training step 1" in proc.stderr
+    config = yaml.safe_load(path.read_text())
+    config["model"]["nonfinite"] = "skip"
+    path.write_text(yaml.safe_dump(config))
+    proc = _relreg("fit", "--config", str(path), check=False)
+    assert proc.returncode != 0 and "Expected model.nonfinite 'error' with more than one process" in proc.stderr
