@@ -12,6 +12,7 @@ Run ``relreg COMMAND --help`` for the options of each command.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -370,6 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the faults relreg diagnoses itself: the message says it all, no traceback
         except (OutputDirError, CheckpointError, CheckpointWriteError, NonFiniteError) as err:
             print(f"relreg {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # a full disk while writing a heatmap or report: already explained
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"relreg {argv[0]}: error: {err.strerror}", file=sys.stderr)
             return 2
         return 0
     parser = argparse.ArgumentParser(

@@ -150,3 +150,18 @@ def test_target_out_of_range_message(files, tmp_path, capsys):
         == 2
     )
     assert "target classes in [0, 3]" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_a_lightning_command_is_one_line(monkeypatch, capsys):
+    import errno
+
+    import relreg.lightning.cli as lightning_cli
+    from relreg.cli import main
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device while writing 'x.png' (...)")
+
+    monkeypatch.setattr(lightning_cli, "run_cli", full)
+    assert main(["fit", "--config", "nope.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["relreg fit: error: No space left on device while writing 'x.png' (...)"]
