@@ -27,6 +27,7 @@ from relreg.lightning import (
     check_checkpoint,
     resolve_ckpt_path,
 )
+from tests.lightning.test_faults import NaNHead
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,27 +223,6 @@ def test_cli_resume_from_a_damaged_file_is_one_line(checkpoints, capsys):
     assert "newest readable checkpoint there is" in err[0]
 
 
-class _NaNHead(pl.Callback):
-    """Make the classifier head NaN for the given training batches (counted from 0 over the
-    run; -1: every batch), restored after each."""
-
-    def __init__(self, batches: set[int]) -> None:
-        self.batches, self.calls, self.saved = batches, -1, None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.calls += 1
-        if self.calls in self.batches or -1 in self.batches:
-            self.saved = pl_module.model.head.weight.detach().clone()
-            with torch.no_grad():
-                pl_module.model.head.weight[0, 0] = float("nan")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.saved is not None:
-            with torch.no_grad():
-                pl_module.model.head.weight.copy_(self.saved)
-            self.saved = None
-
-
 class _Watch(pl.Callback):
     """The model's weights at the start and end of every training batch."""
 
@@ -267,7 +247,7 @@ def _train(module, callbacks, **kw) -> pl.Trainer:
 
 def test_nonfinite_error_names_the_step_the_terms_and_the_last_checkpoint():
     with pytest.raises(NonFiniteError) as info:
-        _train(_module(), [_NaNHead({3})], max_steps=6)
+        _train(_module(), [NaNHead([3])], max_steps=6)
     message = str(info.value)
     assert "Non-finite relevance, loss_cls" in message and "training step 3 (epoch 1, batch 1" in message
     assert "no checkpoint was written yet" in message and "model.nonfinite: skip" in message
@@ -276,13 +256,13 @@ def test_nonfinite_error_names_the_step_the_terms_and_the_last_checkpoint():
 def test_nonfinite_error_names_the_last_checkpoint_written(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     with pytest.raises(NonFiniteError, match=f"the last checkpoint is '{tmp_path / 'last.ckpt'}'"):
-        _train(_module(), [checkpoints, _NaNHead({3})], max_steps=6)
+        _train(_module(), [checkpoints, NaNHead([3])], max_steps=6)
     check_checkpoint(tmp_path / "last.ckpt", _module())  # written before the fault, intact
 
 
 def test_nonfinite_skip_makes_no_update_and_counts():
     module, watch = _module(nonfinite="skip"), _Watch()
-    trainer = _train(module, [_NaNHead({1}), watch], max_epochs=2)
+    trainer = _train(module, [NaNHead([1]), watch], max_epochs=2)
     assert module.nonfinite_guard.skipped == 1
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
     kept = [k for k in watch.start[0] if k != "head.weight"]  # the one the test sets to NaN
@@ -294,7 +274,7 @@ def test_nonfinite_skip_makes_no_update_and_counts():
 def test_nonfinite_skip_stops_after_max_skipped_in_a_row():
     module = _module(nonfinite="skip", max_skipped=2)
     with pytest.raises(NonFiniteError, match="after 2 skipped steps in a row"):
-        _train(module, [_NaNHead({-1})], max_steps=8)
+        _train(module, [NaNHead([-1])], max_steps=8)
     assert module.nonfinite_guard.skipped == 2
 
 

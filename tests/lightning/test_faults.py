@@ -135,15 +135,18 @@ def test_ddp_two_processes_log_the_metrics_of_one_process(tmp_path):
         assert logged[key] == pytest.approx(expected[key], abs=1e-5), key
 
 
-class NaNOnRank(pl.Callback):
-    """Test-only callback: the classifier head is NaN for one training batch on one DDP rank."""
+class NaNHead(pl.Callback):
+    """Test-only callback: the classifier head is NaN for the given training batches (counted from
+    0 over the run; -1: every batch), on every rank or on ``rank`` only; restored after each."""
 
-    def __init__(self, rank: int, batch: int) -> None:
-        self.rank, self.batch, self.calls, self.saved = rank, batch, -1, None
+    def __init__(self, batches: list[int], rank: int | None = None) -> None:
+        self.batches, self.rank, self.calls, self.saved = set(batches), rank, -1, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.calls += 1
-        if trainer.global_rank == self.rank and self.calls == self.batch:
+        if self.rank not in (None, trainer.global_rank):
+            return
+        if self.calls in self.batches or -1 in self.batches:
             self.saved = pl_module.model.head.weight.detach().clone()
             with torch.no_grad():
                 pl_module.model.head.weight[0, 0] = float("nan")
@@ -159,7 +162,7 @@ class NaNOnRank(pl.Callback):
 def test_ddp_ranks_stop_together_at_a_nonfinite_step_and_skip_is_refused(tmp_path):
     """A NaN on rank 1 only: both ranks stop at that step with relreg's one-line error, no hang;
     ``nonfinite: skip`` is refused at set-up under DDP (Lightning cannot skip a step there)."""
-    nan = {"class_path": "tests.lightning.test_faults.NaNOnRank", "init_args": {"rank": 1, "batch": 1}}
+    nan = {"class_path": "tests.lightning.test_faults.NaNHead", "init_args": {"batches": [1], "rank": 1}}
     path = _config(tmp_path, [nan], strategy="ddp", devices=2, max_epochs=1)
     proc = _relreg("fit", "--config", str(path), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
