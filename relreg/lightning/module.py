@@ -205,11 +205,8 @@ class RelRegModule(pl.LightningModule):
         self.eval_mass = nn.ModuleList([RelevanceMass() for _ in names]).to(self.device)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.nonfinite_guard.policy == "skip" and self.trainer.world_size > 1:
-            raise ValueError(
-                "Expected model.nonfinite 'error' with more than one process, but got 'skip': "
-                "Lightning cannot skip a step under distributed training."
-            )
+        if stage == "fit":
+            self.nonfinite_guard.check_world_size(self.trainer.world_size)
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(B, K)`` of images ``(B, 3, H, W)``."""
@@ -315,8 +312,7 @@ class RelRegModule(pl.LightningModule):
         out = self.model_step(batch, relevance=self.eval_relevance)
         if "relevance" in nonfinite_terms(out):
             raise NonFiniteError(f"Non-finite relevance in {stage} (batch of {name!r}).")
-        logits = out["logits"].detach()
-        logits = score_logits(logits, self._scoring_classes(dataloader_idx))
+        logits = score_logits(out["logits"].detach(), self._scoring_classes(dataloader_idx))
         b = batch["label"].shape[0]
         self.eval_acc[dataloader_idx](logits, accuracy_targets(logits, batch))
         # metric_attribute: the metrics are made per evaluation split at setup, after Lightning

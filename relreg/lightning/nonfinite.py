@@ -39,11 +39,14 @@ class NonFiniteError(FloatingPointError):
 
 
 def nonfinite_terms(out: Mapping[str, Tensor]) -> list[str]:
-    """The names of the non-finite terms of a ``model_step`` output (``relevance`` for its maps)."""
-    bad = [k for k in LOSS_TERMS if k in out and not bool(torch.isfinite(out[k]).all())]
-    if "maps" in out and not bool(torch.isfinite(out["maps"]).all()):
-        bad.insert(0, "relevance")
-    return bad
+    """The names of the non-finite terms of a ``model_step`` output (``relevance`` for its maps).
+
+    Every training step calls it: the flags are gathered on the device and read back once.
+    """
+    named = {"relevance": "maps", **{k: k for k in LOSS_TERMS}}
+    names = [name for name, key in named.items() if key in out]
+    finite = torch.stack([torch.isfinite(out[named[n]].detach()).all() for n in names]).tolist()
+    return [name for name, ok in zip(names, finite, strict=True) if not ok]
 
 
 def _samples(batch: Mapping[str, object], limit: int = 4) -> str:
@@ -97,6 +100,14 @@ class NonFiniteGuard:
         check_positive_int("max_skipped", max_skipped)
         self.policy, self.max_skipped = policy, max_skipped
         self.skipped = self.in_row = 0
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse ``skip`` with more than one process: Lightning cannot skip a step under DDP."""
+        if self.policy == "skip" and world_size > 1:
+            raise ValueError(
+                "Expected model.nonfinite 'error' with more than one process, but got 'skip': "
+                "Lightning cannot skip a step under distributed training."
+            )
 
     def skip(
         self, module: pl.LightningModule, out: Mapping[str, Tensor], batch: Mapping, batch_idx: int
