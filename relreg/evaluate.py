@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from relreg.explain import explain, explainer_info, to_pixels
 from relreg.metrics import (
     accuracy_targets,
+    build_metrics,
     dataset_accuracy,
-    list_metrics,
     metric_spec,
     report_keys,
     score_logits,
@@ -49,9 +49,9 @@ class _MethodMetrics:
     def __init__(
         self, model: nn.Module, unit: str, target_mode: str, steps: int, device: torch.device
     ) -> None:
-        self.specs = [metric_spec(name) for name in list_metrics("report")]
-        context = {"model": model, "unit": unit, "target_mode": target_mode, "steps": steps}
-        self.metrics = {s.name: s.build(**context).to(device) for s in self.specs}
+        built = build_metrics("report", model=model, unit=unit, target_mode=target_mode, steps=steps)
+        self.metrics = {name: metric.to(device) for name, metric in built.items()}
+        self.specs = [metric_spec(name) for name in self.metrics]
         self.masked = 0
 
     def update(

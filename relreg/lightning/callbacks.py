@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from relreg.explain import explain_with_logits, to_pixels
-from relreg.metrics import dataset_accuracy, list_metrics, metric_spec, relevance_share
+from relreg.metrics import build_metrics, dataset_accuracy, metric_spec, relevance_share
 from relreg.validate import check_positive_int
 from relreg.viz import explanation_grid, save_figure
 
@@ -229,9 +229,11 @@ class ExplanationQuality(_KeepsLast):
         if not _due(trainer, self.every_n_epochs):
             return
         loader = _val_loader(trainer, self.dataloader_idx)
-        specs = [metric_spec(name) for name in list_metrics("callback")]
-        context = {"model": pl_module.model, "unit": "pixel", "target_mode": "label", "steps": 10}
-        metrics = {s.name: s.build(**context).to(pl_module.device) for s in specs}
+        built = build_metrics(
+            "callback", model=pl_module.model, unit="pixel", target_mode="label", steps=10
+        )
+        metrics = {name: metric.to(pl_module.device) for name, metric in built.items()}
+        specs = [metric_spec(name) for name in metrics]
         for i, batch in enumerate(loader):
             if i >= self.num_batches:
                 break
