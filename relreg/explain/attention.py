@@ -32,8 +32,15 @@ from relreg.explain._contract import (
     score,
 )
 from relreg.explain.capture import AttentionCapture
+from relreg.explain.chunked import Captured, capture_blocks, check_engine, propagate
 from relreg.explain.registry import register_explainer
-from relreg.explain.tokens import _patches_to_grid, _readout, _to_grid, num_prefix_tokens
+from relreg.explain.tokens import (
+    _patches_to_grid,
+    _readout,
+    _to_grid,
+    num_prefix_tokens,
+    readout_weights,
+)
 
 __all__ = ["raw_attention", "rollout", "gradcam", "chefer"]
 
@@ -78,6 +85,30 @@ def _attention_pass(
     return attentions, list(grads), logits
 
 
+def _chunked(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike,
+    foil: TargetLike,
+    need_grad: bool,
+    differentiable: bool,
+    second_order: bool,
+    engine: str,
+    method: str,
+) -> Captured | None:
+    """The chunked engine's capture, or None where the dense engine must run."""
+    if engine == "dense" or second_order:
+        return None
+    return capture_blocks(model, images, target, foil, need_grad, differentiable, engine, method)
+
+
+def _start(model: nn.Module, cap: Captured) -> Tensor:
+    """The read-out row ``(B, N)`` the relevance walk starts from (float32 for half inputs)."""
+    q = cap.q[-1]
+    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    return readout_weights(model, q.shape[2], q.device, dtype).expand(q.shape[0], -1)
+
+
 def _embedding_trains(model: nn.Module) -> bool:
     embed = getattr(model, "patch_embed", None)
     return embed is not None and any(p.requires_grad for p in embed.parameters())
@@ -95,11 +126,25 @@ def raw_attention(
     foil: TargetLike = None,
     differentiable: bool = False,
     second_order: bool = False,
+    engine: str = "auto",
+    chunk_size: int | None = None,
 ) -> Explanation:
     """Head-averaged attention of the last block, read-out row, patch columns: ``(B, gh, gw)``.
 
-    Class-agnostic: ``target`` and ``foil`` are only validated.
+    Class-agnostic: ``target`` and ``foil`` are only validated. ``engine`` and ``chunk_size`` as
+    for :func:`chefer`.
     """
+    check_engine(engine, chunk_size)
+    cap = _chunked(
+        model, images, target, foil, False, differentiable, False, engine, "raw_attention"
+    )
+    if cap is not None:
+        with torch.set_grad_enabled(differentiable):
+            r = _start(model, cap)
+            row = propagate(
+                r, cap.q[-1], cap.k[-1], None, None, cap.scale[-1], "attention", chunk_size
+            )
+        return finish(_to_grid(model, images, row), cap.logits, differentiable)
     attentions, _, logits = _attention_pass(
         model, images, target, foil, False, differentiable, False, "raw_attention"
     )
@@ -121,12 +166,27 @@ def rollout(
     differentiable: bool = False,
     second_order: bool = False,
     start_layer: int = 0,
+    engine: str = "auto",
+    chunk_size: int | None = None,
 ) -> Explanation:
     """Attention rollout from ``start_layer`` (0: all blocks; the CVPR 2021 evaluation used 1).
 
     Per block ``M = rownorm(mean_h A + I)``; the relevance is ``M_L ... M_s`` and its read-out row
-    is returned as ``(B, gh, gw)``. Class-agnostic.
+    is returned as ``(B, gh, gw)``. Class-agnostic. ``engine`` and ``chunk_size`` as for
+    :func:`chefer` (softmax rows sum to one, so the chunked engine uses ``M = (mean_h A + I) / 2``).
     """
+    check_engine(engine, chunk_size)
+    cap = _chunked(model, images, target, foil, False, differentiable, False, engine, "rollout")
+    if cap is not None:
+        check_start_layer(start_layer, len(cap.q))
+        with torch.set_grad_enabled(differentiable):
+            r = _start(model, cap)
+            for b in range(len(cap.q) - 1, start_layer - 1, -1):
+                step = propagate(
+                    r, cap.q[b], cap.k[b], None, None, cap.scale[b], "attention", chunk_size
+                )
+                r = (r + step) / 2
+        return finish(_to_grid(model, images, r), cap.logits, differentiable)
     attentions, _, logits = _attention_pass(
         model, images, target, foil, False, differentiable, False, "rollout"
     )
@@ -186,6 +246,8 @@ def chefer(
     second_order: bool = False,
     start_layer: int = 0,
     gradient: str = "attention",
+    engine: str = "auto",
+    chunk_size: int | None = None,
 ) -> Explanation:
     """Gradient-weighted attention relevance (the RobustViT rule): ``(B, gh, gw)``, raw.
 
@@ -200,6 +262,13 @@ def chefer(
     output projection leaves the model's function unchanged but shifts ``dy/dA`` by a constant per
     row, which moves the default map and not this one (see the robustness study in the README).
 
+    ``engine="auto"`` (default) uses the chunked engine (:mod:`relreg.explain.chunked`: fused
+    attention kept, ``chunk_size`` query rows recomputed at a time, no ``(B, heads, N, N)``
+    tensor) for timm's ``Attention`` blocks and first-order maps, and the dense engine
+    (``AttentionCapture``: fused attention off, every block's ``A`` and ``dy/dA`` stored) for
+    ``second_order=True`` and for attention modules it cannot read (logged at debug level).
+    ``engine="chunked"`` raises where it cannot be used; ``"dense"`` forces the dense engine.
+
     Example:
         >>> import timm, torch
         >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
@@ -209,6 +278,26 @@ def chefer(
     """
     if gradient not in ("attention", "logits"):
         raise ValueError(f"Expected gradient 'attention' or 'logits', but got {gradient!r}.")
+    check_engine(engine, chunk_size)
+    if second_order and engine == "chunked":
+        raise ValueError(
+            "Expected engine 'auto' or 'dense' with second_order=True (the chunked engine is "
+            "first-order: gradients held constant), but got engine='chunked'."
+        )
+    cap = _chunked(
+        model, images, target, foil, True, differentiable, second_order, engine, "chefer"
+    )
+    if cap is not None:
+        check_start_layer(start_layer, len(cap.q))
+        rule = "chefer" if gradient == "attention" else "chefer_logits"
+        with torch.set_grad_enabled(differentiable):
+            r = _start(model, cap)
+            for b in range(len(cap.q) - 1, start_layer - 1, -1):
+                d_out, cap.d_out[b] = cap.d_out[b], None  # freed once used
+                r = r + propagate(
+                    r, cap.q[b], cap.k[b], cap.v[b], d_out, cap.scale[b], rule, chunk_size
+                )
+        return finish(_to_grid(model, images, r), cap.logits, differentiable)
     attentions, grads, logits = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "chefer"
     )

@@ -16,7 +16,13 @@ from types import TracebackType
 
 from torch import Tensor, nn
 
-__all__ = ["AttentionCapture", "find_attention_modules", "unfused_attention"]
+__all__ = [
+    "AttentionCapture",
+    "QKVCapture",
+    "chunked_support",
+    "find_attention_modules",
+    "unfused_attention",
+]
 
 _REQUIRED = ("qkv", "attn_drop", "fused_attn", "num_heads")
 
@@ -128,3 +134,130 @@ class AttentionCapture:
 
     def _record(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self.attentions.append(args[0])
+
+
+def chunked_support(module: nn.Module) -> str | None:
+    """Why the chunked relevance engine cannot read ``module``, or None when it can.
+
+    The engine reads the tensors of timm's own ``Attention.forward`` (``q``/``k`` after qk-norm,
+    ``v`` from ``qkv``, the attention output entering ``norm``); any other forward (a subclass
+    that overrides it, EVA's rotary attention, a patched method) or an active attention dropout
+    (random, so not recomputable) needs the dense engine.
+    """
+    from timm.layers import Attention
+
+    forward = getattr(type(module), "forward", None)
+    if forward is not Attention.forward or "forward" in vars(module):
+        return f"{type(module).__name__}.forward is not timm's Attention.forward"
+    if module.training and float(getattr(module.attn_drop, "p", 0.0)) > 0:
+        return f"attention dropout is active (p={module.attn_drop.p})"
+    return None
+
+
+class QKVCapture:
+    """Context manager that records what the fused attention kernel itself keeps, per block.
+
+    Fused attention (``F.scaled_dot_product_attention``) stays on and no model flag changes. For
+    every attention module the hooks record, in forward order:
+
+    - ``q``, ``k``: ``(B, heads, N, head_dim)`` after qk-norm (outputs of ``q_norm`` / ``k_norm``);
+    - ``v``: ``(B, heads, N, head_dim)``, read from the output of ``qkv``;
+    - ``out``: ``(B, N, heads * head_dim)``, the attention output entering ``norm`` (before the
+      output projection); its gradient is ``dy/dO``.
+
+    Only modules for which :func:`chunked_support` returns None may be captured. After the
+    forward pass, :meth:`problem` says whether every module was called exactly once, without an
+    attention mask or causal flag (else the caller falls back to the dense engine).
+
+    Args:
+        model: a timm ViT.
+        modules: its attention modules (:func:`find_attention_modules`).
+    """
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module]) -> None:
+        self.model = model
+        self.modules = modules
+        self.q: list[list[Tensor]] = []
+        self.k: list[list[Tensor]] = []
+        self.v: list[list[Tensor]] = []
+        self.out: list[list[Tensor]] = []
+        self._masked: list[str] = []
+        self._stack: ExitStack | None = None
+
+    def __enter__(self) -> QKVCapture:
+        if self._stack is not None:
+            raise RuntimeError("QKVCapture is not re-entrant: exit it before entering again.")
+        n = len(self.modules)
+        self.q, self.k, self.v, self.out = ([[] for _ in range(n)] for _ in range(4))
+        self._masked = []
+        with ExitStack() as stack:
+            for i, m in enumerate(self.modules):
+                hooks = (
+                    m.register_forward_pre_hook(self._call_hook(i), with_kwargs=True),
+                    m.q_norm.register_forward_hook(self._output_hook(self.q[i])),
+                    m.k_norm.register_forward_hook(self._output_hook(self.k[i])),
+                    m.qkv.register_forward_hook(self._value_hook(m, self.v[i])),
+                    m.norm.register_forward_pre_hook(self._input_hook(self.out[i])),
+                )
+                for handle in hooks:
+                    stack.callback(handle.remove)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def problem(self) -> str | None:
+        """After the forward pass: why the records cannot be used, or None when they can."""
+        if self._masked:
+            return self._masked[0]
+        for i, records in enumerate(zip(self.q, self.k, self.v, self.out, strict=True)):
+            counts = [len(r) for r in records]
+            if counts != [1, 1, 1, 1]:
+                return f"attention module {i} ran {max(counts)} times in one forward pass"
+        return None
+
+    def blocks(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(q, k, v, out)`` per attention module, in forward order (see the class docstring)."""
+        return [
+            (q[0], k[0], v[0], o[0])
+            for q, k, v, o in zip(self.q, self.k, self.v, self.out, strict=True)
+        ]
+
+    def _call_hook(self, index: int):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if len(args) > 1 or kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+                self._masked.append(f"attention module {index} got an attention mask or is_causal")
+
+        return hook
+
+    @staticmethod
+    def _output_hook(records: list[Tensor]):  # noqa: ANN205
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            records.append(output)
+
+        return hook
+
+    @staticmethod
+    def _input_hook(records: list[Tensor]):  # noqa: ANN205
+        def hook(module: nn.Module, args: tuple) -> None:
+            records.append(args[0])
+
+        return hook
+
+    @staticmethod
+    def _value_hook(attention: nn.Module, records: list[Tensor]):  # noqa: ANN205
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            b, n = output.shape[:2]
+            heads = attention.num_heads
+            v = output.reshape(b, n, 3, heads, output.shape[-1] // (3 * heads))[:, :, 2]
+            records.append(v.transpose(1, 2))
+
+        return hook

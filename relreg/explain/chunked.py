@@ -1,0 +1,261 @@
+"""The chunked relevance engine: attention relevance with timm's fused attention left on.
+
+Chefer, Gur & Wolf, "Generic Attention-model Explainability for Interpreting Bi-Modal and
+Encoder-Decoder Transformers", ICCV 2021, and RobustViT (Chefer, Schwartz & Wolf, NeurIPS 2022)
+weight each block's attention probabilities ``A = softmax(q k^T * scale)`` by their gradient
+``dy/dA``. Both are ``(B, heads, N, N)`` per block; the dense engine
+(:class:`relreg.explain.AttentionCapture`) switches fused attention off to store them.
+
+This engine stores neither. The forward pass runs the model's own fused kernel while
+:class:`relreg.explain.capture.QKVCapture` records what that kernel keeps anyway (``q``, ``k``,
+``v`` and the attention output ``O``); one backward pass gives ``dy/dO``, and since ``O = A v``,
+``dy/dA = dy/dO v^T``. The relevance row vector ``r: (B, N)`` then walks the blocks from the last
+to the first, recomputing ``A`` and ``dy/dA`` for ``chunk_size`` query rows at a time:
+memory ``O(B * heads * chunk_size * N)`` per block instead of ``O(B * heads * N^2)``.
+
+The trainable first-order path (RobustViT's: gradients held constant) is the autograd Function
+:class:`_RowTimesAttention`, whose backward recomputes the same chunks and returns the gradients
+of ``q`` and ``k`` (softmax backward included), so a loss on the maps reaches the model's
+parameters through the model's own graph, again with no stored attention.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from relreg.explain._contract import check_grad_mode, check_logits, resolve_classes, score
+from relreg.explain.capture import QKVCapture, chunked_support, find_attention_modules
+from relreg.validate import check_choice, check_positive_int
+
+__all__ = ["ENGINES", "RULES", "Captured", "capture_blocks", "propagate", "default_chunk_size"]
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "chunked", "dense")
+RULES = ("attention", "chefer", "chefer_logits")
+# Elements of one (B, heads, chunk, N) temporary (64 MiB in float32); about five are alive at once.
+_BUDGET = 2**24
+
+
+class Captured(NamedTuple):
+    """What the relevance pass needs, per attention module in forward order.
+
+    Attributes:
+        q, k, v: ``(B, heads, N, head_dim)``; ``q`` and ``k`` keep the model's graph.
+        d_out: ``(B, heads, N, head_dim)`` gradients ``dy/dO`` (constants), or None when the
+            method needs no gradient.
+        scale: each module's ``scale`` (``head_dim ** -0.5``).
+        logits: ``(B, K)`` of the same forward pass.
+    """
+
+    q: list[Tensor]
+    k: list[Tensor]
+    v: list[Tensor]
+    d_out: list[Tensor] | None
+    scale: list[float]
+    logits: Tensor
+
+
+def check_engine(engine: object, chunk_size: object) -> None:
+    """Raise ``ValueError`` for an unknown ``engine`` or a ``chunk_size`` that is not an int >= 1."""
+    check_choice("engine", engine, ENGINES)
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
+
+
+def _unsupported(model: nn.Module, modules: list[nn.Module]) -> str | None:
+    if getattr(model, "grad_checkpointing", False):
+        return "gradient checkpointing is on (blocks rerun in the backward pass)"
+    for i, m in enumerate(modules):
+        reason = chunked_support(m)
+        if reason is not None:
+            return f"attention module {i}: {reason}"
+    return None
+
+
+def capture_blocks(
+    model: nn.Module,
+    images: Tensor,
+    target: object,
+    foil: object,
+    need_grad: bool,
+    differentiable: bool,
+    engine: str,
+    method: str,
+) -> Captured | None:
+    """One forward pass with fused attention, and ``dy/dO`` per block when ``need_grad``.
+
+    Returns None (after one debug-level log line) when ``engine="auto"`` and the model cannot be
+    read this way; the caller then uses the dense engine.
+
+    Raises:
+        ValueError: when ``engine="chunked"`` and the model cannot be read this way.
+    """
+    modules = find_attention_modules(model)
+    reason = _unsupported(model, modules)
+    if reason is None:
+        if need_grad or differentiable:
+            check_grad_mode(method)
+        track = need_grad or differentiable
+        trains = any(
+            p.requires_grad for p in getattr(model, "patch_embed", nn.Identity()).parameters()
+        )
+        leaf = track and not images.requires_grad and not trains
+        x = images.detach().requires_grad_(True) if leaf else images
+        with torch.set_grad_enabled(track):
+            with QKVCapture(model, modules) as capture:
+                logits = check_logits(model(x), images.shape[0])
+            reason = capture.problem()
+    if reason is not None:
+        if engine == "chunked":
+            raise ValueError(
+                f"Expected a model the chunked engine can read (engine='chunked'), but {reason}; "
+                "use engine='auto' or 'dense'."
+            )
+        log.debug("%s: dense relevance engine for %s (%s)", method, type(model).__name__, reason)
+        return None
+    q, k, v, out = (list(t) for t in zip(*capture.blocks(), strict=True))
+    tgt, fl = resolve_classes(logits, target, foil)
+    d_out = None
+    if need_grad:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                score(logits, tgt, fl).sum(), out, retain_graph=differentiable
+            )
+        d_out = [g.view(*g.shape[:2], q[0].shape[1], -1).transpose(1, 2) for g in grads]
+    scale = [float(m.scale) for m in modules]
+    return Captured(q, k, [t.detach() for t in v], d_out, scale, logits)
+
+
+def default_chunk_size(batch: int, heads: int, tokens: int) -> int:
+    """Query rows per chunk: within a budget of ``2**24`` elements per ``(B, heads, chunk, N)``
+    temporary, and at most half the sequence, so that no ``(B, heads, N, N)`` tensor is formed."""
+    return max(1, min(_BUDGET // max(batch * heads * tokens, 1), math.ceil(tokens / 2)))
+
+
+def propagate(
+    r: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor | None,
+    d_out: Tensor | None,
+    scale: float,
+    rule: str,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``r @ Abar``: a relevance row vector times one block's head-mean weighted attention.
+
+    ``Abar = mean_h W(A)`` with ``A = softmax(q k^T * scale)`` and ``W`` by ``rule``:
+    ``"attention"``: ``A``; ``"chefer"``: ``clamp(dy/dA * A, min=0)`` with ``dy/dA = d_out v^T``;
+    ``"chefer_logits"``: the same with ``dy/dA`` replaced by the gradient with respect to the
+    attention logits' rows, ``dy/dA - sum_k A_ik dy/dA_ik``. Gradients (``d_out``) are constants;
+    ``r``, ``q`` and ``k`` are differentiable.
+
+    Args:
+        r: ``(B, N)`` relevance row vectors.
+        q, k: ``(B, heads, N, head_dim)`` after qk-norm.
+        v, d_out: ``(B, heads, N, head_dim)`` values and ``dy/dO`` (unused by ``"attention"``).
+        scale: the attention scale.
+        rule: one of :data:`RULES`.
+        chunk_size: query rows per chunk (None: :func:`default_chunk_size`).
+
+    Returns:
+        ``(B, N)``, in float32 when the inputs are half precision, else in their dtype.
+    """
+    check_choice("rule", rule, RULES)
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
+    b, h, n, _ = q.shape
+    chunk = chunk_size or default_chunk_size(b, h, n)
+    rows = None
+    if not r.requires_grad:  # a constant read-out (the last block): only its non-zero rows count
+        nonzero = (r != 0).any(dim=0).nonzero().flatten()
+        rows = nonzero if nonzero.numel() < n else None
+    if rule == "attention":
+        v = d_out = q.new_zeros(())
+    return _RowTimesAttention.apply(r, q, k, v.detach(), d_out.detach(), scale, rule, chunk, rows)
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _chunks(n: int, chunk: int, rows: Tensor | None) -> list[slice | Tensor]:
+    if rows is None:
+        return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    return list(rows.split(chunk))
+
+
+def _weights(
+    q: Tensor, k: Tensor, v: Tensor, d_out: Tensor, scale: float, rule: str, idx: slice | Tensor
+) -> tuple[Tensor, Tensor]:
+    """``A`` and ``W(A)``, ``(B, heads, chunk, N)``, for the query rows ``idx`` (contiguous inputs)."""
+    a = torch.softmax(q[:, :, idx] @ k.transpose(-2, -1) * scale, dim=-1)
+    if rule == "attention":
+        return a, a
+    g = d_out[:, :, idx] @ v.transpose(-2, -1)
+    if rule == "chefer_logits":
+        g -= (a * g).sum(dim=-1, keepdim=True)
+    return a, g.mul_(a).clamp_(min=0)
+
+
+def _head_sum(r: Tensor, w: Tensor) -> Tensor:
+    """``sum_h r @ w[:, h]``: ``(B, c)`` and ``(B, heads, c, N)`` to ``(B, N)``, as one bmm."""
+    b, h, c, n = w.shape
+    return torch.bmm(r.repeat(1, h).unsqueeze(1), w.reshape(b, h * c, n))[:, 0]
+
+
+class _RowTimesAttention(torch.autograd.Function):
+    """``r @ mean_h W(softmax(q k^T * scale))`` by chunks of query rows; see :func:`propagate`.
+
+    The backward uses ``dW/dA * A = W`` (``W = clamp(g A, 0)`` with ``g`` constant; ``W = A``
+    for ``"attention"``), so with ``u = W @ grad`` per head the gradient of the attention logits
+    of row ``i`` is ``r_i (W_i * grad - A_i u_i) / heads``: no ``(B, heads, N, N)`` tensor and
+    no stored attention, only the recomputed chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, r, q, k, v, d_out, scale, rule, chunk, rows):  # type: ignore[override]
+        dtype = _compute_dtype(q)
+        heads = q.shape[1]
+        with torch.autocast(q.device.type, enabled=False):
+            r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (r, q, k, v, d_out))
+            out = r_.new_zeros(r.shape)
+            for idx in _chunks(q.shape[2], chunk, rows):
+                out += _head_sum(r_[:, idx], _weights(q_, k_, v_, d_, scale, rule, idx)[1])
+        ctx.save_for_backward(r, q, k, v, d_out, rows if rows is not None else torch.empty(0))
+        ctx.scale, ctx.rule, ctx.chunk, ctx.has_rows = scale, rule, chunk, rows is not None
+        return out.div_(heads)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        r, q, k, v, d_out, rows = ctx.saved_tensors
+        rows = rows if ctx.has_rows else None
+        need_r, need_q, need_k = ctx.needs_input_grad[:3]
+        dtype = _compute_dtype(q)
+        heads = q.shape[1]
+        scale = ctx.scale
+        with torch.autocast(q.device.type, enabled=False):
+            r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (r, q, k, v, d_out))
+            go = (grad_out.to(dtype) / heads)[:, None, None, :]  # (B, 1, 1, N)
+            dr = torch.zeros_like(r_) if need_r else None
+            dq = torch.zeros_like(q_) if need_q else None
+            dk = torch.zeros_like(k_) if need_k else None
+            for idx in _chunks(q.shape[2], ctx.chunk, rows):
+                a, w = _weights(q_, k_, v_, d_, scale, ctx.rule, idx)
+                wg = a * go if w is a else w.mul_(go)  # W * grad, (B, heads, c, N)
+                u = wg.sum(dim=-1, keepdim=True)  # W @ grad, (B, heads, c, 1)
+                if need_r:
+                    dr[:, idx] = u.sum(dim=1)[..., 0]
+                if need_q or need_k:
+                    ds = wg.sub_(a.mul_(u))  # dL/dS divided by r_i, (B, heads, c, N)
+                    rc = r_[:, None, idx, None] * scale  # (B, 1, c, 1)
+                    if need_q:
+                        dq[:, :, idx] = (ds @ k_).mul_(rc)
+                    if need_k:
+                        dk += ds.transpose(-2, -1) @ (q_[:, :, idx] * rc)
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return cast(dr, r), cast(dq, q), cast(dk, k), None, None, None, None, None, None
