@@ -79,7 +79,7 @@ def test_method_options_reach_the_explainer():
         )["loss"]
     torch.testing.assert_close(out["loss"], rel["logits"])
     assert not torch.allclose(rel["logits"], rel["attention"])
-    with pytest.raises(TypeError, match=r"method_options among \['start_layer', 'gradient'\]"):
+    with pytest.raises(TypeError, match=r"method_options among \['start_layer', 'gradient', 'engine'"):
         _module(method_options={"grad": "logits"})
 
 
