@@ -1,0 +1,250 @@
+"""The chunked relevance engine against the dense engine (fused attention off, A and dy/dA stored).
+
+Maps and the parameter gradients of a loss on them must agree; no (B, heads, N, N) tensor may
+appear; timm's fused kernel must run; the model is left as it was; unreadable attention falls
+back to the dense engine (or raises when the chunked engine is asked for by name).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from relreg.explain import explain, find_attention_modules, to_pixels
+from relreg.explain.capture import QKVCapture
+from relreg.explain.chunked import propagate
+from relreg.lightning import RelRegModule
+from tests.conftest import images_for, make_tiny_vit, model_state
+
+LAYOUTS = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "nonsquare": ("vit_tiny_patch16_224", {"img_size": (12, 20)}),
+    "distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers": ("vit_tiny_patch16_224", {"reg_tokens": 2, "depth": 3}),
+    "avgpool": ("vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False}),
+    "qknorm": ("vit_tiny_patch16_224", {"qk_norm": True}),
+}
+VARIANTS = {
+    "chefer": ("chefer", {}),
+    "start_layer": ("chefer", {"start_layer": 1}),
+    "logits": ("chefer", {"gradient": "logits"}),
+    "foil": ("chefer", {"foil": 4}),
+    "rollout": ("rollout", {}),
+    "raw_attention": ("raw_attention", {}),
+}
+
+
+def _maps_and_grads(model, x, method, engine, chunk_size=None, **options):
+    """Maps, and the gradient of a mask loss on them with respect to every parameter."""
+    model.zero_grad(set_to_none=True)
+    target = torch.tensor([0, 3, 1])
+    kw = {} if engine == "dense" else {"chunk_size": chunk_size}
+    maps = explain(
+        model, x, method, target=target, differentiable=True, engine=engine, **kw, **options
+    )
+    pix = to_pixels(maps, size=x.shape[-2:])
+    mask = torch.zeros_like(pix)
+    mask[:, : x.shape[-2] // 2] = 1
+    ((pix * (1 - mask)).mean() - (pix * mask).mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return maps.detach(), grads
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_maps_and_parameter_gradients_equal_the_dense_engine(layout, variant):
+    name, kw = LAYOUTS[layout]
+    model = make_tiny_vit(name, dtype=torch.float64, **kw)
+    x = images_for(model, batch=3)
+    method, options = VARIANTS[variant]
+    ref_maps, ref_grads = _maps_and_grads(model, x, method, "dense", **options)
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    for chunk_size in (1, 7, n, None):
+        maps, grads = _maps_and_grads(model, x, method, "chunked", chunk_size, **options)
+        torch.testing.assert_close(maps, ref_maps, rtol=1e-5, atol=1e-8)
+        assert grads.keys() == ref_grads.keys()
+        scale = max(g.abs().max() for g in ref_grads.values())
+        assert scale > 0
+        for key, ref in ref_grads.items():
+            # gradients that vanish by symmetry (softmax ignores a key bias) are compared at the
+            # scale of the largest gradient
+            torch.testing.assert_close(grads[key], ref, rtol=1e-5, atol=1e-7 * scale, msg=key)
+
+
+def test_masked_subsets_in_a_training_step_match_the_dense_engine():
+    from tests.lightning.test_module import TINY, _batch
+
+    grads = {}
+    for engine in ("dense", "auto"):
+        torch.manual_seed(0)
+        module = RelRegModule(
+            "vit_tiny_patch16_224",
+            num_classes=4,
+            model_kwargs=TINY,
+            method_options={"engine": engine},
+        ).double()
+        batch = _batch(n=6, masked_fraction=0.5, seed=3)
+        batch["image"], batch["mask"] = batch["image"].double(), batch["mask"].double()
+        assert 0 < int(batch["has_mask"].sum()) < 6
+        out = module.model_step(batch, relevance=True)
+        out["loss"].backward()
+        grads[engine] = {n: p.grad.clone() for n, p in module.named_parameters()}
+    for key, ref in grads["dense"].items():
+        torch.testing.assert_close(grads["auto"][key], ref, rtol=1e-5, atol=1e-9, msg=key)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every op's name and the shapes of the tensors it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _record_pass(engine: str) -> tuple[_Recorder, int, int, int]:
+    # small width, so that only attention-sized tensors could reach B * heads * N * N elements
+    model = make_tiny_vit(depth=3, num_heads=3, embed_dim=12, mlp_ratio=1.0)
+    x = images_for(model, batch=4)
+    n = model.patch_embed.num_patches + 1
+    with _Recorder() as rec:
+        kw = {"chunk_size": 5} if engine == "chunked" else {}
+        maps = explain(model, x, "chefer", differentiable=True, engine=engine, **kw)
+        maps.square().sum().backward()
+    return rec, 4, 3, n
+
+
+def test_no_tensor_of_batch_heads_tokens_tokens_is_ever_allocated():
+    rec, b, h, n = _record_pass("chunked")
+    square = [s for s in rec.shapes if len(s) >= 2 and s[-2:] == (n, n)]
+    assert not square and all(torch.Size(s).numel() < b * h * n * n for s in rec.shapes)
+    assert max(torch.Size(s).numel() for s in rec.shapes if len(s) == 4 and s[-1] == n) <= (
+        b * h * 5 * n
+    )  # the chunk: (B, heads, chunk, N)
+    # the same recorder sees them in the dense engine: the check can fail
+    rec, b, h, n = _record_pass("dense")
+    assert (b, h, n, n) in rec.shapes
+
+
+def test_the_fused_kernel_runs_and_the_model_is_left_as_it_was():
+    model = make_tiny_vit()
+    before = model_state(model)
+    assert all(m.fused_attn for m in find_attention_modules(model))
+    with _Recorder() as rec:
+        explain(model, images_for(model), "chefer", engine="chunked", differentiable=True).sum()
+    fused = [op for op in rec.ops if "scaled_dot_product" in op and "backward" not in op]
+    assert len(fused) == len(find_attention_modules(model)), rec.ops  # one forward call each
+    assert model_state(model) == before
+    with _Recorder() as rec:
+        explain(model, images_for(model), "chefer", engine="dense")
+    assert not [op for op in rec.ops if "scaled_dot_product" in op]
+
+
+def test_hooks_and_flags_are_restored_after_an_error():
+    model = make_tiny_vit()
+    before = model_state(model)
+
+    def fail(module, args, output):
+        raise KeyError("inside the forward pass")
+
+    handle = model.head.register_forward_hook(fail)
+    with pytest.raises(KeyError, match="inside"):
+        explain(model, images_for(model), "chefer", engine="chunked")
+    handle.remove()
+    assert model_state(model) == before
+
+
+class _PatchedAttention(timm.layers.Attention):
+    def forward(self, x, attn_mask=None, is_causal=False):  # a forward the capture cannot read
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def test_unreadable_attention_falls_back_to_the_dense_engine_with_a_debug_line(caplog):
+    model = make_tiny_vit(dtype=torch.float64)
+    model.blocks[1].attn.__class__ = _PatchedAttention
+    x = images_for(model)
+    with caplog.at_level(logging.DEBUG, logger="relreg.explain.chunked"):
+        maps = explain(model, x, "chefer", engine="auto")
+    lines = [r.getMessage() for r in caplog.records if r.name == "relreg.explain.chunked"]
+    assert len(lines) == 1 and "_PatchedAttention.forward" in lines[0], lines
+    torch.testing.assert_close(maps, explain(model, x, "chefer", engine="dense"))
+    with pytest.raises(ValueError, match=r"engine='chunked'.*_PatchedAttention"):
+        explain(model, x, "chefer", engine="chunked")
+
+
+def test_active_attention_dropout_falls_back_and_mask_or_reuse_is_detected():
+    model = make_tiny_vit(attn_drop_rate=0.1).train()
+    with pytest.raises(ValueError, match=r"attention dropout is active \(p=0.1\)"):
+        explain(model, images_for(model), "chefer", engine="chunked")
+    model = make_tiny_vit()
+    attn = model.blocks[0].attn
+    tokens = torch.randn(2, 17, 24)
+    with QKVCapture(model, [attn]) as cap:
+        attn(tokens, attn_mask=torch.zeros(17, 17))
+    assert "attention mask" in cap.problem()
+    with QKVCapture(model, [attn]) as cap:
+        attn(tokens)
+        attn(tokens)
+    assert "ran 2 times" in cap.problem()
+    with QKVCapture(model, [attn]) as cap:
+        attn(tokens)
+    assert (
+        cap.problem() is None
+        and model_state(model)["hooks"] == model_state(make_tiny_vit())["hooks"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {"engine": "flash"},
+            r"Expected engine one of \('auto', 'chunked', 'dense'\), but got 'flash'",
+        ),
+        ({"chunk_size": 0}, r"Expected chunk_size an int >= 1 or None, but got 0"),
+        ({"engine": "chunked", "second_order": True}, r"second_order=True.*engine='chunked'"),
+    ],
+)
+def test_bad_engine_options_are_refused(options, match):
+    model = make_tiny_vit()
+    with pytest.raises(ValueError, match=match):
+        explain(model, images_for(model), "chefer", **options)
+
+
+@pytest.mark.parametrize("rule", ["attention", "chefer", "chefer_logits"])
+def test_propagate_equals_the_dense_formula_and_its_autograd(rule):
+    g_ = torch.Generator().manual_seed(0)
+    b, h, n, d = 2, 3, 9, 4
+    q, k, v, d_out = (torch.randn(b, h, n, d, generator=g_, dtype=torch.float64) for _ in range(4))
+    r = torch.rand(b, n, generator=g_, dtype=torch.float64)
+    q, k, r = (t.requires_grad_(True) for t in (q, k, r))
+    a = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
+    if rule == "attention":
+        w = a
+    else:
+        g = d_out @ v.transpose(-2, -1)
+        if rule == "chefer_logits":
+            g = g - (a.detach() * g).sum(-1, keepdim=True)
+        w = (g * a).clamp(min=0)
+    ref = torch.einsum("bi,bij->bj", r, w.mean(dim=1))
+    out = propagate(r, q, k, v, d_out, 0.5, rule, chunk_size=4)
+    torch.testing.assert_close(out, ref)
+    weight = torch.randn(b, n, generator=g_, dtype=torch.float64)
+    for got, want in zip(
+        torch.autograd.grad((out * weight).sum(), (r, q, k)),
+        torch.autograd.grad((ref * weight).sum(), (r, q, k)),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want)
