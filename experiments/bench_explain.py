@@ -2,7 +2,10 @@
 
 For timm ViT-S/16 at 224 px (random weights) and a batch of 16, times per image:
 - ``batched``: ``relreg.explain.explain(model, x, "chefer")`` on the whole batch (one forward and
-  one backward that stops at the attention maps);
+  one backward that stops at the attention outputs; the default chunked engine, fused attention
+  kept);
+- ``batched_dense``: the same with ``engine="dense"`` (fused attention off, every block's
+  ``(B, heads, N, N)`` attention and gradient stored), for methods with an ``engine`` option;
 - ``one_at_a_time``: the same call per image (as the CVPR 2021 reference code runs);
 - ``forward_backward``: one plain forward + backward of the same batch with parameter gradients
   (timm's default fused attention), i.e. the cost of a training step without the optimiser.
@@ -29,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from relreg.explain import explain  # noqa: E402
+from relreg.explain import explain, explainer_info  # noqa: E402
 from relreg.io import atomic_write  # noqa: E402
 from relreg.viz import save_figure  # noqa: E402
 
@@ -76,18 +79,29 @@ def run(
         logits = model(x)
         logits.gather(1, target[:, None]).sum().backward()
 
+    def batched_dense() -> None:
+        explain(model, x, method, target=target, engine="dense")
+
     # Interleave the cases within each repetition so drifts of the machine hit them alike.
-    cases = {
-        "batched": batched,
-        "one_at_a_time": one_at_a_time,
-        "forward_backward": forward_backward,
-    }
+    cases = {"batched": batched}
+    if "engine" in explainer_info(method).options:
+        cases["batched_dense"] = batched_dense
+    cases.update(one_at_a_time=one_at_a_time, forward_backward=forward_backward)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
             times[name] += _time(fn, 1, device)
     model.zero_grad(set_to_none=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {
+        "batched_over_forward_backward": round(med["batched"] / med["forward_backward"], 3),
+        "one_at_a_time_over_batched": round(med["one_at_a_time"] / med["batched"], 3),
+    }
+    if "batched_dense" in med:
+        ratios["dense_over_forward_backward"] = round(
+            med["batched_dense"] / med["forward_backward"], 3
+        )
+        ratios["batched_over_dense"] = round(med["batched"] / med["batched_dense"], 3)
     return {
         "model": model_name,
         "method": method,
@@ -96,10 +110,7 @@ def run(
         "repeats": repeats,
         "seconds_per_batch": {k: [round(t, 5) for t in v] for k, v in times.items()},
         "median_s_per_image": {k: round(v / batch, 5) for k, v in med.items()},
-        "ratios": {
-            "batched_over_forward_backward": round(med["batched"] / med["forward_backward"], 3),
-            "one_at_a_time_over_batched": round(med["one_at_a_time"] / med["batched"], 3),
-        },
+        "ratios": ratios,
     }
 
 
@@ -107,14 +118,18 @@ def plot(result: dict, path: Path) -> None:
     per_image = result["median_s_per_image"]
     method = result.get("method", "chefer")
     labels = {
-        "batched": f"{method}, batched",
+        "batched": f"{method}, batched (chunked engine)",
+        "batched_dense": f"{method}, batched (dense engine)",
         "one_at_a_time": f"{method}, one image at a time",
         "forward_backward": "plain forward+backward",
     }
     fig, ax = plt.subplots(figsize=(6.4, 3.2), constrained_layout=True)
     names = list(per_image)
     vals = [per_image[n] * 1e3 for n in names]
-    bars = ax.barh([labels[n] for n in names], vals, color=["tab:green", "tab:red", "tab:gray"])
+    colors = {"batched": "tab:green", "batched_dense": "tab:olive", "one_at_a_time": "tab:red"}
+    bars = ax.barh(
+        [labels[n] for n in names], vals, color=[colors.get(n, "tab:gray") for n in names]
+    )
     ax.bar_label(bars, fmt="%.1f ms", padding=3)
     ax.set_xlim(0, max(vals) * 1.3)
     ax.set_xlabel("median time per image (ms)")

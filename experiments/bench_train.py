@@ -3,22 +3,31 @@
 Cases (one optimiser step each, the same AdamW and classification term):
 - ``plain``: cross-entropy fine-tune step (timm's fused attention), no relevance;
 - ``first_order``: relreg's step, ``differentiable=True`` (the paper's rule: attention gradients
-  as constants), one forward pass for logits and relevance;
-- ``second_order``: relreg's step with ``second_order=True`` (``create_graph=True``);
-- ``two_forward``: a RobustViT-style step reproduced here: the relevance from one forward pass and
-  the classification loss from a second forward pass.
+  as constants), one forward pass for logits and relevance, the default chunked engine (fused
+  attention kept, attention recomputed by chunks of query rows, :mod:`relreg.explain.chunked`);
+- ``first_order_dense``: the same step with ``engine="dense"`` (fused attention off, every
+  block's ``(B, heads, N, N)`` attention and gradient stored): the reference;
+- ``second_order``: relreg's step with ``second_order=True`` (``create_graph=True``; dense);
+- ``two_forward``: a RobustViT-style step reproduced here: dense relevance from one forward pass
+  and the classification loss from a second forward pass.
 
 Each case runs in its own subprocess so that its peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's peak RSS over the RSS after
 the model, optimiser and batch are set up (``step_peak_mb``; ``peak_mb`` is the whole process).
 On every device, ``graph_mb`` counts the bytes of the tensors the autograd graph saves for the
 backward pass (parameters excluded): exact and independent of the allocator.
-Reports the median of the repetitions after one warm-up step (the mean with ``--relevance-every``
-k > 1; use a multiple of k repeats), and ratios to ``plain`` from the same run. Writes JSON and a
-figure.
+``phases_s`` splits each step: ``forward``, ``input_gradient_backward`` (the backward pass that
+gives ``dy/dO`` or ``dy/dA``), ``relevance_forward`` / ``relevance_backward`` (the chunked
+engine's propagation; the dense engine's is inside ``other`` / ``final_backward``),
+``final_backward`` (the loss's backward, relevance backward excluded) and ``other`` (optimiser,
+loss, maps). Reports the median of the repetitions after one warm-up step (the mean with
+``--relevance-every`` k > 1), and ratios to ``plain`` from the same run. Writes JSON and a figure.
+``--sweep`` instead runs plain, dense and chunked steps of ViT-S/16 at 224, 384 and 512 px
+(N = 197, 577, 1025 tokens), batch 4, and writes ``*_tokens.json`` / ``.png``.
 
     python experiments/bench_train.py --out experiments/results/bench_train.json
-    python experiments/bench_train.py --quick --out /tmp/bench_train.json    # ViT-S only, < 2 min
+    python experiments/bench_train.py --sweep --out experiments/results/bench_train.json
+    python experiments/bench_train.py --quick --out /tmp/bench_train.json    # ViT-S only, < 3 min
 """
 
 from __future__ import annotations
@@ -34,15 +43,65 @@ from pathlib import Path
 
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
 
-CASES = ("plain", "first_order", "second_order", "two_forward")
+CASES = ("plain", "first_order", "first_order_dense", "second_order", "two_forward")
+SWEEP_CASES = ("plain", "first_order_dense", "first_order")
 MODELS = {
     "vit_small_224": ("vit_small_patch16_224", {}, 224),
     "vit_tiny_32": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4}, 32),
+    "vit_small_384": ("vit_small_patch16_224", {"img_size": 384}, 384),
+    "vit_small_512": ("vit_small_patch16_224", {"img_size": 512}, 512),
 }
+SWEEP_MODELS = ("vit_small_224", "vit_small_384", "vit_small_512")
+PHASES = (
+    "forward",
+    "input_gradient_backward",
+    "relevance_forward",
+    "relevance_backward",
+    "final_backward",
+    "other",
+)
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _install_timers(model, sync) -> dict[str, float]:  # noqa: ANN001
+    """Accumulate the time of each phase of a step (see the module docstring) into a dict."""
+    import torch
+
+    from relreg.explain.chunked import _RowTimesAttention
+
+    acc = dict.fromkeys(PHASES, 0.0)
+
+    def timed(name: str, fn):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            acc[name] += time.perf_counter() - t0
+            return out
+
+        return wrapper
+
+    torch.autograd.grad = timed("input_gradient_backward", torch.autograd.grad)
+    for name, attr in (("relevance_forward", "forward"), ("relevance_backward", "backward")):
+        original = getattr(_RowTimesAttention, attr)
+        setattr(_RowTimesAttention, attr, staticmethod(timed(name, original)))
+    start: list[float] = []
+    def before(m, a) -> None:  # noqa: ANN001
+        sync()
+        start.append(time.perf_counter())
+
+    model.register_forward_pre_hook(before)
+
+    def after(m, a, o) -> None:  # noqa: ANN001
+        sync()
+        acc["forward"] += time.perf_counter() - start.pop()
+
+    model.register_forward_hook(after)
+    return acc
 
 
 def worker(
@@ -57,9 +116,10 @@ def worker(
 
     torch.manual_seed(0)
     name, kwargs, size = MODELS[model_key]
+    options = {"engine": "dense"} if case == "first_order_dense" else {}
     module = RelRegModule(
         name, num_classes=1000, model_kwargs=kwargs, second_order=case == "second_order",
-        lambda_seg=0.0 if case == "plain" else 0.8, lr=1e-6,
+        lambda_seg=0.0 if case == "plain" else 0.8, lr=1e-6, method_options=options,
     ).to(device)  # fmt: skip
     optimizer = module.configure_optimizers()["optimizer"]
     images = torch.randn(batch, 3, size, size, device=device)
@@ -72,7 +132,12 @@ def worker(
     def forward_loss(relevance: bool) -> torch.Tensor:
         if case == "two_forward":
             maps = explain(
-                module.model, images, "chefer", target=data["label"], differentiable=True
+                module.model,
+                images,
+                "chefer",
+                target=data["label"],
+                differentiable=True,
+                engine="dense",
             )
             rel = module.relevance_loss(
                 to_pixels(maps, size=(size, size)), masks, data["has_mask"]
@@ -83,15 +148,30 @@ def worker(
             return module.lambda_seg * rel + module.lambda_cls * classification_loss(logits, "self")
         return module.model_step(data, relevance=relevance)["loss"]
 
-    def step() -> None:
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    acc = _install_timers(module.model, sync)
+
+    def step() -> dict[str, float]:
         nonlocal step_count
+        t_start = time.perf_counter()
+        before = dict(acc)
         loss = forward_loss(case != "plain" and step_count % relevance_every == 0)
         step_count += 1
         optimizer.zero_grad(set_to_none=True)
+        sync()
+        t0 = time.perf_counter()
         loss.backward()
+        sync()
+        backward = time.perf_counter() - t0
         optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
+        phases = {k: acc[k] - before[k] for k in PHASES}
+        phases["final_backward"] = backward - phases["relevance_backward"]
+        phases["other"] = time.perf_counter() - t_start - sum(phases.values())
+        return phases
 
     def graph_mb() -> float:
         """Bytes of the tensors the autograd graph saves for the backward pass (parameters excluded)."""
@@ -112,15 +192,17 @@ def worker(
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     base_rss = _rss_mb()
-    times = []
+    times, phases = [], []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        step()
+        split = step()
         if i:  # the first step is a warm-up
             times.append(time.perf_counter() - t0)
+            phases.append(split)
     # With the relevance loss every k steps the cost alternates: the mean is the cost per step.
-    middle = statistics.median(times) if relevance_every == 1 else statistics.fmean(times)
-    result = {"step_s": middle, "step_s_all": [round(t, 4) for t in times]}
+    middle = statistics.median if relevance_every == 1 else statistics.fmean
+    result = {"step_s": middle(times), "step_s_all": [round(t, 4) for t in times]}
+    result["phases_s"] = {k: round(middle([p[k] for p in phases]), 4) for k in PHASES}
     result["graph_mb"] = graph_mb()
     if device.startswith("cuda"):
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -140,6 +222,27 @@ def run_case(model_key: str, case: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _ratios(cases: dict) -> dict:
+    plain = cases["plain"]
+    return {
+        c: {
+            "time_ratio": round(r["step_s"] / plain["step_s"], 3),
+            "memory_ratio": round(r["step_peak_mb"] / max(plain["step_peak_mb"], 1e-9), 3),
+            "process_memory_ratio": round(r["peak_mb"] / plain["peak_mb"], 3),
+            "graph_ratio": round(r["graph_mb"] / plain["graph_mb"], 3),
+            "phases_over_plain_step": {
+                k: round(v / plain["step_s"], 3) for k, v in r["phases_s"].items()
+            },
+        }
+        for c, r in cases.items()
+    }
+
+
+def _title(result: dict, what: str) -> str:
+    m = result["machine"]
+    return f"{what}, batch {result['batch']}, {m['device']} {m['device_name']} ({m['torch_threads']} threads)"
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -147,7 +250,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(result["models"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 4, figsize=(19, 3.8), constrained_layout=True)
     width = 0.8 / len(models)
     for j, key in enumerate(("time_ratio", "memory_ratio", "graph_ratio")):
         ax = axes[j]
@@ -155,36 +258,85 @@ def plot(result: dict, path: Path) -> None:
             ratios = [result["models"][m]["ratios"][c][key] for c in CASES]
             bars = ax.bar([k + i * width for k in range(len(CASES))], ratios, width, label=m)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.axhline(1.5, color="gray", ls="--", lw=0.8)
+        ax.axhline(1.0, color="gray", ls="--", lw=0.8)
         ax.set_xticks(
-            [k + width * (len(models) - 1) / 2 for k in range(len(CASES))], CASES, fontsize=8
+            [k + width * (len(models) - 1) / 2 for k in range(len(CASES))],
+            CASES,
+            fontsize=7,
+            rotation=15,
         )
-        ax.set_ylabel(
-            {
-                "time_ratio": "step time",
-                "memory_ratio": "step peak memory",
-                "graph_ratio": "autograd graph memory",
-            }[key]
-            + " / plain"
-        )
-        ax.legend(fontsize=8)
-    fig.suptitle(
-        f"training step, batch {result['batch']}, {result['machine']['device']} ({result['machine']['torch_threads']} threads)",
-        fontsize=9,
-    )
+        names = {"time_ratio": "step time", "memory_ratio": "step peak memory"}
+        ax.set_ylabel(names.get(key, "autograd graph memory") + " / plain")
+        ax.legend(fontsize=7)
+    ax = axes[3]  # phases of the main model's steps, as fractions of a plain step
+    main = result["models"][models[0]]["ratios"]
+    bottom = [0.0] * len(CASES)
+    for phase in PHASES:
+        vals = [main[c]["phases_over_plain_step"][phase] for c in CASES]
+        ax.bar(range(len(CASES)), vals, 0.6, bottom=bottom, label=phase.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_xticks(range(len(CASES)), CASES, fontsize=7, rotation=15)
+    ax.set_ylabel(f"phase time / plain step ({models[0]})")
+    ax.legend(fontsize=6)
+    fig.suptitle(_title(result, "training step"), fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def plot_sweep(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [result["sweep"][m]["tokens"] for m in result["sweep"]]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
+    for case, color in zip(SWEEP_CASES, ("gray", "tab:red", "tab:green"), strict=True):
+        rows = [result["sweep"][m]["cases"][case] for m in result["sweep"]]
+        extra = [r["peak_mb"] - p["cases"]["plain"]["peak_mb"] for r, p in zip(
+            rows, result["sweep"].values(), strict=True)]  # fmt: skip
+        axes[0].plot(tokens, [r["peak_mb"] for r in rows], "o-", color=color, label=case)
+        axes[1].plot(tokens, extra, "o-", color=color, label=case)
+        ratios = [result["sweep"][m]["ratios"][case]["time_ratio"] for m in result["sweep"]]
+        axes[2].plot(tokens, ratios, "o-", color=color, label=case)
+    labels = ("process peak memory (MB)", "peak memory over plain (MB)", "step time / plain")
+    for ax, label in zip(axes, labels, strict=True):
+        ax.set_xlabel("tokens N (ViT-S/16 at 224, 384, 512 px)")
+        ax.set_ylabel(label)
+        ax.set_xticks(tokens)
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(result, "memory and time versus tokens"), fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run_all(models: list[str], cases: tuple[str, ...], args: argparse.Namespace) -> dict:
+    out = {}
+    for m in models:
+        results = {}
+        for case in cases:
+            results[case] = c = run_case(m, case, args)
+            print(
+                f"{m:14s} {case:18s} {c['step_s']:.3f} s/step  step peak {c['step_peak_mb']:.0f} MB  "
+                f"process peak {c['peak_mb']:.0f} MB  graph {c['graph_mb']:.0f} MB",
+                flush=True,
+            )
+        out[m] = {"cases": results, "ratios": _ratios(results)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--models", nargs="+", default=["vit_small_224", "vit_tiny_32"], choices=list(MODELS)
+    )
+    parser.add_argument("--batch", type=int, default=None, help="default 16 (4 with --sweep)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--relevance-every", type=int, default=1, help="relevance loss every k steps"
     )
     parser.add_argument("--quick", action="store_true", help="ViT-S only, batch 8, 2 repeats")
+    parser.add_argument("--sweep", action="store_true", help="the token-count sweep instead")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_train.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -195,19 +347,13 @@ def main() -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.batch is None:
+        args.batch = 4 if args.sweep else 16
     if args.worker:
-        print(
-            json.dumps(
-                worker(
-                    args.model,
-                    args.case,
-                    args.batch,
-                    args.repeats,
-                    args.device,
-                    args.relevance_every,
-                )
-            )
+        result = worker(
+            args.model, args.case, args.batch, args.repeats, args.device, args.relevance_every
         )
+        print(json.dumps(result))
         return
     if args.quick:
         args.models, args.batch, args.repeats = ["vit_small_224"], 8, 2
@@ -216,33 +362,23 @@ def main() -> None:
         "batch": args.batch,
         "repeats": args.repeats,
         "relevance_every": args.relevance_every,
-        "models": {},
+        "machine": machine(args.device),
     }
-    for m in args.models:
-        cases = {}
-        for case in CASES:
-            cases[case] = run_case(m, case, args)
-            c = cases[case]
-            print(
-                f"{m:14s} {case:13s} {c['step_s']:.3f} s/step  step peak {c['step_peak_mb']:.0f} MB  graph {c['graph_mb']:.0f} MB",
-                flush=True,
-            )
-        plain = cases["plain"]
-        ratios = {
-            c: {
-                "time_ratio": round(cases[c]["step_s"] / plain["step_s"], 3),
-                "memory_ratio": round(
-                    cases[c]["step_peak_mb"] / max(plain["step_peak_mb"], 1e-9), 3
-                ),
-                "graph_ratio": round(cases[c]["graph_mb"] / plain["graph_mb"], 3),
-            }
-            for c in CASES
-        }
-        result["models"][m] = {"cases": cases, "ratios": ratios}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        models = [m for m in args.models if m in SWEEP_MODELS] or list(SWEEP_MODELS)
+        result["sweep"] = _run_all(models, SWEEP_CASES, args)
+        for m, row in result["sweep"].items():
+            size = MODELS[m][2]
+            row["img_size"], row["tokens"] = size, (size // 16) ** 2 + 1
+        out = args.out.with_name(args.out.stem + "_tokens.json")
+        out.write_text(json.dumps(result, indent=2))
+        plot_sweep(result, out.with_suffix(".png"))
+        print(json.dumps({m: r["ratios"] for m, r in result["sweep"].items()}, indent=2))
+        return
+    result["models"] = _run_all(args.models, CASES, args)
     main_model = "vit_small_224" if "vit_small_224" in result["models"] else args.models[0]
     result["cases"] = result["models"][main_model]["cases"]
-    result["machine"] = machine(args.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps({m: r["ratios"] for m, r in result["models"].items()}, indent=2))

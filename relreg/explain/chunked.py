@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "chunked", "dense")
 RULES = ("attention", "chefer", "chefer_logits")
-# Elements of one (B, heads, chunk, N) temporary (64 MiB in float32); about five are alive at once.
-_BUDGET = 2**24
+# Elements of one (B, heads, chunk, N) temporary (16 MiB in float32); about four are alive at once.
+_BUDGET = 2**22
 
 
 class Captured(NamedTuple):
@@ -132,7 +132,7 @@ def capture_blocks(
 
 
 def default_chunk_size(batch: int, heads: int, tokens: int) -> int:
-    """Query rows per chunk: within a budget of ``2**24`` elements per ``(B, heads, chunk, N)``
+    """Query rows per chunk: within a budget of ``2**22`` elements per ``(B, heads, chunk, N)``
     temporary, and at most half the sequence, so that no ``(B, heads, N, N)`` tensor is formed."""
     return max(1, min(_BUDGET // max(batch * heads * tokens, 1), math.ceil(tokens / 2)))
 
