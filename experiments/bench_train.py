@@ -90,6 +90,7 @@ def _install_timers(model, sync) -> dict[str, float]:  # noqa: ANN001
         original = getattr(_RowTimesAttention, attr)
         setattr(_RowTimesAttention, attr, staticmethod(timed(name, original)))
     start: list[float] = []
+
     def before(m, a) -> None:  # noqa: ANN001
         sync()
         start.append(time.perf_counter())
@@ -328,7 +329,11 @@ def _run_all(models: list[str], cases: tuple[str, ...], args: argparse.Namespace
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", nargs="+", default=["vit_small_224", "vit_tiny_32"], choices=list(MODELS)
+        "--models",
+        nargs="+",
+        default=None,
+        choices=list(MODELS),
+        help="default: vit_small_224 and vit_tiny_32 (with --sweep: ViT-S at 224, 384, 512 px)",
     )
     parser.add_argument("--batch", type=int, default=None, help="default 16 (4 with --sweep)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -355,7 +360,7 @@ def main() -> None:
         )
         print(json.dumps(result))
         return
-    if args.quick:
+    if args.quick and not args.sweep:
         args.models, args.batch, args.repeats = ["vit_small_224"], 8, 2
     result = {
         "device": args.device,
@@ -366,7 +371,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        models = [m for m in args.models if m in SWEEP_MODELS] or list(SWEEP_MODELS)
+        models = args.models or list(SWEEP_MODELS)
         result["sweep"] = _run_all(models, SWEEP_CASES, args)
         for m, row in result["sweep"].items():
             size = MODELS[m][2]
@@ -376,6 +381,7 @@ def main() -> None:
         plot_sweep(result, out.with_suffix(".png"))
         print(json.dumps({m: r["ratios"] for m, r in result["sweep"].items()}, indent=2))
         return
+    args.models = args.models or ["vit_small_224", "vit_tiny_32"]
     result["models"] = _run_all(args.models, CASES, args)
     main_model = "vit_small_224" if "vit_small_224" in result["models"] else args.models[0]
     result["cases"] = result["models"][main_model]["cases"]

@@ -13,7 +13,10 @@ All return raw (not normalised) relevance on the patch grid, ``(B, gh, gw)``. On
 row of the relevance matrix is needed, so it is propagated as a row vector ``v: (B, N)`` from the
 last block to the first: ``O(N^2)`` per block instead of the ``O(N^3)`` matrix products.
 One forward pass and, for gradient-weighted methods, one backward pass that stops at the attention
-maps (no weight gradients) serve the whole batch.
+(no weight gradients) serve the whole batch. ``chefer``, ``rollout`` and ``raw_attention`` run on
+the chunked engine by default (:mod:`relreg.explain.chunked`: fused attention kept, attention
+recomputed by chunks of query rows); ``engine="dense"`` stores every block's ``(B, h, N, N)``
+attention (and gradient) with :class:`relreg.explain.AttentionCapture` instead.
 """
 
 from __future__ import annotations
@@ -95,18 +98,33 @@ def _chunked(
     second_order: bool,
     engine: str,
     method: str,
+    chunk_size: int | None,
 ) -> Captured | None:
-    """The chunked engine's capture, or None where the dense engine must run."""
+    """The chunked engine's capture, or None where the dense engine must run.
+
+    ``second_order=True`` needs the dense engine: neither the fused kernel nor the chunked
+    backward has a second derivative.
+    """
+    if second_order and engine == "chunked":
+        raise ValueError(
+            "Expected engine 'auto' or 'dense' with second_order=True (the chunked engine is "
+            "first-order: gradients held constant), but got engine='chunked'."
+        )
     if engine == "dense" or second_order:
         return None
-    return capture_blocks(model, images, target, foil, need_grad, differentiable, engine, method)
+    return capture_blocks(
+        model, images, target, foil, need_grad, differentiable, engine, method, chunk_size
+    )
 
 
-def _start(model: nn.Module, cap: Captured) -> Tensor:
-    """The read-out row ``(B, N)`` the relevance walk starts from (float32 for half inputs)."""
+def _start(model: nn.Module, cap: Captured) -> tuple[Tensor, Tensor | None]:
+    """The read-out row ``(B, N)`` the relevance walk starts from (float32 for half inputs), and
+    its non-zero columns (None when all are): the only query rows the last block needs."""
     q = cap.q[-1]
     dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    return readout_weights(model, q.shape[2], q.device, dtype).expand(q.shape[0], -1)
+    w = readout_weights(model, q.shape[2], q.device, dtype)
+    rows = w.nonzero().flatten()
+    return w.expand(q.shape[0], -1), rows if rows.numel() < w.numel() else None
 
 
 def _embedding_trains(model: nn.Module) -> bool:
@@ -136,13 +154,22 @@ def raw_attention(
     """
     check_engine(engine, chunk_size)
     cap = _chunked(
-        model, images, target, foil, False, differentiable, False, engine, "raw_attention"
+        model,
+        images,
+        target,
+        foil,
+        False,
+        differentiable,
+        second_order,
+        engine,
+        "raw_attention",
+        chunk_size,
     )
     if cap is not None:
         with torch.set_grad_enabled(differentiable):
-            r = _start(model, cap)
+            r, rows = _start(model, cap)
             row = propagate(
-                r, cap.q[-1], cap.k[-1], None, None, cap.scale[-1], "attention", chunk_size
+                r, cap.q[-1], cap.k[-1], None, None, cap.scale[-1], "attention", chunk_size, rows
             )
         return finish(_to_grid(model, images, row), cap.logits, differentiable)
     attentions, _, logits = _attention_pass(
@@ -176,16 +203,27 @@ def rollout(
     :func:`chefer` (softmax rows sum to one, so the chunked engine uses ``M = (mean_h A + I) / 2``).
     """
     check_engine(engine, chunk_size)
-    cap = _chunked(model, images, target, foil, False, differentiable, False, engine, "rollout")
+    cap = _chunked(
+        model,
+        images,
+        target,
+        foil,
+        False,
+        differentiable,
+        second_order,
+        engine,
+        "rollout",
+        chunk_size,
+    )
     if cap is not None:
         check_start_layer(start_layer, len(cap.q))
         with torch.set_grad_enabled(differentiable):
-            r = _start(model, cap)
+            r, rows = _start(model, cap)
             for b in range(len(cap.q) - 1, start_layer - 1, -1):
                 step = propagate(
-                    r, cap.q[b], cap.k[b], None, None, cap.scale[b], "attention", chunk_size
+                    r, cap.q[b], cap.k[b], None, None, cap.scale[b], "attention", chunk_size, rows
                 )
-                r = (r + step) / 2
+                r, rows = (r + step) / 2, None
         return finish(_to_grid(model, images, r), cap.logits, differentiable)
     attentions, _, logits = _attention_pass(
         model, images, target, foil, False, differentiable, False, "rollout"
@@ -279,24 +317,29 @@ def chefer(
     if gradient not in ("attention", "logits"):
         raise ValueError(f"Expected gradient 'attention' or 'logits', but got {gradient!r}.")
     check_engine(engine, chunk_size)
-    if second_order and engine == "chunked":
-        raise ValueError(
-            "Expected engine 'auto' or 'dense' with second_order=True (the chunked engine is "
-            "first-order: gradients held constant), but got engine='chunked'."
-        )
     cap = _chunked(
-        model, images, target, foil, True, differentiable, second_order, engine, "chefer"
+        model,
+        images,
+        target,
+        foil,
+        True,
+        differentiable,
+        second_order,
+        engine,
+        "chefer",
+        chunk_size,
     )
     if cap is not None:
         check_start_layer(start_layer, len(cap.q))
         rule = "chefer" if gradient == "attention" else "chefer_logits"
         with torch.set_grad_enabled(differentiable):
-            r = _start(model, cap)
+            r, rows = _start(model, cap)
             for b in range(len(cap.q) - 1, start_layer - 1, -1):
                 d_out, cap.d_out[b] = cap.d_out[b], None  # freed once used
-                r = r + propagate(
-                    r, cap.q[b], cap.k[b], cap.v[b], d_out, cap.scale[b], rule, chunk_size
+                step = propagate(
+                    r, cap.q[b], cap.k[b], cap.v[b], d_out, cap.scale[b], rule, chunk_size, rows
                 )
+                r, rows = r + step, None
         return finish(_to_grid(model, images, r), cap.logits, differentiable)
     attentions, grads, logits = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "chefer"

@@ -5,7 +5,11 @@ unless ``fused_attn`` is on, in which case the probabilities never exist as a te
 :class:`AttentionCapture` context manager switches ``fused_attn`` off on every attention module,
 records the post-softmax, pre-dropout probabilities ``A: (B, heads, N, N)`` with a forward
 pre-hook on ``attn_drop`` (the tensor RobustViT and Chefer et al. differentiate), and on exit,
-also after an error, removes every hook and restores every flag.
+also after an error, removes every hook and restores every flag (the dense engine).
+
+:class:`QKVCapture` leaves fused attention on and records only what the fused kernel keeps: ``q``
+and ``k`` after qk-norm, ``v`` and the attention output, for the chunked engine
+(:mod:`relreg.explain.chunked`).
 """
 
 from __future__ import annotations

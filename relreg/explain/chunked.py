@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from relreg.explain._contract import check_grad_mode, check_logits, resolve_classes, score
 from relreg.explain.capture import QKVCapture, chunked_support, find_attention_modules
@@ -68,8 +70,11 @@ def check_engine(engine: object, chunk_size: object) -> None:
 
 
 def _unsupported(model: nn.Module, modules: list[nn.Module]) -> str | None:
-    if getattr(model, "grad_checkpointing", False):
-        return "gradient checkpointing is on (blocks rerun in the backward pass)"
+    for m in model.modules():
+        if getattr(m, "grad_checkpointing", False):
+            return "gradient checkpointing is on (blocks rerun in the backward pass)"
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            return f"a submodule ({type(m).__name__}) is compiled (hooks do not run eagerly)"
     for i, m in enumerate(modules):
         reason = chunked_support(m)
         if reason is not None:
@@ -86,11 +91,13 @@ def capture_blocks(
     differentiable: bool,
     engine: str,
     method: str,
+    chunk_size: int | None = None,
 ) -> Captured | None:
     """One forward pass with fused attention, and ``dy/dO`` per block when ``need_grad``.
 
-    Returns None (after one debug-level log line) when ``engine="auto"`` and the model cannot be
-    read this way; the caller then uses the dense engine.
+    Returns None (after one debug-level log line, or a warning when a ``chunk_size`` was asked
+    for) when ``engine="auto"`` and the model cannot be read this way; the caller then uses the
+    dense engine, which stores every block's ``(B, heads, N, N)`` attention.
 
     Raises:
         ValueError: when ``engine="chunked"`` and the model cannot be read this way.
@@ -116,7 +123,11 @@ def capture_blocks(
                 f"Expected a model the chunked engine can read (engine='chunked'), but {reason}; "
                 "use engine='auto' or 'dense'."
             )
-        log.debug("%s: dense relevance engine for %s (%s)", method, type(model).__name__, reason)
+        message = f"{method}: dense relevance engine for {type(model).__name__} ({reason})"
+        if chunk_size is not None:
+            warnings.warn(f"{message}; chunk_size={chunk_size} is not used.", stacklevel=4)
+        else:
+            log.debug(message)
         return None
     q, k, v, out = (list(t) for t in zip(*capture.blocks(), strict=True))
     tgt, fl = resolve_classes(logits, target, foil)
@@ -126,15 +137,24 @@ def capture_blocks(
             grads = torch.autograd.grad(
                 score(logits, tgt, fl).sum(), out, retain_graph=differentiable
             )
-        d_out = [g.view(*g.shape[:2], q[0].shape[1], -1).transpose(1, 2) for g in grads]
-    scale = [float(m.scale) for m in modules]
+        d_out = [
+            g.reshape(*g.shape[:2], t.shape[1], -1).transpose(1, 2)
+            for g, t in zip(grads, q, strict=True)
+        ]
+    # the fused kernel is called without scale=, so it uses head_dim ** -0.5, not module.scale
+    scale = [
+        t.shape[-1] ** -0.5 if m.fused_attn else float(m.scale)
+        for m, t in zip(modules, q, strict=True)
+    ]
     return Captured(q, k, [t.detach() for t in v], d_out, scale, logits)
 
 
 def default_chunk_size(batch: int, heads: int, tokens: int) -> int:
     """Query rows per chunk: within a budget of ``2**22`` elements per ``(B, heads, chunk, N)``
-    temporary, and at most half the sequence, so that no ``(B, heads, N, N)`` tensor is formed."""
-    return max(1, min(_BUDGET // max(batch * heads * tokens, 1), math.ceil(tokens / 2)))
+    temporary (but at least 16 rows, to keep the loop short) and at most half the sequence, so
+    that no ``(B, heads, N, N)`` tensor is formed."""
+    rows = max(16, _BUDGET // max(batch * heads * tokens, 1))
+    return max(1, min(rows, math.ceil(tokens / 2)))
 
 
 def propagate(
@@ -146,6 +166,7 @@ def propagate(
     scale: float,
     rule: str,
     chunk_size: int | None = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """``r @ Abar``: a relevance row vector times one block's head-mean weighted attention.
 
@@ -162,6 +183,8 @@ def propagate(
         scale: the attention scale.
         rule: one of :data:`RULES`.
         chunk_size: query rows per chunk (None: :func:`default_chunk_size`).
+        rows: ``(R,)`` indices of the only non-zero columns of ``r``, for a constant ``r`` (the
+            read-out of the last block: only the CLS row counts); None: every row.
 
     Returns:
         ``(B, N)``, in float32 when the inputs are half precision, else in their dtype.
@@ -170,12 +193,15 @@ def propagate(
     check_positive_int("chunk_size", chunk_size, allow_none=True)
     b, h, n, _ = q.shape
     chunk = chunk_size or default_chunk_size(b, h, n)
-    rows = None
-    if not r.requires_grad:  # a constant read-out (the last block): only its non-zero rows count
-        nonzero = (r != 0).any(dim=0).nonzero().flatten()
-        rows = nonzero if nonzero.numel() < n else None
+    if rows is not None and r.requires_grad:
+        raise ValueError("Expected rows=None for a relevance vector r that requires grad.")
     if rule == "attention":
         v = d_out = q.new_zeros(())
+    elif not isinstance(v, Tensor) or not isinstance(d_out, Tensor):
+        raise TypeError(
+            f"Expected tensors v and d_out for rule {rule!r}, but got {type(v).__name__} and "
+            f"{type(d_out).__name__}."
+        )
     return _RowTimesAttention.apply(r, q, k, v.detach(), d_out.detach(), scale, rule, chunk, rows)
 
 
@@ -231,6 +257,7 @@ class _RowTimesAttention(torch.autograd.Function):
         return out.div_(heads)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         r, q, k, v, d_out, rows = ctx.saved_tensors
         rows = rows if ctx.has_rows else None

@@ -218,10 +218,11 @@ class RelRegModule(pl.LightningModule):
     ) -> dict[str, Tensor]:
         """Logits ``(B, K)``, relevance maps and losses of a batch, in one pass over each sample.
 
-        With ``relevance``, only the samples that have a mask go through the explainer (unfused
-        attention, attention gradients); the others take the model's plain forward pass. ViTs
-        have no batch-coupled layers, so the split changes no value. ``out["maps"]`` holds the
-        masked samples' maps, in the order of ``out["masked"]`` (their indices in the batch).
+        With ``relevance``, only the samples that have a mask go through the explainer (one more
+        backward pass for the attention gradients); the others take the model's plain forward
+        pass. ViTs have no batch-coupled layers, so the split changes no value. ``out["maps"]``
+        holds the masked samples' maps, in the order of ``out["masked"]`` (their indices in the
+        batch).
         """
         images, labels = batch["image"], batch["label"]
         has_mask = batch["has_mask"].bool()

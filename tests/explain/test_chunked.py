@@ -182,6 +182,20 @@ def test_unreadable_attention_falls_back_to_the_dense_engine_with_a_debug_line(c
     torch.testing.assert_close(maps, explain(model, x, "chefer", engine="dense"))
     with pytest.raises(ValueError, match=r"engine='chunked'.*_PatchedAttention"):
         explain(model, x, "chefer", engine="chunked")
+    with pytest.warns(UserWarning, match="chunk_size=4 is not used"):
+        explain(model, x, "chefer", chunk_size=4)  # memory asked for and not delivered: said
+
+
+@pytest.mark.parametrize("method", ["chefer", "rollout", "raw_attention"])
+def test_second_order_uses_the_dense_engine_and_is_twice_differentiable(method):
+    model = make_tiny_vit(dtype=torch.float64)
+    x = images_for(model, batch=2).requires_grad_(True)
+    with pytest.raises(ValueError, match="second_order=True"):
+        explain(model, x, method, second_order=True, differentiable=True, engine="chunked")
+    maps = explain(model, x, method, second_order=True, differentiable=True)
+    (grad,) = torch.autograd.grad(maps.square().sum(), x, create_graph=True)
+    (again,) = torch.autograd.grad(grad.square().sum(), x)  # the fused kernel would refuse this
+    assert torch.isfinite(again).all() and again.abs().sum() > 0
 
 
 def test_active_attention_dropout_falls_back_and_mask_or_reuse_is_detected():
