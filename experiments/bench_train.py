@@ -251,18 +251,19 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(result["models"])
+    cases = list(result["models"][models[0]]["cases"])
     fig, axes = plt.subplots(1, 4, figsize=(19, 3.8), constrained_layout=True)
     width = 0.8 / len(models)
     for j, key in enumerate(("time_ratio", "memory_ratio", "graph_ratio")):
         ax = axes[j]
         for i, m in enumerate(models):
-            ratios = [result["models"][m]["ratios"][c][key] for c in CASES]
-            bars = ax.bar([k + i * width for k in range(len(CASES))], ratios, width, label=m)
+            ratios = [result["models"][m]["ratios"][c][key] for c in cases]
+            bars = ax.bar([k + i * width for k in range(len(cases))], ratios, width, label=m)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="gray", ls="--", lw=0.8)
         ax.set_xticks(
-            [k + width * (len(models) - 1) / 2 for k in range(len(CASES))],
-            CASES,
+            [k + width * (len(models) - 1) / 2 for k in range(len(cases))],
+            cases,
             fontsize=7,
             rotation=15,
         )
@@ -271,12 +272,12 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     ax = axes[3]  # phases of the main model's steps, as fractions of a plain step
     main = result["models"][models[0]]["ratios"]
-    bottom = [0.0] * len(CASES)
+    bottom = [0.0] * len(cases)
     for phase in PHASES:
-        vals = [main[c]["phases_over_plain_step"][phase] for c in CASES]
-        ax.bar(range(len(CASES)), vals, 0.6, bottom=bottom, label=phase.replace("_", " "))
+        vals = [main[c]["phases_over_plain_step"][phase] for c in cases]
+        ax.bar(range(len(cases)), vals, 0.6, bottom=bottom, label=phase.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set_xticks(range(len(CASES)), CASES, fontsize=7, rotation=15)
+    ax.set_xticks(range(len(cases)), cases, fontsize=7, rotation=15)
     ax.set_ylabel(f"phase time / plain step ({models[0]})")
     ax.legend(fontsize=6)
     fig.suptitle(_title(result, "training step"), fontsize=9)
@@ -292,20 +293,25 @@ def plot_sweep(result: dict, path: Path) -> None:
 
     tokens = [result["sweep"][m]["tokens"] for m in result["sweep"]]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
-    for case, color in zip(SWEEP_CASES, ("gray", "tab:red", "tab:green"), strict=True):
+    colors = {"plain": "gray", "first_order_dense": "tab:red", "first_order": "tab:green"}
+    for case in next(iter(result["sweep"].values()))["cases"]:
+        color = colors.get(case)
         rows = [result["sweep"][m]["cases"][case] for m in result["sweep"]]
         extra = [r["peak_mb"] - p["cases"]["plain"]["peak_mb"] for r, p in zip(
             rows, result["sweep"].values(), strict=True)]  # fmt: skip
         axes[0].plot(tokens, [r["peak_mb"] for r in rows], "o-", color=color, label=case)
-        axes[1].plot(tokens, extra, "o-", color=color, label=case)
+        graph = [r["graph_mb"] - p["cases"]["plain"]["graph_mb"] for r, p in zip(
+            rows, result["sweep"].values(), strict=True)]  # fmt: skip
+        axes[1].plot(tokens, extra, "o-", color=color, label=f"{case}: process peak")
+        axes[1].plot(tokens, graph, "s--", color=color, label=f"{case}: autograd graph")
         ratios = [result["sweep"][m]["ratios"][case]["time_ratio"] for m in result["sweep"]]
         axes[2].plot(tokens, ratios, "o-", color=color, label=case)
-    labels = ("process peak memory (MB)", "peak memory over plain (MB)", "step time / plain")
+    labels = ("process peak memory (MB)", "memory over plain (MB)", "step time / plain")
     for ax, label in zip(axes, labels, strict=True):
-        ax.set_xlabel("tokens N (ViT-S/16 at 224, 384, 512 px)")
+        ax.set_xlabel("tokens N (" + ", ".join(f"{m} px" for m in result["sweep"]) + ")")
         ax.set_ylabel(label)
         ax.set_xticks(tokens)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(_title(result, "memory and time versus tokens"), fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -335,6 +341,7 @@ def main() -> None:
         choices=list(MODELS),
         help="default: vit_small_224 and vit_tiny_32 (with --sweep: ViT-S at 224, 384, 512 px)",
     )
+    parser.add_argument("--cases", nargs="+", default=None, choices=CASES, help="default: all")
     parser.add_argument("--batch", type=int, default=None, help="default 16 (4 with --sweep)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -372,17 +379,19 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         models = args.models or list(SWEEP_MODELS)
-        result["sweep"] = _run_all(models, SWEEP_CASES, args)
+        cases = tuple(c for c in SWEEP_CASES[1:] if c in (args.cases or SWEEP_CASES))
+        result["sweep"] = _run_all(models, ("plain",) + cases, args)
         for m, row in result["sweep"].items():
-            size = MODELS[m][2]
-            row["img_size"], row["tokens"] = size, (size // 16) ** 2 + 1
+            _, kwargs, size = MODELS[m]
+            row["img_size"], row["tokens"] = size, (size // kwargs.get("patch_size", 16)) ** 2 + 1
         out = args.out.with_name(args.out.stem + "_tokens.json")
         out.write_text(json.dumps(result, indent=2))
         plot_sweep(result, out.with_suffix(".png"))
         print(json.dumps({m: r["ratios"] for m, r in result["sweep"].items()}, indent=2))
         return
     args.models = args.models or ["vit_small_224", "vit_tiny_32"]
-    result["models"] = _run_all(args.models, CASES, args)
+    cases = ("plain",) + tuple(c for c in CASES[1:] if c in (args.cases or CASES))
+    result["models"] = _run_all(args.models, cases, args)
     main_model = "vit_small_224" if "vit_small_224" in result["models"] else args.models[0]
     result["cases"] = result["models"][main_model]["cases"]
     args.out.write_text(json.dumps(result, indent=2))

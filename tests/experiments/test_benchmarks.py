@@ -23,18 +23,41 @@ def test_bench_train_schema(tmp_path):
         "2",
         "--repeats",
         "1",
+        "--cases",  # second_order is left out to save a process start (about 15 s)
+        "first_order",
+        "first_order_dense",
+        "two_forward",
         "--out",
         str(out),
     ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["device"] == "cpu"
-    assert set(result["cases"]) == {"plain", "first_order", "second_order", "two_forward"}
-    for case in result["cases"].values():
+    cases = result["cases"]
+    assert set(cases) == {"plain", "first_order", "first_order_dense", "two_forward"}
+    for case in cases.values():
         assert case["step_s"] > 0 and case["peak_mb"] > 0 and case["graph_mb"] > 0
-    # the one-forward relreg step keeps less graph than the two-forward step: a property, not a timing
-    assert result["cases"]["first_order"]["graph_mb"] < result["cases"]["two_forward"]["graph_mb"]
+        assert sum(case["phases_s"].values()) == pytest.approx(case["step_s"], rel=0.5)
+    # properties, not timings: the one-forward step keeps less graph than the two-forward step,
+    # the chunked engine less than the dense one; only the chunked engine has relevance phases
+    assert cases["first_order"]["graph_mb"] < cases["two_forward"]["graph_mb"]
+    assert cases["first_order"]["graph_mb"] < cases["first_order_dense"]["graph_mb"]
+    assert cases["first_order"]["phases_s"]["relevance_backward"] > 0
+    assert cases["first_order_dense"]["phases_s"]["relevance_backward"] == 0
+    assert cases["plain"]["phases_s"]["input_gradient_backward"] == 0
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_bench_train_token_sweep_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench_train.py"), "--sweep", "--models",
+           "vit_tiny_32", "--batch", "2", "--repeats", "1", "--cases", "first_order", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads((tmp_path / "bench_tokens.json").read_text())
+    row = result["sweep"]["vit_tiny_32"]
+    assert row["tokens"] == 65 and set(row["cases"]) == {"plain", "first_order"}
+    assert row["ratios"]["plain"]["time_ratio"] == 1.0
+    assert (tmp_path / "bench_tokens.png").stat().st_size > 10_000
 
 
 def test_compare_explainers_schema(tmp_path):

@@ -129,6 +129,11 @@ def test_compact_keeps_only_the_comparisons_benchmarks(robustness):
     assert list(both["benchmarks"]) == ["tint", "marker"]
     assert "curve" not in both["benchmarks"]["tint"]["m"]
     marker = compact(study, ["marker"])
-    assert list(marker["benchmarks"]) == list(marker["gains"]) == list(marker["baselines"]) == ["marker"]
+    assert (
+        list(marker["benchmarks"])
+        == list(marker["gains"])
+        == list(marker["baselines"])
+        == ["marker"]
+    )
     summary = summarise_gains({"0": marker, "1": marker}, ["m"])
     assert list(summary) == ["marker"] and summary["marker"]["m"]["ood_gain"]["mean"] == 0.1
