@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) experiments/bench_explain.py --method transformer_attribution \
 		--out experiments/results/bench_explain_transformer_attribution.json
 	$(PY) experiments/bench_train.py --out experiments/results/bench_train.json
+	$(PY) experiments/bench_train.py --sweep --repeats 3 --out experiments/results/bench_train.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check relreg tests experiments
