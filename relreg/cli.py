@@ -15,6 +15,7 @@ import argparse
 import errno
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from relreg.io import atomic_write
 from relreg.quiet import quiet_dependencies
 
 __all__ = ["main"]
@@ -142,19 +144,14 @@ def _load_image(path: Path) -> Image.Image:
         raise ValueError(f"Could not read {str(path)!r} as an image: {err}") from err
 
 
-def _atomic_write(path: Path, write) -> None:
-    from relreg.io import atomic_write
-
-    atomic_write(path, write)
-
-
 def run_explain(args: argparse.Namespace) -> list[Path]:
     """``relreg explain``: returns the files written."""
     import timm.data
 
-    from relreg.explain import explain, to_pixels
+    from relreg.data import class_names
+    from relreg.explain import explain_with_logits, to_pixels
     from relreg.models import build_model
-    from relreg.viz import overlay_figure, save_figure
+    from relreg.viz import explanation_title, overlay_figure, save_figure
 
     if args.batch_size < 1:
         raise ValueError(f"Expected --batch-size >= 1, but got {args.batch_size}.")
@@ -163,6 +160,14 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
         for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size))
         if v is not None
     }
+    if args.checkpoint is None and not args.pretrained:
+        warnings.warn(
+            f"relreg explain: neither --checkpoint nor --pretrained was given, so the maps explain "
+            f"a randomly initialised {args.model}; pass --pretrained (timm's weights) or "
+            "--checkpoint FILE.",
+            UserWarning,
+            stacklevel=2,
+        )
     model = build_model(
         args.model, args.pretrained, args.checkpoint, args.num_classes, **kwargs
     ).to(args.device)
@@ -189,14 +194,21 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
         x = torch.stack([transform(im) for im in pil[start : start + args.batch_size]]).to(
             args.device
         )
-        maps = explain(model, x, args.method, target=args.target, foil=args.foil)
+        maps, logits = explain_with_logits(
+            model, x, args.method, target=args.target, foil=args.foil
+        )
+        probs = logits.float().softmax(dim=1).cpu()
+        names = class_names(probs.shape[1])
         pixels = to_pixels(maps, size=x.shape[-2:]).cpu()
         shown = (x.cpu() * std + mean).clamp(0, 1)
         for i, stem in enumerate(stems[start : start + len(x)]):
             raw = maps[i].cpu().numpy()
             npy, png = args.out / f"{stem}.npy", args.out / f"{stem}.png"
-            _atomic_write(npy, lambda tmp, raw=raw: np.save(tmp, raw))
-            save_figure(overlay_figure(shown[i], pixels[i], title=f"{stem} ({args.method})"), png)
+            atomic_write(npy, lambda tmp, raw=raw: np.save(tmp, raw))
+            title = explanation_title(
+                f"{stem} ({args.method})", probs[i], names, args.target, args.foil
+            )
+            save_figure(overlay_figure(shown[i], pixels[i], title=title), png)
             written += [png, npy]
     return written
 
@@ -239,19 +251,6 @@ def _evaluation_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     return models
 
 
-def _same_preprocessing(models: dict[str, torch.nn.Module]) -> None:
-    """The OOD splits and the heatmap images are loaded once: the models must share their input."""
-    from relreg.models import model_data_config
-
-    configs = {label: model_data_config(m) for label, m in models.items()}
-    if len({repr(c) for c in configs.values()}) > 1:
-        raise ValueError(
-            "Expected checkpoints with the same input size, mean and std, but got "
-            + "; ".join(f"{label}: {c}" for label, c in configs.items())
-            + ". Evaluate them in separate runs."
-        )
-
-
 def run_evaluate(args: argparse.Namespace) -> dict:
     """``relreg evaluate``: returns the report it writes to ``--out/report.json``."""
     import timm.data
@@ -277,8 +276,10 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     from relreg.io import check_writable
 
     check_writable(args.out)  # fail before the work, not after it
+    from relreg.models import check_same_preprocessing
+
     models = _evaluation_models(args)
-    _same_preprocessing(models)
+    check_same_preprocessing(models)
     data = {label: load_split(args.data, m, classes=args.classes) for label, m in models.items()}
     first = next(iter(models.values()))
     ood = {
@@ -322,7 +323,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
             classes[int(s["label"])] if classes else f"class {int(s['label'])}" for s in samples
         ]
     write_figures(report, args.out, shown, heat, titles)
-    _atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     return report
 
 

@@ -16,7 +16,13 @@ import timm.data
 import torch
 from torch import nn
 
-__all__ = ["build_model", "lightning_model_args", "load_weights", "model_data_config"]
+__all__ = [
+    "build_model",
+    "check_same_preprocessing",
+    "lightning_model_args",
+    "load_weights",
+    "model_data_config",
+]
 
 
 def build_model(
@@ -179,3 +185,19 @@ def model_data_config(model: nn.Module) -> tuple[tuple[int, int], list, list]:
         getattr(getattr(model, "patch_embed", None), "img_size", None) or config["input_size"][1:]
     )
     return tuple(int(s) for s in size), list(config["mean"]), list(config["std"])
+
+
+def check_same_preprocessing(models: dict[str, nn.Module]) -> None:
+    """Raise unless every model takes the same input (size, mean, std, crop): data and heatmap
+    images are then loaded once for all of them (``relreg evaluate``).
+
+    Raises:
+        ValueError: naming each model's data config.
+    """
+    configs = {label: model_data_config(m) for label, m in models.items()}
+    if len({repr(c) for c in configs.values()}) > 1:
+        raise ValueError(
+            "Expected checkpoints with the same input size, mean and std, but got "
+            + "; ".join(f"{label}: {c}" for label, c in configs.items())
+            + ". Evaluate them in separate runs."
+        )

@@ -20,7 +20,7 @@ from torch import Tensor  # noqa: E402
 
 from relreg.io import atomic_write  # noqa: E402
 
-__all__ = ["overlay_figure", "explanation_grid", "save_figure"]
+__all__ = ["explanation_title", "overlay_figure", "explanation_grid", "save_figure"]
 
 _CAPTION_WIDTH = 12  # characters per line of a row caption
 
@@ -31,6 +31,30 @@ def _hwc(image: Tensor) -> Tensor:
             f"Expected an image of shape (3, H, W) or (1, H, W), but got {tuple(image.shape)}."
         )
     return image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).squeeze(-1)
+
+
+def explanation_title(
+    prefix: str,
+    probs: Tensor,
+    names: Sequence[str],
+    target: int | None = None,
+    foil: int | None = None,
+) -> str:
+    """``"<prefix>: <class name> (#index, p=0.87)"``, and ``" vs <foil> (#index, p=...)"``.
+
+    Args:
+        prefix: e.g. the image's name and the method.
+        probs: ``(K,)`` class probabilities of the image.
+        names: ``K`` class names (see :func:`relreg.data.class_names`).
+        target: the explained class (None: the top-1 class, as the explainers do).
+        foil: the contrast class, if any.
+    """
+
+    def part(k: int) -> str:
+        return f"{names[k]} (#{k}, p={float(probs[k]):.2f})"
+
+    k = int(probs.argmax()) if target is None else int(target)
+    return f"{prefix}: {part(k)}" + (f" vs {part(int(foil))}" if foil is not None else "")
 
 
 def overlay_figure(image: Tensor, pixel_map: Tensor, title: str = "", alpha: float = 0.5) -> Figure:

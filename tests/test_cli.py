@@ -165,3 +165,32 @@ def test_a_full_disk_during_a_lightning_command_is_one_line(monkeypatch, capsys)
     assert main(["fit", "--config", "nope.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["relreg fit: error: No space left on device while writing 'x.png' (...)"]
+
+
+def test_explain_titles_name_the_class_and_warn_without_weights(files, tmp_path, monkeypatch):
+    import relreg.viz
+
+    images, _, _ = files
+    titles = []
+    original = relreg.viz.overlay_figure
+
+    def record(image, pixel_map, title="", alpha=0.5):
+        titles.append(title)
+        return original(image, pixel_map, title=title, alpha=alpha)
+
+    monkeypatch.setattr(relreg.viz, "overlay_figure", record)
+    arch = [a if a != "4" else "1000" for a in ARCH]  # an ImageNet-sized head: timm's names
+    args = ["explain", str(images[0]), *arch, "--out", str(tmp_path / "o"), "--target", "1"]
+    with pytest.warns(UserWarning, match="randomly initialised vit_tiny_patch16_224"):
+        assert main([*args, "--foil", "0"]) == 0
+    assert titles[0].startswith("img0_chefer (chefer): goldfish (#1, p=")
+    assert " vs tench (#0, p=" in titles[0]
+
+
+def test_explanation_title_reports_top1_probability():
+    from relreg.viz import explanation_title
+
+    probs = torch.tensor([0.2, 0.7, 0.1])
+    names = ["cat", "dog", "fox"]
+    assert explanation_title("x", probs, names) == "x: dog (#1, p=0.70)"
+    assert explanation_title("x", probs, names, 2, 0) == "x: fox (#2, p=0.10) vs cat (#0, p=0.20)"

@@ -3,7 +3,14 @@
 Every dataset yields :class:`Sample` dicts, relreg's batch contract (:mod:`relreg.data.sample`).
 """
 
-from relreg.data.classes import class_index, class_sets
+from relreg.data.classes import (
+    LABEL_SPACES,
+    class_index,
+    class_names,
+    class_sets,
+    label_space,
+    split_classes_of,
+)
 from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
 from relreg.data.sample import Sample
@@ -13,6 +20,7 @@ from relreg.data.synthetic import SHAPES, ShapesBatch, make_shapes
 from relreg.data.transforms import eval_transform, train_transform
 
 __all__ = [
+    "LABEL_SPACES",
     "SHAPES",
     "SPLITS",
     "MaskedImageFolder",
@@ -23,7 +31,10 @@ __all__ = [
     "ShapesBatch",
     "SpuriousShapes",
     "class_index",
+    "class_names",
     "class_sets",
+    "label_space",
+    "split_classes_of",
     "eval_transform",
     "load_split",
     "make_shapes",

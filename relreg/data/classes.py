@@ -3,7 +3,9 @@
 A folder maps to one class (training data, most OOD splits) or to a set of classes (ObjectNet,
 whose classes each stand for one or more ImageNet classes). The label space is given as None
 (sorted folder names), a list of names in the model's label order (e.g. the 1000 ImageNet wnids),
-a text file of them, a ``.json`` mapping, or an explicit mapping.
+a text file of them, a ``.json`` mapping, an explicit mapping, or the name of a label space that
+timm ships (:data:`LABEL_SPACES`: ``"imagenet"``, ``"imagenet-a"``, ``"imagenet-r"``,
+``"imagenet-v2"``), so that nobody writes the ImageNet class list by hand.
 """
 
 from __future__ import annotations
@@ -11,9 +13,100 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 
-__all__ = ["ClassesLike", "class_index", "class_sets"]
+__all__ = [
+    "LABEL_SPACES",
+    "ClassesLike",
+    "class_index",
+    "class_names",
+    "class_sets",
+    "label_space",
+    "split_classes_of",
+]
+
+# name -> what its folders are called; every index is into the 1000 ImageNet-1k classes
+LABEL_SPACES = {
+    "imagenet": "the 1000 ImageNet-1k wnids, in the model's label order (timm's imagenet_synsets.txt)",
+    "imagenet-a": "ImageNet-A's 200 wnids (timm's imagenet_a_synsets.txt), at their 1k indices",
+    "imagenet-r": "ImageNet-R's 200 wnids (timm's imagenet_r_synsets.txt), at their 1k indices",
+    "imagenet-v2": "ImageNet-V2's folders '0' ... '999', the 1k class indices themselves",
+}
+
+
+def _space_name(classes: object) -> str | None:
+    """The :data:`LABEL_SPACES` key ``classes`` names (``imagenet_a``, ``ImageNet-1k`` ...), or None."""
+    if not isinstance(classes, str):
+        return None
+    name = classes.strip().lower().replace("_", "-")
+    name = "imagenet" if name in ("imagenet-1k", "in1k", "imagenet1k") else name
+    return name if name in LABEL_SPACES else None
+
+
+@cache
+def _info(subset: str = "imagenet-1k"):  # noqa: ANN202
+    from timm.data import ImageNetInfo
+
+    return ImageNetInfo(subset)
+
+
+@cache
+def _timm_list(filename: str) -> tuple[str, ...]:
+    """A class list bundled with timm (``timm/data/_info/``), one entry per line."""
+    import pkgutil
+
+    data = pkgutil.get_data("timm.data", f"_info/{filename}")
+    if data is None:  # pragma: no cover - timm without its data files
+        raise FileNotFoundError(f"timm's bundled class list {filename!r} is missing.")
+    return tuple(data.decode("utf-8").split())
+
+
+def label_space(name: str) -> dict[str, int]:
+    """``{folder name: ImageNet-1k class index}`` of a label space timm ships.
+
+    Args:
+        name: one of :data:`LABEL_SPACES` (``"imagenet"``, ``"imagenet-a"``, ``"imagenet-r"``,
+            ``"imagenet-v2"``; ``_`` for ``-`` and ``imagenet-1k`` are accepted).
+
+    Raises:
+        ValueError: for another name; the message lists the known ones.
+
+    Example:
+        >>> label_space("imagenet")["n01443537"], len(label_space("imagenet-r"))
+        (1, 200)
+    """
+    key = _space_name(name)
+    if key is None:
+        raise ValueError(f"Expected a label space in {sorted(LABEL_SPACES)}, but got {name!r}.")
+    wnids = _info().label_names()
+    if key == "imagenet-v2":
+        return {str(i): i for i in range(len(wnids))}
+    index = {w: i for i, w in enumerate(wnids)}
+    if key == "imagenet":
+        return index
+    return {w: index[w] for w in _timm_list(key.replace("-", "_") + "_synsets.txt")}
+
+
+def split_classes_of(classes: ClassesLike) -> tuple[int, ...] | None:
+    """The model indices a named subset stands for (ImageNet-A/R: their 200), else None.
+
+    Restricted scoring of such a split takes the argmax over all of them, also when a copy of the
+    dataset lacks some class folders.
+    """
+    key = _space_name(classes)
+    if key in ("imagenet-a", "imagenet-r"):
+        return tuple(sorted(label_space(key).values()))
+    return None
+
+
+def class_names(num_classes: int) -> list[str]:
+    """Human-readable names of a classifier's outputs: timm's ImageNet lemmas for 1000 classes
+    (``"goldfish"``), else ``"class 0"``, ``"class 1"``, ...
+    """
+    if num_classes == 1000:
+        return [d.split(",")[0] for d in _info().label_descriptions()]
+    return [f"class {i}" for i in range(num_classes)]
 
 
 # Order matters to jsonargparse, which tries the types in turn: with str first, YAML mappings and
@@ -27,7 +120,8 @@ def class_sets(folders: Sequence[str], classes: ClassesLike) -> dict[str, tuple[
 
     Args:
         folders: the class folder names found on disk.
-        classes: None (sorted folder names -> 0..C-1), a list of names in the model's label order
+        classes: None (sorted folder names -> 0..C-1), a label space timm ships by name
+            (:data:`LABEL_SPACES`, e.g. ``"imagenet"``), a list of names in the model's label order
             (e.g. the 1000 ImageNet wnids), a text file with one such name per line, a ``.json``
             file holding a mapping, or an explicit mapping ``{name: index}``; for OOD splits whose
             classes stand for several model classes (ObjectNet), ``{name: [index, ...]}``.
@@ -37,7 +131,10 @@ def class_sets(folders: Sequence[str], classes: ClassesLike) -> dict[str, tuple[
             non-integer entry.
         FileNotFoundError: a class file that does not exist.
     """
-    if isinstance(classes, str | os.PathLike):
+    space = _space_name(classes)
+    if space is not None:
+        classes = label_space(space)
+    elif isinstance(classes, str | os.PathLike):
         path = Path(classes)
         if not path.is_file():
             raise FileNotFoundError(
@@ -55,8 +152,9 @@ def class_sets(folders: Sequence[str], classes: ClassesLike) -> dict[str, tuple[
         mapping = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(folders) - set(mapping))
     if unknown:
+        what = f"label space {space!r} ({LABEL_SPACES[space]})" if space else "given label space"
         raise ValueError(
-            f"Expected class folders from the given label space, but got unknown folders {unknown[:5]}."
+            f"Expected class folders from the {what}, but got unknown folders {unknown[:5]}."
         )
     out = {}
     for name in sorted(folders):

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from relreg.data.classes import ClassesLike, class_index, class_sets
+from relreg.data.classes import ClassesLike, class_index, class_sets, split_classes_of
 from relreg.data.sample import Sample
 from relreg.data.transforms import eval_transform, train_transform
 from relreg.metrics.accuracy import SCORINGS
@@ -180,7 +180,8 @@ class MaskedImageFolder(Dataset):
         mean, std: normalisation of the presets (RobustViT: 0.5, 0.5).
         transform: a joint transform ``(tv_tensors.Image, tv_tensors.Mask) -> (image, mask)`` that
             replaces the presets.
-        classes: label space (see :func:`class_index`).
+        classes: label space (see :func:`class_index`; ``"imagenet"``: timm's 1000 wnids in model
+            order, the setting for ImageNet-S folders and a 1000-class model).
         per_class: keep at most this many images per class (the paper: 3), chosen with ``seed``
             from the sorted file list, so the choice does not depend on the file system.
         seed: seed of the per-class choice.
@@ -298,8 +299,10 @@ class OODImageFolder(Dataset):
     Args:
         root: the split's folder.
         classes: the model's label space (list of names in label order, or ``{name: index}``); the
-            split's folders must be in it (ImageNet-A/R use 200 of the 1000 wnids). None: sorted
-            folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for splits whose
+            split's folders must be in it (ImageNet-A/R use 200 of the 1000 wnids). A label space
+            timm ships, by name: ``"imagenet"`` (wnid folders), ``"imagenet-a"`` / ``"imagenet-r"``
+            (their 200 wnids; restricted scoring then uses all 200), ``"imagenet-v2"`` (folders
+            named by class index). None: sorted folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for splits whose
             classes stand for several model classes (ObjectNet): a prediction of any of them is
             right; samples then carry ``label_set`` (see :func:`relreg.metrics.accuracy_targets`).
         img_size, mean, std: the eval preset.
@@ -356,8 +359,9 @@ class OODImageFolder(Dataset):
                 f"{len(self.skipped)} are unreadable."
             )
         _warn_skipped(self.root, self.skipped)
+        subset = split_classes_of(classes)  # ImageNet-A/R by name: all 200, present or not
         self.split_classes = torch.tensor(
-            sorted({i for s in self.class_sets.values() for i in s}), dtype=torch.long
+            subset or sorted({i for s in self.class_sets.values() for i in s}), dtype=torch.long
         )
 
     def __len__(self) -> int:
@@ -376,4 +380,3 @@ class OODImageFolder(Dataset):
         if self._label_sets is not None:
             sample["label_set"] = self._label_sets[self._folder_of[path]]
         return sample
-
