@@ -16,6 +16,7 @@ from relreg.data.folders import MaskedImageFolder, OODImageFolder
 from relreg.data.sample import Sample
 from relreg.data.specs import load_split
 from relreg.data.spurious import SPLITS, SpuriousShapes, write_shapes_folder
+from relreg.data.suites import objectnet_label_sets
 from relreg.data.synthetic import SHAPES, ShapesBatch, make_shapes
 from relreg.data.transforms import eval_transform, train_transform
 
@@ -38,6 +39,7 @@ __all__ = [
     "eval_transform",
     "load_split",
     "make_shapes",
+    "objectnet_label_sets",
     "train_transform",
     "write_shapes_folder",
 ]

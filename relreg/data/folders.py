@@ -28,6 +28,7 @@ from torchvision import tv_tensors
 
 from relreg.data.classes import ClassesLike, class_index, class_sets, split_classes_of
 from relreg.data.sample import Sample
+from relreg.data.suites import is_objectnet, objectnet_label_sets
 from relreg.data.transforms import eval_transform, train_transform
 from relreg.metrics.accuracy import SCORINGS
 from relreg.validate import check_choice, check_positive_int
@@ -302,13 +303,17 @@ class OODImageFolder(Dataset):
             split's folders must be in it (ImageNet-A/R use 200 of the 1000 wnids). A label space
             timm ships, by name: ``"imagenet"`` (wnid folders), ``"imagenet-a"`` / ``"imagenet-r"``
             (their 200 wnids; restricted scoring then uses all 200), ``"imagenet-v2"`` (folders
-            named by class index). None: sorted folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for splits whose
+            named by class index), ``"objectnet"`` (ObjectNet's own ``mappings/`` files, see
+            :mod:`relreg.data.suites`; only the folders that overlap ImageNet-1k are read).
+            None: sorted folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for splits whose
             classes stand for several model classes (ObjectNet): a prediction of any of them is
             right; samples then carry ``label_set`` (see :func:`relreg.metrics.accuracy_targets`).
         img_size, mean, std: the eval preset.
         transform: replaces the preset (called on ``tv_tensors.Image``).
         scoring: ``"argmax"`` (RobustViT: argmax over all the model's classes) or ``"restricted"``
             (argmax over the split's classes only, the common ImageNet-A/R protocol).
+        crop_border: pixels cut from every side before the transform (None: 1 for ObjectNet,
+            whose images carry a 1-pixel border, else 0).
         skip_corrupt: decode every image once at construction and drop those PIL cannot read
             (truncated, not an image), with one warning. False: such a file raises a
             ``ValueError`` naming it when it is read.
@@ -330,11 +335,19 @@ class OODImageFolder(Dataset):
         transform: Callable | None = None,
         scoring: str = "argmax",
         skip_corrupt: bool = False,
+        crop_border: int | None = None,
     ) -> None:
         check_choice("scoring", scoring, SCORINGS)
         self.root, self.scoring = Path(root), scoring
         self.transform = transform or eval_transform(img_size, mean, std)
         folders = _class_folders(self.root, "OOD split")
+        objectnet = is_objectnet(classes)
+        if objectnet:  # the dataset's own mapping files; non-overlapping classes are not scored
+            classes = objectnet_label_sets(self.root, folders)
+            folders = sorted(classes)
+        if crop_border is not None and (isinstance(crop_border, bool) or crop_border < 0):
+            raise ValueError(f"Expected crop_border an int >= 0 or None, but got {crop_border!r}.")
+        self.crop_border = (1 if objectnet else 0) if crop_border is None else int(crop_border)
         self.class_sets = class_sets(folders, classes)
         self.class_to_idx = {name: s[0] for name, s in self.class_sets.items()}
         width = max(len(s) for s in self.class_sets.values())
@@ -369,7 +382,9 @@ class OODImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         path, label = self.samples[index]
-        image = self.transform(tv_tensors.Image(load_rgb(path))).as_subclass(Tensor)
+        image, b = load_rgb(path), self.crop_border
+        image = image[:, b:-b, b:-b] if b else image
+        image = self.transform(tv_tensors.Image(image)).as_subclass(Tensor)
         sample = {
             "image": image,
             "label": torch.tensor(label, dtype=torch.long),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pkgutil
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import yaml
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from relreg.data import OODImageFolder, class_index, class_names, label_space, split_classes_of
+from relreg.data import (
+    OODImageFolder,
+    class_index,
+    class_names,
+    label_space,
+    objectnet_label_sets,
+    split_classes_of,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +81,7 @@ def test_paper_configs_ask_for_no_imagenet_class_file():
     config = yaml.safe_load((ROOT / "configs" / "paper" / "base.yaml").read_text())
     data = config["data"]
     splits = {"train": data["train"], "val": data["val"], **data["ood"]}
-    named = {k: s["init_args"]["classes"] for k, s in splits.items() if k != "objectnet"}
+    named = {k: s["init_args"]["classes"] for k, s in splits.items()}
     assert named == {
         "train": "imagenet",
         "val": "imagenet",
@@ -81,6 +89,66 @@ def test_paper_configs_ask_for_no_imagenet_class_file():
         "imagenet_a": "imagenet-a",
         "imagenet_sketch": "imagenet",
         "imagenet_v2": "imagenet-v2",
+        "objectnet": "objectnet",  # read from the dataset's own mappings/ folder
     }
-    assert all(label_space(v) for v in named.values())
+    assert all(label_space(v) for k, v in named.items() if k != "objectnet")
+    roots = [s["init_args"]["root"] for s in splits.values()]
+    assert not [r for r in roots if not r.startswith("/path/to/")]  # only dataset roots to give
     assert torch.tensor(split_classes_of(named["imagenet_a"])).numel() == 200
+
+
+def _objectnet(root: Path) -> Path:
+    """A tiny objectnet-1.0 tree in the shipped layout: images/<folder>/, mappings/ (4 files)."""
+    images = root / "objectnet-1.0" / "images"
+    for folder in ("air_freshener", "alarm_clock", "banana"):
+        (images / folder).mkdir(parents=True)
+        im = Image.new("RGB", (10, 10), (255, 0, 0))  # the 1-pixel red border ...
+        im.paste(Image.new("RGB", (8, 8), (0, 0, 255)), (1, 1))  # ... around the photo
+        im.save(images / folder / "1.png")
+    names = class_names(1000)
+    lines = list(reversed(names))  # the label file in another order than the model's outputs
+    mappings = root / "objectnet-1.0" / "mappings"
+    mappings.mkdir()
+    files = {
+        "folder_to_objectnet_label.json": {
+            "air_freshener": "Air freshener", "alarm_clock": "Alarm clock", "banana": "Banana"
+        },
+        "objectnet_to_imagenet_1k.json": {
+            "Alarm clock": f"{names[409]}; {names[530]}", "Banana": names[954]
+        },
+        "pytorch_to_imagenet_2012_id.json": {str(i): 999 - i for i in range(1000)},
+    }  # fmt: skip
+    for name, content in files.items():
+        (mappings / name).write_text(json.dumps(content))
+    (mappings / "imagenet_to_label_2012_v2").write_text("\n".join(lines) + "\n")
+    return images
+
+
+def test_objectnet_in_its_shipped_layout(tmp_path):
+    images = _objectnet(tmp_path)
+    ds = OODImageFolder(images, classes="objectnet", scoring="restricted", transform=lambda x: x)
+    # air freshener has no ImageNet-1k counterpart: not scored; the clock stands for two classes
+    assert ds.class_sets == {"alarm_clock": (409, 530), "banana": (954,)}
+    assert ds.split_classes.tolist() == [409, 530, 954] and len(ds) == 2
+    sample = ds[0]
+    assert sample["image"].shape == (3, 8, 8)  # the border is cropped: no red pixel left
+    assert not (sample["image"][0] == 255).any() and sample["label_set"].tolist() == [409, 530]
+    assert OODImageFolder(images, classes="objectnet", crop_border=0, transform=lambda x: x)[0][
+        "image"
+    ].shape == (3, 10, 10)
+
+
+def test_objectnet_layout_errors_name_the_file(tmp_path):
+    images = _objectnet(tmp_path)
+    (images.parent / "mappings" / "pytorch_to_imagenet_2012_id.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"pytorch_to_imagenet_2012_id\.json"):
+        OODImageFolder(images, classes="objectnet")
+    images2 = _objectnet(tmp_path / "two")
+    (images2 / "sofa").mkdir()
+    Image.new("RGB", (4, 4)).save(images2 / "sofa" / "a.png")
+    with pytest.raises(ValueError, match=r"folder_to_objectnet_label\.json.*\['sofa'\]"):
+        OODImageFolder(images2, classes="objectnet")
+    with pytest.raises(FileNotFoundError, match="mappings folder"):
+        objectnet_label_sets(tmp_path / "nowhere", [])
+    with pytest.raises(ValueError, match=r"crop_border an int >= 0"):
+        OODImageFolder(images2, crop_border=-1)
