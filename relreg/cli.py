@@ -213,44 +213,6 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def _evaluation_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    from relreg.models import build_model, lightning_model_args
-
-    stems = [p.stem for p in args.checkpoint]
-    # two final.ckpt of different runs: name them by their folders instead
-    names = stems if len(set(stems)) == len(stems) else [p.parent.name for p in args.checkpoint]
-    sources: list[tuple[str, Path | None]] = list(zip(names, args.checkpoint, strict=True))
-    if args.pretrained:
-        if args.model is None:
-            raise ValueError("Expected --model NAME with --pretrained, but got no --model.")
-        sources.append(("pretrained", None))
-    if not sources:
-        raise ValueError("Expected --checkpoint FILE ... or --pretrained, but got neither.")
-    if args.labels is not None:
-        if len(args.labels) != len(sources):
-            raise ValueError(
-                f"Expected one --labels entry per model ({len(sources)}), but got {len(args.labels)}."
-            )
-        sources = [(label, path) for label, (_, path) in zip(args.labels, sources, strict=True)]
-    names = [label for label, _ in sources]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Expected distinct model labels, but got {names}; pass --labels.")
-    models = {}
-    for label, path in sources:
-        given = {"name": args.model, "num_classes": args.num_classes, **args.model_kwargs}
-        found = lightning_model_args(path) if path is not None else None
-        if found is None and args.model is None:
-            raise ValueError(
-                f"Expected --model NAME: {str(path)!r} does not name its architecture (not a "
-                "relreg fit checkpoint, or not readable)."
-            )
-        # what the checkpoint says, overridden by what was given on the command line
-        spec = {**(found or {}), **{k: v for k, v in given.items() if v is not None}}
-        name, num_classes = spec.pop("name"), spec.pop("num_classes", None)
-        models[label] = build_model(name, path is None, path, num_classes, **spec)
-    return models
-
-
 def run_evaluate(args: argparse.Namespace) -> dict:
     """``relreg evaluate``: returns the report it writes to ``--out/report.json``."""
     import timm.data
@@ -276,9 +238,10 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     from relreg.io import check_writable
 
     check_writable(args.out)  # fail before the work, not after it
+    from relreg.evaluate import evaluation_models
     from relreg.models import check_same_preprocessing
 
-    models = _evaluation_models(args)
+    models = evaluation_models(args)
     check_same_preprocessing(models)
     data = {label: load_split(args.data, m, classes=args.classes) for label, m in models.items()}
     first = next(iter(models.values()))

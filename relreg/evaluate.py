@@ -17,6 +17,7 @@ On the command line datasets are given as specs (:func:`relreg.data.load_split`)
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -41,7 +42,7 @@ from relreg.metrics.perturbation import PAPER_FRACTIONS, TARGET_MODES, UNITS
 from relreg.validate import check_choice, check_positive_int
 from relreg.viz import explanation_grid, save_figure
 
-__all__ = ["evaluate_models", "heatmap_grid_maps", "write_figures"]
+__all__ = ["evaluate_models", "evaluation_models", "heatmap_grid_maps", "write_figures"]
 
 class _MethodMetrics:
     """The report's metrics (:func:`relreg.metrics.list_metrics` ``("report")``) for one explainer."""
@@ -334,3 +335,48 @@ def __getattr__(name: str) -> object:
         )
         return report_keys()
     raise AttributeError(f"module 'relreg.evaluate' has no attribute {name!r}")
+
+
+def evaluation_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """The models ``relreg evaluate`` compares, by label: each ``--checkpoint`` (its architecture
+    read from a relreg fit checkpoint, overridden by ``--model`` / ``--num-classes`` /
+    ``--model-kwargs``) and, with ``--pretrained``, timm's weights of ``--model``.
+
+    Raises:
+        ValueError: for missing or clashing names, labels or architectures.
+    """
+    from relreg.models import build_model, lightning_model_args
+
+    stems = [p.stem for p in args.checkpoint]
+    # two final.ckpt of different runs: name them by their folders instead
+    names = stems if len(set(stems)) == len(stems) else [p.parent.name for p in args.checkpoint]
+    sources: list[tuple[str, Path | None]] = list(zip(names, args.checkpoint, strict=True))
+    if args.pretrained:
+        if args.model is None:
+            raise ValueError("Expected --model NAME with --pretrained, but got no --model.")
+        sources.append(("pretrained", None))
+    if not sources:
+        raise ValueError("Expected --checkpoint FILE ... or --pretrained, but got neither.")
+    if args.labels is not None:
+        if len(args.labels) != len(sources):
+            raise ValueError(
+                f"Expected one --labels entry per model ({len(sources)}), but got {len(args.labels)}."
+            )
+        sources = [(label, path) for label, (_, path) in zip(args.labels, sources, strict=True)]
+    names = [label for label, _ in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expected distinct model labels, but got {names}; pass --labels.")
+    models = {}
+    for label, path in sources:
+        given = {"name": args.model, "num_classes": args.num_classes, **args.model_kwargs}
+        found = lightning_model_args(path) if path is not None else None
+        if found is None and args.model is None:
+            raise ValueError(
+                f"Expected --model NAME: {str(path)!r} does not name its architecture (not a "
+                "relreg fit checkpoint, or not readable)."
+            )
+        # what the checkpoint says, overridden by what was given on the command line
+        spec = {**(found or {}), **{k: v for k, v in given.items() if v is not None}}
+        name, num_classes = spec.pop("name"), spec.pop("num_classes", None)
+        models[label] = build_model(name, path is None, path, num_classes, **spec)
+    return models
