@@ -4,7 +4,8 @@
 - ``relreg explain IMAGE ... --model NAME``: heatmaps of image files;
 - ``relreg evaluate --checkpoint A.ckpt [B.ckpt] --data SPLIT``: explanation quality and OOD
   accuracy of checkpoints, as ``report.json`` and figures;
-- ``relreg demo``: the whole job on the built-in CPU benchmark.
+- ``relreg demo``: the whole job on the built-in CPU benchmark;
+- ``relreg prepare imagenet-s --masks M --images I --out O``: RobustViT's ImageNet-S subsets.
 
 Run ``relreg COMMAND --help`` for the options of each command.
 """
@@ -77,6 +78,18 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick", action="store_true", help="3 steps per stage: a smoke test, not a result"
     )
+
+
+def _prepare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="RobustViT's ImageNet-S train/val subsets as image folders")
+    p.add_argument("dataset", choices=("imagenet-s",))
+    p.add_argument("--masks", type=Path, required=True, help="ImageNet-S masks: <wnid>/<name>.png")
+    p.add_argument("--images", type=Path, required=True, help="ImageNet train: <wnid>/<name>.JPEG")
+    p.add_argument("--out", type=Path, required=True, help="writes OUT/train and OUT/val")
+    p.add_argument("--train-classes", type=int, default=500)
+    p.add_argument("--per-class", type=int, default=None, help="default: 3 train, 1 val")
+    p.add_argument("--class-seed", type=int, default=None, help="shuffle the sorted classes")
+    p.add_argument("--copy", action="store_true", help="copy files instead of linking them")
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
@@ -314,6 +327,22 @@ def _run_command(args: argparse.Namespace) -> None:
         report = run_evaluate(args)
         _print_report(report)
         print(f"wrote {args.out / 'report.json'} and figures")
+    elif args.command == "prepare":
+        from relreg.data.imagenet_s import imagenet_s_files, write_imagenet_s_subset
+
+        for part in ("train", "val"):  # check both before writing either
+            if (args.out / part).exists():
+                raise FileExistsError(
+                    f"Expected a new output folder, but {args.out / part} exists."
+                )
+            imagenet_s_files(args.masks, args.images, part, args.per_class,
+                             args.train_classes, args.class_seed)  # fmt: skip
+        for part in ("train", "val"):
+            report = write_imagenet_s_subset(
+                args.masks, args.images, args.out / part, part, args.per_class,
+                args.train_classes, args.class_seed, args.copy,
+            )  # fmt: skip
+            print(f"{part}: {len(report['pairs'])} images of {report['classes']} classes")
     elif args.command == "demo":
         from relreg.demo import run_demo
 
@@ -349,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _explain_parser(sub)
     _evaluate_parser(sub)
     _demo_parser(sub)
+    _prepare_parser(sub)
     args = parser.parse_args(argv)
     try:
         with quiet_dependencies(stages=args.command == "demo"):

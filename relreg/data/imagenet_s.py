@@ -1,0 +1,172 @@
+"""RobustViT's ImageNet-S training and validation subsets, reproducibly, as a MaskedImageFolder tree.
+
+ImageNet-S (Gao et al., "Large-scale Unsupervised Semantic Segmentation", TPAMI 2022) ships masks as
+``<split>/<wnid>/<name>.png`` (``train-semi-segmentation``: 10 masked images per class of the 919);
+the images are ImageNet's own ``train/<wnid>/<name>.JPEG``. A mask's class id is ``R + 256 * G``;
+0 is background and 1000 "ignore".
+
+RobustViT (Chefer, Schwartz & Wolf, NeurIPS 2022; ``segmentation_dataset.py`` and
+``imagenet_finetune.py`` of hila-chefer/RobustViT) selects: the class folders of the mask split in
+``os.listdir`` order, without the ten wnids of ImageNet-S's merged classes (``MERGED_WNIDS``; five
+of them are folders of the 919 split, so 914 classes remain), optionally shuffled with a seed; the
+first 500 classes for training and the rest (414) for validation; the first ``num_samples`` files
+of each class (3 for training; 1 for validation), again in ``os.listdir`` order. Masks are binarised
+as ignore (1000) -> background and any other non-zero id -> foreground; their code asserts that a
+mask holds exactly one such id.
+
+relreg differs in one deliberate way: ``os.listdir`` order depends on the file system, so the
+paper's subset cannot be reproduced exactly on another machine; relreg sorts every listing (and
+shuffles the sorted class list with ``random.Random(class_seed)`` when a seed is given), so the
+same tree always gives the same subset. A mask with several class ids is kept (all ids count as
+foreground, as the paper's binarisation does) and counted in the selection's report instead of
+stopping the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from relreg.validate import check_choice, check_positive_int
+
+__all__ = ["MERGED_WNIDS", "imagenet_s_files", "imagenet_s_selection", "write_imagenet_s_subset"]
+
+# ImageNet-S merges n04356056 -> n04355933, n04493381 -> n02808440, n03642806 -> n03832673,
+# n04008634 -> n03773504, n03887697 -> n15075141; RobustViT skips all ten wnids.
+MERGED_WNIDS = frozenset(
+    {
+        "n04356056", "n04355933", "n04493381", "n02808440", "n03642806",
+        "n03832673", "n04008634", "n03773504", "n03887697", "n15075141",
+    }
+)  # fmt: skip
+PARTITIONS = ("train", "val")
+
+
+def imagenet_s_selection(
+    masks: str | os.PathLike,
+    partition: str = "train",
+    num_samples: int | None = None,
+    train_classes: int = 500,
+    class_seed: int | None = None,
+) -> list[tuple[str, str]]:
+    """``(wnid, file stem)`` pairs of RobustViT's subset, in a file-system-independent order.
+
+    Args:
+        masks: ImageNet-S's mask split, ``<masks>/<wnid>/<name>.png`` (e.g.
+            ``ImageNetS919/train-semi-segmentation``).
+        partition: ``"train"`` (the first ``train_classes`` classes) or ``"val"`` (the rest).
+        num_samples: files per class (None: 3 for ``"train"``, 1 for ``"val"``, the paper's).
+        train_classes: classes in the training partition (the paper: 500).
+        class_seed: shuffle the sorted class list with this seed first (RobustViT's
+            ``--class_seed``); None keeps the sorted order.
+
+    Raises:
+        ValueError: for a bad argument, or a split without class folders.
+        FileNotFoundError: when ``masks`` is not a folder.
+    """
+    check_choice("partition", partition, PARTITIONS)
+    check_positive_int("num_samples", num_samples, allow_none=True)
+    check_positive_int("train_classes", train_classes)
+    root = Path(masks)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Expected ImageNet-S's mask folder (<wnid>/<name>.png), but {str(root)!r} is not one."
+        )
+    wnids = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in MERGED_WNIDS)
+    if not wnids:
+        raise ValueError(f"Expected wnid folders of masks in {str(root)!r}, but found none.")
+    if class_seed is not None:
+        random.Random(class_seed).shuffle(wnids)
+    chosen = wnids[:train_classes] if partition == "train" else wnids[train_classes:]
+    n = num_samples or (3 if partition == "train" else 1)
+    return [
+        (wnid, p.stem) for wnid in chosen for p in sorted(root.joinpath(wnid).glob("*.png"))[:n]
+    ]
+
+
+def _image_for(images: Path, wnid: str, stem: str) -> Path:
+    for ext in (".JPEG", ".jpeg", ".jpg", ".JPG", ".png"):
+        path = images / wnid / f"{stem}{ext}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"Expected the ImageNet image of mask {wnid}/{stem}.png at "
+        f"{str(images / wnid / (stem + '.JPEG'))!r}, but it does not exist; give --images the "
+        "ImageNet train folder (<wnid>/<name>.JPEG)."
+    )
+
+
+def _class_ids(mask: Path) -> list[int]:
+    with Image.open(mask) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+    ids = np.unique(rgb[..., 0] + 256 * rgb[..., 1])
+    return [int(i) for i in ids if i not in (0, 1000)]
+
+
+def imagenet_s_files(
+    masks: str | os.PathLike,
+    images: str | os.PathLike,
+    partition: str = "train",
+    num_samples: int | None = None,
+    train_classes: int = 500,
+    class_seed: int | None = None,
+) -> list[tuple[Path, Path, str]]:
+    """``(mask file, image file, wnid)`` of :func:`imagenet_s_selection`, every image checked.
+
+    Raises:
+        FileNotFoundError: an image missing for a selected mask (named).
+    """
+    pairs = imagenet_s_selection(masks, partition, num_samples, train_classes, class_seed)
+    return [(Path(masks) / w / f"{s}.png", _image_for(Path(images), w, s), w) for w, s in pairs]
+
+
+def write_imagenet_s_subset(
+    masks: str | os.PathLike,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    partition: str = "train",
+    num_samples: int | None = None,
+    train_classes: int = 500,
+    class_seed: int | None = None,
+    copy: bool = False,
+) -> dict:
+    """Write the subset as ``out/images/<wnid>/`` and ``out/masks/<wnid>/`` for
+    :class:`relreg.data.MaskedImageFolder` (``mask_format: imagenet_s``, ``classes: imagenet``).
+
+    Files are symbolic links to the originals (``copy=True``: copies). Everything is checked
+    before anything is written; ``out`` must not exist yet. Also writes ``out/selection.json``
+    (the arguments, the pairs, and the masks with no or several class ids).
+
+    Returns:
+        The content of ``selection.json``.
+
+    Raises:
+        FileExistsError: when ``out`` exists.
+        FileNotFoundError: an image missing for a selected mask (named).
+    """
+    out, images = Path(out), Path(images)
+    if out.exists():
+        raise FileExistsError(f"Expected a new output folder, but {str(out)!r} exists.")
+    files = imagenet_s_files(masks, images, partition, num_samples, train_classes, class_seed)
+    pairs = [(w, m.stem) for m, _, w in files]
+    several = [f"{w}/{m.stem}" for m, _, w in files if len(_class_ids(m)) > 1]
+    empty = [f"{w}/{m.stem}" for m, _, w in files if not _class_ids(m)]
+    for mask, image, wnid in files:
+        for src, dst in ((mask, out / "masks" / wnid / mask.name), (image, out / "images" / wnid / image.name)):  # fmt: skip
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst) if copy else dst.symlink_to(src.resolve())
+    report = {
+        "masks": str(masks), "images": str(images), "partition": partition,
+        "num_samples": num_samples or (3 if partition == "train" else 1),
+        "train_classes": train_classes, "class_seed": class_seed,
+        "classes": len({w for w, _ in pairs}), "pairs": [f"{w}/{s}" for w, s in pairs],
+        "masks_with_several_ids": several, "masks_without_foreground": empty,
+    }  # fmt: skip
+    (out / "selection.json").write_text(json.dumps(report, indent=2))
+    return report
