@@ -28,7 +28,7 @@ from torchvision import tv_tensors
 
 from relreg.data.classes import ClassesLike, class_index, class_sets, split_classes_of
 from relreg.data.sample import Sample
-from relreg.data.suites import is_objectnet, objectnet_label_sets
+from relreg.data.suites import resolve_suite
 from relreg.data.transforms import eval_transform, train_transform
 from relreg.metrics.accuracy import SCORINGS
 from relreg.validate import check_choice, check_positive_int
@@ -303,8 +303,9 @@ class OODImageFolder(Dataset):
             split's folders must be in it (ImageNet-A/R use 200 of the 1000 wnids). A label space
             timm ships, by name: ``"imagenet"`` (wnid folders), ``"imagenet-a"`` / ``"imagenet-r"``
             (their 200 wnids; restricted scoring then uses all 200), ``"imagenet-v2"`` (folders
-            named by class index), ``"objectnet"`` (ObjectNet's own ``mappings/`` files, see
-            :mod:`relreg.data.suites`; only the folders that overlap ImageNet-1k are read).
+            named by class index), ``"objectnet"`` (ObjectNet's own ``mappings/`` files; only the
+            folders that overlap ImageNet-1k are read), ``"si-score"`` (SI-Score's object-name
+            folders); see :mod:`relreg.data.suites`.
             None: sorted folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for splits whose
             classes stand for several model classes (ObjectNet): a prediction of any of them is
             right; samples then carry ``label_set`` (see :func:`relreg.metrics.accuracy_targets`).
@@ -341,13 +342,11 @@ class OODImageFolder(Dataset):
         self.root, self.scoring = Path(root), scoring
         self.transform = transform or eval_transform(img_size, mean, std)
         folders = _class_folders(self.root, "OOD split")
-        objectnet = is_objectnet(classes)
-        if objectnet:  # the dataset's own mapping files; non-overlapping classes are not scored
-            classes = objectnet_label_sets(self.root, folders)
-            folders = sorted(classes)
+        # ObjectNet / SI-Score by name: their own mapping files or class names
+        classes, folders, border = resolve_suite(classes, self.root, folders)
         if crop_border is not None and (isinstance(crop_border, bool) or crop_border < 0):
             raise ValueError(f"Expected crop_border an int >= 0 or None, but got {crop_border!r}.")
-        self.crop_border = (1 if objectnet else 0) if crop_border is None else int(crop_border)
+        self.crop_border = border if crop_border is None else int(crop_border)
         self.class_sets = class_sets(folders, classes)
         self.class_to_idx = {name: s[0] for name, s in self.class_sets.items()}
         width = max(len(s) for s in self.class_sets.values())

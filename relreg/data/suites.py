@@ -1,4 +1,4 @@
-"""Native layouts of OOD suites whose class mapping ships with the dataset: ObjectNet.
+"""Native layouts of OOD suites whose folders are not ImageNet wnids: ObjectNet and SI-Score.
 
 ObjectNet (Barbu et al., NeurIPS 2019) is distributed as ``objectnet-1.0/images/<folder>/<image>``
 with ``objectnet-1.0/mappings/``:
@@ -16,6 +16,15 @@ image with the first mapped ImageNet class only; relreg counts a prediction of a
 right (``label_set``; the ObjectNet paper's rule). ObjectNet's images carry a 1-pixel border that
 the dataset's documentation says to remove: :class:`relreg.data.OODImageFolder` crops it
 (``crop_border``) when ``classes="objectnet"``.
+
+SI-Score (Djolonga et al., "On Robustness and Transferability of Convolutional Neural Networks",
+CVPR 2021) is distributed per factor of variation (``area/``, ``location20_area02_min0pc/``,
+``rotation/``), each as ``<object name>/<id>.jpg`` with 61 object names (``banana``,
+``ipod``, ...). :func:`siscore_classes` maps each name to the ImageNet-1k class whose name it is, by
+timm's bundled class names: the class whose first name it is, else the one class that lists it as a
+synonym, else the same for the singular (``jeans`` -> ``jean, blue jean, denim``). Checked against
+the label table of tensorflow/datasets (``tensorflow_datasets/datasets/siscore/labels.py``), the
+mapping the dataset's authors use (tests spot-check it).
 """
 
 from __future__ import annotations
@@ -24,7 +33,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["OBJECTNET_FILES", "is_objectnet", "objectnet_label_sets", "objectnet_mappings_dir"]
+__all__ = [
+    "OBJECTNET_FILES",
+    "objectnet_label_sets",
+    "objectnet_mappings_dir",
+    "resolve_suite",
+    "siscore_classes",
+]
 
 OBJECTNET_FILES = (
     "folder_to_objectnet_label.json",
@@ -34,9 +49,63 @@ OBJECTNET_FILES = (
 )
 
 
-def is_objectnet(classes: object) -> bool:
-    """Whether ``classes`` asks for ObjectNet's own mapping files (``"objectnet"``)."""
-    return isinstance(classes, str) and classes.strip().lower() == "objectnet"
+def _suite(classes: object) -> str | None:
+    if not isinstance(classes, str):
+        return None
+    name = classes.strip().lower().replace("_", "-")
+    return {"objectnet": "objectnet", "si-score": "si-score", "siscore": "si-score"}.get(name)
+
+
+def resolve_suite(classes: object, root: Path, folders: list[str]) -> tuple[object, list[str], int]:
+    """For ``classes`` naming a suite (``"objectnet"``, ``"si-score"``): its label mapping, the
+    folders to read and the border to crop; any other ``classes``: unchanged, all folders, 0."""
+    suite = _suite(classes)
+    if suite == "objectnet":  # non-overlapping classes are not scored
+        sets = objectnet_label_sets(root, folders)
+        return sets, sorted(sets), 1
+    if suite == "si-score":
+        return siscore_classes(folders), folders, 0
+    return classes, folders, 0
+
+
+def siscore_classes(folders: Sequence[str]) -> dict[str, int]:
+    """``{object name: ImageNet-1k index}`` for SI-Score's class folders (see the module docstring).
+
+    Raises:
+        ValueError: naming the folders no ImageNet class name matches (or matches ambiguously).
+    """
+    from timm.data import ImageNetInfo
+
+    descriptions = ImageNetInfo().label_descriptions()
+    synonyms = [[s.strip().lower() for s in d.split(",")] for d in descriptions]
+    out: dict[str, int] = {}
+    bad = []
+    for folder in folders:
+        index = _match(folder.strip().lower(), synonyms)
+        if index is None:
+            bad.append(folder)
+        else:
+            out[folder] = index
+    if bad:
+        raise ValueError(
+            f"Expected SI-Score object folders named after ImageNet classes, but no single "
+            f"ImageNet class is named {bad[:5]}; pass classes as a mapping {{folder: index}}."
+        )
+    return out
+
+
+def _match(name: str, synonyms: list[list[str]]) -> int | None:
+    """The class whose first name is ``name``, else the one class listing it, else the singular's."""
+    for candidate in (name, name[:-1] if name.endswith("s") else None):
+        if candidate is None:
+            continue
+        first = [i for i, s in enumerate(synonyms) if s[0] == candidate]
+        if len(first) == 1:
+            return first[0]
+        listed = [i for i, s in enumerate(synonyms) if candidate in s]
+        if len(listed) == 1:
+            return listed[0]
+    return None
 
 
 def objectnet_mappings_dir(root: str | Path) -> Path:

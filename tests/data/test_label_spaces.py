@@ -90,8 +90,11 @@ def test_paper_configs_ask_for_no_imagenet_class_file():
         "imagenet_sketch": "imagenet",
         "imagenet_v2": "imagenet-v2",
         "objectnet": "objectnet",  # read from the dataset's own mappings/ folder
+        "si_score_size": "si-score",  # object names matched to ImageNet class names
+        "si_score_location": "si-score",
+        "si_score_rotation": "si-score",
     }
-    assert all(label_space(v) for k, v in named.items() if k != "objectnet")
+    assert all(label_space(v) for k, v in named.items() if v not in ("objectnet", "si-score"))
     roots = [s["init_args"]["root"] for s in splits.values()]
     assert not [r for r in roots if not r.startswith("/path/to/")]  # only dataset roots to give
     assert torch.tensor(split_classes_of(named["imagenet_a"])).numel() == 200
@@ -152,3 +155,15 @@ def test_objectnet_layout_errors_name_the_file(tmp_path):
         objectnet_label_sets(tmp_path / "nowhere", [])
     with pytest.raises(ValueError, match=r"crop_border an int >= 0"):
         OODImageFolder(images2, crop_border=-1)
+
+
+def test_siscore_object_folders_map_to_imagenet_by_name(tmp_path):
+    # spot checks against tensorflow_datasets/datasets/siscore/labels.py (IMAGENET_LABELS), the
+    # authors' table: the ambiguous and irregular names included
+    expected = {"missile": 657, "jeans": 608, "kite": 21, "hedgehog": 334, "ipod": 605,
+                "pig": 341, "taxi": 468, "racket": 752, "flowerpot": 738, "banana": 954}  # fmt: skip
+    root = _tree(tmp_path / "rotation", sorted(expected))
+    ds = OODImageFolder(root, classes="si-score", img_size=8)
+    assert ds.class_to_idx == expected and ds.crop_border == 0
+    with pytest.raises(ValueError, match=r"no single ImageNet class is named \['spaceship'\]"):
+        OODImageFolder(_tree(tmp_path / "bad", ["spaceship"]), classes="si_score", img_size=8)
