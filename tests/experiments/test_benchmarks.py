@@ -283,3 +283,25 @@ def yaml_methods() -> list[str]:
     return list(
         yaml.safe_load((ROOT / "configs" / "study" / "robustness.yaml").read_text())["methods"]
     )
+
+
+def test_paper_cost_reads_every_paper_config_and_counts_fused_attention():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import paper_cost
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    models = paper_cost.paper_models()
+    assert len(models) == 7 and all({"model", "lr"} <= set(m) for m in models.values())
+    q = torch.randn(1, 2, 9, 4, requires_grad=True)
+    with FlopCounterMode(display=False) as plain:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    mapping = paper_cost._cpu_attention_formulas()
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counted:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    # the CPU kernel is invisible to FlopCounterMode; with the formulas: QK^T and AV forward
+    assert plain.get_total_flops() == 0
+    assert counted.get_total_flops() >= 2 * (2 * 2 * 9 * 9 * 4)
