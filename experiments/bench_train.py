@@ -41,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_train_plots import PHASES, plot, plot_sweep  # this script's folder
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
 
 CASES = ("plain", "first_order", "first_order_dense", "second_order", "two_forward")
@@ -52,14 +53,6 @@ MODELS = {
     "vit_small_512": ("vit_small_patch16_224", {"img_size": 512}, 512),
 }
 SWEEP_MODELS = ("vit_small_224", "vit_small_384", "vit_small_512")
-PHASES = (
-    "forward",
-    "input_gradient_backward",
-    "relevance_forward",
-    "relevance_backward",
-    "final_backward",
-    "other",
-)
 
 
 def _rss_mb() -> float:
@@ -237,84 +230,6 @@ def _ratios(cases: dict) -> dict:
         }
         for c, r in cases.items()
     }
-
-
-def _title(result: dict, what: str) -> str:
-    m = result["machine"]
-    return f"{what}, batch {result['batch']}, {m['device']} {m['device_name']} ({m['torch_threads']} threads)"
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(result["models"])
-    cases = list(result["models"][models[0]]["cases"])
-    fig, axes = plt.subplots(1, 4, figsize=(19, 3.8), constrained_layout=True)
-    width = 0.8 / len(models)
-    for j, key in enumerate(("time_ratio", "memory_ratio", "graph_ratio")):
-        ax = axes[j]
-        for i, m in enumerate(models):
-            ratios = [result["models"][m]["ratios"][c][key] for c in cases]
-            bars = ax.bar([k + i * width for k in range(len(cases))], ratios, width, label=m)
-            ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.axhline(1.0, color="gray", ls="--", lw=0.8)
-        ax.set_xticks(
-            [k + width * (len(models) - 1) / 2 for k in range(len(cases))],
-            cases,
-            fontsize=7,
-            rotation=15,
-        )
-        names = {"time_ratio": "step time", "memory_ratio": "step peak memory"}
-        ax.set_ylabel(names.get(key, "autograd graph memory") + " / plain")
-        ax.legend(fontsize=7)
-    ax = axes[3]  # phases of the main model's steps, as fractions of a plain step
-    main = result["models"][models[0]]["ratios"]
-    bottom = [0.0] * len(cases)
-    for phase in PHASES:
-        vals = [main[c]["phases_over_plain_step"][phase] for c in cases]
-        ax.bar(range(len(cases)), vals, 0.6, bottom=bottom, label=phase.replace("_", " "))
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set_xticks(range(len(cases)), cases, fontsize=7, rotation=15)
-    ax.set_ylabel(f"phase time / plain step ({models[0]})")
-    ax.legend(fontsize=6)
-    fig.suptitle(_title(result, "training step"), fontsize=9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_sweep(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tokens = [result["sweep"][m]["tokens"] for m in result["sweep"]]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
-    colors = {"plain": "gray", "first_order_dense": "tab:red", "first_order": "tab:green"}
-    for case in next(iter(result["sweep"].values()))["cases"]:
-        color = colors.get(case)
-        rows = [result["sweep"][m]["cases"][case] for m in result["sweep"]]
-        extra = [r["peak_mb"] - p["cases"]["plain"]["peak_mb"] for r, p in zip(
-            rows, result["sweep"].values(), strict=True)]  # fmt: skip
-        axes[0].plot(tokens, [r["peak_mb"] for r in rows], "o-", color=color, label=case)
-        graph = [r["graph_mb"] - p["cases"]["plain"]["graph_mb"] for r, p in zip(
-            rows, result["sweep"].values(), strict=True)]  # fmt: skip
-        axes[1].plot(tokens, extra, "o-", color=color, label=f"{case}: process peak")
-        axes[1].plot(tokens, graph, "s--", color=color, label=f"{case}: autograd graph")
-        ratios = [result["sweep"][m]["ratios"][case]["time_ratio"] for m in result["sweep"]]
-        axes[2].plot(tokens, ratios, "o-", color=color, label=case)
-    labels = ("process peak memory (MB)", "memory over plain (MB)", "step time / plain")
-    for ax, label in zip(axes, labels, strict=True):
-        ax.set_xlabel("tokens N (" + ", ".join(f"{m} px" for m in result["sweep"]) + ")")
-        ax.set_ylabel(label)
-        ax.set_xticks(tokens)
-        ax.legend(fontsize=7)
-    fig.suptitle(_title(result, "memory and time versus tokens"), fontsize=9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _run_all(models: list[str], cases: tuple[str, ...], args: argparse.Namespace) -> dict:

@@ -51,11 +51,11 @@ def test_bench_train_schema(tmp_path):
 def test_bench_train_token_sweep_schema(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "experiments" / "bench_train.py"), "--sweep", "--models",
-           "vit_tiny_32", "--batch", "2", "--repeats", "1", "--cases", "first_order", "--out", str(out)]  # fmt: skip
+           "vit_tiny_32", "--batch", "2", "--repeats", "1", "--cases", "plain", "--out", str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     result = json.loads((tmp_path / "bench_tokens.json").read_text())
     row = result["sweep"]["vit_tiny_32"]
-    assert row["tokens"] == 65 and set(row["cases"]) == {"plain", "first_order"}
+    assert row["tokens"] == 65 and set(row["cases"]) == {"plain"}  # one process start: CI time
     assert row["ratios"]["plain"]["time_ratio"] == 1.0
     assert (tmp_path / "bench_tokens.png").stat().st_size > 10_000
 
