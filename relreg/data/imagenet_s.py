@@ -155,8 +155,9 @@ def write_imagenet_s_subset(
         raise FileExistsError(f"Expected a new output folder, but {str(out)!r} exists.")
     files = imagenet_s_files(masks, images, partition, num_samples, train_classes, class_seed)
     pairs = [(w, m.stem) for m, _, w in files]
-    several = [f"{w}/{m.stem}" for m, _, w in files if len(_class_ids(m)) > 1]
-    empty = [f"{w}/{m.stem}" for m, _, w in files if not _class_ids(m)]
+    ids = {f"{w}/{m.stem}": _class_ids(m) for m, _, w in files}  # each mask read once
+    several = [name for name, found in ids.items() if len(found) > 1]
+    empty = [name for name, found in ids.items() if not found]
     for mask, image, wnid in files:
         for src, dst in ((mask, out / "masks" / wnid / mask.name), (image, out / "images" / wnid / image.name)):  # fmt: skip
             dst.parent.mkdir(parents=True, exist_ok=True)

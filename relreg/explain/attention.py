@@ -89,15 +89,14 @@ def _attention_pass(
 
 
 def _chunked(
+    method: str,
     model: nn.Module,
     images: Tensor,
     target: TargetLike,
     foil: TargetLike,
-    need_grad: bool,
     differentiable: bool,
     second_order: bool,
     engine: str,
-    method: str,
     chunk_size: int | None,
 ) -> Captured | None:
     """The chunked engine's capture, or None where the dense engine must run.
@@ -112,6 +111,7 @@ def _chunked(
         )
     if engine == "dense" or second_order:
         return None
+    need_grad = method == "chefer"  # the class-agnostic methods need no gradient
     return capture_blocks(
         model, images, target, foil, need_grad, differentiable, engine, method, chunk_size
     )
@@ -154,15 +154,14 @@ def raw_attention(
     """
     check_engine(engine, chunk_size)
     cap = _chunked(
+        "raw_attention",
         model,
         images,
         target,
         foil,
-        False,
         differentiable,
         second_order,
         engine,
-        "raw_attention",
         chunk_size,
     )
     if cap is not None:
@@ -204,16 +203,7 @@ def rollout(
     """
     check_engine(engine, chunk_size)
     cap = _chunked(
-        model,
-        images,
-        target,
-        foil,
-        False,
-        differentiable,
-        second_order,
-        engine,
-        "rollout",
-        chunk_size,
+        "rollout", model, images, target, foil, differentiable, second_order, engine, chunk_size
     )
     if cap is not None:
         check_start_layer(start_layer, len(cap.q))
@@ -318,16 +308,7 @@ def chefer(
         raise ValueError(f"Expected gradient 'attention' or 'logits', but got {gradient!r}.")
     check_engine(engine, chunk_size)
     cap = _chunked(
-        model,
-        images,
-        target,
-        foil,
-        True,
-        differentiable,
-        second_order,
-        engine,
-        "chefer",
-        chunk_size,
+        "chefer", model, images, target, foil, differentiable, second_order, engine, chunk_size
     )
     if cap is not None:
         check_start_layer(start_layer, len(cap.q))

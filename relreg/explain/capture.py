@@ -82,7 +82,25 @@ def unfused_attention(model: nn.Module) -> Iterator[list[nn.Module]]:
             m.fused_attn = flag
 
 
-class AttentionCapture:
+class _HookContext:
+    """Context-manager plumbing shared by the captures: on entry the subclass registers its hooks
+    (and flag changes) into an ``ExitStack`` kept in ``_stack``; exit, also after an error, undoes
+    them all."""
+
+    _stack: ExitStack | None = None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+class AttentionCapture(_HookContext):
     """Context manager that records every block's attention probabilities during forward passes.
 
     Args:
@@ -119,16 +137,6 @@ class AttentionCapture:
             self._stack = stack.pop_all()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-
     def __iter__(self) -> Iterator[Tensor]:
         return iter(self.attentions)
 
@@ -158,7 +166,7 @@ def chunked_support(module: nn.Module) -> str | None:
     return None
 
 
-class QKVCapture:
+class QKVCapture(_HookContext):
     """Context manager that records what the fused attention kernel itself keeps, per block.
 
     Fused attention (``F.scaled_dot_product_attention``) stays on and no model flag changes. For
@@ -207,16 +215,6 @@ class QKVCapture:
                     stack.callback(handle.remove)
             self._stack = stack.pop_all()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
 
     def problem(self) -> str | None:
         """After the forward pass: why the records cannot be used, or None when they can."""
