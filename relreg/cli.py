@@ -329,7 +329,9 @@ def _run_command(args: argparse.Namespace) -> None:
         print(f"wrote {args.out / 'report.json'} and figures")
     elif args.command == "prepare":
         from relreg.data.imagenet_s import imagenet_s_files, write_imagenet_s_subset
+        from relreg.validate import check_positive_int
 
+        check_positive_int("--per-class", args.per_class, allow_none=True)
         for part in ("train", "val"):  # check both before writing either
             if (args.out / part).exists():
                 raise FileExistsError(

@@ -138,8 +138,9 @@ def class_sets(folders: Sequence[str], classes: ClassesLike) -> dict[str, tuple[
         path = Path(classes)
         if not path.is_file():
             raise FileNotFoundError(
-                f"Expected a class file (one name per line, or a .json mapping), but {str(path)!r} "
-                "does not exist."
+                f"Expected a class file (one name per line, or a .json mapping) or a label space "
+                f"name ({', '.join(LABEL_SPACES)}; for OODImageFolder also objectnet, si-score), "
+                f"but {str(path)!r} is neither."
             )
         classes = (
             json.loads(path.read_text()) if path.suffix == ".json" else path.read_text().split()

@@ -344,7 +344,7 @@ class OODImageFolder(Dataset):
         folders = _class_folders(self.root, "OOD split")
         # ObjectNet / SI-Score by name: their own mapping files or class names
         classes, folders, border = resolve_suite(classes, self.root, folders)
-        if crop_border is not None and (isinstance(crop_border, bool) or crop_border < 0):
+        if crop_border is not None and (type(crop_border) is not int or crop_border < 0):
             raise ValueError(f"Expected crop_border an int >= 0 or None, but got {crop_border!r}.")
         self.crop_border = border if crop_border is None else int(crop_border)
         self.class_sets = class_sets(folders, classes)

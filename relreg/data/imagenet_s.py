@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +65,12 @@ def imagenet_s_selection(
         num_samples: files per class (None: 3 for ``"train"``, 1 for ``"val"``, the paper's).
         train_classes: classes in the training partition (the paper: 500).
         class_seed: shuffle the sorted class list with this seed first (RobustViT's
-            ``--class_seed``); None keeps the sorted order.
+            ``--class_seed``); None keeps the sorted order (RobustViT also treats 0 as "no
+            shuffle"; here 0 is a seed like any other).
 
     Raises:
-        ValueError: for a bad argument, or a split without class folders.
+        ValueError: for a bad argument, a split without class folders, or a partition that
+            would be empty (e.g. ``"val"`` with ``train_classes`` >= the classes found).
         FileNotFoundError: when ``masks`` is not a folder.
     """
     check_choice("partition", partition, PARTITIONS)
@@ -85,9 +88,15 @@ def imagenet_s_selection(
         random.Random(class_seed).shuffle(wnids)
     chosen = wnids[:train_classes] if partition == "train" else wnids[train_classes:]
     n = num_samples or (3 if partition == "train" else 1)
-    return [
+    pairs = [
         (wnid, p.stem) for wnid in chosen for p in sorted(root.joinpath(wnid).glob("*.png"))[:n]
     ]
+    if not pairs:
+        raise ValueError(
+            f"Expected masks in the {partition!r} partition, but it is empty: {len(wnids)} classes "
+            f"found in {str(root)!r}, train_classes={train_classes}."
+        )
+    return pairs
 
 
 def _image_for(images: Path, wnid: str, stem: str) -> Path:
@@ -103,8 +112,12 @@ def _image_for(images: Path, wnid: str, stem: str) -> Path:
 
 
 def _class_ids(mask: Path) -> list[int]:
-    with Image.open(mask) as im:
-        rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+    """The class ids of an ImageNet-S mask other than background (0) and ignore (1000)."""
+    try:
+        with Image.open(mask) as im:
+            rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"Could not read the ImageNet-S mask {str(mask)!r}: {err}") from err
     ids = np.unique(rgb[..., 0] + 256 * rgb[..., 1])
     return [int(i) for i in ids if i not in (0, 1000)]
 
@@ -116,14 +129,25 @@ def imagenet_s_files(
     num_samples: int | None = None,
     train_classes: int = 500,
     class_seed: int | None = None,
-) -> list[tuple[Path, Path, str]]:
-    """``(mask file, image file, wnid)`` of :func:`imagenet_s_selection`, every image checked.
+) -> list[tuple[Path, Path, str, list[int]]]:
+    """``(mask file, image file, wnid, class ids)`` of :func:`imagenet_s_selection`: every image
+    found and every mask decoded, so that nothing fails once writing has started.
 
     Raises:
         FileNotFoundError: an image missing for a selected mask (named).
+        ValueError: a mask that cannot be decoded (named).
     """
     pairs = imagenet_s_selection(masks, partition, num_samples, train_classes, class_seed)
-    return [(Path(masks) / w / f"{s}.png", _image_for(Path(images), w, s), w) for w, s in pairs]
+    root = Path(masks)
+    return [
+        (
+            root / w / f"{s}.png",
+            _image_for(Path(images), w, s),
+            w,
+            _class_ids(root / w / f"{s}.png"),
+        )
+        for w, s in pairs
+    ]
 
 
 def write_imagenet_s_subset(
@@ -140,8 +164,9 @@ def write_imagenet_s_subset(
     :class:`relreg.data.MaskedImageFolder` (``mask_format: imagenet_s``, ``classes: imagenet``).
 
     Files are symbolic links to the originals (``copy=True``: copies). Everything is checked
-    before anything is written; ``out`` must not exist yet. Also writes ``out/selection.json``
-    (the arguments, the pairs, and the masks with no or several class ids).
+    before anything is written, the tree is written next to ``out`` and renamed to it at the end
+    (an error leaves nothing behind); ``out`` must not exist yet. Also writes
+    ``out/selection.json`` (the arguments, the pairs, and the masks with no or several class ids).
 
     Returns:
         The content of ``selection.json``.
@@ -154,20 +179,29 @@ def write_imagenet_s_subset(
     if out.exists():
         raise FileExistsError(f"Expected a new output folder, but {str(out)!r} exists.")
     files = imagenet_s_files(masks, images, partition, num_samples, train_classes, class_seed)
-    pairs = [(w, m.stem) for m, _, w in files]
-    ids = {f"{w}/{m.stem}": _class_ids(m) for m, _, w in files}  # each mask read once
-    several = [name for name, found in ids.items() if len(found) > 1]
-    empty = [name for name, found in ids.items() if not found]
-    for mask, image, wnid in files:
-        for src, dst in ((mask, out / "masks" / wnid / mask.name), (image, out / "images" / wnid / image.name)):  # fmt: skip
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst) if copy else dst.symlink_to(src.resolve())
+    pairs = [(w, m.stem) for m, _, w, _ in files]
+    several = [f"{w}/{m.stem}" for m, _, w, found in files if len(found) > 1]
+    empty = [f"{w}/{m.stem}" for m, _, w, found in files if not found]
     report = {
-        "masks": str(masks), "images": str(images), "partition": partition,
+        "masks": str(Path(masks).resolve()), "images": str(images.resolve()), "partition": partition,
         "num_samples": num_samples or (3 if partition == "train" else 1),
         "train_classes": train_classes, "class_seed": class_seed,
         "classes": len({w for w, _ in pairs}), "pairs": [f"{w}/{s}" for w, s in pairs],
         "masks_with_several_ids": several, "masks_without_foreground": empty,
     }  # fmt: skip
-    (out / "selection.json").write_text(json.dumps(report, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is owner-only; give it a plain mkdir's mode
+    try:
+        for mask, image, wnid, _ in files:
+            for src, dst in ((mask, tmp / "masks" / wnid / mask.name), (image, tmp / "images" / wnid / image.name)):  # fmt: skip
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst) if copy else dst.symlink_to(src.resolve())
+        (tmp / "selection.json").write_text(json.dumps(report, indent=2))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return report

@@ -164,7 +164,8 @@ def objectnet_label_sets(root: str | Path, folders: Sequence[str]) -> dict[str, 
     if unknown:
         raise ValueError(
             f"Expected ObjectNet class folders listed in "
-            f"{str(mappings / OBJECTNET_FILES[0])!r}, but got unknown folders {unknown[:5]}."
+            f"{str(mappings / OBJECTNET_FILES[0])!r}, but got unknown folders {unknown[:5]} (the "
+            "root is the dataset's images folder, objectnet-1.0/images)."
         )
     line_to_index = {int(line): int(index) for index, line in index_to_line.items()}
     label_to_index = {

@@ -79,3 +79,13 @@ def test_prepare_command_checks_everything_before_writing(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "o"), "--train-classes", "5"]) == 0
     assert "train: 15 images of 5 classes" in capsys.readouterr().out
     assert len(list((tmp_path / "o" / "val" / "masks").rglob("*.png"))) == 2
+
+
+def test_empty_partition_and_bad_mask_are_errors_before_writing(tmp_path):
+    masks, images = _tree(tmp_path)
+    with pytest.raises(ValueError, match=r"'val' partition, but it is empty: 7 classes"):
+        imagenet_s_selection(masks, "val", train_classes=7)
+    (masks / WNIDS[0] / f"{WNIDS[0]}_0.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=rf"ImageNet-S mask .*{WNIDS[0]}_0\.png"):
+        write_imagenet_s_subset(masks, images, tmp_path / "out", "train", train_classes=5)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
