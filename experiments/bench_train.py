@@ -59,8 +59,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _install_timers(model, sync) -> dict[str, float]:  # noqa: ANN001
-    """Accumulate the time of each phase of a step (see the module docstring) into a dict."""
+def _install_timers(model, sync):  # noqa: ANN001, ANN202
+    """Accumulate the time of each phase of a step (see the module docstring) into a dict;
+    returns it and a function that removes the timers."""
     import torch
 
     from relreg.explain.chunked import _RowTimesAttention
@@ -77,6 +78,12 @@ def _install_timers(model, sync) -> dict[str, float]:  # noqa: ANN001
             return out
 
         return wrapper
+
+    originals = (torch.autograd.grad, vars(_RowTimesAttention)["forward"], vars(_RowTimesAttention)["backward"])  # fmt: skip
+
+    def restore() -> None:
+        torch.autograd.grad = originals[0]
+        _RowTimesAttention.forward, _RowTimesAttention.backward = originals[1:]
 
     torch.autograd.grad = timed("input_gradient_backward", torch.autograd.grad)
     for name, attr in (("relevance_forward", "forward"), ("relevance_backward", "backward")):
@@ -95,7 +102,7 @@ def _install_timers(model, sync) -> dict[str, float]:  # noqa: ANN001
         acc["forward"] += time.perf_counter() - start.pop()
 
     model.register_forward_hook(after)
-    return acc
+    return acc, restore
 
 
 def worker(
@@ -146,7 +153,7 @@ def worker(
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    acc = _install_timers(module.model, sync)
+    acc, restore_timers = _install_timers(module.model, sync)
 
     def step() -> dict[str, float]:
         nonlocal step_count
@@ -187,12 +194,15 @@ def worker(
         torch.cuda.reset_peak_memory_stats()
     base_rss = _rss_mb()
     times, phases = [], []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        split = step()
-        if i:  # the first step is a warm-up
-            times.append(time.perf_counter() - t0)
-            phases.append(split)
+    try:
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            split = step()
+            if i:  # the first step is a warm-up
+                times.append(time.perf_counter() - t0)
+                phases.append(split)
+    finally:
+        restore_timers()
     # With the relevance loss every k steps the cost alternates: the mean is the cost per step.
     middle = statistics.median if relevance_every == 1 else statistics.fmean
     result = {"step_s": middle(times), "step_s_all": [round(t, 4) for t in times]}
@@ -208,6 +218,8 @@ def worker(
 
 
 def run_case(model_key: str, case: str, args: argparse.Namespace) -> dict:
+    if args.same_process:  # smoke tests: one import for all cases, memory not isolated
+        return worker(model_key, case, args.batch, args.repeats, args.device, args.relevance_every)
     cmd = [
         sys.executable, __file__, "--worker", "--model", model_key, "--case", case, "--batch", str(args.batch),
         "--repeats", str(args.repeats), "--device", args.device, "--relevance-every", str(args.relevance_every),
@@ -266,6 +278,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="the token-count sweep instead")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_train.json"))
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run every case in this process (faster; peak memory not per case: smoke tests only)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="vit_small_224", help=argparse.SUPPRESS)
     parser.add_argument("--case", default="plain", help=argparse.SUPPRESS)
