@@ -27,6 +27,7 @@ __all__ = [
     "check_logits",
     "check_start_layer",
     "finish",
+    "graph_input",
     "resolve_classes",
     "score",
 ]
@@ -173,3 +174,17 @@ def check_start_layer(start_layer: int, depth: int) -> None:
         raise ValueError(
             f"Expected start_layer an int in [0, {depth - 1}], but got {start_layer!r}."
         )
+
+
+def graph_input(model: nn.Module, images: Tensor, track: bool) -> Tensor:
+    """The tensor to feed the model so that, when ``track``, a graph reaches every block.
+
+    When the patch embedding trains (fine-tuning) the parameters start the graph and ``images`` is
+    returned as is; otherwise a detached copy that requires grad does (cheap, but not free: a
+    final backward would also compute its gradient, so it is made only when needed).
+    """
+    embed = getattr(model, "patch_embed", None)
+    trains = embed is not None and any(p.requires_grad for p in embed.parameters())
+    if track and not images.requires_grad and not trains:
+        return images.detach().requires_grad_(True)
+    return images

@@ -31,11 +31,18 @@ from relreg.explain._contract import (
     check_logits,
     check_start_layer,
     finish,
+    graph_input,
     resolve_classes,
     score,
 )
 from relreg.explain.capture import AttentionCapture
-from relreg.explain.chunked import Captured, capture_blocks, check_engine, propagate
+from relreg.explain.chunked import (
+    Captured,
+    capture_blocks,
+    check_engine,
+    propagate,
+    relevance_dtype,
+)
 from relreg.explain.registry import register_explainer
 from relreg.explain.tokens import (
     _patches_to_grid,
@@ -62,11 +69,7 @@ def _attention_pass(
     if need_grad or differentiable:
         check_grad_mode(method)
     track = need_grad or differentiable
-    # A graph must reach every attention map. When the patch embedding trains (fine-tuning), it
-    # does; otherwise the input becomes a leaf that requires grad (cheap, but not free: the final
-    # backward would also compute the input's gradient, so it is skipped when not needed).
-    leaf = track and not images.requires_grad and not _embedding_trains(model)
-    x = images.detach().requires_grad_(True) if leaf else images
+    x = graph_input(model, images, track)  # a graph must reach every attention map
     with torch.set_grad_enabled(track):
         with AttentionCapture(model) as capture:
             logits = check_logits(model(x), images.shape[0])
@@ -121,15 +124,9 @@ def _start(model: nn.Module, cap: Captured) -> tuple[Tensor, Tensor | None]:
     """The read-out row ``(B, N)`` the relevance walk starts from (float32 for half inputs), and
     its non-zero columns (None when all are): the only query rows the last block needs."""
     q = cap.q[-1]
-    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    w = readout_weights(model, q.shape[2], q.device, dtype)
+    w = readout_weights(model, q.shape[2], q.device, relevance_dtype(q))
     rows = w.nonzero().flatten()
     return w.expand(q.shape[0], -1), rows if rows.numel() < w.numel() else None
-
-
-def _embedding_trains(model: nn.Module) -> bool:
-    embed = getattr(model, "patch_embed", None)
-    return embed is not None and any(p.requires_grad for p in embed.parameters())
 
 
 @register_explainer(

@@ -30,11 +30,25 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from relreg.explain._contract import check_grad_mode, check_logits, resolve_classes, score
+from relreg.explain._contract import (
+    check_grad_mode,
+    check_logits,
+    graph_input,
+    resolve_classes,
+    score,
+)
 from relreg.explain.capture import QKVCapture, chunked_support, find_attention_modules
 from relreg.validate import check_choice, check_positive_int
 
-__all__ = ["ENGINES", "RULES", "Captured", "capture_blocks", "propagate", "default_chunk_size"]
+__all__ = [
+    "ENGINES",
+    "RULES",
+    "Captured",
+    "capture_blocks",
+    "default_chunk_size",
+    "propagate",
+    "relevance_dtype",
+]
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +122,7 @@ def capture_blocks(
         if need_grad or differentiable:
             check_grad_mode(method)
         track = need_grad or differentiable
-        trains = any(
-            p.requires_grad for p in getattr(model, "patch_embed", nn.Identity()).parameters()
-        )
-        leaf = track and not images.requires_grad and not trains
-        x = images.detach().requires_grad_(True) if leaf else images
+        x = graph_input(model, images, track)
         with torch.set_grad_enabled(track):
             with QKVCapture(model, modules) as capture:
                 logits = check_logits(model(x), images.shape[0])
@@ -205,7 +215,8 @@ def propagate(
     return _RowTimesAttention.apply(r, q, k, v.detach(), d_out.detach(), scale, rule, chunk, rows)
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
+def relevance_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the engine computes in for inputs like ``t``: float32 for half precision."""
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
@@ -245,7 +256,7 @@ class _RowTimesAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, q, k, v, d_out, scale, rule, chunk, rows):  # type: ignore[override]
-        dtype = _compute_dtype(q)
+        dtype = relevance_dtype(q)
         heads = q.shape[1]
         with torch.autocast(q.device.type, enabled=False):
             r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (r, q, k, v, d_out))
@@ -262,7 +273,7 @@ class _RowTimesAttention(torch.autograd.Function):
         r, q, k, v, d_out, rows = ctx.saved_tensors
         rows = rows if ctx.has_rows else None
         need_r, need_q, need_k = ctx.needs_input_grad[:3]
-        dtype = _compute_dtype(q)
+        dtype = relevance_dtype(q)
         heads = q.shape[1]
         scale = ctx.scale
         with torch.autocast(q.device.type, enabled=False):
