@@ -332,17 +332,18 @@ def _run_command(args: argparse.Namespace) -> None:
         from relreg.validate import check_positive_int
 
         check_positive_int("--per-class", args.per_class, allow_none=True)
+        planned = {}
         for part in ("train", "val"):  # check both before writing either
             if (args.out / part).exists():
                 raise FileExistsError(
                     f"Expected a new output folder, but {args.out / part} exists."
                 )
-            imagenet_s_files(args.masks, args.images, part, args.per_class,
-                             args.train_classes, args.class_seed)  # fmt: skip
-        for part in ("train", "val"):
+            planned[part] = imagenet_s_files(args.masks, args.images, part, args.per_class,
+                                             args.train_classes, args.class_seed)  # fmt: skip
+        for part, files in planned.items():
             report = write_imagenet_s_subset(
                 args.masks, args.images, args.out / part, part, args.per_class,
-                args.train_classes, args.class_seed, args.copy,
+                args.train_classes, args.class_seed, args.copy, files,
             )  # fmt: skip
             print(f"{part}: {len(report['pairs'])} images of {report['classes']} classes")
     elif args.command == "demo":

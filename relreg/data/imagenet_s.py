@@ -159,6 +159,7 @@ def write_imagenet_s_subset(
     train_classes: int = 500,
     class_seed: int | None = None,
     copy: bool = False,
+    files: list[tuple[Path, Path, str, list[int]]] | None = None,
 ) -> dict:
     """Write the subset as ``out/images/<wnid>/`` and ``out/masks/<wnid>/`` for
     :class:`relreg.data.MaskedImageFolder` (``mask_format: imagenet_s``, ``classes: imagenet``).
@@ -167,6 +168,9 @@ def write_imagenet_s_subset(
     before anything is written, the tree is written next to ``out`` and renamed to it at the end
     (an error leaves nothing behind); ``out`` must not exist yet. Also writes
     ``out/selection.json`` (the arguments, the pairs, and the masks with no or several class ids).
+
+    ``files``: the result of :func:`imagenet_s_files` for the same arguments, when the caller
+    already checked them (every mask is then decoded once); None computes it.
 
     Returns:
         The content of ``selection.json``.
@@ -178,7 +182,8 @@ def write_imagenet_s_subset(
     out, images = Path(out), Path(images)
     if out.exists():
         raise FileExistsError(f"Expected a new output folder, but {str(out)!r} exists.")
-    files = imagenet_s_files(masks, images, partition, num_samples, train_classes, class_seed)
+    if files is None:
+        files = imagenet_s_files(masks, images, partition, num_samples, train_classes, class_seed)
     pairs = [(w, m.stem) for m, _, w, _ in files]
     several = [f"{w}/{m.stem}" for m, _, w, found in files if len(found) > 1]
     empty = [f"{w}/{m.stem}" for m, _, w, found in files if not found]
