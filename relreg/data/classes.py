@@ -100,12 +100,19 @@ def split_classes_of(classes: ClassesLike) -> tuple[int, ...] | None:
     return None
 
 
+@cache
+def imagenet_synonyms() -> tuple[tuple[str, ...], ...]:
+    """Each ImageNet-1k class's names from timm's lemmas, in label order, first name first
+    (``("goldfish", "Carassius auratus")``)."""
+    return tuple(tuple(name.strip() for name in d.split(",")) for d in _info().label_descriptions())
+
+
 def class_names(num_classes: int) -> list[str]:
     """Human-readable names of a classifier's outputs: timm's ImageNet lemmas for 1000 classes
     (``"goldfish"``), else ``"class 0"``, ``"class 1"``, ...
     """
     if num_classes == 1000:
-        return [d.split(",")[0] for d in _info().label_descriptions()]
+        return [names[0] for names in imagenet_synonyms()]
     return [f"class {i}" for i in range(num_classes)]
 
 

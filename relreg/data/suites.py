@@ -33,6 +33,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from relreg.data.classes import imagenet_synonyms
+
 __all__ = [
     "OBJECTNET_FILES",
     "objectnet_label_sets",
@@ -74,10 +76,7 @@ def siscore_classes(folders: Sequence[str]) -> dict[str, int]:
     Raises:
         ValueError: naming the folders no ImageNet class name matches (or matches ambiguously).
     """
-    from timm.data import ImageNetInfo
-
-    descriptions = ImageNetInfo().label_descriptions()
-    synonyms = [[s.strip().lower() for s in d.split(",")] for d in descriptions]
+    synonyms = [[s.lower() for s in names] for names in imagenet_synonyms()]
     out: dict[str, int] = {}
     bad = []
     for folder in folders:
