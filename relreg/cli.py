@@ -132,6 +132,8 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--classes", default=None, help="label space file (one class name per line)")
     p.add_argument("--scoring", choices=("argmax", "restricted"), default="argmax")
+    p.add_argument("--preprocessing", choices=("model", "robustvit"), default="model",
+                   help="the model's timm pretrained_cfg, or resize 256 / crop 224, mean = std = 0.5")  # fmt: skip
     p.add_argument(
         "--methods", nargs="+", default=["chefer", "rollout", "gradcam"], choices=list_explainers()
     )
@@ -230,7 +232,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     """``relreg evaluate``: returns the report it writes to ``--out/report.json``."""
     import timm.data
 
-    from relreg.data import load_split
+    from relreg.data import label_names, load_split
     from relreg.evaluate import evaluate_models, heatmap_grid_maps, write_figures
 
     if args.num_heatmaps < 0:
@@ -256,10 +258,11 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
     models = evaluation_models(args)
     check_same_preprocessing(models)
-    data = {label: load_split(args.data, m, classes=args.classes) for label, m in models.items()}
+    pre = {"classes": args.classes, "preprocessing": args.preprocessing}
+    data = {label: load_split(args.data, m, **pre) for label, m in models.items()}
     first = next(iter(models.values()))
     ood = {
-        name: load_split(spec, first, masks=False, classes=args.classes, scoring=args.scoring)
+        name: load_split(spec, first, masks=False, scoring=args.scoring, **pre)
         for name, spec in ood_specs.items()
     }
     report = evaluate_models(
@@ -276,6 +279,10 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         seed=args.seed,
     )
     report = {"data": args.data, "ood": ood_specs, "device": str(args.device), **report}
+    report["preprocessing"] = {
+        name: ds.preprocessing_info() if hasattr(ds, "preprocessing_info") else "model's mean/std"
+        for name, ds in {"data": next(iter(data.values())), **ood}.items()
+    }
     report["checkpoints"] = {
         label: str(p) if p is not None else "pretrained"
         for label, p in zip(
@@ -287,17 +294,15 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         dataset = next(iter(data.values()))
         samples = [dataset[i] for i in range(min(args.num_heatmaps, len(dataset)))]
         images = torch.stack([s["image"] for s in samples])
-        config = timm.data.resolve_model_data_config(first)
-        mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(config["std"]).view(1, 3, 1, 1)
+        pre = getattr(dataset, "preprocessing", None)
+        config = pre.describe() if pre else timm.data.resolve_model_data_config(first)
+        mean, std = (torch.tensor(config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
         shown = (images * std + mean).clamp(0, 1)
         torch.manual_seed(args.seed)
         heat = {"mask": torch.stack([s["mask"] for s in samples]).float()}
         heat.update(heatmap_grid_maps(models, images, args.methods))
-        classes = getattr(dataset, "classes", None)
-        titles = [
-            classes[int(s["label"])] if classes else f"class {int(s['label'])}" for s in samples
-        ]
+        names = label_names(first.num_classes, getattr(dataset, "class_to_idx", None))
+        titles = [names[int(s["label"])] for s in samples]
     write_figures(report, args.out, shown, heat, titles)
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     return report
@@ -328,23 +333,11 @@ def _run_command(args: argparse.Namespace) -> None:
         _print_report(report)
         print(f"wrote {args.out / 'report.json'} and figures")
     elif args.command == "prepare":
-        from relreg.data.imagenet_s import imagenet_s_files, write_imagenet_s_subset
-        from relreg.validate import check_positive_int
+        from relreg.data.imagenet_s import prepare_imagenet_s
 
-        check_positive_int("--per-class", args.per_class, allow_none=True)
-        planned = {}
-        for part in ("train", "val"):  # check both before writing either
-            if (args.out / part).exists():
-                raise FileExistsError(
-                    f"Expected a new output folder, but {args.out / part} exists."
-                )
-            planned[part] = imagenet_s_files(args.masks, args.images, part, args.per_class,
-                                             args.train_classes, args.class_seed)  # fmt: skip
-        for part, files in planned.items():
-            report = write_imagenet_s_subset(
-                args.masks, args.images, args.out / part, part, args.per_class,
-                args.train_classes, args.class_seed, args.copy, files,
-            )  # fmt: skip
+        reports = prepare_imagenet_s(args.masks, args.images, args.out, args.per_class,
+                                     args.train_classes, args.class_seed, args.copy)  # fmt: skip
+        for part, report in reports.items():
             print(f"{part}: {len(report['pairs'])} images of {report['classes']} classes")
     elif args.command == "demo":
         from relreg.demo import run_demo

@@ -8,11 +8,13 @@ from relreg.data.classes import (
     class_index,
     class_names,
     class_sets,
+    label_names,
     label_space,
     split_classes_of,
 )
 from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
+from relreg.data.preprocessing import PREPROCESSING, FollowsModel, Preprocessing
 from relreg.data.sample import Sample
 from relreg.data.specs import load_split
 from relreg.data.spurious import SPLITS, SpuriousShapes, write_shapes_folder
@@ -22,10 +24,13 @@ from relreg.data.transforms import eval_transform, train_transform
 
 __all__ = [
     "LABEL_SPACES",
+    "PREPROCESSING",
     "SHAPES",
     "SPLITS",
     "MaskedImageFolder",
     "OODImageFolder",
+    "FollowsModel",
+    "Preprocessing",
     "EpochShuffleSampler",
     "RelRegDataModule",
     "Sample",
@@ -34,6 +39,7 @@ __all__ = [
     "class_index",
     "class_names",
     "class_sets",
+    "label_names",
     "label_space",
     "split_classes_of",
     "eval_transform",

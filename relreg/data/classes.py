@@ -22,6 +22,7 @@ __all__ = [
     "class_index",
     "class_names",
     "class_sets",
+    "label_names",
     "label_space",
     "split_classes_of",
 ]
@@ -114,6 +115,17 @@ def class_names(num_classes: int) -> list[str]:
     if num_classes == 1000:
         return [names[0] for names in imagenet_synonyms()]
     return [f"class {i}" for i in range(num_classes)]
+
+
+def label_names(num_classes: int, class_to_idx: Mapping[str, int] | None = None) -> list[str]:
+    """A display name per output: timm's ImageNet lemma for 1000 classes, else the dataset's
+    folder mapped to the index (``class_to_idx``), else ``"class i"``."""
+    names = class_names(num_classes)
+    if num_classes != 1000:
+        for folder, index in (class_to_idx or {}).items():
+            if 0 <= index < num_classes:
+                names[index] = folder
+    return names
 
 
 # Order matters to jsonargparse, which tries the types in turn: with str first, YAML mappings and

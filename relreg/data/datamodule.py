@@ -7,6 +7,7 @@ the in-distribution split followed by the OOD splits, in the order of ``eval_nam
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytorch_lightning as pl
@@ -17,6 +18,8 @@ from relreg.data.sample import Sample
 from relreg.validate import check_positive_int
 
 __all__ = ["EpochShuffleSampler", "RelRegDataModule"]
+
+log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = tuple(k for k in Sample.__annotations__ if k in Sample.__required_keys__)
 
@@ -70,6 +73,11 @@ class RelRegDataModule(pl.LightningDataModule):
         num_workers: loader workers.
         seed: seed of the training shuffle (:class:`EpochShuffleSampler`: the order of each epoch
             depends on ``seed`` and the epoch only, so resumed runs repeat it).
+
+    In ``setup`` every dataset built with ``preprocessing="model"`` takes the preprocessing of the
+    LightningModule's ``model`` (:meth:`relreg.data.FollowsModel.follow_model`); what each split
+    uses is kept in :attr:`preprocessing`, logged at INFO level and sent to the loggers as the
+    ``data/preprocessing`` hyperparameter.
     """
 
     def __init__(
@@ -95,6 +103,33 @@ class RelRegDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
+        self.preprocessing: dict[str, dict] = {}
+
+    def _named_sets(self) -> dict[str, Dataset]:
+        sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set, **self.ood}
+        return {name: ds for name, ds in sets.items() if ds is not None}
+
+    def setup(self, stage: str) -> None:
+        """Resolve ``preprocessing="model"`` against the attached module's ``model``."""
+        trainer = getattr(self, "trainer", None)
+        model = getattr(getattr(trainer, "lightning_module", None), "model", None)
+        if model is not None:
+            self.follow_model(model)
+        if trainer is not None and self.preprocessing:
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"data/preprocessing": self.preprocessing})
+
+    def follow_model(self, model: torch.nn.Module) -> dict[str, dict]:
+        """Let every dataset that can (:class:`relreg.data.FollowsModel`, also inside a
+        ``Subset``) follow ``model``; returns and stores ``{split: preprocessing info}``."""
+        for name, ds in self._named_sets().items():
+            inner = getattr(ds, "dataset", ds)  # torch.utils.data.Subset
+            if hasattr(inner, "follow_model"):
+                inner.follow_model(model)
+                self.preprocessing[name] = inner.preprocessing_info()
+        for name, info in self.preprocessing.items():
+            log.info("preprocessing of %s: %s", name, info)
+        return self.preprocessing
 
     @property
     def eval_names(self) -> list[str]:

@@ -12,173 +12,50 @@ Both yield :class:`relreg.data.Sample` dicts (with ``"path"``; ObjectNet-style s
 
 from __future__ import annotations
 
+import logging
 import os
-import random
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from relreg.data.classes import ClassesLike, class_index, class_sets, split_classes_of
+from relreg.data.files import (
+    IMAGE_EXTENSIONS,
+    MASK_FORMATS,
+    _choose,
+    _class_folders,
+    _class_images,
+    _unreadable,
+    _warn_skipped,
+    load_mask,
+    load_rgb,
+)
+from relreg.data.preprocessing import FollowsModel, Preprocessing, imagenet_wnid_folders
 from relreg.data.sample import Sample
 from relreg.data.suites import resolve_suite
-from relreg.data.transforms import eval_transform, train_transform
 from relreg.metrics.accuracy import SCORINGS
 from relreg.validate import check_choice, check_positive_int
 
 __all__ = ["IMAGE_EXTENSIONS", "MaskedImageFolder", "OODImageFolder"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
-MASK_FORMATS = ("binary", "imagenet_s")
-# What PIL raises for a file it cannot decode: unknown format, truncated data, broken chunks.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-_SKIP_HINT = "pass skip_corrupt=True to the image folder to drop unreadable files"
+log = logging.getLogger(__name__)
 
 
-def _class_folders(root: Path, what: str) -> list[str]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"Expected {what} folder {str(root)!r}, but it does not exist.")
-    folders = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not folders:
-        loose = len(_images_in(root))
-        hint = f"; its {loose} image files belong in class folders <class>/<image>" if loose else ""
-        raise ValueError(f"Expected class folders in {str(root)!r}, but found none{hint}.")
-    return folders
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in IMAGE_EXTENSIONS)
-
-
-def _class_images(root: Path, folders: Sequence[str]) -> dict[str, list[Path]]:
-    """The sorted image files of each class folder; raises if any folder holds none."""
-    files = {name: _images_in(root / name) for name in folders}
-    empty = [name for name in folders if not files[name]]
-    if not empty:
-        return files
-    others = sorted(p.name for name in empty for p in (root / name).iterdir() if p.is_file())
-    seen = f" (other files: {others[:3]})" if others else ""
-    expected = f"image files ({', '.join(IMAGE_EXTENSIONS)})"
-    if len(empty) == len(folders):
-        raise ValueError(
-            f"Expected {expected} in the class folders of {str(root)!r}, but all "
-            f"{len(folders)} are empty{seen}."
-        )
-    raise ValueError(
-        f"Expected {expected} in every class folder of {str(root)!r}, but {len(empty)} of "
-        f"{len(folders)} are empty: {empty[:5]}{seen}."
-    )
-
-
-def _decodes(path: Path) -> bool:
-    """Whether PIL opens and fully decodes ``path``."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except _DECODE_ERRORS:
-        return False
-    return True
-
-
-def _unreadable(entry: tuple) -> Path | None:
-    """The first file of a sample ``(image, mask or None, ..., label)`` that does not decode."""
-    return next((p for p in entry[:-1] if p is not None and not _decodes(p)), None)
-
-
-Entry = TypeVar("Entry", bound=tuple)
-
-
-def _choose(
-    entries: Sequence[Entry],
-    per_class: int | None = None,
-    seed: str = "",
-    check: Callable[[Entry], Path | None] | None = None,
-) -> tuple[list[Entry], list[Path]]:
-    """Up to ``per_class`` entries (all if None) drawn with ``seed``, sorted, and the files rejected.
-
-    ``check`` returns the unreadable file of an entry or None. A rejected entry is replaced by a
-    further draw from the rest, so a class keeps ``per_class`` readable images when it has them;
-    when every file is readable the choice equals the unchecked one.
-    """
-    rng, pool, chosen, rejected = random.Random(seed), list(entries), [], []
-    while pool and (per_class is None or len(chosen) < per_class):
-        want = len(pool) if per_class is None else per_class - len(chosen)
-        if want >= len(pool):
-            draw, pool = pool, []
-        else:
-            draw = rng.sample(pool, want)
-            taken = set(draw)
-            pool = [e for e in pool if e not in taken]
-        for entry in draw:
-            bad = check(entry) if check is not None else None
-            if bad is None:
-                chosen.append(entry)
-            else:
-                rejected.append(bad)
-    return sorted(chosen), rejected
-
-
-def _warn_skipped(root: Path, skipped: Sequence[Path]) -> None:
-    if skipped:
-        names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in skipped]
-        more = ", ..." if len(names) > 5 else ""
-        warnings.warn(
-            f"Skipped {len(skipped)} unreadable files under {str(root)!r} (skip_corrupt=True): "
-            f"{', '.join(names[:5])}{more}.",
-            stacklevel=3,
-        )
-
-
-def load_rgb(path: Path) -> Tensor:
-    """Read an image file as a ``(3, H, W)`` uint8 tensor (grey and RGBA are converted to RGB)."""
-    try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-    except _DECODE_ERRORS as err:
-        raise ValueError(
-            f"Could not read {str(path)!r} as an image ({err}); {_SKIP_HINT}."
-        ) from err
-
-
-def load_mask(path: Path, fmt: str = "binary") -> Tensor:
-    """Read a mask file as an ``(H, W)`` uint8 tensor in {0, 1}.
-
-    ``binary``: a grey image with values in {0, 1} or {0, 255}. ``imagenet_s``: RGB where the class
-    is ``R + 256 * G``; 0 (background) and 1000 (ignore) are 0, any other class is foreground.
-    """
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB") if fmt == "imagenet_s" else im.convert("L")).astype(
-                np.int64
-            )
-    except _DECODE_ERRORS as err:
-        raise ValueError(f"Could not read mask {str(path)!r} ({err}); {_SKIP_HINT}.") from err
-    if fmt == "imagenet_s":
-        ids = arr[..., 0] + 256 * arr[..., 1]
-        return torch.from_numpy(((ids != 0) & (ids != 1000)).astype(np.uint8))
-    values = set(np.unique(arr).tolist())
-    if not (values <= {0, 1} or values <= {0, 255}):
-        raise ValueError(
-            f"Expected mask values in {{0, 1}} or {{0, 255}} in {str(path)!r}, but got {sorted(values)[:6]}."
-        )
-    return torch.from_numpy((arr > 0).astype(np.uint8))
-
-
-class MaskedImageFolder(Dataset):
+class MaskedImageFolder(FollowsModel, Dataset):
     """Images with optional foreground masks, for relevance-regularised fine-tuning.
 
     Args:
         root: folder with ``images/<class>/`` and optionally ``masks/<class>/``.
         train: random crop and flip (True) or resize and centre crop (False), unless ``transform``.
-        img_size: output size of the presets.
-        mean, std: normalisation of the presets (RobustViT: 0.5, 0.5).
+        preprocessing: ``"model"`` (the model's timm ``pretrained_cfg``, taken by
+            :meth:`follow_model`; RobustViT's convention until then), ``"robustvit"`` (resize
+            256 / 224 of ``img_size``, mean = std = 0.5) or a :class:`relreg.data.Preprocessing`.
+        img_size, mean, std: override the preprocessing's crop size and normalisation.
         transform: a joint transform ``(tv_tensors.Image, tv_tensors.Mask) -> (image, mask)`` that
             replaces the presets.
         classes: label space (see :func:`class_index`; ``"imagenet"``: timm's 1000 wnids in model
@@ -208,11 +85,12 @@ class MaskedImageFolder(Dataset):
         self,
         root: str | os.PathLike,
         train: bool = True,
-        img_size: int = 224,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
+        img_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         transform: Callable | None = None,
         classes: ClassesLike = None,
+        preprocessing: str | Preprocessing = "model",
         per_class: int | None = None,
         seed: int = 0,
         mask_format: str = "binary",
@@ -221,13 +99,12 @@ class MaskedImageFolder(Dataset):
     ) -> None:
         check_choice("mask_format", mask_format, MASK_FORMATS)
         check_positive_int("per_class", per_class, allow_none=True)
-        self.root = Path(root)
+        self.root, self.train = Path(root), bool(train)
         self.mask_format = mask_format
-        self.transform = transform or (train_transform if train else eval_transform)(
-            img_size, mean, std
-        )
+        self._init_preprocessing(preprocessing, img_size, mean, std, transform)
         image_root, mask_root = self.root / "images", self.root / "masks"
         folders = _class_folders(image_root, "images")
+        self._imagenet_folders = imagenet_wnid_folders(folders, classes)
         self.class_to_idx = class_index(folders, classes)
         files = _class_images(image_root, folders)
         on_disk = {(name, p.stem) for name in folders for p in files[name]}
@@ -260,6 +137,15 @@ class MaskedImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def _relabel_imagenet(self) -> bool:
+        if not self._imagenet_folders:
+            return False
+        self._imagenet_folders = False
+        self.class_to_idx = class_index(sorted(self.class_to_idx), "imagenet")
+        self.samples = [(p, m, self.class_to_idx[p.parent.name]) for p, m, _ in self.samples]
+        log.info("%s: wnid folders mapped to timm's ImageNet-1k order.", self.root)
+        return True
 
     def __getitem__(self, index: int) -> Sample:
         path, mask_path, label = self.samples[index]
@@ -294,7 +180,7 @@ def _orphan_masks(mask_root: Path, images: set[tuple[str, str]]) -> int:
     return sum(1 for p in mask_root.glob("*/*.png") if (p.parent.name, p.stem) not in images)
 
 
-class OODImageFolder(Dataset):
+class OODImageFolder(FollowsModel, Dataset):
     """An evaluation split laid out as ``root/<class>/<image>``.
 
     Args:
@@ -309,8 +195,8 @@ class OODImageFolder(Dataset):
             None: sorted folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for splits whose
             classes stand for several model classes (ObjectNet): a prediction of any of them is
             right; samples then carry ``label_set`` (see :func:`relreg.metrics.accuracy_targets`).
-        img_size, mean, std: the eval preset.
-        transform: replaces the preset (called on ``tv_tensors.Image``).
+        img_size, mean, std: override the preprocessing's crop size and normalisation.
+        transform: replaces the preprocessing (called on ``tv_tensors.Image``).
         scoring: ``"argmax"`` (RobustViT: argmax over all the model's classes) or ``"restricted"``
             (argmax over the split's classes only, the common ImageNet-A/R protocol).
         crop_border: pixels cut from every side before the transform (None: 1 for ObjectNet,
@@ -318,6 +204,8 @@ class OODImageFolder(Dataset):
         skip_corrupt: decode every image once at construction and drop those PIL cannot read
             (truncated, not an image), with one warning. False: such a file raises a
             ``ValueError`` naming it when it is read.
+        preprocessing: ``"model"`` (the default: the model's timm ``pretrained_cfg``, taken by
+            :meth:`follow_model`), ``"robustvit"`` or a :class:`relreg.data.Preprocessing`.
 
     Attributes:
         split_classes: ``(C_split,)`` long, the model indices of the split's classes (all of them,
@@ -330,23 +218,39 @@ class OODImageFolder(Dataset):
         self,
         root: str | os.PathLike,
         classes: ClassesLike = None,
-        img_size: int = 224,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
+        img_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         transform: Callable | None = None,
         scoring: str = "argmax",
         skip_corrupt: bool = False,
         crop_border: int | None = None,
+        preprocessing: str | Preprocessing = "model",
     ) -> None:
         check_choice("scoring", scoring, SCORINGS)
         self.root, self.scoring = Path(root), scoring
-        self.transform = transform or eval_transform(img_size, mean, std)
+        self._init_preprocessing(preprocessing, img_size, mean, std, transform)
         folders = _class_folders(self.root, "OOD split")
         # ObjectNet / SI-Score by name: their own mapping files or class names
         classes, folders, border = resolve_suite(classes, self.root, folders)
         if crop_border is not None and (type(crop_border) is not int or crop_border < 0):
             raise ValueError(f"Expected crop_border an int >= 0 or None, but got {crop_border!r}.")
         self.crop_border = border if crop_border is None else int(crop_border)
+        self._imagenet_folders = imagenet_wnid_folders(folders, classes)
+        self._set_classes(folders, classes)
+        files = _class_images(self.root, folders)
+        entries = [(p, self.class_to_idx[name]) for name in folders for p in files[name]]
+        self._folder_of = {p: name for name in folders for p in files[name]}
+        check = _unreadable if skip_corrupt else None
+        self.samples, self.skipped = _choose(entries, check=check)
+        if not self.samples:
+            raise ValueError(
+                f"Expected readable images under {str(self.root)!r}, but all "
+                f"{len(self.skipped)} are unreadable."
+            )
+        _warn_skipped(self.root, self.skipped)
+
+    def _set_classes(self, folders: Sequence[str], classes: ClassesLike) -> None:
         self.class_sets = class_sets(folders, classes)
         self.class_to_idx = {name: s[0] for name, s in self.class_sets.items()}
         width = max(len(s) for s in self.class_sets.values())
@@ -359,22 +263,19 @@ class OODImageFolder(Dataset):
             if width > 1
             else None
         )
-        self._folder_of = {}
-        files = _class_images(self.root, folders)
-        entries = [(p, self.class_to_idx[name]) for name in folders for p in files[name]]
-        self._folder_of = {p: name for name in folders for p in files[name]}
-        check = _unreadable if skip_corrupt else None
-        self.samples, self.skipped = _choose(entries, check=check)
-        if not self.samples:
-            raise ValueError(
-                f"Expected readable images under {str(self.root)!r}, but all "
-                f"{len(self.skipped)} are unreadable."
-            )
-        _warn_skipped(self.root, self.skipped)
         subset = split_classes_of(classes)  # ImageNet-A/R by name: all 200, present or not
         self.split_classes = torch.tensor(
             subset or sorted({i for s in self.class_sets.values() for i in s}), dtype=torch.long
         )
+
+    def _relabel_imagenet(self) -> bool:
+        if not self._imagenet_folders:
+            return False
+        self._imagenet_folders = False
+        self._set_classes(sorted(self.class_sets), "imagenet")
+        self.samples = [(p, self.class_to_idx[self._folder_of[p]]) for p, _ in self.samples]
+        log.info("%s: wnid folders mapped to timm's ImageNet-1k order.", self.root)
+        return True
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -36,7 +36,13 @@ from PIL import Image
 
 from relreg.validate import check_choice, check_positive_int
 
-__all__ = ["MERGED_WNIDS", "imagenet_s_files", "imagenet_s_selection", "write_imagenet_s_subset"]
+__all__ = [
+    "MERGED_WNIDS",
+    "imagenet_s_files",
+    "imagenet_s_selection",
+    "prepare_imagenet_s",
+    "write_imagenet_s_subset",
+]
 
 # ImageNet-S merges n04356056 -> n04355933, n04493381 -> n02808440, n03642806 -> n03832673,
 # n04008634 -> n03773504, n03887697 -> n15075141; RobustViT skips all ten wnids.
@@ -210,3 +216,34 @@ def write_imagenet_s_subset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def prepare_imagenet_s(
+    masks: str | os.PathLike,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    num_samples: int | None = None,
+    train_classes: int = 500,
+    class_seed: int | None = None,
+    copy: bool = False,
+) -> dict[str, dict]:
+    """``relreg prepare imagenet-s``: write ``out/train`` and ``out/val`` (see
+    :func:`write_imagenet_s_subset`); both partitions are checked before either is written.
+
+    Returns:
+        ``{"train": selection, "val": selection}``.
+    """
+    check_positive_int("--per-class", num_samples, allow_none=True)
+    out, planned = Path(out), {}
+    for part in ("train", "val"):
+        if (out / part).exists():
+            raise FileExistsError(f"Expected a new output folder, but {out / part} exists.")
+        planned[part] = imagenet_s_files(
+            masks, images, part, num_samples, train_classes, class_seed
+        )
+    return {
+        part: write_imagenet_s_subset(
+            masks, images, out / part, part, num_samples, train_classes, class_seed, copy, files
+        )
+        for part, files in planned.items()
+    }

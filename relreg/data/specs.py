@@ -14,9 +14,13 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
+from relreg.data.files import detect_mask_format
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
+from relreg.data.preprocessing import PREPROCESSING, Preprocessing
 from relreg.data.spurious import SPLITS, SpuriousShapes
+from relreg.data.suites import detect_label_space
 from relreg.models import model_data_config
+from relreg.validate import check_choice
 
 __all__ = ["load_split"]
 
@@ -27,6 +31,7 @@ def load_split(
     masks: bool = True,
     classes: str | Sequence[str] | None = None,
     scoring: str = "argmax",
+    preprocessing: str = "model",
 ) -> Dataset:
     """A dataset from a spec, preprocessed for ``model`` (its input size, mean and std).
 
@@ -38,6 +43,15 @@ def load_split(
         masks: whether the split is the masked one (an ``images/`` folder is then required).
         classes: the model's label space for folders (see :func:`relreg.data.class_index`).
         scoring: ``"argmax"`` or ``"restricted"`` for OOD folders.
+        preprocessing: for folders, ``"model"`` (the model's timm ``pretrained_cfg``: mean, std,
+            crop ratio, interpolation) or ``"robustvit"`` (resize 256 / 224, mean = std = 0.5);
+            The built-in benchmark always uses the model's mean and std.
+
+    With ``classes=None`` and a 1000-class model, a folder's label space is read from its layout
+    (:func:`relreg.data.suites.detect_label_space`: ImageNet wnids, ImageNet-V2 indices, ObjectNet
+    with its ``mappings/``, SI-Score object names); other folders map sorted names to 0..C-1.
+    Masks stored as RGB are read as ImageNet-S encoded (``relreg prepare imagenet-s`` output),
+    grey ones as binary (:func:`relreg.data.files.detect_mask_format`).
 
     Raises:
         ValueError: a malformed ``shapes:`` spec or a folder of the wrong layout.
@@ -67,15 +81,23 @@ def load_split(
         raise FileNotFoundError(
             f"Expected a data folder or a 'shapes:SPLIT' spec, but got {spec!r}."
         )
+    check_choice("preprocessing", preprocessing, PREPROCESSING)
+    pre = (
+        Preprocessing.from_model(model)
+        if preprocessing == "model"
+        else Preprocessing.robustvit(size[0])
+    )
+    if classes is None and getattr(model, "num_classes", None) == 1000:
+        split = root / "images" if (root / "images").is_dir() else root
+        classes = detect_label_space(root, sorted(d.name for d in split.iterdir() if d.is_dir()))
     if (root / "images").is_dir():
+        mask_format = detect_mask_format(root / "masks")
         return MaskedImageFolder(
-            root, train=False, img_size=size[0], mean=mean, std=std, classes=classes
+            root, train=False, preprocessing=pre, classes=classes, mask_format=mask_format
         )
     if masks:
         raise ValueError(
             f"Expected the masked split {spec!r} to hold images/<class>/ (and masks/<class>/), "
             "but it has no images/ folder."
         )
-    return OODImageFolder(
-        root, classes=classes, img_size=size[0], mean=mean, std=std, scoring=scoring
-    )
+    return OODImageFolder(root, classes=classes, scoring=scoring, preprocessing=pre)

@@ -38,6 +38,7 @@ from relreg.data.classes import imagenet_synonyms
 __all__ = [
     "OBJECTNET_FILES",
     "objectnet_label_sets",
+    "detect_label_space",
     "objectnet_mappings_dir",
     "resolve_suite",
     "siscore_classes",
@@ -68,6 +69,28 @@ def resolve_suite(classes: object, root: Path, folders: list[str]) -> tuple[obje
     if suite == "si-score":
         return siscore_classes(folders), folders, 0
     return classes, folders, 0
+
+
+def detect_label_space(root: Path, folders: Sequence[str]) -> str | None:
+    """The label space of an evaluation split for a 1000-class model, read from its layout:
+    ``"objectnet"`` (a ``mappings/`` folder beside ``images/`` with ObjectNet's files),
+    ``"imagenet"`` (every folder an ImageNet-1k wnid), ``"imagenet-v2"`` (every folder a class
+    index 0-999), ``"si-score"`` (every folder one of SI-Score's object names), else None."""
+    from relreg.data.classes import label_space
+
+    if (Path(root).parent / "mappings" / OBJECTNET_FILES[0]).is_file():
+        return "objectnet"
+    if not folders:
+        return None
+    if all(f in label_space("imagenet") for f in folders):
+        return "imagenet"
+    if all(f in label_space("imagenet-v2") for f in folders):
+        return "imagenet-v2"
+    try:
+        siscore_classes(folders)
+    except ValueError:
+        return None
+    return "si-score"
 
 
 def siscore_classes(folders: Sequence[str]) -> dict[str, int]:

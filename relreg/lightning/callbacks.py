@@ -29,6 +29,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from relreg.data.classes import label_names
 from relreg.explain import explain_with_logits, to_pixels
 from relreg.metrics import build_metrics, dataset_accuracy, metric_spec, relevance_share
 from relreg.validate import check_positive_int
@@ -72,6 +73,14 @@ def _explain(pl_module: pl.LightningModule, images: Tensor, labels: Tensor, meth
         return explain_with_logits(model, images.clone(), method, target=labels)
 
 
+def _display_norm(dataset: Dataset, mean: object, std: object) -> tuple[Tensor, Tensor]:
+    """``(1, 3, 1, 1)`` mean and std that undo the dataset's normalisation for display."""
+    pre = getattr(dataset, "preprocessing", None)
+    mean = getattr(pre, "mean", 0.5) if mean is None else mean
+    std = getattr(pre, "std", 0.5) if std is None else std
+    return tuple(torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in (mean, std))
+
+
 def _due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
     return not trainer.sanity_checking and (trainer.current_epoch + 1) % every_n_epochs == 0
 
@@ -85,7 +94,11 @@ class RelevanceHeatmapLogger(pl.Callback):
         method: explainer name (default ``chefer``).
         dataloader_idx: which validation loader to draw the images from.
         seed: seed of the choice of images.
-        mean, std: to undo the input normalisation for display (RobustViT: 0.5, 0.5).
+        mean, std: to undo the input normalisation for display; None: the dataset's own
+            (:attr:`relreg.data.FollowsModel.preprocessing`), else 0.5 (RobustViT).
+
+    Captions name the predicted and true classes (timm's ImageNet names for a 1000-class model,
+    else the dataset's class folders; :func:`relreg.data.label_names`).
     """
 
     def __init__(
@@ -95,8 +108,8 @@ class RelevanceHeatmapLogger(pl.Callback):
         method: str = "chefer",
         dataloader_idx: int = 0,
         seed: int = 0,
-        mean: float = 0.5,
-        std: float = 0.5,
+        mean: float | list[float] | None = None,
+        std: float | list[float] | None = None,
     ) -> None:
         if not 1 <= num_images < 50:
             raise ValueError(f"Expected num_images in [1, 49], but got {num_images!r}.")
@@ -132,11 +145,14 @@ class RelevanceHeatmapLogger(pl.Callback):
         pix = to_pixels(exp.maps.detach(), size=images.shape[-2:]).cpu()
         mass = relevance_share(exp.maps.detach(), masks).cpu()
         preds = exp.logits.argmax(1).cpu()
+        names = label_names(exp.logits.shape[1], getattr(dataset, "class_to_idx", None))
         captions = [
-            f"#{i} pred {int(p)} label {int(y)}" + (f" mass {float(m):.2f}" if h else "")
+            f"#{i} pred {names[int(p)][:18]} label {names[int(y)][:18]}"
+            + (f" mass {float(m):.2f}" if h else "")
             for i, p, y, m, h in zip(self.indices, preds, labels.cpu(), mass, has, strict=True)
         ]
-        shown = (images.detach().cpu() * self.std + self.mean).clamp(0, 1)
+        mean, std = _display_norm(dataset, self.mean, self.std)
+        shown = (images.detach().cpu() * std + mean).clamp(0, 1)
         outlined = shown.clone()
         edge = _outline(masks.cpu()) & has.view(-1, 1, 1)
         outlined[:, 0][edge], outlined[:, 1][edge], outlined[:, 2][edge] = 1.0, 1.0, 0.0

@@ -16,7 +16,7 @@ from relreg.data import (
     class_index,
     write_shapes_folder,
 )
-from relreg.data.folders import load_mask
+from relreg.data.files import load_mask
 from relreg.metrics import restrict_logits
 
 

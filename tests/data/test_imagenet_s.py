@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import random
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from relreg.cli import main
 from relreg.data import MaskedImageFolder, label_space
-from relreg.data.folders import load_mask
+from relreg.data.files import load_mask
 from relreg.data.imagenet_s import MERGED_WNIDS, imagenet_s_selection, write_imagenet_s_subset
+from tests.trees import imagenet_s_tree
 
 # 7 ImageNet wnids (sorted: a fixed expected order), plus two merged classes that must be skipped
 WNIDS = sorted(list(label_space("imagenet"))[:7])
@@ -20,21 +20,7 @@ MERGED = ["n04355933", "n02808440"]
 
 
 def _tree(root, files_per_class=4, several_ids=False):
-    masks, images = root / "seg", root / "train"
-    for k, wnid in enumerate(WNIDS + MERGED):
-        (masks / wnid).mkdir(parents=True)
-        (images / wnid).mkdir(parents=True)
-        for j in reversed(range(files_per_class)):  # created in reverse: listing order != sorted
-            stem = f"{wnid}_{j}"
-            ids = np.zeros((8, 8), dtype=np.int64)
-            ids[2:6, 2:6] = 300 + k  # a class id above 255 exercises the G channel
-            ids[0, :] = 1000  # "ignore"
-            if several_ids and j == 0:
-                ids[7, 7] = 5
-            rgb = np.stack([ids % 256, ids // 256, np.zeros_like(ids)], -1).astype(np.uint8)
-            Image.fromarray(rgb).save(masks / wnid / f"{stem}.png")
-            Image.new("RGB", (8, 8), (k * 20, 0, 0)).save(images / wnid / f"{stem}.JPEG")
-    return masks, images
+    return imagenet_s_tree(root, WNIDS + MERGED, files_per_class, several_ids)
 
 
 def test_selection_follows_robustvit_with_sorted_listings(tmp_path):

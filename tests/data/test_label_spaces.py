@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pkgutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from relreg.data import (
     objectnet_label_sets,
     split_classes_of,
 )
+from tests.trees import folder_tree, imagenet_s_tree, objectnet_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,10 +45,7 @@ def test_a_and_r_subsets_agree_with_timms_own_index_files(subset):
 
 
 def _tree(root: Path, folders: list[str]) -> Path:
-    for name in folders:
-        (root / name).mkdir(parents=True)
-        Image.new("RGB", (8, 8), (30, 60, 90)).save(root / name / "a.png")
-    return root
+    return folder_tree(root, folders)
 
 
 def test_ood_folder_by_label_space_name(tmp_path):
@@ -100,35 +97,8 @@ def test_paper_configs_ask_for_no_imagenet_class_file():
     assert torch.tensor(split_classes_of(named["imagenet_a"])).numel() == 200
 
 
-def _objectnet(root: Path) -> Path:
-    """A tiny objectnet-1.0 tree in the shipped layout: images/<folder>/, mappings/ (4 files)."""
-    images = root / "objectnet-1.0" / "images"
-    for folder in ("air_freshener", "alarm_clock", "banana"):
-        (images / folder).mkdir(parents=True)
-        im = Image.new("RGB", (10, 10), (255, 0, 0))  # the 1-pixel red border ...
-        im.paste(Image.new("RGB", (8, 8), (0, 0, 255)), (1, 1))  # ... around the photo
-        im.save(images / folder / "1.png")
-    names = class_names(1000)
-    lines = list(reversed(names))  # the label file in another order than the model's outputs
-    mappings = root / "objectnet-1.0" / "mappings"
-    mappings.mkdir()
-    files = {
-        "folder_to_objectnet_label.json": {
-            "air_freshener": "Air freshener", "alarm_clock": "Alarm clock", "banana": "Banana"
-        },
-        "objectnet_to_imagenet_1k.json": {
-            "Alarm clock": f"{names[409]}; {names[530]}", "Banana": names[954]
-        },
-        "pytorch_to_imagenet_2012_id.json": {str(i): 999 - i for i in range(1000)},
-    }  # fmt: skip
-    for name, content in files.items():
-        (mappings / name).write_text(json.dumps(content))
-    (mappings / "imagenet_to_label_2012_v2").write_text("\n".join(lines) + "\n")
-    return images
-
-
 def test_objectnet_in_its_shipped_layout(tmp_path):
-    images = _objectnet(tmp_path)
+    images = objectnet_tree(tmp_path)
     ds = OODImageFolder(images, classes="objectnet", scoring="restricted", transform=lambda x: x)
     # air freshener has no ImageNet-1k counterpart: not scored; the clock stands for two classes
     assert ds.class_sets == {"alarm_clock": (409, 530), "banana": (954,)}
@@ -142,11 +112,11 @@ def test_objectnet_in_its_shipped_layout(tmp_path):
 
 
 def test_objectnet_layout_errors_name_the_file(tmp_path):
-    images = _objectnet(tmp_path)
+    images = objectnet_tree(tmp_path)
     (images.parent / "mappings" / "pytorch_to_imagenet_2012_id.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"pytorch_to_imagenet_2012_id\.json"):
         OODImageFolder(images, classes="objectnet")
-    images2 = _objectnet(tmp_path / "two")
+    images2 = objectnet_tree(tmp_path / "two")
     (images2 / "sofa").mkdir()
     Image.new("RGB", (4, 4)).save(images2 / "sofa" / "a.png")
     with pytest.raises(ValueError, match=r"folder_to_objectnet_label\.json.*\['sofa'\]"):
@@ -167,3 +137,24 @@ def test_siscore_object_folders_map_to_imagenet_by_name(tmp_path):
     assert ds.class_to_idx == expected and ds.crop_border == 0
     with pytest.raises(ValueError, match=r"no single ImageNet class is named \['spaceship'\]"):
         OODImageFolder(_tree(tmp_path / "bad", ["spaceship"]), classes="si_score", img_size=8)
+
+
+def test_evaluation_splits_are_recognised_by_layout(tmp_path):
+    from relreg.data.files import detect_mask_format
+    from relreg.data.suites import detect_label_space
+
+    def kind(root):
+        return detect_label_space(root, sorted(d.name for d in root.iterdir() if d.is_dir()))
+
+    assert kind(objectnet_tree(tmp_path / "on")) == "objectnet"
+    assert kind(folder_tree(tmp_path / "in", list(label_space("imagenet-r"))[:2])) == "imagenet"
+    assert kind(folder_tree(tmp_path / "v2", ["0", "17", "999"])) == "imagenet-v2"
+    assert kind(folder_tree(tmp_path / "si", ["banana", "jeans"])) == "si-score"
+    assert kind(folder_tree(tmp_path / "own", ["cat", "n01443537"])) is None
+    masks, _ = imagenet_s_tree(tmp_path / "s", ["n01443537"], files_per_class=1)
+    assert detect_mask_format(masks) == "imagenet_s"
+    grey = tmp_path / "grey" / "cat"
+    grey.mkdir(parents=True)
+    Image.new("L", (4, 4)).save(grey / "a.png")
+    assert detect_mask_format(grey.parent) == "binary"
+    assert detect_mask_format(tmp_path / "none") == "binary"

@@ -1,0 +1,82 @@
+"""Tiny on-disk datasets in the native layouts relreg reads: ImageNet-S, wnid / index folders,
+ObjectNet 1.0 (with its ``mappings/``), SI-Score. Shared by the data tests and the paper dry run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from relreg.data import class_names
+
+
+def folder_tree(root: Path, folders: Sequence[str], size: int = 8, per_class: int = 1) -> Path:
+    """``root/<folder>/<i>.png`` flat-coloured images."""
+    for k, name in enumerate(folders):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            colour = ((30 + 40 * k) % 256, (60 + 17 * i) % 256, 90)
+            Image.new("RGB", (size, size), colour).save(root / name / f"{i}.png")
+    return root
+
+
+def imagenet_s_tree(
+    root: Path,
+    wnids: Sequence[str],
+    files_per_class: int = 4,
+    several_ids: bool = False,
+    size: int = 8,
+) -> tuple[Path, Path]:
+    """An ImageNet-S mask split ``root/seg/<wnid>/<stem>.png`` (class id = R + 256 * G, 1000 =
+    ignore) and the matching ImageNet images ``root/train/<wnid>/<stem>.JPEG``. Files are created
+    in reverse order, so a directory listing need not be sorted."""
+    masks, images = root / "seg", root / "train"
+    lo, hi = size // 4, size - size // 4
+    for k, wnid in enumerate(wnids):
+        (masks / wnid).mkdir(parents=True)
+        (images / wnid).mkdir(parents=True)
+        for j in reversed(range(files_per_class)):
+            stem = f"{wnid}_{j}"
+            ids = np.zeros((size, size), dtype=np.int64)
+            ids[lo:hi, lo:hi] = 300 + k  # a class id above 255 exercises the G channel
+            ids[0, :] = 1000  # "ignore"
+            if several_ids and j == 0:
+                ids[-1, -1] = 5
+            rgb = np.stack([ids % 256, ids // 256, np.zeros_like(ids)], -1).astype(np.uint8)
+            Image.fromarray(rgb).save(masks / wnid / f"{stem}.png")
+            Image.new("RGB", (size, size), ((k * 20) % 256, 0, 0)).save(
+                images / wnid / f"{stem}.JPEG"
+            )
+    return masks, images
+
+
+def objectnet_tree(root: Path, size: int = 10) -> Path:
+    """A tiny ``objectnet-1.0`` in the shipped layout: ``images/<folder>/`` (a 1-pixel red border
+    around each photo) and ``mappings/`` (its four files); returns the images folder. The alarm
+    clock stands for two ImageNet classes; the air freshener for none."""
+    images = root / "objectnet-1.0" / "images"
+    for folder in ("air_freshener", "alarm_clock", "banana"):
+        (images / folder).mkdir(parents=True)
+        im = Image.new("RGB", (size, size), (255, 0, 0))
+        im.paste(Image.new("RGB", (size - 2, size - 2), (0, 0, 255)), (1, 1))
+        im.save(images / folder / "1.png")
+    names = class_names(1000)
+    lines = list(reversed(names))  # the label file in another order than the model's outputs
+    mappings = root / "objectnet-1.0" / "mappings"
+    mappings.mkdir()
+    files = {
+        "folder_to_objectnet_label.json": {
+            "air_freshener": "Air freshener", "alarm_clock": "Alarm clock", "banana": "Banana"
+        },
+        "objectnet_to_imagenet_1k.json": {
+            "Alarm clock": f"{names[409]}; {names[530]}", "Banana": names[954]
+        },
+        "pytorch_to_imagenet_2012_id.json": {str(i): 999 - i for i in range(1000)},
+    }  # fmt: skip
+    for name, content in files.items():
+        (mappings / name).write_text(json.dumps(content))
+    (mappings / "imagenet_to_label_2012_v2").write_text("\n".join(lines) + "\n")
+    return images
