@@ -27,11 +27,13 @@ TRAIN_IMAGES, EPOCHS = 1500, 50
 
 
 def paper_models() -> dict[str, dict]:
-    """``{config stem: its model section}`` of every model file in ``configs/paper/``."""
+    """``{config stem: its model section}`` of every model file in ``configs/paper/`` (the files
+    with a ``model:`` section other than ``base.yaml``)."""
     out = {}
     for path in sorted((ROOT / "configs" / "paper").glob("*.yaml")):
-        if path.stem != "base":
-            out[path.stem] = yaml.safe_load(path.read_text())["model"]
+        config = yaml.safe_load(path.read_text())
+        if path.stem != "base" and "model" in config:
+            out[path.stem] = config["model"]
     return out
 
 

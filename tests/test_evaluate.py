@@ -146,6 +146,8 @@ def test_command_writes_report_and_figures_and_never_overwrites(tmp_path, capsys
     assert list(report["models"]) == ["before", "after"]
     assert set(report["models"]["after"]["accuracy"]) == {"data", "folder", "gen"}
     assert report["checkpoints"]["after"] == str(tmp_path / "after.ckpt")
+    assert report["preprocessing"]["folder"]["source"].startswith("model:vit_tiny")
+    assert report["preprocessing"]["gen"] == "model's mean/std"
     # the two checkpoints are different models: their reports differ
     before, after = (report["models"][k]["explainers"]["chefer"] for k in ("before", "after"))
     assert before["curves"] != after["curves"]
@@ -242,3 +244,17 @@ def test_shapes_specs_follow_the_models_per_channel_normalisation():
     torch.testing.assert_close(data[0]["image"], (raw[0]["image"] - mean) / std)
     with pytest.raises(ValueError, match="Expected std a number or 3 numbers > 0"):
         SpuriousShapes("ood", n=2, std=(0.5, 0.0, 0.5))
+
+
+def test_folder_specs_take_the_models_preprocessing_or_robustvits(tmp_path):
+    from relreg.data import Preprocessing
+
+    model = timm.create_model(
+        "deit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY
+    ).eval()
+    root = write_shapes_folder(tmp_path / "ood", "ood", n=3, size=32, num_classes=4) / "images"
+    assert load_split(str(root), model, masks=False).preprocessing == Preprocessing.from_model(model)
+    fixed = load_split(str(root), model, masks=False, preprocessing="robustvit")
+    assert fixed.preprocessing == Preprocessing.robustvit(32)
+    with pytest.raises(ValueError, match="preprocessing"):
+        load_split(str(root), model, masks=False, preprocessing="imagenet")
