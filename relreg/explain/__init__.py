@@ -3,7 +3,7 @@
 >>> from relreg.explain import explain, create_explainer, list_explainers, to_pixels
 """
 
-from relreg.explain import attention, gradient, lrp  # noqa: F401  (registers the explainers)
+from relreg.explain import attention, gradient, lime, lrp, occlusion  # noqa: F401  (registers them)
 from relreg.explain._contract import Explanation
 from relreg.explain.capture import AttentionCapture, find_attention_modules
 from relreg.explain.registry import (

@@ -13,11 +13,13 @@ interact in a ViT, so the gradient of the sum holds every sample's own gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from relreg.validate import check_positive_int
 
 __all__ = [
     "Explanation",
@@ -26,8 +28,12 @@ __all__ = [
     "check_images",
     "check_logits",
     "check_start_layer",
+    "expand_baseline",
     "finish",
     "graph_input",
+    "pair",
+    "perturbed_scores",
+    "reference_scores",
     "resolve_classes",
     "score",
 ]
@@ -188,3 +194,81 @@ def graph_input(model: nn.Module, images: Tensor, track: bool) -> Tensor:
     if track and not images.requires_grad and not trains:
         return images.detach().requires_grad_(True)
     return images
+
+
+def reference_scores(
+    model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Check the batch and resolve the classes on the clean images: one no-grad forward pass.
+
+    Returns:
+        ``(target (B,), foil (B,) or None, logits (B, K))``.
+    """
+    check_images(model, images)
+    with torch.no_grad():
+        logits = check_logits(model(images.detach()), images.shape[0])
+    return (*resolve_classes(logits, target, foil), logits)
+
+
+def pair(name: str, value: object) -> tuple[int, int]:
+    """``(h, w)`` from an int or a pair of ints >= 1 (window, stride, patch sizes)."""
+    values = tuple(value) if isinstance(value, Sequence) else (value, value)
+    if len(values) != 2 or not all(type(v) is int and v >= 1 for v in values):
+        raise ValueError(f"Expected {name} an int >= 1 or a pair of them, but got {value!r}.")
+    return values
+
+
+def expand_baseline(baseline: float | Tensor, images: Tensor) -> Tensor:
+    """``baseline`` (a float or a tensor) broadcast to ``images`` ``(B, C, H, W)``."""
+    if not isinstance(baseline, int | float | Tensor) or isinstance(baseline, bool):
+        raise TypeError(
+            f"Expected baseline a float or a tensor, but got {type(baseline).__name__}."
+        )
+    base = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
+    try:
+        return base.expand_as(images)
+    except RuntimeError as err:
+        raise ValueError(
+            f"Expected baseline to broadcast to images {tuple(images.shape)}, but got shape "
+            f"{tuple(base.shape)}."
+        ) from err
+
+
+def perturbed_scores(
+    model: nn.Module,
+    make: Callable[[Tensor, Tensor], Tensor],
+    batch: int,
+    count: int,
+    target: Tensor,
+    foil: Tensor | None,
+    internal_batch_size: int | None,
+    progress: bool | None,
+    desc: str,
+    probability: bool = False,
+) -> Tensor:
+    """Scores ``(B, count)`` of ``count`` perturbed copies of every image, without gradients.
+
+    ``make(b, v)`` returns the copies ``(n, C, H, W)`` for image indices ``b`` and copy indices
+    ``v`` (both ``(n,)`` long); the ``B * count`` copies go through the model
+    ``internal_batch_size`` at a time (None: all at once), so the result does not depend on the
+    chunking. ``probability``: score the target's softmax probability instead of the logit.
+    """
+    from tqdm.auto import tqdm
+
+    if internal_batch_size is not None:
+        check_positive_int("internal_batch_size", internal_batch_size)
+    total = batch * count
+    step = total if internal_batch_size is None else internal_batch_size
+    starts = range(0, total, step)
+    show = len(starts) >= 10 if progress is None else bool(progress)
+    out = []
+    device = target.device
+    with torch.no_grad():
+        for start in tqdm(starts, desc=desc, unit="pass", disable=not show, leave=False):
+            flat = torch.arange(start, min(start + step, total), device=device)
+            b, v = flat // count, flat % count
+            logits = check_logits(model(make(b, v)), flat.numel())
+            if probability:
+                logits = logits.float().log_softmax(1).exp()
+            out.append(score(logits, target[b], None if foil is None else foil[b]))
+    return torch.cat(out).view(batch, count)

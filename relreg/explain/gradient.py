@@ -26,7 +26,9 @@ from relreg.explain._contract import (
     TargetLike,
     check_grad_mode,
     check_logits,
+    expand_baseline,
     finish,
+    reference_scores,
     resolve_classes,
     score,
 )
@@ -52,15 +54,6 @@ def _input_gradient(
 
 def _maybe_unfused(model: nn.Module, create_graph: bool) -> AbstractContextManager:
     return unfused_attention(model) if create_graph else nullcontext()
-
-
-def _classes(
-    model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Resolve classes on the clean images: one extra no-grad forward pass, whose logits are returned."""
-    with torch.no_grad():
-        logits = check_logits(model(images.detach()), images.shape[0])
-    return (*resolve_classes(logits, target, foil), logits)
 
 
 def _repeated_gradients(
@@ -168,7 +161,7 @@ def smoothgrad(
     _check_chunk(internal_batch_size)
     if not isinstance(noise_level, int | float) or noise_level < 0:
         raise ValueError(f"Expected noise_level a float >= 0, but got {noise_level!r}.")
-    tgt, fl, logits = _classes(model, images, target, foil)
+    tgt, fl, logits = reference_scores(model, images, target, foil)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     # One noise draw per copy, shared by the images of the batch: an image's map does not depend
     # on what else is in its batch, so batched and one-at-a-time results agree.
@@ -207,14 +200,8 @@ def integrated_gradients(
     check_grad_mode("integrated_gradients")
     check_positive_int("steps", steps)
     _check_chunk(internal_batch_size)
-    base = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
-    try:
-        base = base.expand_as(images)
-    except RuntimeError as err:
-        raise ValueError(
-            f"Expected baseline to broadcast to images {tuple(images.shape)}, but got shape {tuple(base.shape)}."
-        ) from err
-    tgt, fl, logits = _classes(model, images, target, foil)
+    base = expand_baseline(baseline, images)
+    tgt, fl, logits = reference_scores(model, images, target, foil)
     alphas = (torch.arange(steps, dtype=images.dtype, device=images.device) + 0.5) / steps
     points = base.unsqueeze(0) + alphas.view(-1, 1, 1, 1, 1) * (images - base).unsqueeze(0)
     grads = _repeated_gradients(model, points, tgt, fl, differentiable, internal_batch_size)

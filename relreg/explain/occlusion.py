@@ -1,0 +1,101 @@
+"""Occlusion: slide a window over the image, fill it with a baseline, and record how much the
+explained score drops (Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks",
+ECCV 2014; the sliding-window form of captum's ``Occlusion``).
+
+Model-agnostic and not differentiable. The occluded copies of a batch are scored in chunks of
+``internal_batch_size`` images, so memory stays bounded whatever the number of windows, and the
+result does not depend on the chunking. Each pixel's relevance is the mean score drop over the
+windows that cover it (0 where none does); with ``window = stride = patch size`` (the default for
+a ViT) every patch is occluded once, the reference "what does the prediction read" map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from relreg.explain._contract import (
+    Explanation,
+    TargetLike,
+    expand_baseline,
+    pair,
+    perturbed_scores,
+    reference_scores,
+    score,
+)
+from relreg.explain.registry import register_explainer
+
+__all__ = ["occlusion", "occlusion_windows"]
+
+
+def occlusion_windows(
+    size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
+) -> Tensor:
+    """``(P, H, W)`` float masks, 1 inside each window position (row-major), 0 elsewhere.
+
+    Raises:
+        ValueError: a window larger than the image.
+    """
+    (h, w), (wh, ww), (sh, sw) = size, window, stride
+    if wh > h or ww > w:
+        raise ValueError(f"Expected a window no larger than the image {size}, but got {window}.")
+    masks = []
+    for top in range(0, h - wh + 1, sh):
+        for left in range(0, w - ww + 1, sw):
+            m = torch.zeros(h, w)
+            m[top : top + wh, left : left + ww] = 1.0
+            masks.append(m)
+    return torch.stack(masks)
+
+
+@register_explainer(
+    "occlusion",
+    output="pixel",
+    paper="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014",
+    differentiable=False,
+)
+def occlusion(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    foil: TargetLike = None,
+    differentiable: bool = False,
+    second_order: bool = False,
+    window: int | tuple[int, int] | None = None,
+    stride: int | tuple[int, int] | None = None,
+    baseline: float | Tensor = 0.0,
+    internal_batch_size: int | None = 64,
+    progress: bool | None = None,
+) -> Explanation:
+    """Mean score drop of the windows covering each pixel: ``(B, H, W)`` (signed).
+
+    Args:
+        window: window size in pixels (int or ``(h, w)``); default: the model's patch size
+            (``patch_embed.patch_size``), else 16.
+        stride: step between windows; default: ``window`` (no overlap).
+        baseline: fill value: a float (0 is the dataset mean in normalised inputs) or a tensor
+            broadcastable to ``(B, C, H, W)``.
+        internal_batch_size: occluded images per forward pass (None: all at once).
+        progress: a progress bar over the forward passes (None: when there are 10 or more).
+    """
+    tgt, fl, logits = reference_scores(model, images, target, foil)
+    default = getattr(getattr(model, "patch_embed", None), "patch_size", None) or 16
+    win = pair("window", window if window is not None else default)
+    step = pair("stride", stride if stride is not None else win)
+    masks = occlusion_windows(tuple(images.shape[-2:]), win, step).to(images)
+    base = expand_baseline(baseline, images)
+    clean = score(logits, tgt, fl)
+
+    def occluded(b: Tensor, v: Tensor) -> Tensor:
+        m = masks[v].unsqueeze(1)
+        return images[b] * (1 - m) + base[b] * m
+
+    scores = perturbed_scores(
+        model, occluded, images.shape[0], masks.shape[0], tgt, fl, internal_batch_size,
+        progress, "occlusion",
+    )  # fmt: skip
+    drop = clean.unsqueeze(1) - scores  # (B, P)
+    flat = masks.flatten(1)  # (P, H*W)
+    covered = flat.sum(0).clamp_min(1.0)
+    maps = (drop @ flat / covered).view(images.shape[0], *images.shape[-2:])
+    return Explanation(maps.detach(), logits.detach())
