@@ -147,6 +147,8 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--sanity", action="store_true",
+                   help="model-randomisation sanity checks on the first batch (Adebayo et al.)")  # fmt: skip
 
 
 def _load_image(path: Path) -> Image.Image:
@@ -233,7 +235,8 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     import timm.data
 
     from relreg.data import label_names, load_split
-    from relreg.evaluate import evaluate_models, heatmap_grid_maps, write_figures
+    from relreg.evaluate import evaluate_models
+    from relreg.report_figures import heatmap_grid_maps, write_figures
 
     if args.num_heatmaps < 0:
         raise ValueError(f"Expected --num-heatmaps >= 0, but got {args.num_heatmaps}.")
@@ -304,6 +307,10 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         names = label_names(first.num_classes, getattr(dataset, "class_to_idx", None))
         titles = [names[int(s["label"])] for s in samples]
     write_figures(report, args.out, shown, heat, titles)
+    if args.sanity:
+        from relreg.report_figures import write_sanity
+
+        report["sanity"] = write_sanity(models, data, args.methods, args.out, args.batch_size)
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     return report
 

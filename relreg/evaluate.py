@@ -40,9 +40,10 @@ from relreg.metrics import (
 )
 from relreg.metrics.perturbation import PAPER_FRACTIONS, TARGET_MODES, UNITS
 from relreg.validate import check_choice, check_positive_int
-from relreg.viz import explanation_grid, save_figure
 
-__all__ = ["evaluate_models", "evaluation_models", "heatmap_grid_maps", "write_figures"]
+__all__ = ["evaluate_models", "evaluation_models"]
+_MOVED = {"heatmap_grid_maps", "write_figures"}  # to relreg.report_figures
+
 
 class _MethodMetrics:
     """The report's metrics (:func:`relreg.metrics.list_metrics` ``("report")``) for one explainer."""
@@ -50,7 +51,9 @@ class _MethodMetrics:
     def __init__(
         self, model: nn.Module, unit: str, target_mode: str, steps: int, device: torch.device
     ) -> None:
-        built = build_metrics("report", model=model, unit=unit, target_mode=target_mode, steps=steps)
+        built = build_metrics(
+            "report", model=model, unit=unit, target_mode=target_mode, steps=steps
+        )
         self.metrics = {name: metric.to(device) for name, metric in built.items()}
         self.specs = [metric_spec(name) for name in self.metrics]
         self.masked = 0
@@ -186,7 +189,9 @@ def evaluate_models(
                 bar.update(1)
         accuracy = {"data": round(correct / max(n, 1), 4)}
         for name, split in ood.items():
-            accuracy[name] = round(dataset_accuracy(model, split, batch_size, device, bar.update), 4)
+            accuracy[name] = round(
+                dataset_accuracy(model, split, batch_size, device, bar.update), 4
+            )
         bar.close()
         report["models"][label] = {
             "n_images": n,
@@ -201,130 +206,9 @@ def evaluate_models(
     return report
 
 
-def heatmap_grid_maps(
-    models: Mapping[str, nn.Module],
-    images: Tensor,
-    methods: Sequence[str],
-    method_options: Mapping[str, Mapping[str, object]] | None = None,
-) -> dict[str, Tensor]:
-    """``{"<label>/<method>": (B, H, W)}`` min-max normalised pixel maps for a heatmap grid."""
-    options = method_options or {}
-    out = {}
-    for label, model in models.items():
-        device = next(model.parameters()).device
-        for name in methods:
-            maps = explain(model.eval(), images.to(device), name, **options.get(name, {}))
-            key = name if len(models) == 1 else f"{label}/{name}"
-            out[key] = to_pixels(maps.detach(), size=images.shape[-2:]).cpu()
-    return out
-
-
-def write_figures(
-    report: Mapping,
-    out: str | Path,
-    shown: Tensor | None = None,
-    heatmaps: Mapping[str, Tensor] | None = None,
-    row_titles: Sequence[str] | None = None,
-) -> list[Path]:
-    """Figures of a report from :func:`evaluate_models`.
-
-    Writes ``perturbation_curves.png`` (accuracy vs removed fraction, positive and negative, one
-    panel per method, one colour per model), ``ood_accuracy.png`` (accuracy per split and model),
-    ``before_after.png`` (every metric per method, one bar per model; with two or more models)
-    and ``heatmaps.png`` (when ``shown (B, 3, H, W)`` images in [0, 1] and ``heatmaps`` are given).
-
-    Returns:
-        The paths written.
-    """
-    import matplotlib.pyplot as plt
-
-    out = Path(out)
-    labels = list(report["models"])
-    methods = list(report["methods"])
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    written = []
-
-    fig, axes = plt.subplots(
-        1, len(methods), figsize=(3.3 * len(methods), 3.2), squeeze=False, constrained_layout=True
-    )
-    x = report["fractions"]
-    for ax, method in zip(axes[0], methods, strict=True):
-        for i, label in enumerate(labels):
-            r = report["models"][label]["explainers"][method]
-            c = colours[i % len(colours)]
-            ax.plot(x, r["curves"]["positive"], "-o", ms=3, color=c,
-                    label=f"{label} pos {r['perturbation_positive']:.1f}")  # fmt: skip
-            ax.plot(x, r["curves"]["negative"], "--s", ms=3, color=c,
-                    label=f"{label} neg {r['perturbation_negative']:.1f}")  # fmt: skip
-        ax.set_title(method)
-        ax.set_xlabel(
-            "fraction of pixels removed"
-            if report["unit"] == "pixel"
-            else "fraction of patches removed"
-        )
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="AUC x100", title_fontsize=7)
-    axes[0, 0].set_ylabel(f"top-1 accuracy ({report['target']} class)")
-    fig.suptitle(
-        "Perturbation test (positive: solid, lower is better; negative: dashed, higher is better)",
-        fontsize=9,
-    )
-    written.append(save_figure(fig, out / "perturbation_curves.png"))
-
-    splits = list(report["models"][labels[0]]["accuracy"])
-    fig, ax = plt.subplots(
-        figsize=(1.2 + 1.1 * len(splits) * max(1, len(labels) / 2), 3.2), constrained_layout=True
-    )
-    width = 0.8 / len(labels)
-    for i, label in enumerate(labels):
-        acc = report["models"][label]["accuracy"]
-        pos = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(splits))]
-        bars = ax.bar(
-            pos, [acc[s] for s in splits], width, label=label, color=colours[i % len(colours)]
-        )
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_xticks(range(len(splits)), splits)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy: the evaluated split ('data') and each OOD split", fontsize=9)
-    ax.legend(fontsize=8)
-    written.append(save_figure(fig, out / "ood_accuracy.png"))
-
-    if len(labels) >= 2:
-        described = report_keys()
-        first = report["models"][labels[0]]["explainers"][methods[0]]
-        keys = [k for k in described if k in first]  # the grid follows the declared metrics
-        cols = min(3, len(keys))
-        rows = math.ceil(len(keys) / cols)
-        fig, axes = plt.subplots(
-            rows, cols, figsize=(4 + 1.2 * len(methods) * len(labels) / 2 * cols, 8 * rows / 3),
-            squeeze=False, constrained_layout=True,
-        )  # fmt: skip
-        for ax in axes.flat[len(keys) :]:
-            ax.set_visible(False)
-        for ax, key in zip(axes.flat, keys, strict=False):
-            for i, label in enumerate(labels):
-                values = [report["models"][label]["explainers"][m][key] for m in methods]
-                pos = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(methods))]
-                ax.bar(pos, [math.nan if v is None else v for v in values], width, label=label,
-                       color=colours[i % len(colours)])  # fmt: skip
-            ax.set_xticks(range(len(methods)), methods, fontsize=7)
-            ax.set_title(described[key], fontsize=8)
-            ax.grid(axis="y", alpha=0.3)
-        axes[0, 0].legend(fontsize=7)
-        fig.suptitle(f"Explanation quality per method: {' vs '.join(labels)}", fontsize=10)
-        written.append(save_figure(fig, out / "before_after.png"))
-
-    if shown is not None and heatmaps:
-        written.append(
-            save_figure(explanation_grid(shown, heatmaps, row_titles), out / "heatmaps.png")
-        )
-    return written
-
-
 def __getattr__(name: str) -> object:
-    """``REPORT_METRICS`` (deprecated): the report's keys now come from the metric registry."""
+    """Deprecated names: ``REPORT_METRICS`` (the report's keys now come from the metric registry),
+    ``heatmap_grid_maps`` and ``write_figures`` (moved to :mod:`relreg.report_figures`)."""
     if name == "REPORT_METRICS":
         import warnings
 
@@ -334,6 +218,16 @@ def __getattr__(name: str) -> object:
             stacklevel=2,
         )
         return report_keys()
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(
+            f"relreg.evaluate.{name} moved to relreg.report_figures.{name}.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module("relreg.report_figures"), name)
     raise AttributeError(f"module 'relreg.evaluate' has no attribute {name!r}")
 
 

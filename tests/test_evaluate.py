@@ -140,10 +140,13 @@ def test_command_writes_report_and_figures_and_never_overwrites(tmp_path, capsys
     args = ["evaluate", "--checkpoint", str(tmp_path / "before.ckpt"), str(tmp_path / "after.ckpt"),
             "--data", "shapes:ood:6", "--ood", f"folder={ood_root / 'images'}", "gen=shapes:ood:4",
             "--methods", "chefer", "rollout", "--steps", "2", "--batch-size", "4",
-            "--num-heatmaps", "2", "--out", str(out)]  # fmt: skip
+            "--num-heatmaps", "2", "--sanity", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert list(report["models"]) == ["before", "after"]
+    sanity = report["sanity"]["after"]["rollout"]
+    assert sanity["steps"][0] == "head" and sanity["spearman"][0] == 1.0  # rollout ignores the head
+    assert (out / "sanity_chefer.png").stat().st_size > 5000
     assert set(report["models"]["after"]["accuracy"]) == {"data", "folder", "gen"}
     assert report["checkpoints"]["after"] == str(tmp_path / "after.ckpt")
     assert report["preprocessing"]["folder"]["source"].startswith("model:vit_tiny")

@@ -27,6 +27,7 @@ LAYERS = {
     "relreg.data": 3,
     "relreg.lightning": 4,
     "relreg.evaluate": 5,
+    "relreg.report_figures": 5,
     "relreg.demo": 5,
     "relreg.cli": 6,
     "relreg": 7,

@@ -32,6 +32,12 @@ from relreg.metrics.registry import (
     register_metric,
     report_keys,
 )
+from relreg.metrics.sanity import (
+    RandomisationResult,
+    model_randomisation,
+    randomisation_steps,
+    sanity_report,
+)
 
 __all__ = [
     "SCORINGS",
@@ -39,6 +45,7 @@ __all__ = [
     "MetricSpec",
     "PerturbationAUC",
     "PointingGame",
+    "RandomisationResult",
     "RelevanceMass",
     "RelevanceRankAccuracy",
     "SegmentationAgreement",
@@ -48,14 +55,17 @@ __all__ = [
     "deletion_insertion_auc",
     "list_metrics",
     "metric_spec",
+    "model_randomisation",
     "perturbation_auc",
     "pointing_game",
+    "randomisation_steps",
     "register_metric",
     "relevance_mass",
     "relevance_rank_accuracy",
     "relevance_share",
     "report_keys",
     "restrict_logits",
+    "sanity_report",
     "score_logits",
     "scoring_classes",
     "segmentation_agreement",

@@ -37,6 +37,7 @@ from relreg.validate import check_positive_int
 
 __all__ = ["DeletionInsertionAUC", "PerturbationAUC"]
 
+
 class _ModelMetric(Metric):
     """Shared set-up of the model-based metrics."""
 
@@ -109,7 +110,9 @@ class PerturbationAUC(_ModelMetric):
         )
 
     def update(self, images: Tensor, maps: Tensor, target: Tensor | None = None) -> None:
-        self.correct += _perturbation_update(self._p, images, maps, target, self.mode, self.fractions)
+        self.correct += _perturbation_update(
+            self._p, images, maps, target, self.mode, self.fractions
+        )
         self.count += images.shape[0]
 
     def curve(self) -> Tensor:

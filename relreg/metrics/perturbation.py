@@ -175,9 +175,7 @@ def _perturbation_update(
     """Right predictions ``(F + 1,)`` float64 at fraction 0 (unperturbed) and at each fraction."""
     logits, tgt, ranks = _prepare(p, images, maps, target, mode == "positive")
     # one batched (chunked) pass per fraction: memory stays at one perturbed copy of the batch
-    preds = torch.stack(
-        [_forward(p, _perturbed(p, images, ranks, f)).argmax(1) for f in fractions]
-    )
+    preds = torch.stack([_forward(p, _perturbed(p, images, ranks, f)).argmax(1) for f in fractions])
     return torch.cat([(logits.argmax(1) == tgt)[None], preds == tgt[None]]).double().sum(1)
 
 

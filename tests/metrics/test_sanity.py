@@ -1,0 +1,73 @@
+"""Model-randomisation sanity checks (Adebayo et al., NeurIPS 2018)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from relreg.metrics.sanity import _hog, _similarities, model_randomisation, randomisation_steps
+from tests.conftest import images_for, make_tiny_vit, model_state
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort().argsort().double()
+
+
+def test_steps_run_from_the_head_down_and_the_model_is_left_alone():
+    model = make_tiny_vit(depth=3)
+    assert randomisation_steps(model) == ["head", "norm", "blocks.2", "blocks.1", "blocks.0",
+                                          "patch_embed"]  # fmt: skip
+    model.train()
+    before = model_state(model)
+    result = model_randomisation(model, images_for(model, batch=2), "raw_attention")
+    assert model_state(model) == before
+    assert result.maps.shape == (7, 2, 16, 16) and result.similarity["ssim"].shape == (6, 2)
+
+
+def test_head_randomisation_moves_gradient_maps_but_not_rollout():
+    """Rollout never reads the head; Chefer's rule weighs attention by the head's gradient."""
+    model = make_tiny_vit()
+    x = images_for(model, batch=3)
+    rollout = model_randomisation(model, x, "rollout", steps=["head"])
+    assert torch.allclose(rollout.similarity["spearman"], torch.ones(1, 3))
+    chefer = model_randomisation(model, x, "chefer", steps=["head"])
+    assert chefer.similarity["spearman"].max() < 0.99
+    # the last step of a full cascade randomises everything: rollout then changes too
+    full = model_randomisation(model, x, "rollout")
+    assert full.similarity["spearman"][-1].mean() < 0.9
+
+
+def test_orders_seed_and_errors():
+    model = make_tiny_vit()
+    x = images_for(model, batch=2)
+    cascade = model_randomisation(model, x, "saliency", seed=3)
+    alone = model_randomisation(model, x, "saliency", order="independent", seed=3)
+    # the first step randomises the head from the same weights and noise in both orders
+    torch.testing.assert_close(cascade.maps[:2], alone.maps[:2])
+    again = model_randomisation(model, x, "saliency", seed=3)
+    torch.testing.assert_close(again.maps, cascade.maps, atol=0, rtol=0)
+    assert cascade.summary()["steps"][0] == "head" and len(cascade.summary()["ssim"]) == 5
+    with pytest.raises(ValueError, match="order"):
+        model_randomisation(model, x, "saliency", order="top-down")
+    with pytest.raises(ValueError, match=r"steps among .*\['decoder'\]"):
+        model_randomisation(model, x, "saliency", steps=["decoder"])
+
+
+def test_similarities_equal_naive_formulas():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 16, 16, generator=gen), torch.rand(3, 16, 16, generator=gen)
+    sims = _similarities(a, b, a, b)
+    for i in range(3):
+        ra, rb = _ranks(a[i].flatten()), _ranks(b[i].flatten())
+        pearson = torch.corrcoef(torch.stack([ra, rb]))[0, 1]
+        torch.testing.assert_close(sims["spearman"][i].double(), pearson, atol=1e-6, rtol=1e-6)
+    same = _similarities(a, a, a, a)
+    for name in ("spearman", "spearman_abs", "ssim", "hog"):
+        torch.testing.assert_close(same[name].float(), torch.ones(3), atol=1e-5, rtol=0)
+    flipped = _similarities(a, -a, a, a)
+    torch.testing.assert_close(flipped["spearman"].float(), -torch.ones(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flipped["spearman_abs"].float(), torch.ones(3), atol=1e-5, rtol=0)
+    # HOG: a vertical edge and a horizontal edge have orthogonal orientation histograms
+    v = torch.zeros(1, 16, 16)
+    v[:, :, 8:] = 1
+    assert _hog(v)[0] @ _hog(v.transpose(1, 2))[0] < 1e-6
