@@ -16,6 +16,7 @@ from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
 from relreg.data.preprocessing import PREPROCESSING, FollowsModel, Preprocessing
 from relreg.data.sample import Sample
+from relreg.data.shuffled import ShuffledLabels
 from relreg.data.specs import load_split
 from relreg.data.spurious import SPLITS, SpuriousShapes, write_shapes_folder
 from relreg.data.suites import objectnet_label_sets
@@ -35,6 +36,7 @@ __all__ = [
     "RelRegDataModule",
     "Sample",
     "ShapesBatch",
+    "ShuffledLabels",
     "SpuriousShapes",
     "class_index",
     "class_names",

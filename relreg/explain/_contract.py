@@ -23,6 +23,8 @@ from relreg.validate import check_positive_int
 
 __all__ = [
     "Explanation",
+    "ScoreFn",
+    "Target",
     "TargetLike",
     "check_grad_mode",
     "check_images",
@@ -34,11 +36,64 @@ __all__ = [
     "pair",
     "perturbed_scores",
     "reference_scores",
+    "repeat_target",
     "resolve_classes",
     "score",
+    "target_weights",
 ]
 
-TargetLike = int | Sequence[int] | Tensor | None
+TargetLike = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
+
+
+class ScoreFn:
+    """A target given as a function of the logits, ``f(logits (M, K)) -> (M,)``.
+
+    ``f`` must work row by row (row ``i`` of its output depends on row ``i`` of the logits only:
+    a margin, a log-sum-exp over a label set, a regression output), because explainers score
+    chunks and repeated copies of the batch. Indexing and repeating return the same function.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        out = self.fn(logits)
+        if not isinstance(out, Tensor) or out.shape != (logits.shape[0],):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"Expected the target function to return shape ({logits.shape[0]},) for logits of "
+                f"shape {tuple(logits.shape)}, but got {got}."
+            )
+        return out
+
+    def __getitem__(self, index: object) -> ScoreFn:
+        return self
+
+    def to(self, *args: object, **kwargs: object) -> ScoreFn:
+        return self
+
+
+Target = Tensor | ScoreFn  # (B,) long classes, (B, K) float weights, or a function
+
+
+def repeat_target(target: Target, times: int) -> Target:
+    """``target`` for ``times`` stacked copies of the batch."""
+    if isinstance(target, ScoreFn):
+        return target
+    return target.repeat(times) if target.ndim == 1 else target.repeat(times, 1)
+
+
+def target_weights(target: Target, logits: Tensor) -> Tensor:
+    """``(B, K)`` weights ``w`` with ``score = sum_k w_k y_k`` (to first order): one-hot classes,
+    the weights themselves, or the gradient of a target function at ``logits``."""
+    if isinstance(target, ScoreFn):
+        with torch.enable_grad():
+            y = logits.detach().requires_grad_(True)
+            (w,) = torch.autograd.grad(target(y).sum(), y)
+        return w
+    if target.is_floating_point():
+        return target.to(logits.dtype)
+    return torch.nn.functional.one_hot(target, logits.shape[1]).to(logits.dtype)
 
 
 class Explanation(NamedTuple):
@@ -127,16 +182,40 @@ def _as_classes(
     return t.long()
 
 
+def _weights(value: Tensor, batch: int, num_classes: int, logits: Tensor) -> Tensor:
+    w = value.to(logits.device, logits.dtype)
+    if w.ndim == 1 and w.shape[0] == num_classes:
+        w = w.expand(batch, num_classes)
+    if w.shape != (batch, num_classes) or not torch.isfinite(w).all():
+        raise ValueError(
+            f"Expected float target weights of shape ({batch}, {num_classes}) or ({num_classes},), "
+            f"finite, but got shape {tuple(value.shape)}."
+        )
+    return w
+
+
 def resolve_classes(
     logits: Tensor, target: TargetLike, foil: TargetLike
-) -> tuple[Tensor, Tensor | None]:
-    """Target and foil class per sample, ``(B,)`` long tensors; ``target=None`` means top-1.
+) -> tuple[Target, Tensor | None]:
+    """What each sample explains: ``target=None`` the top-1 class; an int or ``(B,)`` integer
+    tensor a class (``(B,)`` long); a float ``(B, K)`` (or ``(K,)``) tensor the weighted sum
+    ``sum_k w_k y_k`` of the logits; a callable ``f(logits) -> (B,)`` its value (a
+    :class:`ScoreFn`). A foil class (int or ``(B,)``) is allowed with class targets only.
 
     Raises:
-        TypeError, ValueError: for classes of the wrong type, shape or range, or a foil equal to
-            the target of some sample.
+        TypeError, ValueError: for classes of the wrong type, shape or range, weights of the wrong
+            shape, a foil with a non-class target, or a foil equal to the target of some sample.
     """
     batch, num_classes = logits.shape
+    if callable(target) or (isinstance(target, Tensor) and target.is_floating_point()):
+        if foil is not None:
+            raise TypeError(
+                "Expected foil=None with a target function or target weights (a foil needs a "
+                "class target; fold the contrast into the weights or the function instead)."
+            )
+        if callable(target):
+            return ScoreFn(target), None
+        return _weights(target, batch, num_classes, logits), None
     if target is None:
         tgt = logits.detach().argmax(dim=1)
     else:
@@ -153,8 +232,13 @@ def resolve_classes(
     return tgt, fl
 
 
-def score(logits: Tensor, target: Tensor, foil: Tensor | None = None) -> Tensor:
-    """Per-sample explained score ``(B,)``: ``y_target`` or ``y_target - y_foil``."""
+def score(logits: Tensor, target: Target, foil: Tensor | None = None) -> Tensor:
+    """Per-sample explained score ``(B,)``: ``y_target``, ``y_target - y_foil``, ``sum_k w_k y_k``
+    for weights ``(B, K)``, or ``f(logits)`` for a :class:`ScoreFn`."""
+    if isinstance(target, ScoreFn):
+        return target(logits)
+    if target.is_floating_point():
+        return (logits * target.to(logits.dtype)).sum(1)
     s = logits.gather(1, target[:, None])[:, 0]
     if foil is not None:
         s = s - logits.gather(1, foil[:, None])[:, 0]
@@ -262,7 +346,7 @@ def perturbed_scores(
     starts = range(0, total, step)
     show = len(starts) >= 10 if progress is None else bool(progress)
     out = []
-    device = target.device
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else None
     with torch.no_grad():
         for start in tqdm(starts, desc=desc, unit="pass", disable=not show, leave=False):
             flat = torch.arange(start, min(start + step, total), device=device)

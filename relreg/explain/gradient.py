@@ -29,6 +29,7 @@ from relreg.explain._contract import (
     expand_baseline,
     finish,
     reference_scores,
+    repeat_target,
     resolve_classes,
     score,
 )
@@ -67,7 +68,7 @@ def _repeated_gradients(
     """Gradients at ``points`` ``(S, B, C, H, W)`` (S copies of the batch), returned the same shape."""
     s, b = points.shape[:2]
     flat = points.flatten(0, 1)
-    tgt = target.repeat(s)
+    tgt = repeat_target(target, s)
     fl = foil.repeat(s) if foil is not None else None
     step = flat.shape[0] if chunk is None else chunk
     grads = [

@@ -45,6 +45,7 @@ from relreg.explain._contract import (
     finish,
     resolve_classes,
     score,
+    target_weights,
 )
 from relreg.explain.lrp_vit import ViTForward, check_lrp_model, functional_forward, propagate
 from relreg.explain.registry import register_explainer
@@ -93,19 +94,28 @@ def contrast_propagate(
     pixels: bool = False,
 ) -> tuple[dict[int, Tensor], Tensor | None]:
     """:func:`propagate` from ``one_hot(target)``; with a foil, the target's relevances minus the
-    foil's (each propagated from its own one-hot start).
+    foil's (each propagated from its own one-hot start). Weights ``w`` ``(B, K)`` (and a target
+    function, through its gradient at the logits) start from ``w+`` and ``w-`` apart, the same way.
 
     The contrast start ``one_hot(target) - one_hot(foil)`` sums to 0, and the normalised addition
     rule rescales each part to a share of that total: it would give 0 everywhere. LRP without the
     normalisation is linear in the start relevance, so the difference of the two propagations is
     the contrast's relevance under the same rules.
     """
-    attention, pix = propagate(model, fwd, start_relevance(fwd.logits, target), down_to, pixels)
-    if foil is None:
-        return attention, pix
-    attention_f, pix_f = propagate(model, fwd, start_relevance(fwd.logits, foil), down_to, pixels)
-    attention = {i: r - attention_f[i] for i, r in attention.items()}
-    return attention, None if pix is None or pix_f is None else pix - pix_f
+    if isinstance(target, Tensor) and not target.is_floating_point():
+        starts = [start_relevance(fwd.logits, target)]
+        starts += [] if foil is None else [start_relevance(fwd.logits, foil)]
+    else:  # weights or a function: its positive and negative parts, each propagated on its own
+        w = target_weights(target, fwd.logits.detach())
+        starts = [w.clamp(min=0), (-w).clamp(min=0)]
+    attention, pix = propagate(model, fwd, starts[0], down_to, pixels)
+    for start in starts[1:]:
+        if not start.any():
+            continue
+        attention_f, pix_f = propagate(model, fwd, start, down_to, pixels)
+        attention = {i: r - attention_f[i] for i, r in attention.items()}
+        pix = None if pix is None or pix_f is None else pix - pix_f
+    return attention, pix
 
 
 # ----------------------------------------------------------------------------------- explainers

@@ -241,3 +241,16 @@ def test_spurious_marker_cue_through_the_cache(tmp_path):
         torch.testing.assert_close(cached[j]["image"], plain.images[i], atol=2 / 255 + 1e-6, rtol=0)
     with pytest.raises(FileExistsError, match="absent or a shapes folder"):
         write_shapes_folder(cached.folder.root, "ood", 12, 32, 4, 0.95, 1, "tint")
+
+
+def test_shuffled_labels_permute_with_a_seed():
+    from relreg.data import ShuffledLabels
+
+    base = SpuriousShapes("train", n=12)
+    shuffled = ShuffledLabels(base, seed=3)
+    labels = [int(base[i]["label"]) for i in range(12)]
+    got = [int(shuffled[i]["label"]) for i in range(12)]
+    assert got == [labels[int(j)] for j in shuffled.perm] and sorted(got) == sorted(labels)
+    assert got != labels
+    assert torch.equal(shuffled[5]["image"], base[5]["image"])
+    assert torch.equal(ShuffledLabels(base, seed=3).perm, shuffled.perm)

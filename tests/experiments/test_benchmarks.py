@@ -313,3 +313,32 @@ def test_paper_cost_reads_every_paper_config_and_counts_fused_attention():
     # the CPU kernel is invisible to FlopCounterMode; with the formulas: QK^T and AV forward
     assert plain.get_total_flops() == 0
     assert counted.get_total_flops() >= 2 * (2 * 2 * 9 * 9 * 4)
+
+
+def test_sanity_checks_schema(tmp_path):
+    import argparse
+
+    import timm
+    import torch
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import sanity_checks
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    torch.manual_seed(0)
+    tiny = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, **tiny)
+    ckpt = tmp_path / "final.ckpt"
+    hparams = {"model": "vit_tiny_patch16_224", "num_classes": 4, "model_kwargs": tiny}
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)
+    out = tmp_path / "sanity.json"
+    args = argparse.Namespace(checkpoint=ckpt, split="ood", n=3, methods=["rollout", "saliency"],
+                              out=out)  # fmt: skip
+    sanity_checks.run(args)
+    result = json.loads(out.read_text())
+    rollout = result["table"]["rollout"]["cascading"]
+    assert rollout["steps"][:2] == ["head", "norm"] and rollout["spearman_abs"][0] == 1.0
+    assert set(result["table"]["saliency"]) == {"cascading", "independent"}
+    assert out.with_suffix(".png").stat().st_size > 10_000
