@@ -13,6 +13,13 @@ For timm ViT-S/16 at 224 px (random weights) and a batch of 16, times per image:
 Writes JSON (medians of all repetitions, ratios from the same run, machine) and a bar chart.
 
     python experiments/bench_explain.py --out experiments/results/bench_explain.json
+
+``--chunking`` measures instead what ``internal_batch_size`` buys the many-copy explainers
+(smoothgrad, integrated_gradients, occlusion, lime): each (method, internal batch size) runs in a
+fresh process, which reports its peak resident memory (``ru_maxrss``), its time and its maps; the
+JSON states the largest difference of each chunked map from the unchunked one.
+
+    python experiments/bench_explain.py --chunking --out experiments/results/bench_explain_chunking.json
 """
 
 from __future__ import annotations
@@ -141,6 +148,81 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
+CHUNK_METHODS = {
+    "smoothgrad": {"n_samples": 64},
+    "integrated_gradients": {"steps": 64},
+    "occlusion": {"window": 16, "stride": 8},
+    "lime": {"n_samples": 256},
+}
+
+
+def chunk_case(args: argparse.Namespace) -> None:
+    """One (method, internal batch size) in this process: prints JSON with seconds and peak RSS."""
+    import resource
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    size = None if args.chunk_size == 0 else args.chunk_size
+    t0 = time.perf_counter()
+    maps = explain(model, x, args.chunk_case, target=0, internal_batch_size=size,
+                   **CHUNK_METHODS[args.chunk_case])  # fmt: skip
+    seconds = time.perf_counter() - t0
+    np.save(args.out, maps.numpy())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1)}))
+
+
+def chunking(args: argparse.Namespace) -> dict:
+    """Every method of CHUNK_METHODS unchunked (0) and at each of ``--chunk-sizes``."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in CHUNK_METHODS:
+            maps = {}
+            for size in [0, *args.chunk_sizes]:
+                npy = Path(tmp) / f"{method}_{size}.npy"
+                cmd = [sys.executable, __file__, "--chunk-case", method, "--chunk-size", str(size),
+                       "--model", args.model, "--img-size", str(args.img_size),
+                       "--batch", str(args.batch), "--out", str(npy)]  # fmt: skip
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                maps[size] = np.load(npy)
+                scale = float(np.abs(maps[0]).max()) or 1.0
+                row |= {"method": method, "internal_batch_size": size or None,
+                        "max_rel_diff": float(np.abs(maps[size] - maps[0]).max()) / scale}  # fmt: skip
+                rows.append(row)
+                print(row)
+    return {
+        "model": args.model, "img_size": args.img_size, "batch": args.batch,
+        "options": CHUNK_METHODS, "rows": rows,
+    }  # fmt: skip
+
+
+def plot_chunking(result: dict, path: Path) -> None:
+    methods = list(result["options"])
+    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    sizes = sorted({r["internal_batch_size"] or 0 for r in result["rows"]})
+    width = 0.8 / len(sizes)
+    for j, size in enumerate(sizes):
+        peaks = [next(r["peak_rss_mb"] for r in result["rows"] if r["method"] == m
+                      and (r["internal_batch_size"] or 0) == size) for m in methods]  # fmt: skip
+        pos = [i + (j - (len(sizes) - 1) / 2) * width for i in range(len(methods))]
+        ax.bar(pos, peaks, width, label="unchunked" if size == 0 else f"internal_batch_size={size}")
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylabel("process peak RSS (MB)")
+    ax.set_title(f"{result['model']} at {result['img_size']} px, batch {result['batch']}")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
@@ -151,7 +233,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 4, 2 repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_explain.json"))
+    parser.add_argument("--chunking", action="store_true", help="internal_batch_size study")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--chunk-case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.chunk_case:
+        return chunk_case(args)
+    if args.chunking:
+        result = chunking(args) | {"machine": machine("cpu")}
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+        plot_chunking(result, args.out.with_suffix(".png"))
+        return None
     if args.quick:
         args.batch, args.repeats = 4, 2
     device = torch.device(args.device)

@@ -342,3 +342,31 @@ def test_sanity_checks_schema(tmp_path):
     assert rollout["steps"][:2] == ["head", "norm"] and rollout["spearman_abs"][0] == 1.0
     assert set(result["table"]["saliency"]) == {"cascading", "independent"}
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_bench_explain_chunking_case_and_plot(tmp_path, capsys):
+    import argparse
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import bench_explain
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    for size in (0, 5):
+        args = argparse.Namespace(model="vit_tiny_patch16_224", img_size=32, batch=2,
+                                  chunk_case="occlusion", chunk_size=size,
+                                  out=tmp_path / f"m{size}.npy")  # fmt: skip
+        bench_explain.chunk_case(args)
+        row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert row["peak_rss_mb"] > 0 and row["seconds"] >= 0
+    np.testing.assert_allclose(
+        np.load(tmp_path / "m5.npy"), np.load(tmp_path / "m0.npy"), atol=1e-5
+    )
+    rows = [{"method": m, "internal_batch_size": s, "peak_rss_mb": 100.0 + (s or 50), "seconds": 1.0,
+             "max_rel_diff": 0.0} for m in bench_explain.CHUNK_METHODS for s in (None, 8)]  # fmt: skip
+    result = {"model": "m", "img_size": 32, "batch": 2, "options": bench_explain.CHUNK_METHODS,
+              "rows": rows}  # fmt: skip
+    bench_explain.plot_chunking(result, tmp_path / "chunking.png")
+    assert (tmp_path / "chunking.png").stat().st_size > 10_000
