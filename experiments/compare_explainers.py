@@ -33,7 +33,7 @@ from relreg.data import load_split  # noqa: E402
 from relreg.evaluate import evaluate_models  # noqa: E402
 from relreg.explain import list_explainers  # noqa: E402
 from relreg.io import atomic_write  # noqa: E402
-from relreg.models import build_model, lightning_model_args  # noqa: E402
+from relreg.models import model_from_checkpoint  # noqa: E402
 from relreg.viz import save_figure  # noqa: E402
 
 # (report key, column title, higher is better)
@@ -56,13 +56,7 @@ def _ranks(values: dict[str, float], higher: bool) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    spec = lightning_model_args(args.checkpoint)
-    if spec is None:
-        raise SystemExit(
-            f"{args.checkpoint} is not a relreg fit checkpoint (run `make demo` first)"
-        )
-    name, num_classes = spec.pop("name"), spec.pop("num_classes")
-    model = build_model(name, checkpoint=args.checkpoint, num_classes=num_classes, **spec)
+    model = model_from_checkpoint(args.checkpoint)  # a relreg fit checkpoint (`make demo`)
     data = load_split(f"shapes:{args.split}:{args.n}", model)
     methods = args.methods or list_explainers()
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ __all__ = [
     "lightning_model_args",
     "load_weights",
     "model_data_config",
+    "model_from_checkpoint",
 ]
 
 
@@ -176,6 +177,25 @@ def lightning_model_args(checkpoint: str | os.PathLike) -> dict[str, Any] | None
         "num_classes": hparams.get("num_classes"),
         **dict(hparams.get("model_kwargs") or {}),
     }
+
+
+def model_from_checkpoint(checkpoint: str | os.PathLike) -> nn.Module:
+    """The model of a ``relreg fit`` checkpoint, built from the architecture it stores
+    (:func:`lightning_model_args`) with its weights, in eval mode.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a file that is not a relreg fit checkpoint (plain weights need
+            :func:`build_model` with the architecture).
+    """
+    spec = lightning_model_args(checkpoint)
+    if spec is None:
+        raise ValueError(
+            f"Expected a relreg fit checkpoint that names its architecture, but {str(checkpoint)!r} "
+            "is not one; use build_model(name, checkpoint=...) for plain weights."
+        )
+    name, num_classes = spec.pop("name"), spec.pop("num_classes")
+    return build_model(name, checkpoint=checkpoint, num_classes=num_classes, **spec).eval()
 
 
 def model_data_config(model: nn.Module) -> tuple[tuple[int, int], list, list]:

@@ -261,3 +261,17 @@ def test_folder_specs_take_the_models_preprocessing_or_robustvits(tmp_path):
     assert fixed.preprocessing == Preprocessing.robustvit(32)
     with pytest.raises(ValueError, match="preprocessing"):
         load_split(str(root), model, masks=False, preprocessing="imagenet")
+
+
+def test_model_from_checkpoint_builds_the_stored_architecture(tmp_path):
+    from relreg.models import model_from_checkpoint
+
+    _lightning_checkpoint(tmp_path / "a.ckpt", 0)
+    model = model_from_checkpoint(tmp_path / "a.ckpt")
+    stored = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
+    assert not model.training and model.num_classes == 4
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, stored[f"model.{name}"])
+    torch.save(_model().state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="relreg fit checkpoint.*build_model"):
+        model_from_checkpoint(tmp_path / "plain.pt")

@@ -68,17 +68,23 @@ def test_bench_train_token_sweep_schema(tmp_path):
     assert (tmp_path / "bench_tokens.png").stat().st_size > 10_000
 
 
-def test_compare_explainers_schema(tmp_path):
+def _tiny_fit_checkpoint(path: Path) -> Path:
+    """A relreg-fit-style checkpoint of a 2-block ViT on 32 px images with 4 classes."""
     import timm
     import torch
 
     torch.manual_seed(0)
     tiny = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, **tiny)
-    ckpt = tmp_path / "final.ckpt"
     hparams = {"model": "vit_tiny_patch16_224", "num_classes": 4, "model_kwargs": tiny}
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    return path
+
+
+def test_compare_explainers_schema(tmp_path):
+
+    ckpt = _tiny_fit_checkpoint(tmp_path / "final.ckpt")
     out = tmp_path / "compare.json"
     cmd = [sys.executable, str(ROOT / "experiments" / "compare_explainers.py"), "--checkpoint",
            str(ckpt), "--n", "4", "--methods", "chefer", "lrp", "rollout", "--quiet", "--out", str(out)]  # fmt: skip
@@ -318,21 +324,12 @@ def test_paper_cost_reads_every_paper_config_and_counts_fused_attention():
 def test_sanity_checks_schema(tmp_path):
     import argparse
 
-    import timm
-    import torch
-
     sys.path.insert(0, str(ROOT / "experiments"))
     try:
         import sanity_checks
     finally:
         sys.path.remove(str(ROOT / "experiments"))
-    torch.manual_seed(0)
-    tiny = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, **tiny)
-    ckpt = tmp_path / "final.ckpt"
-    hparams = {"model": "vit_tiny_patch16_224", "num_classes": 4, "model_kwargs": tiny}
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": hparams}, ckpt)
+    ckpt = _tiny_fit_checkpoint(tmp_path / "final.ckpt")
     out = tmp_path / "sanity.json"
     args = argparse.Namespace(checkpoint=ckpt, split="ood", n=3, methods=["rollout", "saliency"],
                               out=out)  # fmt: skip
