@@ -138,7 +138,8 @@ def evaluate_models(
         raise ValueError("Expected at least one explainer in methods, but got none.")
     options = {k: dict(v) for k, v in (method_options or {}).items()}
     for name in methods:
-        explainer_info(name)  # unknown names fail before any work
+        if "progress" in explainer_info(name).options:  # unknown names fail before any work
+            options.setdefault(name, {}).setdefault("progress", False)  # the report has its own bar
     check_choice("target", target, TARGET_MODES)
     check_choice("unit", unit, UNITS)
     check_positive_int("limit", limit, allow_none=True)

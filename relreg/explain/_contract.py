@@ -344,11 +344,14 @@ def perturbed_scores(
     total = batch * count
     step = total if internal_batch_size is None else internal_batch_size
     starts = range(0, total, step)
-    show = len(starts) >= 10 if progress is None else bool(progress)
+    show = True if progress is None else bool(progress)
+    delay = 5.0 if progress is None else 0.0  # by default only runs longer than 5 s show a bar
     out = []
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else None
     with torch.no_grad():
-        for start in tqdm(starts, desc=desc, unit="pass", disable=not show, leave=False):
+        for start in tqdm(
+            starts, desc=desc, unit="pass", disable=not show, leave=False, delay=delay
+        ):
             flat = torch.arange(start, min(start + step, total), device=device)
             b, v = flat // count, flat % count
             logits = check_logits(model(make(b, v)), flat.numel())

@@ -105,7 +105,7 @@ def lime(
         score_of: ``"logit"`` (the explained logit or contrast) or ``"probability"`` (softmax).
         seed: seed of the on/off samples.
         internal_batch_size: perturbed images per forward pass (None: all at once).
-        progress: a progress bar over the forward passes (None: when there are 10 or more).
+        progress: a progress bar over the forward passes (None: once the call has run 5 s).
     """
     check_positive_int("n_samples", n_samples)
     check_choice("score_of", score_of, ("logit", "probability"))

@@ -76,7 +76,7 @@ def occlusion(
         baseline: fill value: a float (0 is the dataset mean in normalised inputs) or a tensor
             broadcastable to ``(B, C, H, W)``.
         internal_batch_size: occluded images per forward pass (None: all at once).
-        progress: a progress bar over the forward passes (None: when there are 10 or more).
+        progress: a progress bar over the forward passes (None: once the call has run 5 s).
     """
     tgt, fl, logits = reference_scores(model, images, target, foil)
     default = getattr(getattr(model, "patch_embed", None), "patch_size", None) or 16
