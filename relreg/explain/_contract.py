@@ -89,8 +89,8 @@ def target_weights(target: Target, logits: Tensor) -> Tensor:
     if isinstance(target, ScoreFn):
         with torch.enable_grad():
             y = logits.detach().requires_grad_(True)
-            (w,) = torch.autograd.grad(target(y).sum(), y)
-        return w
+            (w,) = torch.autograd.grad(target(y).sum(), y, allow_unused=True)
+        return torch.zeros_like(logits) if w is None else w
     if target.is_floating_point():
         return target.to(logits.dtype)
     return torch.nn.functional.one_hot(target, logits.shape[1]).to(logits.dtype)

@@ -11,9 +11,11 @@ intercept and ``alpha = 1`` is fitted per image, and the map paints each feature
 its pixels. Differences, stated: the features default to the ViT's patch grid rather than
 quickshift superpixels (pass ``features`` for superpixels from any segmenter), the explained
 score is the target logit (or the target-minus-foil contrast) like every relreg explainer
-(``score="probability"`` for the package's softmax probability), all features are kept (the
-package's default ``num_features=100000``), and the samples are shared by the images of a batch
-(drawn from ``seed``), so an image's map does not depend on its batch.
+(``score_of="probability"`` for the package's softmax probability), all features are kept (the
+package's default ``num_features=100000``), and the samples are drawn from ``seed`` feature by
+feature and shared by the images of a batch, so an image's map does not depend on its batch.
+Feature ids are renumbered 0..n-1 per image (ids no pixel carries are dropped), and the ridge is
+fitted in float64 whatever the model's dtype.
 
 Model-agnostic and not differentiable; the perturbed copies are scored in chunks of
 ``internal_batch_size`` images.
@@ -116,12 +118,14 @@ def lime(
     tgt, fl, logits = reference_scores(model, images, target, foil)
     if score_of == "probability" and fl is not None:
         raise ValueError("Expected no foil with score_of='probability' (a contrast of logits).")
-    ids = _feature_ids(model, images, features)  # (B, H, W) long
-    n_features = int(ids.max()) + 1
+    # ids made contiguous per image (0..n_b-1, in the order of the given ids): ids no pixel
+    # carries would be random regressors
+    flat_ids, counts = _compact(_feature_ids(model, images, features).flatten(1))  # (B, H*W)
+    n_features = max(counts)
     gen = torch.Generator().manual_seed(int(seed))
-    samples = torch.randint(0, 2, (n_samples, n_features), generator=gen).to(images)
+    # drawn feature by feature, so an image's first n_b columns do not depend on the batch
+    samples = torch.randint(0, 2, (n_features, n_samples), generator=gen).T.to(images)
     samples[0] = 1
-    flat_ids = ids.flatten(1)  # (B, H*W)
     base = _baseline(baseline, images, flat_ids, n_features)
 
     def perturbed(b: Tensor, v: Tensor) -> Tensor:
@@ -133,9 +137,22 @@ def lime(
         model, perturbed, images.shape[0], n_samples, tgt, fl, internal_batch_size,
         progress, "lime", probability=prob,
     )  # fmt: skip
-    coef = weighted_ridge(samples, scores, lime_kernel(samples, kernel_width), alpha)
-    maps = coef.gather(1, flat_ids).view_as(ids)
-    return Explanation(maps.detach(), logits.detach())
+    maps = torch.empty(flat_ids.shape, dtype=images.dtype, device=images.device)
+    for b, n in enumerate(counts):  # fitted in float64, as the reference package does
+        x = samples[:, :n].double()
+        coef = weighted_ridge(x, scores[b : b + 1].double(), lime_kernel(x, kernel_width), alpha)
+        maps[b] = coef[0].to(images.dtype)[flat_ids[b]]
+    return Explanation(maps.view(images.shape[0], *images.shape[-2:]), logits.detach())
+
+
+def _compact(flat_ids: Tensor) -> tuple[Tensor, list[int]]:
+    """Per-image contiguous feature ids ``(B, P)`` and each image's number of features."""
+    rows, counts = [], []
+    for ids in flat_ids:
+        values, inverse = torch.unique(ids, return_inverse=True)
+        rows.append(inverse)
+        counts.append(int(values.numel()))
+    return torch.stack(rows), counts
 
 
 def _feature_ids(model: nn.Module, images: Tensor, features: Tensor | None) -> Tensor:

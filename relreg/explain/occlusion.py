@@ -80,22 +80,33 @@ def occlusion(
     """
     tgt, fl, logits = reference_scores(model, images, target, foil)
     default = getattr(getattr(model, "patch_embed", None), "patch_size", None) or 16
-    win = pair("window", window if window is not None else default)
-    step = pair("stride", stride if stride is not None else win)
-    masks = occlusion_windows(tuple(images.shape[-2:]), win, step).to(images)
+    (wh, ww) = win = pair("window", window if window is not None else default)
+    (sh, sw) = step = pair("stride", stride if stride is not None else win)
+    (h, w) = size = tuple(images.shape[-2:])
+    if wh > h or ww > w:
+        raise ValueError(f"Expected a window no larger than the image {size}, but got {win}.")
+    n_cols = (w - ww) // sw + 1
+    count = ((h - wh) // sh + 1) * n_cols
     base = expand_baseline(baseline, images)
     clean = score(logits, tgt, fl)
+    rows, cols = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
 
     def occluded(b: Tensor, v: Tensor) -> Tensor:
-        m = masks[v].unsqueeze(1)
+        # the windows of this chunk only: memory does not grow with the number of windows
+        top, left = (v // n_cols) * sh, (v % n_cols) * sw
+        in_rows = (rows >= top[:, None]) & (rows < top[:, None] + wh)
+        in_cols = (cols >= left[:, None]) & (cols < left[:, None] + ww)
+        m = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1).to(images.dtype)
         return images[b] * (1 - m) + base[b] * m
 
     scores = perturbed_scores(
-        model, occluded, images.shape[0], masks.shape[0], tgt, fl, internal_batch_size,
-        progress, "occlusion",
+        model, occluded, images.shape[0], count, tgt, fl, internal_batch_size, progress,
+        "occlusion",
     )  # fmt: skip
-    drop = clean.unsqueeze(1) - scores  # (B, P)
-    flat = masks.flatten(1)  # (P, H*W)
-    covered = flat.sum(0).clamp_min(1.0)
-    maps = (drop @ flat / covered).view(images.shape[0], *images.shape[-2:])
+    drop = (clean.unsqueeze(1) - scores).to(images.dtype)  # (B, P), windows row-major
+    # each window adds its drop to its pixels: a sliding-window sum, as fold computes it
+    spread = drop.unsqueeze(1).expand(-1, wh * ww, -1)
+    total = nn.functional.fold(spread, size, kernel_size=win, stride=step)[:, 0]
+    covered = nn.functional.fold(torch.ones_like(spread[:1]), size, kernel_size=win, stride=step)
+    maps = total / covered[:, 0].clamp_min(1.0)
     return Explanation(maps.detach(), logits.detach())

@@ -69,8 +69,11 @@ def scoring_classes(dataset: object) -> Tensor | None:
 
     A dataset opts into restricted scoring with ``scoring == "restricted"`` and a
     ``split_classes`` tensor (:class:`relreg.data.OODImageFolder`); any other dataset is scored
-    with a full argmax.
+    with a full argmax. A wrapper without ``scoring`` (``torch.utils.data.Subset``) is read
+    through its ``dataset``.
     """
+    if not hasattr(dataset, "scoring") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
     if getattr(dataset, "scoring", "argmax") == "restricted":
         return dataset.split_classes
     return None

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torchmetrics.functional import spearman_corrcoef
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from relreg.explain import explain_with_logits, to_pixels
+from relreg.explain import explain_with_logits, explainer_info, to_pixels
 from relreg.validate import check_choice
 
 __all__ = [
@@ -75,9 +75,9 @@ class RandomisationResult:
 
 
 def randomisation_steps(model: nn.Module) -> list[str]:
-    """The parts of a timm ViT from the output down: ``head`` (with ``head_dist``), the final
-    ``norm`` / ``fc_norm``, ``blocks.<last>`` ... ``blocks.0``, ``patch_embed`` (with the position
-    and prefix tokens). Parts the model lacks are left out."""
+    """The parts of a timm ViT from the output down: ``head`` (with ``head_dist`` and an attention
+    pool), the final ``norm`` / ``fc_norm``, ``blocks.<last>`` ... ``blocks.0``, ``patch_embed``
+    (with the position and prefix tokens and ``norm_pre``). Parts the model lacks are left out."""
     names = dict(model.named_children())
     steps = [n for n in ("head", "fc_norm", "norm") if n in names and _has_params(names[n])]
     blocks = names.get("blocks")
@@ -99,8 +99,8 @@ def _has_params(module: nn.Module) -> bool:
 
 def _part(step: str) -> tuple[str, ...]:
     """Parameter-name prefixes a step randomises."""
-    extra = {"head": ("head_dist",), "patch_embed": ("pos_embed", "cls_token", "reg_token",
-             "dist_token")}  # fmt: skip
+    extra = {"head": ("head_dist", "attn_pool"), "patch_embed": ("pos_embed", "cls_token",
+             "reg_token", "dist_token", "norm_pre")}  # fmt: skip
     return (step, *extra.get(step, ()))
 
 
@@ -172,7 +172,8 @@ def model_randomisation(
         method: explainer name (:func:`relreg.explain.list_explainers`).
         order: ``"cascading"`` (cumulative, from the head down) or ``"independent"``.
         target: explained class; None: the original model's top-1, kept for every step.
-        seed: seeds the noise (and the explainer's own ``seed`` option when it has one).
+        seed: seeds the noise, and the explainer's own ``seed`` option when it has one and
+            ``options`` does not set it.
         steps: the parts to randomise, in order; default :func:`randomisation_steps`.
         **options: the explainer's options.
 
@@ -180,6 +181,8 @@ def model_randomisation(
         A :class:`RandomisationResult` (similarities ``(steps, B)``, maps for figures).
     """
     check_choice("order", order, ORDERS)
+    if "seed" in explainer_info(method).options:
+        options.setdefault("seed", seed)
     steps = list(steps) if steps is not None else randomisation_steps(model)
     known = set(randomisation_steps(model))
     unknown = [s for s in steps if s not in known]

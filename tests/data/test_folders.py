@@ -254,3 +254,12 @@ def test_shuffled_labels_permute_with_a_seed():
     assert got != labels
     assert torch.equal(shuffled[5]["image"], base[5]["image"])
     assert torch.equal(ShuffledLabels(base, seed=3).perm, shuffled.perm)
+
+
+def test_restricted_scoring_is_read_through_a_subset(folder):
+    from torch.utils.data import Subset
+
+    from relreg.metrics import scoring_classes
+
+    ood = OODImageFolder(folder / "images", scoring="restricted", classes=["x", "cat", "dog"])
+    assert scoring_classes(Subset(ood, [0, 1])).tolist() == [1, 2]

@@ -148,3 +148,28 @@ def test_bad_options_are_named():
         explain(model, x, "lime", internal_batch_size=0)
     with pytest.raises(ValueError, match="baseline"):
         explain(model, x, "lime", baseline="blur")
+
+
+def test_lime_renumbers_features_and_ignores_its_batch():
+    model = make_tiny_vit()
+    x = images_for(model, batch=2)
+    two = torch.zeros(16, 16, dtype=torch.long)
+    two[:, 8:] = 1
+    shifted = explain(model, x, "lime", features=two + 5, n_samples=40)  # ids 5 and 6, none below
+    torch.testing.assert_close(shifted, explain(model, x, "lime", features=two, n_samples=40))
+    four = two.clone()
+    four[8:] += 2  # four regions for the second image
+    per_image = torch.stack([two, four])
+    batched = explain(model, x, "lime", features=per_image, n_samples=40)
+    alone = explain(model, x[:1], "lime", features=two, n_samples=40)
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_lime_fits_in_float64_for_any_model_dtype():
+    model = make_tiny_vit(dtype=torch.float64)
+    x = images_for(model, batch=2)
+    maps = explain(model, x, "lime", n_samples=32, score_of="probability")
+    assert maps.dtype == torch.float64 and torch.isfinite(maps).all()
+    half = make_tiny_vit(dtype=torch.bfloat16)
+    maps = explain(half, images_for(half, batch=2), "lime", n_samples=32)
+    assert maps.dtype == torch.bfloat16 and torch.isfinite(maps.float()).all()

@@ -71,3 +71,19 @@ def test_similarities_equal_naive_formulas():
     v = torch.zeros(1, 16, 16)
     v[:, :, 8:] = 1
     assert _hog(v)[0] @ _hog(v.transpose(1, 2))[0] < 1e-6
+
+
+def test_attention_pooled_models_randomise_every_parameter_and_seed_reaches_the_explainer():
+    model = make_tiny_vit(global_pool="map")
+    steps = randomisation_steps(model)
+    names = [n for n, _ in model.named_parameters()]
+    from relreg.metrics.sanity import _part
+
+    covered = {
+        n for n in names for s in steps for pre in _part(s) if n == pre or n.startswith(pre + ".")
+    }
+    assert covered == set(names)  # attn_pool included
+    x = images_for(model, batch=2)
+    a = model_randomisation(make_tiny_vit(), x, "lime", steps=["head"], seed=1, n_samples=16)
+    b = model_randomisation(make_tiny_vit(), x, "lime", steps=["head"], seed=2, n_samples=16)
+    assert not torch.equal(a.maps[0], b.maps[0])  # the explainer's own seed follows
