@@ -232,11 +232,10 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
 
 def run_evaluate(args: argparse.Namespace) -> dict:
     """``relreg evaluate``: returns the report it writes to ``--out/report.json``."""
-    import timm.data
 
     from relreg.data import label_names, load_split
     from relreg.evaluate import evaluate_models
-    from relreg.report_figures import heatmap_grid_maps, write_figures
+    from relreg.report_figures import displayable, heatmap_grid_maps, write_figures
 
     if args.num_heatmaps < 0:
         raise ValueError(f"Expected --num-heatmaps >= 0, but got {args.num_heatmaps}.")
@@ -297,10 +296,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         dataset = next(iter(data.values()))
         samples = [dataset[i] for i in range(min(args.num_heatmaps, len(dataset)))]
         images = torch.stack([s["image"] for s in samples])
-        pre = getattr(dataset, "preprocessing", None)
-        config = pre.describe() if pre else timm.data.resolve_model_data_config(first)
-        mean, std = (torch.tensor(config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-        shown = (images * std + mean).clamp(0, 1)
+        shown = displayable(images, dataset, first)
         torch.manual_seed(args.seed)
         heat = {"mask": torch.stack([s["mask"] for s in samples]).float()}
         heat.update(heatmap_grid_maps(models, images, args.methods))

@@ -15,7 +15,18 @@ from relreg.explain import explain, to_pixels
 from relreg.metrics import report_keys
 from relreg.viz import explanation_grid, save_figure
 
-__all__ = ["heatmap_grid_maps", "write_figures", "write_sanity"]
+__all__ = ["displayable", "heatmap_grid_maps", "write_figures", "write_sanity"]
+
+
+def displayable(images: Tensor, dataset: Dataset, model: nn.Module) -> Tensor:
+    """``(B, 3, H, W)`` images in [0, 1]: the normalisation undone with the dataset's own
+    preprocessing, else the model's timm data config (what :func:`relreg.data.load_split` used)."""
+    import timm.data
+
+    pre = getattr(dataset, "preprocessing", None)
+    config = pre.describe() if pre else timm.data.resolve_model_data_config(model)
+    mean, std = (torch.tensor(config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (images * std + mean).clamp(0, 1)
 
 
 def heatmap_grid_maps(
@@ -161,11 +172,7 @@ def write_sanity(
         summary.update(found)
         if label != next(iter(models)):
             continue
-        pre = getattr(dataset, "preprocessing", None)
-        mean, std = (
-            torch.tensor(getattr(pre, k, (0.5,) * 3)).view(1, 3, 1, 1) for k in ("mean", "std")
-        )
-        shown = (images[:4].cpu() * std + mean).clamp(0, 1)
+        shown = displayable(images[:4].cpu(), dataset, model)
         for method in methods:
             r = results[f"{label}/{method}"]
             columns = {"original": r.maps[0, :4]} | {

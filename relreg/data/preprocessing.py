@@ -21,7 +21,7 @@ import timm.data
 from torch import nn
 from torchvision.transforms import v2
 
-from relreg.data.classes import ClassesLike
+from relreg.data.classes import ClassesLike, label_space
 from relreg.data.transforms import eval_transform, train_transform
 from relreg.validate import check_choice, check_positive_int
 
@@ -141,7 +141,6 @@ class FollowsModel:
         if not isinstance(preprocessing, Preprocessing):
             check_choice("preprocessing", preprocessing, PREPROCESSING)
         check_positive_int("img_size", img_size, allow_none=True)
-        self._requested = preprocessing
         self._overrides = {
             k: tuple(v) if k != "img_size" else v
             for k, v in (("img_size", img_size), ("mean", mean), ("std", std))
@@ -176,7 +175,7 @@ class FollowsModel:
             Whether anything changed.
         """
         changed = False
-        if self._requested == "model" and self.awaiting_model:
+        if self.awaiting_model:
             self._use(Preprocessing.from_model(model))
             self.awaiting_model, changed = False, True
         if getattr(model, "num_classes", None) == 1000 and self._relabel_imagenet():
@@ -202,7 +201,5 @@ def imagenet_wnid_folders(folders: Sequence[str], classes: ClassesLike) -> bool:
     """Whether ``classes`` is None and every folder name is an ImageNet-1k wnid."""
     if classes is not None:
         return False
-    from relreg.data.classes import label_space
-
     wnids = set(label_space("imagenet"))
     return bool(folders) and all(f in wnids for f in folders)

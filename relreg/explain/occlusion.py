@@ -36,16 +36,22 @@ def occlusion_windows(
     Raises:
         ValueError: a window larger than the image.
     """
+    n_rows, n_cols = _grid(size, window, stride)
+    masks = torch.zeros(n_rows * n_cols, *size)
+    for p in range(n_rows * n_cols):
+        top, left = (p // n_cols) * stride[0], (p % n_cols) * stride[1]
+        masks[p, top : top + window[0], left : left + window[1]] = 1.0
+    return masks
+
+
+def _grid(
+    size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
+) -> tuple[int, int]:
+    """How many window positions fit down and across; raises for a window larger than the image."""
     (h, w), (wh, ww), (sh, sw) = size, window, stride
     if wh > h or ww > w:
         raise ValueError(f"Expected a window no larger than the image {size}, but got {window}.")
-    masks = []
-    for top in range(0, h - wh + 1, sh):
-        for left in range(0, w - ww + 1, sw):
-            m = torch.zeros(h, w)
-            m[top : top + wh, left : left + ww] = 1.0
-            masks.append(m)
-    return torch.stack(masks)
+    return (h - wh) // sh + 1, (w - ww) // sw + 1
 
 
 @register_explainer(
@@ -83,10 +89,8 @@ def occlusion(
     (wh, ww) = win = pair("window", window if window is not None else default)
     (sh, sw) = step = pair("stride", stride if stride is not None else win)
     (h, w) = size = tuple(images.shape[-2:])
-    if wh > h or ww > w:
-        raise ValueError(f"Expected a window no larger than the image {size}, but got {win}.")
-    n_cols = (w - ww) // sw + 1
-    count = ((h - wh) // sh + 1) * n_cols
+    n_rows, n_cols = _grid(size, win, step)
+    count = n_rows * n_cols
     base = expand_baseline(baseline, images)
     clean = score(logits, tgt, fl)
     rows, cols = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
