@@ -65,7 +65,7 @@ class _MethodMetrics:
             if spec.inputs == "model":
                 self.metrics[spec.name].update(images, maps, labels)
         if has.any():
-            pixels = to_pixels(maps, size=masks.shape[-2:])
+            pixels = to_pixels(maps, size=masks.shape[-2:], normalize=False)
             for spec in self.specs:
                 if spec.inputs == "masks":
                     self.metrics[spec.name].update(pixels[has], masks[has])

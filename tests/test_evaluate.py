@@ -48,8 +48,9 @@ def test_report_equals_the_metrics_on_the_whole_set_and_not_the_batch_size():
     ref = segmentation_agreement(pixels[has], masks[has])
     for key in ("pixel_accuracy", "miou", "map"):
         assert entry["explainers"]["chefer"][key] == pytest.approx(float(ref[key]), abs=1e-4)
-    mass = relevance_mass(pixels[has], masks[has]).mean()
-    assert entry["explainers"]["chefer"]["relevance_mass"] == pytest.approx(float(mass), abs=1e-4)
+    for key, convention in (("relevance_mass", "positive"), ("relevance_mass_minmax", "minmax")):
+        mass = relevance_mass(maps[has], masks[has], convention=convention)
+        assert entry["explainers"]["chefer"][key] == pytest.approx(float(mass), abs=1e-4)
     auc = PerturbationAUC(model, mode="negative")
     auc.update(images, maps, None)
     assert entry["explainers"]["chefer"]["perturbation_negative"] == pytest.approx(

@@ -3,10 +3,18 @@
 The math lives here once, in ``_x_update`` functions that return per-batch summable statistics;
 the public functions and the ``Metric`` classes (:mod:`relreg.metrics.localization`) both use them.
 Maps ``(B, h, w)`` or ``(B, H, W)`` are upsampled bilinearly to the masks ``(B, H, W)`` and min-max
-normalised per image (:func:`relreg.explain.to_pixels`).
+normalised per image (:func:`relreg.explain.to_pixels`), except for relevance mass, whose published
+definition is a share of the raw map's positive relevance (below).
 
 - relevance mass and relevance rank accuracy: Arras, Osman & Samek, "CLEVR-XAI", Information
-  Fusion 2022;
+  Fusion 2022. Relevance mass accuracy is ``sum_{p in mask} R_p^+ / sum_p R_p^+``, the share of
+  the positive relevance inside the mask (``convention="positive"``, the default). Quantus'
+  ``RelevanceMassAccuracy`` (``quantus/metrics/localisation/relevance_mass_accuracy.py``) divides
+  the map by its largest absolute value first (``normalise_by_max``), which leaves the share
+  unchanged, and sums the raw map rather than its positive part, which agrees for the
+  non-negative maps of most relreg explainers. ``convention="minmax"`` is relreg's earlier share
+  of the min-max normalised map: subtracting each map's minimum changes the share (a uniform
+  floor counts as relevance under ``"positive"`` and not under ``"minmax"``);
 - pointing game: Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016;
 - segmentation agreement (pixel accuracy, mIoU, mAP; maps thresholded at their mean): the
   segmentation test of Chefer, Gur & Wolf, CVPR 2021.
@@ -28,8 +36,8 @@ __all__ = [
 ]
 
 
-def _pixels(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate; return normalised pixel maps and float masks, both ``(B, H, W)``."""
+def _pixels(maps: Tensor, masks: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Validate; return (normalised) pixel maps and float masks, both ``(B, H, W)``."""
     if not isinstance(maps, Tensor) or not isinstance(masks, Tensor):
         raise TypeError(
             f"Expected maps and masks to be torch.Tensors, but got {type(maps).__name__} and {type(masks).__name__}."
@@ -43,35 +51,56 @@ def _pixels(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     masks = masks.float()
     if ((masks != 0) & (masks != 1)).any():
         raise ValueError("Expected binary masks with values in {0, 1}.")
-    return to_pixels(maps.detach().float(), size=masks.shape[-2:], normalize=True), masks
+    return to_pixels(maps.detach().float(), size=masks.shape[-2:], normalize=normalize), masks
 
 
-def _relevance_mass_update(maps: Tensor, masks: Tensor, eps: float = 1e-12) -> Tensor:
-    """Per-image fraction ``(B,)`` of the (normalised) relevance inside the mask."""
-    pix, masks = _pixels(maps, masks)
+MASS_CONVENTIONS = ("positive", "minmax")
+
+
+def check_convention(convention: object) -> str:
+    """Return ``convention`` if it names a relevance-mass convention, else raise ``ValueError``."""
+    if convention not in MASS_CONVENTIONS:
+        raise ValueError(f"Expected convention to be one of {MASS_CONVENTIONS}, but got {convention!r}.")
+    return convention  # type: ignore[return-value]
+
+
+def _relevance_mass_update(
+    maps: Tensor, masks: Tensor, convention: str = "positive", eps: float = 1e-12
+) -> Tensor:
+    """Per-image fraction ``(B,)`` of the relevance inside the mask (see :func:`relevance_share`)."""
+    check_convention(convention)
+    pix, masks = _pixels(maps, masks, normalize=convention == "minmax")
+    pix = pix.clamp_min(0)
     return (pix * masks).flatten(1).sum(1) / pix.flatten(1).sum(1).clamp_min(eps)
 
 
-def relevance_share(maps: Tensor, regions: Tensor) -> Tensor:
-    """Per-image share ``(B,)`` of the min-max normalised relevance that falls inside ``regions``.
+def relevance_share(maps: Tensor, regions: Tensor, convention: str = "positive") -> Tensor:
+    """Per-image share ``(B,)`` of the relevance that falls inside ``regions``.
 
     The per-sample form of :func:`relevance_mass`, for any binary region (a foreground mask, its
-    background ``1 - mask``, a cue's pixels).
+    background ``1 - mask``, a cue's pixels). With ``convention="positive"`` (Arras et al., 2022)
+    the share is ``sum_{p in region} R_p^+ / sum_p R_p^+`` of the upsampled raw map (0 for a map
+    with no positive relevance); with ``"minmax"`` each map is first min-max normalised to [0, 1].
 
     Args:
-        maps: ``(B, h, w)`` patch-grid or ``(B, H, W)`` pixel maps, upsampled to the regions.
+        maps: ``(B, h, w)`` patch-grid or ``(B, H, W)`` pixel maps, upsampled bilinearly to the
+            regions.
         regions: ``(B, H, W)`` binary.
+        convention: ``"positive"`` (the published definition) or ``"minmax"``.
 
     Returns:
         ``(B,)`` fractions in [0, 1].
 
     Example:
         >>> import torch
-        >>> maps = torch.tensor([[[0.0, 1.0], [0.0, 3.0]]])
-        >>> relevance_share(maps, torch.tensor([[[0.0, 0.0], [0.0, 1.0]]]))
+        >>> maps = torch.tensor([[[1.0, 2.0], [1.0, 4.0]]])
+        >>> region = torch.tensor([[[0.0, 0.0], [0.0, 1.0]]])
+        >>> relevance_share(maps, region)  # 4 / (1 + 2 + 1 + 4)
+        tensor([0.5000])
+        >>> relevance_share(maps, region, convention="minmax")  # 3 / (0 + 1 + 0 + 3)
         tensor([0.7500])
     """
-    return _relevance_mass_update(maps, regions)
+    return _relevance_mass_update(maps, regions, convention)
 
 
 def _relevance_rank_update(maps: Tensor, masks: Tensor) -> Tensor:
@@ -136,8 +165,20 @@ def _average_precision(scores: Tensor, labels: Tensor) -> Tensor:
     return (gain * tp / rank).sum(1) / y.sum(1).clamp_min(1)
 
 
-def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
+def relevance_mass(maps: Tensor, masks: Tensor, convention: str = "positive") -> Tensor:
     """Mean fraction of relevance inside the masks, in [0, 1] (higher is better).
+
+    Relevance mass accuracy of Arras et al. (2022): per image the share of the positive relevance
+    inside the mask, averaged over images. ``convention="minmax"`` takes the share of the min-max
+    normalised map instead (relreg's earlier convention); see :func:`relevance_share`.
+
+    Args:
+        maps: ``(B, h, w)`` or ``(B, H, W)`` relevance maps.
+        masks: ``(B, H, W)`` binary foreground masks.
+        convention: ``"positive"`` (default) or ``"minmax"``.
+
+    Returns:
+        A scalar tensor.
 
     Example:
         >>> import torch
@@ -146,7 +187,7 @@ def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
         >>> relevance_mass(maps, masks)
         tensor(1.)
     """
-    return _relevance_mass_update(maps, masks).mean()
+    return _relevance_mass_update(maps, masks, convention).mean()
 
 
 def relevance_rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 
 from relreg.metrics.functional import (
     _pointing_game_update,
+    check_convention,
     _relevance_mass_update,
     _relevance_rank_update,
     _segmentation_compute,
@@ -46,7 +47,7 @@ class _PerImageMean(Metric):
             maps, masks = maps[keep], masks[keep.to(masks.device)]
             if maps.shape[0] == 0:
                 return
-        scores = type(self)._per_image(maps, masks)
+        scores = self._per_image(maps, masks)
         self.total += scores.double().sum()
         self.count += scores.numel()
 
@@ -58,6 +59,15 @@ class _PerImageMean(Metric):
 class RelevanceMass(_PerImageMean):
     """Fraction of relevance inside the mask, averaged over images (Arras et al., 2022).
 
+    Per image the share of the positive relevance inside the mask (the published relevance mass
+    accuracy, ``convention="positive"``), or of the min-max normalised map
+    (``convention="minmax"``, relreg's earlier convention); see
+    :func:`relreg.metrics.relevance_share`.
+
+    Args:
+        convention: ``"positive"`` (default) or ``"minmax"``.
+        **kwargs: torchmetrics ``Metric`` options.
+
     Example:
         >>> import torch
         >>> metric = RelevanceMass()
@@ -66,7 +76,12 @@ class RelevanceMass(_PerImageMean):
         True
     """
 
-    _per_image = staticmethod(_relevance_mass_update)
+    def __init__(self, convention: str = "positive", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.convention = check_convention(convention)
+
+    def _per_image(self, maps: Tensor, masks: Tensor) -> Tensor:
+        return _relevance_mass_update(maps, masks, self.convention)
 
 
 class RelevanceRankAccuracy(_PerImageMean):

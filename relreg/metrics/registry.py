@@ -59,9 +59,9 @@ class MetricSpec:
             dict's keys for a dict-valued one.
         higher_is_better: the direction of every output.
         inputs: ``"masks"``: ``update(maps, masks (B, H, W))`` on the samples that have a mask,
-            with raw ``(B, h, w)`` maps in the callback and min-max normalised ``(B, H, W)`` pixel
-            maps in ``relreg evaluate`` (normalise with :func:`relreg.explain.to_pixels` to be
-            indifferent); ``"model"``: ``update(images (B, 3, H, W), maps, target (B,))`` on the
+            with raw ``(B, h, w)`` maps in the callback and raw maps upsampled to ``(B, H, W)``
+            pixels in ``relreg evaluate`` (normalise with :func:`relreg.explain.to_pixels` if the
+            metric needs it); ``"model"``: ``update(images (B, 3, H, W), maps, target (B,))`` on the
             explained samples (all of them in ``relreg evaluate``, those with a mask in the
             callback).
         used_by: any of :data:`USES`.
@@ -138,8 +138,8 @@ def _faithfulness(cls: type[Metric], mode: str) -> Callable[..., Metric]:
     return build
 
 
-def _localization(cls: type[Metric]) -> Callable[..., Metric]:
-    return lambda **_: cls()
+def _localization(cls: type[Metric], **options) -> Callable[..., Metric]:
+    return lambda **_: cls(**options)
 
 
 for _mode, _hi, _short in (("positive", False, "pert+ (lo)"), ("negative", True, "pert- (hi)")):
@@ -165,7 +165,13 @@ register_metric(MetricSpec(
 ))  # fmt: skip
 register_metric(MetricSpec(
     "relevance_mass", _localization(RelevanceMass),
-    {"relevance_mass": "relevance mass inside the mask"}, True, summary={"relevance_mass": "mass"},
+    {"relevance_mass": "relevance mass inside the mask (share of the positive relevance)"}, True,
+    summary={"relevance_mass": "mass"},
+))  # fmt: skip
+register_metric(MetricSpec(
+    "relevance_mass_minmax", _localization(RelevanceMass, convention="minmax"),
+    {"relevance_mass_minmax": "relevance mass of the min-max normalised map"}, True,
+    used_by=("report",),
 ))  # fmt: skip
 register_metric(MetricSpec(
     "relevance_rank_accuracy", _localization(RelevanceRankAccuracy),

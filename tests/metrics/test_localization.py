@@ -30,22 +30,29 @@ def _data(b=6, seed=0, grid=7, size=28):
     return maps, masks
 
 
-def _naive_pixels(m, size):
+def _naive_pixels(m, size, normalize=True):
     up = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-    return (up - up.min()) / max(up.max() - up.min(), 1e-8)
+    return (up - up.min()) / max(up.max() - up.min(), 1e-8) if normalize else up
 
 
 def test_per_image_metrics_match_naive_loops():
     maps, masks = _data()
-    mass, rank, point = [], [], []
+    maps = maps - 0.3  # some negative relevance, which the published relevance mass ignores
+    mass, mass_minmax, rank, point = [], [], [], []
     for m, s in zip(maps, masks, strict=True):
+        raw = np.maximum(_naive_pixels(m, s.shape, normalize=False), 0)
         r, s = _naive_pixels(m, s.shape), s.numpy()
-        mass.append((r * s).sum() / r.sum())
+        mass.append((raw * s).sum() / raw.sum())
+        mass_minmax.append((r * s).sum() / r.sum())
         k = int(s.sum())
         top = np.argsort(-r.ravel(), kind="stable")[:k]
         rank.append(s.ravel()[top].mean())
         point.append(s.ravel()[r.argmax()])
     assert relevance_mass(maps, masks).item() == pytest.approx(np.mean(mass), rel=1e-5)
+    minmax = relevance_mass(maps, masks, convention="minmax").item()
+    assert minmax == pytest.approx(np.mean(mass_minmax), rel=1e-5)
+    assert RelevanceMass(convention="minmax")(maps, masks).item() == pytest.approx(minmax)
+    assert abs(minmax - np.mean(mass)) > 1e-3  # the two conventions are different numbers
     assert relevance_rank_accuracy(maps, masks).item() == pytest.approx(np.mean(rank), rel=1e-5)
     assert pointing_game(maps, masks).item() == pytest.approx(np.mean(point))
 
@@ -112,6 +119,27 @@ def test_perfect_and_inverted_maps():
     seg = segmentation_agreement(perfect, masks)
     assert all(v.item() == 1.0 for v in seg.values())
     assert segmentation_agreement(inverted, masks)["pixel_accuracy"].item() == 0.0
+
+
+def test_relevance_mass_conventions_on_a_uniform_floor():
+    # relevance 1 on the 16-pixel object plus a floor f everywhere (64 pixels): the published share
+    # counts the floor, (1 + f) * 16 / (1 * 16 + f * 64); min-max removes it and gives 1
+    masks = torch.zeros(1, 8, 8)
+    masks[:, 2:6, 2:6] = 1
+    for f in (0.0, 0.25, 1.0):
+        maps = masks + f
+        expected = (1 + f) * 16 / (16 + f * 64)
+        assert relevance_mass(maps, masks).item() == pytest.approx(expected)
+        assert relevance_mass(maps, masks, convention="minmax").item() == pytest.approx(1.0)
+        assert relevance_mass(3.0 * maps, masks).item() == pytest.approx(expected)  # scale-free
+    assert relevance_mass(-masks, masks).item() == 0.0  # no positive relevance at all
+
+
+def test_relevance_mass_convention_is_checked():
+    with pytest.raises(ValueError, match=r"convention to be one of \('positive', 'minmax'\), but got 'max'"):
+        RelevanceMass(convention="max")
+    with pytest.raises(ValueError, match="convention"):
+        relevance_mass(torch.rand(1, 2, 2), torch.ones(1, 4, 4), convention="abs")
 
 
 @pytest.mark.parametrize(

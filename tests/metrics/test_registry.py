@@ -12,7 +12,7 @@ from relreg.metrics import MetricSpec, list_metrics, metric_spec, register_metri
 def test_built_in_declarations_keep_the_report_and_callback_keys():
     assert list(report_keys()) == [
         "perturbation_positive", "perturbation_negative", "deletion", "insertion",
-        "pixel_accuracy", "miou", "map", "pointing_game", "relevance_mass",
+        "pixel_accuracy", "miou", "map", "pointing_game", "relevance_mass", "relevance_mass_minmax",
     ]  # fmt: skip
     assert list_metrics("callback") == [
         "segmentation", "pointing_game", "relevance_mass", "relevance_rank_accuracy"
