@@ -1,4 +1,4 @@
-"""Standalone, batched, differentiable explainers for timm ViTs.
+"""Standalone, batched, differentiable explainers for timm ViTs (and transformers ViT / DeiT / BEiT).
 
 >>> from relreg.explain import explain, create_explainer, list_explainers, to_pixels
 """
@@ -6,6 +6,7 @@
 from relreg.explain import attention, gradient, lime, lrp, occlusion  # noqa: F401  (registers them)
 from relreg.explain._contract import Explanation
 from relreg.explain.capture import AttentionCapture, find_attention_modules
+from relreg.explain.huggingface import HuggingFaceClassifier, HuggingFaceViT, as_explainable
 from relreg.explain.registry import (
     Explainer,
     ExplainerInfo,
@@ -23,6 +24,9 @@ __all__ = [
     "Explainer",
     "ExplainerInfo",
     "Explanation",
+    "HuggingFaceClassifier",
+    "HuggingFaceViT",
+    "as_explainable",
     "create_explainer",
     "explain",
     "explain_with_logits",

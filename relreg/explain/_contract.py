@@ -118,7 +118,7 @@ def finish(maps: Tensor, logits: Tensor, differentiable: bool) -> Explanation:
 
 def _in_channels(model: nn.Module) -> int | None:
     embed = getattr(model, "patch_embed", None)
-    proj = getattr(embed, "proj", None)
+    proj = getattr(embed, "proj", None) or getattr(embed, "projection", None)  # timm / transformers
     return getattr(proj, "in_channels", None)
 
 

@@ -41,7 +41,8 @@ def find_attention_modules(model: nn.Module) -> list[nn.Module]:
     """Attention modules of ``model`` in forward (registration) order.
 
     A module counts when it has timm's ``Attention`` interface: ``qkv``, ``attn_drop``,
-    ``fused_attn`` and ``num_heads``.
+    ``fused_attn`` and ``num_heads``. A model that lists its own (``model.attention_modules()``,
+    e.g. :class:`relreg.explain.HuggingFaceViT`) is asked instead.
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``.
@@ -49,6 +50,9 @@ def find_attention_modules(model: nn.Module) -> list[nn.Module]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}.")
+    own = getattr(model, "attention_modules", None)
+    if callable(own):
+        return list(own())
     found = [m for m in model.modules() if _is_timm_attention(m)]
     if not found:
         raise ValueError(
@@ -131,9 +135,13 @@ class AttentionCapture(_HookContext):
             raise RuntimeError("AttentionCapture is not re-entrant: exit it before entering again.")
         self.attentions = []
         with ExitStack() as stack:
-            stack.enter_context(unfused_attention(self.model))
-            for module in self.modules:
-                stack.callback(module.attn_drop.register_forward_pre_hook(self._record).remove)
+            record = getattr(self.model, "record_attention", None)
+            if callable(record):
+                stack.enter_context(record(self._store))
+            else:
+                stack.enter_context(unfused_attention(self.model))
+                for module in self.modules:
+                    stack.callback(module.attn_drop.register_forward_pre_hook(self._record).remove)
             self._stack = stack.pop_all()
         return self
 
@@ -146,6 +154,9 @@ class AttentionCapture(_HookContext):
 
     def _record(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self.attentions.append(args[0])
+
+    def _store(self, attention: Tensor) -> None:
+        self.attentions.append(attention)
 
 
 def chunked_support(module: nn.Module) -> str | None:

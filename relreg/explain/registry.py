@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from relreg.explain._contract import Explanation, TargetLike, check_images
+from relreg.explain.huggingface import as_explainable
 
 __all__ = [
     "ExplainerInfo",
@@ -130,7 +131,8 @@ def explain(
     (call ``model.eval()`` first for inference-time explanations).
 
     Args:
-        model: a timm ViT (any classifier for the gradient methods).
+        model: a timm ViT or a ``transformers`` ViT / DeiT / BEiT classifier (any classifier
+            for the gradient and perturbation methods; see :mod:`relreg.explain.huggingface`).
         images: ``(B, C, H, W)`` input batch, normalised as the model expects.
         method: a name from :func:`list_explainers`.
         target: class to explain: None (top-1 per sample), an int, or a ``(B,)`` tensor.
@@ -187,7 +189,7 @@ def explain_with_logits(
             f"second_order=False, but got {differentiable} and {second_order}. "
             f"Differentiable explainers: {trainable}."
         )
-    model = unwrap_compiled(model)
+    model = as_explainable(unwrap_compiled(model))
     check_images(model, images)
     return info.fn(
         model,

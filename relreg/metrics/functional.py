@@ -60,7 +60,9 @@ MASS_CONVENTIONS = ("positive", "minmax")
 def check_convention(convention: object) -> str:
     """Return ``convention`` if it names a relevance-mass convention, else raise ``ValueError``."""
     if convention not in MASS_CONVENTIONS:
-        raise ValueError(f"Expected convention to be one of {MASS_CONVENTIONS}, but got {convention!r}.")
+        raise ValueError(
+            f"Expected convention to be one of {MASS_CONVENTIONS}, but got {convention!r}."
+        )
     return convention  # type: ignore[return-value]
 
 

@@ -15,11 +15,11 @@ from torchmetrics import Metric
 
 from relreg.metrics.functional import (
     _pointing_game_update,
-    check_convention,
     _relevance_mass_update,
     _relevance_rank_update,
     _segmentation_compute,
     _segmentation_update,
+    check_convention,
 )
 
 __all__ = ["PointingGame", "RelevanceMass", "RelevanceRankAccuracy", "SegmentationAgreement"]

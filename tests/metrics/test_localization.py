@@ -136,7 +136,9 @@ def test_relevance_mass_conventions_on_a_uniform_floor():
 
 
 def test_relevance_mass_convention_is_checked():
-    with pytest.raises(ValueError, match=r"convention to be one of \('positive', 'minmax'\), but got 'max'"):
+    with pytest.raises(
+        ValueError, match=r"convention to be one of \('positive', 'minmax'\), but got 'max'"
+    ):
         RelevanceMass(convention="max")
     with pytest.raises(ValueError, match="convention"):
         relevance_mass(torch.rand(1, 2, 2), torch.ones(1, 4, 4), convention="abs")

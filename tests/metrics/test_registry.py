@@ -47,7 +47,9 @@ def test_before_after_grid_sizes_itself_from_the_declared_metrics(monkeypatch, t
     monkeypatch.setattr(registry, "_METRICS", dict(registry._METRICS))
     build = lambda **_: None  # noqa: E731
     for i in range(3):  # 9 report keys + 3 = 12: a 4 x 3 grid, not the old fixed 3 x 3
-        register_metric(MetricSpec(f"extra{i}", build, {f"extra{i}": f"extra {i}"}, True, used_by=("report",)))
+        register_metric(
+            MetricSpec(f"extra{i}", build, {f"extra{i}": f"extra {i}"}, True, used_by=("report",))
+        )
     keys = list(report_keys())
     entry = {k: 0.5 for k in keys} | {"curves": {"positive": [1.0] * 10, "negative": [1.0] * 10}}
     report = {
