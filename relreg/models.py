@@ -7,7 +7,9 @@ carry a module prefix such as ``model.``).
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from torch import nn
 __all__ = [
     "build_model",
     "check_same_preprocessing",
+    "freeze_parameters",
     "lightning_model_args",
     "load_weights",
     "model_data_config",
@@ -221,3 +224,24 @@ def check_same_preprocessing(models: dict[str, nn.Module]) -> None:
             + "; ".join(f"{label}: {c}" for label, c in configs.items())
             + ". Evaluate them in separate runs."
         )
+
+
+def freeze_parameters(model: nn.Module, patterns: Sequence[str]) -> None:
+    """Set ``requires_grad=False`` on the parameters whose names match any ``fnmatch`` pattern.
+
+    Raises:
+        TypeError: ``patterns`` is a string, not a list of them.
+        ValueError: a pattern matches no parameter (nothing is frozen then).
+    """
+    if isinstance(patterns, str):
+        raise TypeError(f"Expected freeze a list of patterns, but got the string {patterns!r}.")
+    names = [n for n, _ in model.named_parameters()]
+    hits = set()
+    for pattern in patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ValueError(f"Freeze pattern {pattern!r} matches no parameter; e.g. {names[:3]}.")
+        hits.update(matched)
+    for name, p in model.named_parameters():
+        if name in hits:
+            p.requires_grad_(False)

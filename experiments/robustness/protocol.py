@@ -138,7 +138,8 @@ def fit(
         pos += batch_size
         batch = {key: data[key][idx] for key in ("image", "mask", "label")}
         batch["has_mask"] = torch.ones(idx.numel(), dtype=torch.bool)
-        out = module.model_step(batch, relevance=module.lambda_seg > 0, counterfactual=True)
+        relevance = module.lambda_seg + module.lambda_faith > 0
+        out = module.model_step(batch, relevance=relevance, counterfactual=True)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()

@@ -7,13 +7,13 @@ with ``L_seg`` a relevance loss on the masked samples and ``L_cls`` the classifi
 (paper: cross-entropy to the model's own top-1, ``classification="self"``). With
 ``lambda_seg=0`` it is a plain fine-tune (no relevance is computed): the control. ``lambda_cf > 0``
 adds a background-counterfactual term in training (:mod:`relreg.losses.counterfactual`): the
-masked samples' prediction must not change when their background is swapped for another's.
+masked samples' prediction must not change when their background is swapped for another's;
+``lambda_faith > 0`` ties the maps to the decision (:mod:`relreg.losses.faithful`).
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,12 +27,14 @@ from relreg.explain import explain_with_logits, explainer_info, find_attention_m
 from relreg.lightning.nonfinite import NonFiniteError, NonFiniteGuard, nonfinite_terms
 from relreg.losses import (
     ClassificationLoss,
+    background_effect_share,
     counterfactual_loss,
     create_relevance_loss,
+    faithfulness_loss,
     swap_backgrounds,
 )
 from relreg.metrics import RelevanceMass, accuracy_targets, score_logits, scoring_classes
-from relreg.models import build_model, load_weights
+from relreg.models import build_model, freeze_parameters, load_weights
 from relreg.validate import check_positive_int
 
 __all__ = ["RelRegModule"]
@@ -69,6 +71,9 @@ class RelRegModule(pl.LightningModule):
             steps are plain fine-tune steps); 1: every step, as in the paper.
         lambda_cf: weight of the background-counterfactual consistency term (training only; one
             more forward pass over the masked samples); 0: off, as in the paper.
+        lambda_faith: weight of the faithfulness anchor (training only; two more forward passes
+            over the masked samples): the map's background share must equal the background's
+            measured effect on the prediction (:mod:`relreg.losses.faithful`); 0: off.
         nonfinite: ``"error"`` (stop at a non-finite loss or relevance map, saying where) or
             ``"skip"`` (skip that optimiser step); see :mod:`relreg.lightning.nonfinite`.
         max_skipped: with ``"skip"``, stop after this many skipped steps in a row.
@@ -100,6 +105,7 @@ class RelRegModule(pl.LightningModule):
         eval_relevance: bool = True,
         relevance_every: int = 1,
         lambda_cf: float = 0.0,
+        lambda_faith: float = 0.0,
         nonfinite: str = "error",
         max_skipped: int = 3,
     ) -> None:
@@ -148,10 +154,12 @@ class RelRegModule(pl.LightningModule):
             ("lambda_seg", lambda_seg),
             ("lambda_cls", lambda_cls),
             ("lambda_cf", lambda_cf),
+            ("lambda_faith", lambda_faith),
         ):
             if value < 0:
                 raise ValueError(f"Expected {name} >= 0, but got {value}.")
         self.lambda_seg, self.lambda_cls, self.lambda_cf = lambda_seg, lambda_cls, lambda_cf
+        self.lambda_faith = lambda_faith
         check_positive_int("relevance_every", relevance_every)
         self.classification_loss = ClassificationLoss(classification, temperature)
         self.teacher = (
@@ -159,7 +167,7 @@ class RelRegModule(pl.LightningModule):
             if classification == "teacher"
             else None
         )
-        self._freeze(freeze)
+        freeze_parameters(self.model, freeze)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_relevance = eval_relevance
         self.nonfinite_guard = NonFiniteGuard(nonfinite, max_skipped)
@@ -177,20 +185,6 @@ class RelRegModule(pl.LightningModule):
                 f"Expected a classifier with num_classes >= 2, but the model reports {n!r}."
             )
         return n
-
-    def _freeze(self, patterns: Sequence[str]) -> None:
-        if isinstance(patterns, str):
-            raise TypeError(f"Expected freeze a list of patterns, but got the string {patterns!r}.")
-        names = [n for n, _ in self.model.named_parameters()]
-        for pattern in patterns:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise ValueError(
-                    f"Freeze pattern {pattern!r} matches no parameter; e.g. {names[:3]}."
-                )
-            for name, p in self.model.named_parameters():
-                if name in hits:
-                    p.requires_grad_(False)
 
     def _setup_eval_metrics(self) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -244,10 +238,16 @@ class RelRegModule(pl.LightningModule):
                 masks = batch["mask"] if whole else batch["mask"][masked]
                 pix = to_pixels(exp.maps, size=masks.shape[-2:], normalize=self.normalize)
                 if torch.isfinite(exp.maps).all():
-                    rel = self.relevance_loss(pix, masks.to(pix.dtype))
+                    rel = dict(self.relevance_loss(pix, masks.to(pix.dtype)))
                 else:  # reported by the step (relreg.lightning.nonfinite), not inside the loss
                     nan = pix.new_full((), float("nan"))
                     rel = {"loss": nan, "loss_bg": nan, "loss_fg": nan}
+                if counterfactual and self.lambda_faith > 0 and masked.numel() > 1:
+                    sub = images[masked]
+                    share = background_effect_share(
+                        self.model, sub, masks.to(sub.dtype), labels[masked], exp.logits
+                    )
+                    rel["loss_faith"] = faithfulness_loss(pix, masks, share)
             logits = (
                 exp.logits if whole else _merge(exp.logits, masked, self.model(images[rest]), rest)
             )
@@ -256,10 +256,8 @@ class RelRegModule(pl.LightningModule):
             logits = self.model(images)
             zero = logits.new_zeros(())
             rel = {"loss": zero, "loss_bg": zero, "loss_fg": zero}
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(images)
+        with torch.no_grad():
+            teacher_logits = None if self.teacher is None else self.teacher(images)
         loss_cls = self.classification_loss(logits, labels, teacher_logits)
         loss_cf = logits.new_zeros(())
         if counterfactual and self.lambda_cf > 0 and has_mask.sum() > 1:
@@ -270,8 +268,10 @@ class RelRegModule(pl.LightningModule):
             logits=logits,
             loss=self.lambda_seg * rel["loss"]
             + self.lambda_cls * loss_cls
-            + self.lambda_cf * loss_cf,
+            + self.lambda_cf * loss_cf
+            + self.lambda_faith * rel.get("loss_faith", 0.0),
             loss_cf=loss_cf,
+            loss_faith=rel.get("loss_faith", logits.new_zeros(())),
             loss_cls=loss_cls,
             loss_bg=rel["loss_bg"],
             loss_fg=rel["loss_fg"],
@@ -284,14 +284,15 @@ class RelRegModule(pl.LightningModule):
         every = self.hparams.relevance_every
         out = self.model_step(
             batch,
-            relevance=self.lambda_seg > 0 and self.global_step % every == 0,
+            relevance=self.lambda_seg + self.lambda_faith > 0 and self.global_step % every == 0,
             counterfactual=True,
         )
         if self.nonfinite_guard.skip(self, out, batch, batch_idx):
             return None  # skipped: no backward pass, no optimiser step
         self.train_acc(out["logits"].detach(), batch["label"])
         b = batch["label"].shape[0]
-        for key in ("loss", "loss_cls", "loss_bg", "loss_fg") + ("loss_cf",) * (self.lambda_cf > 0):
+        extra = ("loss_cf",) * (self.lambda_cf > 0) + ("loss_faith",) * (self.lambda_faith > 0)
+        for key in ("loss", "loss_cls", "loss_bg", "loss_fg", *extra):
             self.log(f"train/{key}", out[key].detach(), prog_bar=key == "loss", batch_size=b)
         self.log("train/acc", self.train_acc, prog_bar=True, batch_size=b)
         return out["loss"]

@@ -11,7 +11,9 @@ from relreg.data import RelRegDataModule, SpuriousShapes
 from relreg.explain import explain, to_pixels
 from relreg.lightning import RelRegModule
 from relreg.losses import (
+    background_effect_share,
     classification_loss,
+    faithfulness_loss,
     counterfactual_loss,
     robustvit_loss,
     swap_backgrounds,
@@ -55,7 +57,9 @@ def test_one_forward_pass_per_step():
 
 def test_loss_equals_reference():
     options = {"lambda_bg": 1.5, "lambda_fg": 0.4}
-    module = _module(lambda_seg=0.7, lambda_cls=0.3, relevance_loss_options=options, temperature=0.5)
+    module = _module(
+        lambda_seg=0.7, lambda_cls=0.3, relevance_loss_options=options, temperature=0.5
+    )
     batch = _batch(masked_fraction=0.5, seed=1)
     out = module.model_step(batch, relevance=True)
     maps = explain(module.model, batch["image"], "chefer", target=batch["label"])
@@ -79,7 +83,9 @@ def test_method_options_reach_the_explainer():
         )["loss"]
     torch.testing.assert_close(out["loss"], rel["logits"])
     assert not torch.allclose(rel["logits"], rel["attention"])
-    with pytest.raises(TypeError, match=r"method_options among \['start_layer', 'gradient', 'engine'"):
+    with pytest.raises(
+        TypeError, match=r"method_options among \['start_layer', 'gradient', 'engine'"
+    ):
         _module(method_options={"grad": "logits"})
 
 
@@ -277,14 +283,44 @@ def test_counterfactual_term_equals_its_reference_and_trains():
         _module(lambda_cf=-1.0)
 
 
+def test_faithfulness_anchor_equals_its_reference_and_trains():
+    module = _module(lambda_seg=1.0, lambda_cls=1.0, classification="label", lambda_faith=2.0)
+    batch = _batch(masked_fraction=0.5, seed=3)
+    out = module.model_step(batch, relevance=True, counterfactual=True)
+    m = batch["has_mask"]
+    x, masks, labels = batch["image"][m], batch["mask"][m], batch["label"][m]
+    maps = explain(module.model, x, "chefer", target=labels)
+    share = background_effect_share(module.model, x, masks, labels, module.model(x))
+    ref = faithfulness_loss(to_pixels(maps, size=masks.shape[-2:]), masks, share)
+    torch.testing.assert_close(out["loss_faith"], ref)
+    rest = out["loss"] - 2.0 * out["loss_faith"]
+    torch.testing.assert_close(
+        rest, out["loss_cls"] + robustvit_loss(to_pixels(maps, size=(32, 32)), masks)["loss"]
+    )
+    # evaluation steps compute no anchor; lambda_seg = 0 still computes the maps for it
+    assert module.model_step(batch, relevance=True)["loss_faith"].item() == 0.0
+    only = _module(lambda_seg=0.0, lambda_cls=1.0, classification="label", lambda_faith=1.0)
+    loss = only.training_step(batch, 0)
+    assert loss > only.model_step(batch, relevance=False)["loss"]
+    loss.backward()
+    assert only.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="lambda_faith >= 0"):
+        _module(lambda_faith=-0.5)
+
+
 def test_relevance_loss_options_go_to_the_named_loss_only():
     module = _module(relevance_loss="robustvit", relevance_loss_options={"lambda_bg": 1.25})
     assert module.relevance_loss.lambda_bg == 1.25 and module.relevance_loss.lambda_fg == 0.3
-    with pytest.raises(ValueError, match=r"Expected options of relevance loss 'mass' among \[\], but got \['lambda_bg'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Expected options of relevance loss 'mass' among \[\], but got \['lambda_bg'\]",
+    ):
         _module(relevance_loss="mass", relevance_loss_options={"lambda_bg": 1.0})
     from relreg.losses import RobustViTLoss
 
-    with pytest.raises(ValueError, match="Expected relevance_loss_options only with a relevance loss given by name"):
+    with pytest.raises(
+        ValueError, match="Expected relevance_loss_options only with a relevance loss given by name"
+    ):
         _module(relevance_loss=RobustViTLoss(), relevance_loss_options={"lambda_bg": 1.0})
 
 
