@@ -13,8 +13,8 @@ from relreg.lightning import RelRegModule
 from relreg.losses import (
     background_effect_share,
     classification_loss,
-    faithfulness_loss,
     counterfactual_loss,
+    faithfulness_loss,
     robustvit_loss,
     swap_backgrounds,
 )

@@ -46,7 +46,7 @@ def test_effect_share_equals_a_per_image_reference():
         x_bg = m * images[i] + (1 - m) * (other * bg + fill * (1 - bg))
         own_fill = (images[i] * (1 - m)).sum((1, 2), keepdim=True) / (1 - m).sum()
         x_fg = images[i] * (1 - m) + own_fill * m
-        logp = lambda x: F.log_softmax(model(x[None]), 1)[0, target[i]]  # noqa: E731
+        logp = lambda x, t=int(target[i]): F.log_softmax(model(x[None]), 1)[0, t]  # noqa: E731
         d_bg = (logp(images[i]) - logp(x_bg)).abs()
         d_fg = (logp(images[i]) - logp(x_fg)).abs()
         torch.testing.assert_close(share[i], (d_bg + 5e-7) / (d_bg + d_fg + 1e-6))
