@@ -12,7 +12,11 @@ split of SpuriousShapes (the background tint points to a wrong class) and a mode
     python experiments/compare_explainers.py --checkpoint runs/demo/bias/final.ckpt \\
         --out experiments/results/compare_explainers.json
 
-Writes the JSON (the table, the ranks, the machine, the time) and a figure next to it.
+Writes the JSON (the table, the ranks, the machine, the time) and a figure next to it. Extra rows
+(``VARIANTS``, also accepted by ``--methods``) run a method again with other options:
+``lrp:cvpr2021_baseline`` and ``partial_lrp:cvpr2021_baseline`` are ``lrp`` and ``partial_lrp``
+with the standard LRP layers the paper computed these two baselines with
+(``rules="cvpr2021_baseline"``; the plain rows use relreg's default, conservative rules).
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ COLUMNS = [
     ("map", "mAP", True),
 ]
 
+# extra rows: {row name: (registered method, its options)}
+VARIANTS = {
+    "lrp:cvpr2021_baseline": ("lrp", {"rules": "cvpr2021_baseline"}),
+    "partial_lrp:cvpr2021_baseline": ("partial_lrp", {"rules": "cvpr2021_baseline"}),
+}
+
 
 def _ranks(values: dict[str, float], higher: bool) -> dict[str, int]:
     """Competition ranks (1 = best); methods within 1e-3 of each other share a rank."""
@@ -58,13 +68,21 @@ def _ranks(values: dict[str, float], higher: bool) -> dict[str, int]:
 def run(args: argparse.Namespace) -> dict:
     model = model_from_checkpoint(args.checkpoint)  # a relreg fit checkpoint (`make demo`)
     data = load_split(f"shapes:{args.split}:{args.n}", model)
-    methods = args.methods or list_explainers()
+    methods = args.methods or [*list_explainers(), *VARIANTS]
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    report = evaluate_models(
-        {"model": model}, data, methods, batch_size=args.batch_size, progress=not args.quiet
-    )
-    explainers = report["models"]["model"]["explainers"]
+    plain = [m for m in methods if m not in VARIANTS]
+
+    def evaluate(names: list[str], options: dict | None = None) -> dict:
+        return evaluate_models({"model": model}, data, names, batch_size=args.batch_size,
+                               method_options=options, progress=not args.quiet)  # fmt: skip
+
+    report = evaluate(plain) if plain else None
+    explainers = dict(report["models"]["model"]["explainers"]) if report else {}
+    for row in (m for m in methods if m in VARIANTS):  # a variant: its method, its own options
+        method, options = VARIANTS[row]
+        report = evaluate([method], {method: options})
+        explainers[row] = report["models"]["model"]["explainers"][method]
     table = {
         m: {key: explainers[m][key] for key, _, _ in COLUMNS}
         | {"deletion": explainers[m]["deletion"], "insertion": explainers[m]["insertion"]}
@@ -119,11 +137,11 @@ def _figure(result: dict, methods: list[str], path: Path) -> None:
 
 
 def _print(result: dict, methods: list[str]) -> None:
-    print(f"{'method':24s}" + "".join(f"{t:>14s}" for _, t, _ in COLUMNS) + f"{'mean rank':>11s}")
+    print(f"{'method':32s}" + "".join(f"{t:>14s}" for _, t, _ in COLUMNS) + f"{'mean rank':>11s}")
     for m in sorted(methods, key=lambda m: result["mean_rank"][m]):
         row = result["table"][m]
         cells = "".join(f"{row[k]:14.3f}" for k, _, _ in COLUMNS)
-        print(f"{m:24s}{cells}{result['mean_rank'][m]:11.2f}")
+        print(f"{m:32s}{cells}{result['mean_rank'][m]:11.2f}")
 
 
 def main() -> None:
@@ -131,7 +149,8 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=Path("runs/demo/bias/final.ckpt"))
     p.add_argument("--split", default="ood", help="SpuriousShapes split (masks on every image)")
     p.add_argument("--n", type=int, default=256, help="number of images")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered one")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="registered explainers and VARIANTS rows; default: all of them")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("experiments/results/compare_explainers.json"))

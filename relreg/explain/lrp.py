@@ -21,6 +21,10 @@ addition rule turns into 0 everywhere, so the target's and the foil's relevances
 separately (from their one-hot starts) and subtracted; ``transformer_attribution`` weights that
 difference with the gradient of ``y_target - y_foil``.
 
+``lrp`` and ``partial_lrp`` take ``rules``: ``"conservative"`` (default, the rules above) or
+``"cvpr2021_baseline"``, the standard LRP layers the CVPR 2021 paper computed these two baselines
+with (not conservative: see :mod:`relreg.explain.lrp_baseline`).
+
 Every sum of a normalisation is taken per sample, so a batched call equals one call per image.
 What the learned prefix tokens (CLS, distillation, registers) and the position embedding receive
 leaves the network, so ``lrp``'s pixel map sums to the start relevance minus their share (1 minus
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 
 from relreg.explain._contract import (
     Explanation,
+    Target,
     TargetLike,
     check_grad_mode,
     check_images,
@@ -47,6 +52,9 @@ from relreg.explain._contract import (
     score,
     target_weights,
 )
+from relreg.explain.lrp_baseline import check_rules
+from relreg.explain.lrp_baseline import propagate as baseline_propagate
+from relreg.explain.lrp_baseline import start_relevance as baseline_start
 from relreg.explain.lrp_vit import ViTForward, check_lrp_model, functional_forward, propagate
 from relreg.explain.registry import register_explainer
 from relreg.explain.tokens import _readout, _to_grid
@@ -118,6 +126,23 @@ def contrast_propagate(
     return attention, pix
 
 
+def _relevances(
+    model: nn.Module,
+    fwd: ViTForward,
+    target: Target,
+    foil: Tensor | None,
+    down_to: int,
+    pixels: bool,
+    rules: str,
+) -> tuple[dict[int, Tensor], Tensor | None]:
+    """:func:`contrast_propagate` under the conservative rules; under the CVPR 2021 baseline rules
+    (linear in the start) one pass from :func:`relreg.explain.lrp_baseline.start_relevance`."""
+    if rules == "conservative":
+        return contrast_propagate(model, fwd, target, foil, down_to, pixels)
+    start = baseline_start(fwd.logits, target, foil)
+    return baseline_propagate(model, fwd, start, down_to, pixels)
+
+
 # ----------------------------------------------------------------------------------- explainers
 
 
@@ -127,8 +152,10 @@ def _prepare(
     method: str,
     differentiable: bool,
     second_order: bool,
+    rules: str = "conservative",
 ) -> None:
     _check_flags(method, differentiable, second_order)
+    check_rules(rules)
     check_images(model, images)
     check_lrp_model(model)
     _check_image_size(model, images)
@@ -203,21 +230,29 @@ def partial_lrp(
     foil: TargetLike = None,
     differentiable: bool = False,
     second_order: bool = False,
+    *,
+    rules: str = "conservative",
 ) -> Explanation:
     """LRP relevance of the last block's attention probabilities: ``(B, gh, gw)``, raw.
 
     ``mean_h R_L^+`` (positive part, head mean), read-out row, patch columns; the LRP start is
     ``one_hot(target)`` (with a foil: ``R_L`` of the target minus that of the foil).
 
+    Args:
+        rules: ``"conservative"`` (the CVPR 2021 paper's own rules, see the module docstring) or
+            ``"cvpr2021_baseline"`` (the standard LRP layers the paper ran this baseline with, its
+            ``method="last_layer"``; see :mod:`relreg.explain.lrp_baseline`).
+
     Raises:
-        ValueError, TypeError: as :func:`transformer_attribution`.
+        ValueError, TypeError: as :func:`transformer_attribution`; ValueError for an unknown
+            ``rules``.
     """
-    _prepare(model, images, "partial_lrp", differentiable, second_order)
+    _prepare(model, images, "partial_lrp", differentiable, second_order, rules)
     with torch.no_grad():
         fwd = functional_forward(model, images.detach())
         tgt, fl = resolve_classes(fwd.logits, target, foil)
         last = len(fwd.blocks) - 1
-        relevance, _ = contrast_propagate(model, fwd, tgt, fl, last)
+        relevance, _ = _relevances(model, fwd, tgt, fl, last, False, rules)
         abar = relevance[last].clamp(min=0).mean(dim=1)
         row = torch.bmm(_readout(model, abar).unsqueeze(1), abar)[:, 0]
     return finish(_to_grid(model, images, row), fwd.logits, False)
@@ -236,22 +271,30 @@ def lrp(
     foil: TargetLike = None,
     differentiable: bool = False,
     second_order: bool = False,
+    *,
+    rules: str = "conservative",
 ) -> Explanation:
     """Full LRP down to the pixels, summed over colour channels: ``(B, H, W)``, raw (signed).
 
-    The start relevance ``one_hot(target)`` is conserved layer by layer except for the share the
-    prefix tokens and the position embedding take (see the module docstring). With a foil: the
-    target's pixel relevance minus the foil's. With ``dynamic_img_pad`` the padded border's
-    relevance is dropped.
+    Under the default rules the start relevance ``one_hot(target)`` is conserved layer by layer
+    except for the share the prefix tokens and the position embedding take (see the module
+    docstring). With a foil: the target's pixel relevance minus the foil's. With
+    ``dynamic_img_pad`` the padded border's relevance is dropped.
+
+    Args:
+        rules: ``"conservative"`` (default) or ``"cvpr2021_baseline"``: the standard LRP layers the
+            CVPR 2021 paper ran this baseline with (its ``method="full"``), which do not conserve
+            the start relevance (see :mod:`relreg.explain.lrp_baseline`).
 
     Raises:
-        ValueError, TypeError: as :func:`transformer_attribution`.
+        ValueError, TypeError: as :func:`transformer_attribution`; ValueError for an unknown
+            ``rules``.
     """
-    _prepare(model, images, "lrp", differentiable, second_order)
+    _prepare(model, images, "lrp", differentiable, second_order, rules)
     with torch.no_grad():
         fwd = functional_forward(model, images.detach())
         tgt, fl = resolve_classes(fwd.logits, target, foil)
-        _, pixels = contrast_propagate(model, fwd, tgt, fl, 0, pixels=True)
+        _, pixels = _relevances(model, fwd, tgt, fl, 0, True, rules)
         assert pixels is not None
         maps = pixels[..., : images.shape[-2], : images.shape[-1]].sum(dim=1)
     return finish(maps, fwd.logits, False)
