@@ -1,4 +1,5 @@
-"""Data: image folders with masks, OOD folders, the SpuriousShapes benchmark, joint transforms.
+"""Data: image folders with masks, OOD folders, the SpuriousShapes and SpuriousScenes benchmarks,
+joint transforms.
 
 Every dataset yields :class:`Sample` dicts, relreg's batch contract (:mod:`relreg.data.sample`).
 """
@@ -16,6 +17,7 @@ from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
 from relreg.data.preprocessing import PREPROCESSING, FollowsModel, Preprocessing
 from relreg.data.sample import Sample
+from relreg.data.scenes import ScenesBatch, SpuriousScenes, make_scenes, write_scenes_folder
 from relreg.data.shuffled import ShuffledLabels
 from relreg.data.specs import load_split
 from relreg.data.spurious import SPLITS, SpuriousShapes, write_shapes_folder
@@ -35,8 +37,10 @@ __all__ = [
     "EpochShuffleSampler",
     "RelRegDataModule",
     "Sample",
+    "ScenesBatch",
     "ShapesBatch",
     "ShuffledLabels",
+    "SpuriousScenes",
     "SpuriousShapes",
     "class_index",
     "class_names",
@@ -46,9 +50,11 @@ __all__ = [
     "split_classes_of",
     "eval_transform",
     "load_split",
+    "make_scenes",
     "make_shapes",
     "objectnet_label_sets",
     "train_transform",
+    "write_scenes_folder",
     "write_shapes_folder",
 ]
 
