@@ -78,6 +78,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick", action="store_true", help="3 steps per stage: a smoke test, not a result"
     )
+    p.add_argument("--arms", nargs="+", help="fine-tuning arms (configs/demo/<arm>.yaml)")
 
 
 def _prepare_parser(sub: argparse._SubParsersAction) -> None:
@@ -345,7 +346,8 @@ def _run_command(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from relreg.demo import run_demo
 
-        run_demo(args.out, seeds=tuple(args.seeds), configs=args.configs, quick=args.quick)
+        arms = {} if args.arms is None else {"arms": tuple(args.arms)}
+        run_demo(args.out, tuple(args.seeds), args.configs, args.quick, **arms)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,11 +7,14 @@ Every stage is a LightningCLI run of the YAML files in ``configs/demo``:
    time) so that it also leans on the cue: the *baseline*;
 3. for each seed, fine-tunes of the baseline on the same few masked images per class, for the
    same steps: ``control`` (classification term only), ``relreg`` (plus the RobustViT relevance
-   loss) and ``relreg_mass`` (plus the relevance-mass loss instead).
+   loss), ``counterfactual`` (plus the background-counterfactual term instead) and ``relreg_cf``
+   (both terms). ``arms=`` picks others among the YAML files of ``configs/demo`` (e.g.
+   ``relreg_mass``: the relevance-mass loss).
 
 Each stage leaves ``<stage>/final.ckpt`` (the model exactly as trained and tested; the next stage
-starts from it) for ``relreg evaluate``. Writes ``results/demo.json`` (``{"seeds", "baseline", "control", "relreg", "relreg_mass"}``, each arm with the mean
-and per-seed ``id_acc``, ``ood_acc`` and ``relevance_mass``, fractions in [0, 1]),
+starts from it) for ``relreg evaluate``. Writes ``results/demo.json`` (``{"seeds", "arms", "baseline", <arm>...}``, each arm with the mean
+and per-seed ``id_acc``, ``ood_acc`` and ``relevance_mass`` (the published relevance mass: share of
+the positive Chefer relevance inside the masks), fractions in [0, 1]),
 ``results/ood_heatmaps.png`` (Chefer maps of OOD images: baseline and each arm, seed 0) and
 ``results/explainers.png`` (every explainer on the relreg model), all under ``--out``.
 """
@@ -32,7 +35,7 @@ from relreg.viz import explanation_grid, save_figure
 
 __all__ = ["run_demo"]
 
-ARMS = ("control", "relreg", "relreg_mass")
+ARMS = ("control", "relreg", "counterfactual", "relreg_cf")
 METRICS = {"id_acc": "test/acc", "ood_acc": "ood/ood/acc", "relevance_mass": "test/relevance_mass"}
 _FAST = {"smoothgrad": {"n_samples": 8}, "integrated_gradients": {"steps": 16}}
 
@@ -83,6 +86,7 @@ def run_demo(
     seeds: tuple[int, ...] = (0, 1, 2),
     configs: Path = Path("configs/demo"),
     quick: bool = False,
+    arms: tuple[str, ...] = ARMS,
 ) -> dict:
     """Run the demo; returns what it writes to ``out/results/demo.json``.
 
@@ -91,11 +95,20 @@ def run_demo(
         seeds: seeds of the control / relreg fine-tunes.
         configs: folder of the demo's YAML files.
         quick: 3 steps per stage (a smoke test, not a result).
+        arms: fine-tuning arms, each a ``<arm>.yaml`` in ``configs`` (``control`` first).
     """
     out, configs = Path(out), Path(configs)
     if not (configs / "base.yaml").is_file():
         raise FileNotFoundError(
             f"Expected the demo configs in {str(configs)!r} (run from the repository root)."
+        )
+    missing = [
+        a for a in arms if a in ("pretrain", "bias") or not (configs / f"{a}.yaml").is_file()
+    ]
+    if not arms or missing:
+        raise ValueError(
+            f"Expected arms among the fine-tuning configs of {str(configs)!r}, but got {list(arms)} "
+            f"(not arms: {missing})."
         )
     common = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1"] if quick else []
     t0 = time.perf_counter()
@@ -104,9 +117,9 @@ def run_demo(
     cli, baseline = _stage(configs, out, "bias", [*common, "--model.checkpoint", pretrained])
     biased = str(out / "bias" / "final.ckpt")  # the baseline exactly as tested
     models = {"baseline": cli.model.model}
-    per_arm: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
+    per_arm: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     for seed in seeds:
-        for arm in ARMS:
+        for arm in arms:
             extra = [*common, "--model.checkpoint", biased, "--seed_everything", str(seed)]
             extra += [
                 "--data.train.init_args.seed",
@@ -117,9 +130,10 @@ def run_demo(
             cli, metrics = _stage(configs, out, f"{arm}-seed{seed}", extra)
             per_arm[arm].append(metrics)
             models.setdefault(arm, cli.model.model)
-            print(f"seed {seed} {arm:8s} {metrics}", flush=True)
+            print(f"seed {seed} {arm:14s} {metrics}", flush=True)
     result = {
         "seeds": list(seeds),
+        "arms": list(arms),
         "baseline": {k: {"mean": v, "per_seed": [v]} for k, v in baseline.items()},
         **{arm: _summary(runs) for arm, runs in per_arm.items()},
         "minutes": round((time.perf_counter() - t0) / 60, 2),
@@ -145,7 +159,7 @@ def _figures(models: dict[str, torch.nn.Module], results: Path) -> None:
         for name, model in models.items()
     }
     save_figure(explanation_grid(shown, maps, titles), results / "ood_heatmaps.png")
-    relreg_model = models["relreg"]
+    relreg_model = models.get("relreg", models[next(iter(models))])
     every = {
         name: to_pixels(
             explain(relreg_model, ood.images, name, target=ood.labels, **_FAST.get(name, {})),
@@ -158,10 +172,10 @@ def _figures(models: dict[str, torch.nn.Module], results: Path) -> None:
 
 def _print_table(result: dict) -> None:
     print(
-        f"\n{'arm':10s} {'id_acc':>8s} {'ood_acc':>8s} {'relevance_mass':>15s}   (mean over seeds {result['seeds']})"
+        f"\n{'arm':14s} {'id_acc':>8s} {'ood_acc':>8s} {'relevance_mass':>15s}   (mean over seeds {result['seeds']})"
     )
-    for arm in ("baseline", *ARMS):
+    for arm in ("baseline", *result["arms"]):
         row = result[arm]
         print(
-            f"{arm:10s} {row['id_acc']['mean']:8.3f} {row['ood_acc']['mean']:8.3f} {row['relevance_mass']['mean']:15.3f}"
+            f"{arm:14s} {row['id_acc']['mean']:8.3f} {row['ood_acc']['mean']:8.3f} {row['relevance_mass']['mean']:15.3f}"
         )

@@ -1,7 +1,10 @@
 """The robustness study's protocol: config, data, model, training, evaluation and summaries.
 
 The benchmarks are relreg's shapes with a spurious cue (:func:`relreg.data.make_shapes`): ``tint``
-(the background's colour) or ``marker`` (a white square in the class's corner). A tiny ViT learns
+(the background's colour) or ``marker`` (a white square in the class's corner); and ``scenes``,
+real handwritten digits on crops of real photographs, one photograph per class as the cue
+(:func:`relreg.data.make_scenes`; training splits draw digits from the ``train`` pool, evaluation
+splits from the writer-disjoint ``test`` pool). A tiny ViT learns
 the shapes on unbiased data, then the cue on biased data (the baseline, :func:`build_baseline`);
 each method fine-tunes it on a few masked images per class (:func:`finetune`), and every model is
 scored by :func:`evaluate` (:data:`METRICS`). The protocol's numbers are in
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from relreg.data import make_shapes
+from relreg.data import make_scenes, make_shapes
 from relreg.explain import explain
 from relreg.lightning import RelRegModule
 from relreg.metrics import relevance_share
@@ -37,22 +40,32 @@ EVAL_SPLITS = ("id", "ood", "unbiased")
 
 
 # ------------------------------------------------------------------------------------------ data
-def make_split(cfg: dict, kind: str, split: str, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_split(
+    cfg: dict,
+    kind: str,
+    split: str,
+    n: int,
+    seed: int = 0,
+    held_out: bool = False,
+    num_classes: int | None = None,
+) -> dict[str, torch.Tensor]:
     """A normalised split of a benchmark.
 
     Args:
         cfg: the study's config.
-        kind: the benchmark, ``"tint"`` or ``"marker"``.
+        kind: the benchmark, ``"tint"``, ``"marker"`` or ``"scenes"``.
         split: ``"unbiased"``, ``"bias"``, ``"finetune"``, ``"id"`` or ``"ood"`` (how often the
             cue agrees with the label, and the split's seed offset).
         n: number of images.
         seed: the split's seed, ``1000 * seed`` plus the split's offset.
+        held_out: an evaluation split (``scenes``: digits from the writer-disjoint test pool).
+        num_classes: classes of the split (default: the config's; a source task may have more).
 
     Returns:
         ``image (n, 3, S, S)`` in [-1, 1], ``mask (n, S, S)`` in {0, 1}, ``label (n,)`` and
         ``cue (n,)``, the class the cue points to.
     """
-    k = cfg["num_classes"]
+    k = num_classes or cfg["num_classes"]
     spurious = {
         "unbiased": 1.0 / k,
         "bias": cfg["bias"]["spurious"],
@@ -60,14 +73,15 @@ def make_split(cfg: dict, kind: str, split: str, n: int, seed: int = 0) -> dict[
         "id": cfg["eval"]["id_spurious"],
         "ood": 0.0,
     }[split]
-    batch = make_shapes(
-        n,
-        size=cfg["image_size"],
-        num_classes=k,
-        seed=1000 * seed + SPLIT_SEEDS[split],
-        spurious=spurious,
-        cue=kind,
-    )
+    common = dict(size=cfg["image_size"], num_classes=k, seed=1000 * seed + SPLIT_SEEDS[split])
+    if kind == "scenes":
+        opts = dict(cfg.get("scenes", {}))
+        if split == "unbiased" and not held_out:  # the source task's extra backgrounds
+            opts["distractors"] = cfg["pretrain"].get("distractors", 0)
+        digits = "test" if held_out else "train"
+        batch = make_scenes(n, spurious=spurious, digits=digits, **opts, **common)
+    else:
+        batch = make_shapes(n, spurious=spurious, cue=kind, **common)
     return {
         "image": (batch.images - 0.5) / 0.5,
         "mask": batch.masks,
@@ -77,8 +91,8 @@ def make_split(cfg: dict, kind: str, split: str, n: int, seed: int = 0) -> dict[
 
 
 def cue_region(images: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tensor:
-    """``(B, H, W)`` in {0, 1} where the cue is: the background (tint) or the marker's square."""
-    if kind == "tint":
+    """``(B, H, W)`` in {0, 1} where the cue is: the background (tint, scenes) or the marker."""
+    if kind in ("tint", "scenes"):
         return 1 - masks
     size = images.shape[-1]
     w = size // 8
@@ -91,11 +105,22 @@ def cue_region(images: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Te
 
 
 # ----------------------------------------------------------------------------------- training
-def new_model(cfg: dict) -> torch.nn.Module:
-    """The study's (untrained) tiny ViT."""
-    return build_model(
-        cfg["model"]["name"], False, None, cfg["num_classes"], **cfg["model"]["kwargs"]
-    )
+def new_model(cfg: dict, num_classes: int | None = None) -> torch.nn.Module:
+    """The study's (untrained) tiny ViT, with the config's classes or ``num_classes``."""
+    k = num_classes or cfg["num_classes"]
+    return build_model(cfg["model"]["name"], False, None, k, **cfg["model"]["kwargs"])
+
+
+def keep_classes(model: torch.nn.Module, k: int) -> torch.nn.Module:
+    """Cut a source model's head to its first ``k`` classes, in place (the target task's)."""
+    head = model.get_classifier()
+    small = torch.nn.Linear(head.in_features, k)
+    with torch.no_grad():
+        small.weight.copy_(head.weight[:k])
+        small.bias.copy_(head.bias[:k])
+    model.head = small
+    model.num_classes = k
+    return model
 
 
 def fit(
@@ -189,8 +214,9 @@ def evaluate(model: torch.nn.Module, evals: dict, kind: str, n: int) -> dict[str
 
 def eval_splits(cfg: dict, kind: str) -> dict[str, dict[str, torch.Tensor]]:
     """The :data:`EVAL_SPLITS` of a benchmark, ``cfg["eval"]["n"]`` images each."""
+    n = cfg["eval"]["n"]
     return {
-        split: make_split(cfg, kind, split, cfg["eval"]["n"], seed=int(split == "unbiased"))
+        split: make_split(cfg, kind, split, n, seed=int(split == "unbiased"), held_out=True)
         for split in EVAL_SPLITS
     }
 
@@ -208,18 +234,49 @@ def build_baseline(cfg: dict, kind: str, log: Any) -> tuple[dict, dict]:
         The baseline's state dict and each stage's accuracies.
     """
     seed = cfg.get("baseline_seed", 0)
-    torch.manual_seed(seed)
-    model = new_model(cfg)
     evals = eval_splits(cfg, kind)
     stages = {}
-    for stage, split in (("pretrain", "unbiased"), ("bias", "bias")):
-        c = cfg[stage]
-        module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
-        data = make_split(cfg, kind, split, c["n"])
-        fit(module, data, c, seed=seed, one_cycle=stage == "pretrain")
-        stages[stage] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
-        log(f"{kind} {stage}: " + ", ".join(f"{k} {v:.3f}" for k, v in stages[stage].items()))
+    model = _pretrained(cfg, kind, seed, log)
+    stages["pretrain"] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
+    log(f"{kind} pretrain: " + ", ".join(f"{k} {v:.3f}" for k, v in stages["pretrain"].items()))
+    module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
+    fit(module, make_split(cfg, kind, "bias", cfg["bias"]["n"]), cfg["bias"], seed=seed)
+    stages["bias"] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
+    log(f"{kind} bias: " + ", ".join(f"{k} {v:.3f}" for k, v in stages["bias"].items()))
     return copy.deepcopy(model.state_dict()), stages
+
+
+_SOURCES: dict[str, dict] = {}  # shared pretrained source models, by their stage's settings
+
+
+def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
+    """Stage 1 on unbiased data. ``pretrain.num_classes`` > the task's makes it a source task
+    (more digits, all backgrounds at random) whose head is then cut to the task's classes;
+    ``pretrain.shared`` trains it once (seed 0) for every baseline seed, as one pretrained
+    checkpoint serves many fine-tunes."""
+    c = cfg["pretrain"]
+    k = c.get("num_classes", cfg["num_classes"])
+    seed = 0 if c.get("shared") else seed
+    key = repr((kind, seed, sorted(c.items()), cfg["model"], cfg.get("scenes"), cfg["image_size"]))
+    if key not in _SOURCES:
+        torch.manual_seed(seed)
+        model = new_model(cfg, k)
+        module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
+        data = make_split(cfg, kind, "unbiased", c["n"], num_classes=k)
+        start = time.perf_counter()
+        fit(module, data, c, seed=seed, one_cycle=True)
+        if k != cfg["num_classes"]:
+            src = make_split(
+                cfg, kind, "unbiased", cfg["eval"]["n"], seed=1, held_out=True, num_classes=k
+            )
+            log(
+                f"{kind} source task ({k} classes): unbiased_acc {accuracy(model, src):.3f}, {time.perf_counter() - start:.0f} s"
+            )
+            keep_classes(model, cfg["num_classes"])
+        _SOURCES[key] = copy.deepcopy(model.state_dict())
+    model = new_model(cfg)
+    model.load_state_dict(_SOURCES[key])
+    return model
 
 
 def finetune(

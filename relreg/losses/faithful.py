@@ -13,8 +13,12 @@ with foreground mask ``m`` and target class ``t``:
   :func:`relreg.losses.swap_backgrounds`) and ``d_fg = |log p_t(x) - log p_t(x_fg)|`` (``x_fg``: the
   object's pixels replaced by the image's mean background colour), an occlusion test with two
   regions (Zeiler & Fergus, ECCV 2014; the region-swap form of Xiao et al., ICLR 2021);
-- the loss ``mean (s - e)^2``, differentiated through both: the map is pulled to what the decision
-  does, and the decision to what the map says.
+- the loss ``mean (s - e)^2``. By default (``train="decision"``) the map's share is the target
+  (detached) and the decision is pulled to it: the relevance loss sets where the map points, and
+  the anchor makes the prediction follow. ``train="both"`` also pulls the map to the decision
+  (a faithfulness regulariser); ``train="map"`` only that. The object's effect ``d_fg`` is held
+  fixed (detached): otherwise the decision can meet the anchor by making its prediction on the
+  object-occluded image extreme instead of reading the background less.
 
 Together with a relevance loss that pushes ``s`` down, the only way to lower both terms is to lower
 the background's real effect (or raise the object's): moving the map alone now costs. Two more
@@ -89,16 +93,24 @@ def background_effect_share(
     idx = target.view(1, -1, 1).expand(2, -1, 1)
     clean = F.log_softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
     d_bg, d_fg = (clean - logp.gather(2, idx)[..., 0]).abs()
+    d_fg = d_fg.detach()  # the decision may lower the background's effect, not game the object's
     return (d_bg + eps / 2) / (d_bg + d_fg + eps)
 
 
-def faithfulness_loss(pixels: Tensor, masks: Tensor, effect_share: Tensor) -> Tensor:
+TRAIN = ("decision", "both", "map")
+
+
+def faithfulness_loss(
+    pixels: Tensor, masks: Tensor, effect_share: Tensor, train: str = "decision"
+) -> Tensor:
     """``mean_b (s_b - e_b)^2``: the map's background share against the measured effect share.
 
     Args:
         pixels: ``(B, H, W)`` non-negative relevance maps at the masks' resolution (in the graph).
         masks: ``(B, H, W)`` foreground masks.
         effect_share: ``(B,)`` from :func:`background_effect_share`.
+        train: which side the gradient moves: ``"decision"`` (the map's share is the target),
+            ``"both"`` or ``"map"`` (the measured share is the target).
 
     Returns:
         A scalar tensor; 0 when every map's background share equals the measured one.
@@ -115,6 +127,11 @@ def faithfulness_loss(pixels: Tensor, masks: Tensor, effect_share: Tensor) -> Te
             f"Expected pixels and masks of one shape, but got {tuple(pixels.shape)} and "
             f"{tuple(masks.shape)}."
         )
+    if train not in TRAIN:
+        raise ValueError(f"Expected train to be one of {TRAIN}, but got {train!r}.")
     r = pixels.clamp_min(0).flatten(1)
     share = (r * (1 - masks.to(r.dtype).flatten(1))).sum(1) / r.sum(1).clamp_min(1e-12)
-    return (share - effect_share.to(share.dtype)).pow(2).mean()
+    effect = effect_share.to(share.dtype)
+    share = share.detach() if train == "decision" else share
+    effect = effect.detach() if train == "map" else effect
+    return (share - effect).pow(2).mean()

@@ -62,19 +62,24 @@ def test_models_reading_only_the_object_or_only_the_background():
         torch.testing.assert_close(share, torch.full((4,), expected), atol=1e-2, rtol=0)
 
 
-def test_anchor_is_zero_for_a_faithful_map_and_trains_map_and_decision():
+def test_anchor_is_zero_for_a_faithful_map_and_trains_the_chosen_side():
     images, masks, target = _data()
     model = _RegionReader(1 - masks[0])  # reads the background only: effect share 1
     share = background_effect_share(model, images, masks, target, model(images))
     faithful_map = (1 - masks).clone()  # all relevance on the background
     assert faithfulness_loss(faithful_map, masks, share).item() < 1e-6
-    pixels = (masks + 0.01).requires_grad_(True)  # a map that says "the object": unfaithful
-    loss = faithfulness_loss(
-        pixels, masks, background_effect_share(model, images, masks, target, model(images))
-    )
-    loss.backward()
-    assert loss.item() > 0.9
-    assert pixels.grad.abs().sum() > 0 and model.linear.weight.grad.abs().sum() > 0
+    for train, map_moves, decision_moves in (
+        ("decision", False, True), ("both", True, True), ("map", True, False)
+    ):  # fmt: skip
+        model.zero_grad()
+        pixels = (masks + 0.01).requires_grad_(True)  # a map that says "the object": unfaithful
+        effect = background_effect_share(model, images, masks, target, model(images))
+        loss = faithfulness_loss(pixels, masks, effect, train=train)
+        loss.backward()
+        assert loss.item() > 0.9
+        assert (pixels.grad is not None and pixels.grad.abs().sum() > 0) == map_moves, train
+        grad = model.linear.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == decision_moves, train
 
 
 def test_occlude_foreground_keeps_the_background():
@@ -93,3 +98,7 @@ def test_errors_name_the_argument():
         background_effect_share(model, images, masks, target, model(images))
     with pytest.raises(ValueError, match="pixels and masks of one shape"):
         faithfulness_loss(torch.rand(2, 4, 4), torch.rand(2, 8, 8), torch.rand(2))
+    with pytest.raises(
+        ValueError, match=r"train to be one of \('decision', 'both', 'map'\), but got 'all'"
+    ):
+        faithfulness_loss(torch.rand(2, 4, 4), torch.rand(2, 4, 4), torch.rand(2), train="all")
