@@ -56,7 +56,7 @@ def main() -> None:
         help="add a method to the config's: RelRegModule arguments as JSON (repeatable)",
     )
     parser.add_argument(
-        "--benchmarks", nargs="+", choices=["tint", "marker"], help="default: the config's"
+        "--benchmarks", nargs="+", choices=["tint", "marker", "scenes"], help="default: the config's"
     )
     parser.add_argument(
         "--from-study", type=Path, help="a robustness_study.py JSON to reuse for its baseline seed"

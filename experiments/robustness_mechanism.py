@@ -62,7 +62,7 @@ def main() -> None:
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--baseline-seed", type=int, default=1)
-    parser.add_argument("--benchmark", choices=["tint", "marker"], default="tint")
+    parser.add_argument("--benchmark", choices=["tint", "marker", "scenes"], default="tint")
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
     parser.add_argument(
         "--methods", nargs="+", default=["control", "relreg_label", "energy", "counterfactual"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import statistics
 import time
 from pathlib import Path
@@ -253,11 +254,16 @@ def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
     """Stage 1 on unbiased data. ``pretrain.num_classes`` > the task's makes it a source task
     (more digits, all backgrounds at random) whose head is then cut to the task's classes;
     ``pretrain.shared`` trains it once (seed 0) for every baseline seed, as one pretrained
-    checkpoint serves many fine-tunes."""
+    checkpoint serves many fine-tunes, and keeps it in ``runs/study_sources/`` (keyed by the
+    stage's settings) for later runs on the same machine."""
     c = cfg["pretrain"]
     k = c.get("num_classes", cfg["num_classes"])
     seed = 0 if c.get("shared") else seed
     key = repr((kind, seed, sorted(c.items()), cfg["model"], cfg.get("scenes"), cfg["image_size"]))
+    cache = ROOT / "runs" / "study_sources" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    if key not in _SOURCES and c.get("shared") and cache.is_file():  # a shared source, trained once
+        _SOURCES[key] = torch.load(cache, weights_only=True)
+        log(f"{kind} source model from {cache.relative_to(ROOT)}")
     if key not in _SOURCES:
         torch.manual_seed(seed)
         model = new_model(cfg, k)
@@ -274,6 +280,9 @@ def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
             )
             keep_classes(model, cfg["num_classes"])
         _SOURCES[key] = copy.deepcopy(model.state_dict())
+        if c.get("shared"):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(_SOURCES[key], cache)
     model = new_model(cfg)
     model.load_state_dict(_SOURCES[key])
     return model
