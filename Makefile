@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.relreg-installed
 OUT ?= runs/demo
 
-.PHONY: venv test test-all demo evaluate compare study study-baselines bench lint clean
+.PHONY: venv test test-all demo evaluate compare study study-baselines study-scenes bench lint clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,12 @@ study-baselines: $(STAMP)
 	$(PY) experiments/robustness_baselines.py --baseline-seeds 0 1 2 3 \
 		--from-study experiments/results/robustness_study.json \
 		--out experiments/results/robustness_baselines.json --overwrite
+
+# the study on real images (digits on photographs): every arm, 4 baselines x 3 fine-tuning seeds
+study-scenes: $(STAMP)
+	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml \
+		--baseline-seeds 0 1 2 3 --methods relreg_label relreg_teacher energy rrr counterfactual \
+		relreg_cf faithful faithful_cf --out experiments/results/robustness_scenes.json --overwrite
 
 bench: $(STAMP)
 	$(PY) experiments/bench_explain.py --out experiments/results/bench_explain.json

@@ -368,6 +368,7 @@ def shrink(cfg: dict) -> None:
     """Tiny sizes in place (``--quick``): a smoke test of the whole pipeline, not a result."""
     for stage in ("pretrain", "bias"):
         cfg[stage].update(n=64, steps=4, batch_size=16)
+    cfg["pretrain"].pop("shared", None)  # nothing kept on disk
     cfg["finetune"].update(steps=4, eval_every=2, per_class=2)
     cfg["eval"].update(n=16, relevance_n=8)
     cfg["faithfulness"]["n"] = 8

@@ -1,5 +1,6 @@
 """The ``experiments/robustness`` package: its modules import, and the relevance shares the study
-reports are per-image shares of the min-max normalised, upsampled maps (checked against a loop)."""
+reports are per-image shares of the upsampled maps' positive relevance, the published relevance
+mass (checked against a loop)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def robustness(monkeypatch):
 
 
 def naive_share(maps, regions):
-    """Per image, in float64: bilinear upsampling, min-max, then sum inside / sum; 0 if all zero."""
+    """Per image, in float64: bilinear upsampling, positive part, then sum inside / sum; 0 if all
+    zero (Arras et al.'s relevance mass accuracy)."""
     import torch
     import torch.nn.functional as F
 
@@ -36,7 +38,7 @@ def naive_share(maps, regions):
         up = F.interpolate(
             m[None, None].double(), size=tuple(r.shape), mode="bilinear", align_corners=False
         )[0, 0]
-        up = (up - up.min()) / max((up.max() - up.min()).item(), 1e-8)
+        up = up.clamp(min=0)
         total = up.sum().item()
         out.append((up * r.double()).sum().item() / total if total > 0 else 0.0)
     return torch.tensor(out, dtype=torch.float64)
@@ -61,7 +63,7 @@ def test_the_package_modules_import_and_hold_their_pieces(robustness):
             assert callable(getattr(module, attr)), f"robustness.{name}.{attr}"
 
 
-@pytest.mark.parametrize("kind", ["tint", "marker"])
+@pytest.mark.parametrize("kind", ["tint", "marker", "scenes"])
 def test_the_study_relevance_shares_equal_a_per_image_loop(robustness, kind):
     import torch
 
@@ -83,7 +85,7 @@ def test_the_study_relevance_shares_equal_a_per_image_loop(robustness, kind):
     mass, on_cue = naive_share(maps, ood["mask"]), naive_share(maps, cue)
     assert out["relevance_mass"] == pytest.approx(mass.mean().item(), abs=1e-5)
     assert out["cue_relevance"] == pytest.approx(on_cue.mean().item(), abs=1e-5)
-    if kind == "tint":  # the tint's region is the background: the two shares add up to 1
+    if kind != "marker":  # the cue's region is the background: the two shares add up to 1
         assert out["relevance_mass"] + out["cue_relevance"] == pytest.approx(1, abs=1e-5)
     # the faithfulness test's shares, per explainer, on its own OOD images
     faith = robustness["faithfulness"].faithfulness(cfg, model, kind)
@@ -137,3 +139,25 @@ def test_compact_keeps_only_the_comparisons_benchmarks(robustness):
     )
     summary = summarise_gains({"0": marker, "1": marker}, ["m"])
     assert list(summary) == ["marker"] and summary["marker"]["m"]["ood_gain"]["mean"] == 0.1
+
+
+def test_a_source_model_keeps_its_first_classes_and_scenes_evaluate_on_held_out_writers(robustness):
+    import torch
+
+    protocol = robustness["protocol"]
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    source = protocol.new_model(cfg, num_classes=10)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        before = source(x)[:, :4]
+        cut = protocol.keep_classes(source, 4)
+        torch.testing.assert_close(cut(x), before)
+    assert cut.num_classes == 4
+    train = protocol.make_split(cfg, "scenes", "unbiased", 16)
+    evals = protocol.make_split(cfg, "scenes", "unbiased", 16, held_out=True)
+    assert not torch.equal(train["image"], evals["image"])
+    cfg["pretrain"]["distractors"] = 1  # only the training split of the source task has them
+    with_distractor = protocol.make_split(cfg, "scenes", "unbiased", 64, num_classes=4)
+    assert with_distractor["cue"].max() == 4
+    assert protocol.make_split(cfg, "scenes", "unbiased", 64, held_out=True)["cue"].max() < 4
