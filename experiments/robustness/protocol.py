@@ -241,7 +241,10 @@ def build_baseline(cfg: dict, kind: str, log: Any) -> tuple[dict, dict]:
     stages["pretrain"] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
     log(f"{kind} pretrain: " + ", ".join(f"{k} {v:.3f}" for k, v in stages["pretrain"].items()))
     module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
-    fit(module, make_split(cfg, kind, "bias", cfg["bias"]["n"]), cfg["bias"], seed=seed)
+    # with a shared source model, each baseline also draws its own biased data
+    data_seed = seed if cfg["pretrain"].get("shared") else 0
+    data = make_split(cfg, kind, "bias", cfg["bias"]["n"], seed=data_seed)
+    fit(module, data, cfg["bias"], seed=seed)
     stages["bias"] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
     log(f"{kind} bias: " + ", ".join(f"{k} {v:.3f}" for k, v in stages["bias"].items()))
     return copy.deepcopy(model.state_dict()), stages
