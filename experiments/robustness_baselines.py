@@ -56,17 +56,25 @@ def main() -> None:
         help="add a method to the config's: RelRegModule arguments as JSON (repeatable)",
     )
     parser.add_argument(
-        "--benchmarks", nargs="+", choices=["tint", "marker", "scenes"], help="default: the config's"
+        "--benchmarks",
+        nargs="+",
+        choices=["tint", "marker", "scenes"],
+        help="default: the config's",
     )
     parser.add_argument(
         "--from-study", type=Path, help="a robustness_study.py JSON to reuse for its baseline seed"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--replot", action="store_true", help="only redraw the figure of --out")
+    parser.add_argument(
+        "--replot", action="store_true", help="only recompute the summary and redraw the figures"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args()
-    if args.replot:
-        plot_baselines(json.loads(args.out.read_text()), args.out)
+    if args.replot:  # the summary is recomputed from the stored per-baseline results
+        out = json.loads(args.out.read_text())
+        out["summary"] = summarise_gains(out["per_baseline"], out["methods"])
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
+        plot_baselines(out, args.out)
         return
     cfg = load_config(parser, args)
     for name, spec in args.define:

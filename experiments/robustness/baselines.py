@@ -70,21 +70,56 @@ def summarise_gains(per_baseline: dict[str, dict], methods: list[str]) -> dict:
         methods: the methods to summarise (not the control).
 
     Returns:
-        ``{kind: {method: {"ood_gain", "id_diff": {"mean", "std", "per_baseline"},
-        "gain_every_seed": [...]}, "baseline_ood_acc": {...}}}`` (std over the baselines,
-        population).
+        ``{kind: {method: {"ood_gain", "id_diff", "unbiased_diff", "recovery": {"mean", "std",
+        "per_baseline"}, "gain_every_seed": [...], "relevance": {metric: mean over baselines}},
+        "baseline_ood_acc": {...}, "pretrained_ood_acc": {...}}}`` (std over the baselines,
+        population). ``recovery`` is the share of the OOD accuracy that biasing destroyed which
+        the method wins back over the control, ``(OOD_method - OOD_control) / (OOD_pretrained -
+        OOD_control)`` per baseline (OOD_pretrained: the model before the biasing stage).
     """
     kinds = next(iter(per_baseline.values()))["benchmarks"]
     summary: dict[str, dict] = {}
     for kind in kinds:
         summary[kind] = {}
+        arms = [per_baseline[b]["benchmarks"][kind] for b in per_baseline]
+        before = [per_baseline[b]["baselines"][kind]["pretrain"]["ood_acc"] for b in per_baseline]
+
+        def mean(arm: dict, key: str) -> float:
+            return arm[key]["mean"]
+
         for name in methods:
             gains = [per_baseline[b]["gains"][kind][name] for b in per_baseline]
+            recovery = [
+                (mean(a[name], "ood_acc") - mean(a["control"], "ood_acc"))
+                / max(p - mean(a["control"], "ood_acc"), 1e-9)
+                for a, p in zip(arms, before, strict=True)
+            ]
             summary[kind][name] = {
                 "ood_gain": _stats([g["ood_minus_control"] for g in gains]),
                 "id_diff": _stats([g["id_minus_control"] for g in gains]),
+                "unbiased_diff": _stats(
+                    [
+                        mean(a[name], "unbiased_acc") - mean(a["control"], "unbiased_acc")
+                        for a in arms
+                    ]
+                ),
+                "recovery": _stats(recovery),
                 "gain_every_seed": [g["ood_gain_every_seed"] for g in gains],
+                "relevance": {
+                    key: round(statistics.fmean(mean(a[name], key) for a in arms), 4)
+                    for key in ("relevance_mass", "cue_relevance", "follows_cue")
+                },
             }
+        summary[kind]["control"] = {
+            "relevance": {
+                key: round(statistics.fmean(mean(a["control"], key) for a in arms), 4)
+                for key in ("relevance_mass", "cue_relevance", "follows_cue")
+            },
+            "ood_acc": _stats([mean(a["control"], "ood_acc") for a in arms]),
+            "id_acc": _stats([mean(a["control"], "id_acc") for a in arms]),
+            "unbiased_acc": _stats([mean(a["control"], "unbiased_acc") for a in arms]),
+        }
+        summary[kind]["pretrained_ood_acc"] = _stats(before)
         summary[kind]["baseline_ood_acc"] = _stats(
             [per_baseline[b]["baselines"][kind]["bias"]["ood_acc"] for b in per_baseline]
         )

@@ -193,17 +193,20 @@ def plot_study(result: dict, out: Path) -> None:
 
 # -------------------------------------------------------------------- robustness_baselines.py
 def plot_gains(result: dict, path: Path) -> None:
-    """One column per benchmark: OOD (top) and ID (bottom) accuracy minus the control's."""
+    """One column per benchmark: OOD (top) and ID accuracy minus the control's, and (when the
+    summary has it) the share of the biasing's OOD loss recovered."""
     summary = result["summary"]
     kinds = list(summary)
     methods = result["methods"]
+    rows = [("ood_gain", "OOD acc - control"), ("id_diff", "ID acc - control")]
+    if all("recovery" in summary[k][methods[0]] for k in kinds):
+        rows.append(("recovery", "recovered share of the OOD loss"))
     fig, axes = plt.subplots(
-        2, len(kinds), figsize=(5.5 * len(kinds), 6.5), squeeze=False, sharex=True
-    )
+        len(rows), len(kinds), figsize=(5.5 * len(kinds), 3.25 * len(rows)), squeeze=False,
+        sharex=True,
+    )  # fmt: skip
     for j, kind in enumerate(kinds):
-        for i, (key, label) in enumerate(
-            (("ood_gain", "OOD acc - control"), ("id_diff", "ID acc - control"))
-        ):
+        for i, (key, label) in enumerate(rows):
             ax = axes[i][j]
             for x, name in enumerate(methods):
                 stats = summary[kind][name][key]
@@ -223,6 +226,9 @@ def plot_gains(result: dict, path: Path) -> None:
                     f"{kind}: one dot per baseline (mean of {len(result['seeds'])} fine-tune seeds)",
                     fontsize=9,
                 )
+            elif key == "recovery":
+                ax.axhline(0.8, color="r", ls=":", lw=1, label="80%")
+                ax.legend(fontsize=7)
             else:
                 ax.axhline(-0.02, color="r", ls=":", lw=1)
             ax.set_ylabel(label)
