@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--benchmarks", nargs="+", choices=["tint", "marker", "scenes"], help="default: the config's"
+        "--benchmarks",
+        nargs="+",
+        choices=["tint", "marker", "scenes"],
+        help="default: the config's",
     )
     parser.add_argument(
         "--methods", nargs="+", help="a subset of the config's methods (control is always run)"

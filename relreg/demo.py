@@ -16,7 +16,8 @@ starts from it) for ``relreg evaluate``. Writes ``results/demo.json`` (``{"seeds
 and per-seed ``id_acc``, ``ood_acc`` and ``relevance_mass`` (the published relevance mass: share of
 the positive Chefer relevance inside the masks), fractions in [0, 1]),
 ``results/ood_heatmaps.png`` (Chefer maps of OOD images: baseline and each arm, seed 0) and
-``results/explainers.png`` (every explainer on the relreg model), all under ``--out``.
+``results/explainers.png`` (every explainer on the relreg model, else on the last arm's), all under
+``--out``.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ _FAST = {"smoothgrad": {"n_samples": 8}, "integrated_gradients": {"steps": 16}}
 
 
 def _stage(
-    configs: Path, out: Path, name: str, extra: list[str]
+    configs: Path, out: Path, name: str, extra: list[str], config: str | None = None
 ) -> tuple[object, dict[str, float]]:
-    """Fit one stage, then test it; returns the CLI object and the test metrics."""
+    """Fit one stage (``<config or name>.yaml`` over ``base.yaml``), then test it; returns the CLI
+    object and the test metrics."""
     args = [
         "fit",
         "--config", str(configs / "base.yaml"),
-        "--config", str(configs / f"{name.split('-')[0]}.yaml"),
+        "--config", str(configs / f"{config or name}.yaml"),
         "--trainer.default_root_dir", str(out / name),
         "--trainer.logger.init_args.save_dir", str(out / name),
         "--trainer.logger.init_args.name", name,
@@ -127,7 +129,7 @@ def run_demo(
                 "--data.train.init_args.cache_dir",
                 str(out / "data"),
             ]
-            cli, metrics = _stage(configs, out, f"{arm}-seed{seed}", extra)
+            cli, metrics = _stage(configs, out, f"{arm}-seed{seed}", extra, config=arm)
             per_arm[arm].append(metrics)
             models.setdefault(arm, cli.model.model)
             print(f"seed {seed} {arm:14s} {metrics}", flush=True)
@@ -159,7 +161,8 @@ def _figures(models: dict[str, torch.nn.Module], results: Path) -> None:
         for name, model in models.items()
     }
     save_figure(explanation_grid(shown, maps, titles), results / "ood_heatmaps.png")
-    relreg_model = models.get("relreg", models[next(iter(models))])
+    shown_arm = "relreg" if "relreg" in models else list(models)[-1]
+    relreg_model = models[shown_arm]
     every = {
         name: to_pixels(
             explain(relreg_model, ood.images, name, target=ood.labels, **_FAST.get(name, {})),
@@ -167,7 +170,9 @@ def _figures(models: dict[str, torch.nn.Module], results: Path) -> None:
         )
         for name in list_explainers()
     }
-    save_figure(explanation_grid(shown, every, titles), results / "explainers.png")
+    figure = explanation_grid(shown, every, titles)
+    figure.suptitle(f"every explainer on the {shown_arm} model (seed 0), OOD images", fontsize=9)
+    save_figure(figure, results / "explainers.png")
 
 
 def _print_table(result: dict) -> None:

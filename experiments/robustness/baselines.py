@@ -11,7 +11,7 @@ import statistics
 from typing import Any
 
 # the sections of the protocol that must match for a study run to stand in for a baseline seed
-PROTOCOL = ("num_classes", "image_size", "model", "pretrain", "bias", "finetune", "eval")
+PROTOCOL = ("num_classes", "image_size", "model", "scenes", "pretrain", "bias", "finetune", "eval")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def study_matches(study: dict, cfg: dict, seeds: list[int], baseline_seed: int) 
     return (
         study["config"].get("baseline_seed", 0) == baseline_seed
         and study["seeds"] == seeds
-        and all(study["config"][k] == cfg[k] for k in PROTOCOL)
+        and all(study["config"].get(k) == cfg.get(k) for k in PROTOCOL)
         and set(cfg["benchmarks"]) <= set(study["benchmarks"])
         and all(set(cfg["methods"]) <= set(study["benchmarks"][k]) for k in cfg["benchmarks"])
     )
@@ -89,10 +89,11 @@ def summarise_gains(per_baseline: dict[str, dict], methods: list[str]) -> dict:
 
         for name in methods:
             gains = [per_baseline[b]["gains"][kind][name] for b in per_baseline]
-            recovery = [
-                (mean(a[name], "ood_acc") - mean(a["control"], "ood_acc"))
-                / max(p - mean(a["control"], "ood_acc"), 1e-9)
-                for a, p in zip(arms, before, strict=True)
+            lost = [p - mean(a["control"], "ood_acc") for a, p in zip(arms, before, strict=True)]
+            recovery = [  # undefined where biasing (after the control) cost under 1 point
+                (mean(a[name], "ood_acc") - mean(a["control"], "ood_acc")) / d
+                for a, d in zip(arms, lost, strict=True)
+                if d > 0.01
             ]
             summary[kind][name] = {
                 "ood_gain": _stats([g["ood_minus_control"] for g in gains]),
@@ -103,7 +104,7 @@ def summarise_gains(per_baseline: dict[str, dict], methods: list[str]) -> dict:
                         for a in arms
                     ]
                 ),
-                "recovery": _stats(recovery),
+                "recovery": _stats(recovery) if recovery else None,
                 "gain_every_seed": [g["ood_gain_every_seed"] for g in gains],
                 "relevance": {
                     key: round(statistics.fmean(mean(a[name], key) for a in arms), 4)

@@ -101,7 +101,7 @@ def faithfulness(cfg: dict, model: torch.nn.Module, kind: str) -> dict:
     explainers = {}
     for name in cfg["faithfulness"]["explainers"]:
         maps = explain(model, x, name, target=pred)
-        bg_share = 1 - relevance_share(maps, m)
+        bg_share = relevance_share(maps, 1 - m)
         cue_share = relevance_share(maps, cue)
         corr = torch.corrcoef(torch.stack([bg_share, drop_bg]))[0, 1].item()
         explainers[name] = {

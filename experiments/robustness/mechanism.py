@@ -160,7 +160,8 @@ def gauge_shift(
         lr: Adam's learning rate.
 
     Returns:
-        The background share (:func:`relreg.metrics.relevance_share` of ``1 - masks``) before
+        The background share (:func:`relreg.metrics.relevance_share` of ``1 - masks``, min-max
+        convention: the energy loss's) before
         and after, the largest change of any logit (0 up to rounding) and the bias's norm.
     """
     model.eval()
@@ -173,12 +174,12 @@ def gauge_shift(
     opt = torch.optim.Adam([gauge.bias], lr=lr)
     with gauge:
         maps = explain(model, images, "chefer", target=target)
-        before = relevance_share(maps, background).mean().item()
+        before = relevance_share(maps, background, convention="minmax").mean().item()
         for _ in range(steps):
             maps = explain(
                 model, images, "chefer", target=target, differentiable=True, second_order=True
             )
-            # the energy loss: the mean of relevance_share(maps, background), in the graph
+            # the energy loss: the mean min-max share on the background, in the graph
             pix = to_pixels(maps, size=masks.shape[-2:])
             loss = relevance_mass_loss(pix, masks)["loss"]
             opt.zero_grad()
@@ -187,7 +188,7 @@ def gauge_shift(
         with torch.no_grad():
             change = (model(images) - logits).abs().max().item()
         maps = explain(model, images, "chefer", target=target)
-        after = relevance_share(maps, background).mean().item()
+        after = relevance_share(maps, background, convention="minmax").mean().item()
     model.train()
     return {
         "bg_share_before": round(before, 4),

@@ -199,7 +199,7 @@ def plot_gains(result: dict, path: Path) -> None:
     kinds = list(summary)
     methods = result["methods"]
     rows = [("ood_gain", "OOD acc - control"), ("id_diff", "ID acc - control")]
-    if all("recovery" in summary[k][methods[0]] for k in kinds):
+    if all(summary[k][methods[0]].get("recovery") for k in kinds):
         rows.append(("recovery", "recovered share of the OOD loss"))
     fig, axes = plt.subplots(
         len(rows), len(kinds), figsize=(5.5 * len(kinds), 3.25 * len(rows)), squeeze=False,

@@ -26,6 +26,7 @@ import yaml
 
 from relreg.data import make_scenes, make_shapes
 from relreg.explain import explain
+from relreg.io import atomic_write
 from relreg.lightning import RelRegModule
 from relreg.metrics import relevance_share
 from relreg.models import build_model
@@ -240,6 +241,7 @@ def build_baseline(cfg: dict, kind: str, log: Any) -> tuple[dict, dict]:
     model = _pretrained(cfg, kind, seed, log)
     stages["pretrain"] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
     log(f"{kind} pretrain: " + ", ".join(f"{k} {v:.3f}" for k, v in stages["pretrain"].items()))
+    torch.manual_seed(seed)  # the biasing stage's randomness does not depend on the cache
     module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
     # with a shared source model, each baseline also draws its own biased data
     data_seed = seed if cfg["pretrain"].get("shared") else 0
@@ -253,6 +255,23 @@ def build_baseline(cfg: dict, kind: str, log: Any) -> tuple[dict, dict]:
 _SOURCES: dict[str, dict] = {}  # shared pretrained source models, by their stage's settings
 
 
+def _code_fingerprint() -> str:
+    """What a cached source model depends on beyond its settings: the data and training code and
+    the libraries' versions (a change of any retrains it)."""
+    import importlib.metadata as md
+
+    files = ["relreg/data/scenes.py", "relreg/data/scene_sources.py", "relreg/data/synthetic.py"]
+    h = hashlib.sha1(Path(__file__).read_bytes())
+    for name in files:
+        h.update((ROOT / name).read_bytes())
+    for package in ("torch", "timm", "scikit-image", "scikit-learn", "numpy"):
+        try:
+            h.update(f"{package}={md.version(package)}".encode())
+        except md.PackageNotFoundError:
+            h.update(f"{package}=none".encode())
+    return h.hexdigest()[:16]
+
+
 def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
     """Stage 1 on unbiased data. ``pretrain.num_classes`` > the task's makes it a source task
     (more digits, all backgrounds at random) whose head is then cut to the task's classes;
@@ -262,11 +281,14 @@ def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
     c = cfg["pretrain"]
     k = c.get("num_classes", cfg["num_classes"])
     seed = 0 if c.get("shared") else seed
-    key = repr((kind, seed, sorted(c.items()), cfg["model"], cfg.get("scenes"), cfg["image_size"]))
+    key = repr(
+        (kind, seed, sorted(c.items()), cfg["model"], cfg.get("scenes"), cfg["image_size"])
+        + (cfg["num_classes"], _code_fingerprint())
+    )
     cache = ROOT / "runs" / "study_sources" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if key not in _SOURCES and c.get("shared") and cache.is_file():  # a shared source, trained once
         _SOURCES[key] = torch.load(cache, weights_only=True)
-        log(f"{kind} source model from {cache.relative_to(ROOT)}")
+        log(f"{kind} source model from {cache.relative_to(ROOT)} (same settings, code, versions)")
     if key not in _SOURCES:
         torch.manual_seed(seed)
         model = new_model(cfg, k)
@@ -285,7 +307,7 @@ def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
         _SOURCES[key] = copy.deepcopy(model.state_dict())
         if c.get("shared"):
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(_SOURCES[key], cache)
+            atomic_write(cache, lambda tmp: torch.save(_SOURCES[key], tmp))
     model = new_model(cfg)
     model.load_state_dict(_SOURCES[key])
     return model

@@ -29,6 +29,7 @@ Papers: the explainers' own modules cite theirs; the models are Dosovitskiy et a
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -92,9 +93,14 @@ class HuggingFaceClassifier(nn.Module):
 
     def _run(self, images: Tensor, **kwargs: object) -> object:
         size = _image_size(self.model.config)
-        if size is not None and tuple(images.shape[-2:]) != size:
+        accepts = inspect.signature(self.model.forward).parameters
+        if (
+            size is not None
+            and tuple(images.shape[-2:]) != size
+            and "interpolate_pos_encoding" in accepts
+        ):
             kwargs["interpolate_pos_encoding"] = True
-        out = self.model(pixel_values=images, **kwargs)
+        out = self.model(pixel_values=images, return_dict=True, **kwargs)
         if getattr(out, "logits", None) is None:
             raise ValueError(
                 f"Expected an image classifier whose output has logits, but "
@@ -150,7 +156,7 @@ class HuggingFaceViT(HuggingFaceClassifier):
                 f"Expected {type(model).__name__} to have <base>.embeddings.patch_embeddings with "
                 "a patch_size (the ViT layout of transformers), but it has none."
             )
-        object.__setattr__(self, "patch_embed", embed)  # read, not owned
+        object.__setattr__(self, "patch_embed", _PatchLayout(embed))  # read, not owned
         self.num_prefix_tokens = 1 + int(
             getattr(embeddings, "distillation_token", None) is not None
         )
@@ -210,6 +216,23 @@ class HuggingFaceViT(HuggingFaceClassifier):
             self._sink = None
             if before is not None and before != "eager":
                 _set_attention(self.model, before)
+
+
+class _PatchLayout:
+    """A transformers patch embedding as the explainers read a timm one: ``patch_size``, the
+    convolution (``proj``), its parameters, and the grid, rounded down as the convolution does."""
+
+    def __init__(self, embed: nn.Module) -> None:
+        self.embed = embed
+        size = embed.patch_size
+        self.patch_size = (int(size), int(size)) if isinstance(size, int) else tuple(size)
+        self.proj = getattr(embed, "projection", None)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.embed.parameters()
+
+    def dynamic_feat_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return size[0] // self.patch_size[0], size[1] // self.patch_size[1]
 
 
 def _set_attention(model: nn.Module, implementation: str) -> None:

@@ -16,9 +16,9 @@
 The propagation rules are in :mod:`relreg.explain.lrp_rules`; the model checks, the functional
 forward pass and the propagation through the blocks in :mod:`relreg.explain.lrp_vit`.
 
-Contrast (``foil``): the start ``one_hot(target) - one_hot(foil)`` sums to 0, which the normalised
-addition rule turns into 0 everywhere, so the target's and the foil's relevances are propagated
-separately (from their one-hot starts) and subtracted; ``transformer_attribution`` weights that
+Contrast (``foil``), conservative rules: the start ``one_hot(target) - one_hot(foil)`` sums to 0,
+which the normalised addition rule turns into 0 everywhere, so the target's and the foil's
+relevances are propagated separately (from their one-hot starts) and subtracted; ``transformer_attribution`` weights that
 difference with the gradient of ``y_target - y_foil``.
 
 ``lrp`` and ``partial_lrp`` take ``rules``: ``"conservative"`` (default, the rules above) or
@@ -27,8 +27,8 @@ with (not conservative: see :mod:`relreg.explain.lrp_baseline`).
 
 Every sum of a normalisation is taken per sample, so a batched call equals one call per image.
 What the learned prefix tokens (CLS, distillation, registers) and the position embedding receive
-leaves the network, so ``lrp``'s pixel map sums to the start relevance minus their share (1 minus
-it for one-hot starts). The model is not modified: no hooks, no flags, no mode changes. One
+leaves the network, so under the conservative rules ``lrp``'s pixel map sums to the start relevance
+minus their share (1 minus it for one-hot starts). The model is not modified: no hooks, no flags, no mode changes. One
 forward pass serves the whole batch; one backward pass (to the attention maps only) adds the
 gradients of ``transformer_attribution``. These maps are not differentiable
 (``differentiable=True`` raises).

@@ -5,7 +5,8 @@ Per step, one forward pass gives the logits and (through the captured attention)
 the ground-truth class; the loss is ``lambda_seg * L_seg + lambda_cls * L_cls`` (paper: 0.8 and 0.2)
 with ``L_seg`` a relevance loss on the masked samples and ``L_cls`` the classification term
 (paper: cross-entropy to the model's own top-1, ``classification="self"``). With
-``lambda_seg=0`` it is a plain fine-tune (no relevance is computed): the control. ``lambda_cf > 0``
+``lambda_seg=0`` (and ``lambda_faith=0``) it is a plain fine-tune (no relevance is computed): the
+control. ``lambda_cf > 0``
 adds a background-counterfactual term in training (:mod:`relreg.losses.counterfactual`): the
 masked samples' prediction must not change when their background is swapped for another's;
 ``lambda_faith > 0`` ties the maps to the decision (:mod:`relreg.losses.faithful`).
@@ -72,8 +73,9 @@ class RelRegModule(pl.LightningModule):
         lambda_cf: weight of the background-counterfactual consistency term (training only; one
             more forward pass over the masked samples); 0: off, as in the paper.
         lambda_faith: weight of the faithfulness anchor (training only; two more forward passes
-            over the masked samples): the map's background share must equal the background's
-            measured effect on the prediction (:mod:`relreg.losses.faithful`); 0: off.
+            over the masked samples): the background's measured share of the effect on the
+            prediction may not exceed the map's background share (:mod:`relreg.losses.faithful`);
+            0: off.
         nonfinite: ``"error"`` (stop at a non-finite loss or relevance map, saying where) or
             ``"skip"`` (skip that optimiser step); see :mod:`relreg.lightning.nonfinite`.
         max_skipped: with ``"skip"``, stop after this many skipped steps in a row.

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 NONFINITE_POLICIES = ("error", "skip")
-LOSS_TERMS = ("loss_cls", "loss_bg", "loss_fg", "loss_cf", "loss")
+LOSS_TERMS = ("loss_cls", "loss_bg", "loss_fg", "loss_cf", "loss_faith", "loss")
 
 
 class NonFiniteError(FloatingPointError):

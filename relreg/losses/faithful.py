@@ -1,4 +1,4 @@
-"""A faithfulness anchor: a relevance map's background share must equal the background's effect.
+"""A faithfulness anchor: the background may not matter more to the decision than the map says.
 
 relreg's robustness study found that a loss on *where relevance points* (RobustViT, Chefer,
 Schwartz & Wolf, NeurIPS 2022; the relevance-mass loss) can be met by moving the map while the

@@ -120,11 +120,15 @@ def test_compact_keeps_only_the_comparisons_benchmarks(robustness):
     """A study over tint and marker can stand in for a marker-only comparison (was a KeyError)."""
     compact = robustness["baselines"].compact
     summarise_gains = robustness["baselines"].summarise_gains
-    arm = {"ood_acc": 0.5, "curve": [1, 2], "seconds": 3.0}
-    gain = {"m": {"ood_minus_control": 0.1, "id_minus_control": 0.0, "ood_gain_every_seed": True}}
+    keys = ("ood_acc", "id_acc", "unbiased_acc", "relevance_mass", "cue_relevance", "follows_cue")
+    control = {k: {"mean": 0.4} for k in keys} | {"curve": [1, 2], "seconds": 3.0}
+    arm = {k: {"mean": 0.6} for k in keys} | {"curve": [1, 2], "seconds": 3.0}
+    gain = {"m": {"ood_minus_control": 0.2, "id_minus_control": 0.0, "ood_gain_every_seed": True}}
     study = {
-        "baselines": {k: {"bias": {"ood_acc": 0.2}} for k in ("tint", "marker")},
-        "benchmarks": {k: {"control": dict(arm), "m": dict(arm)} for k in ("tint", "marker")},
+        "baselines": {
+            k: {"pretrain": {"ood_acc": 0.9}, "bias": {"ood_acc": 0.2}} for k in ("tint", "marker")
+        },
+        "benchmarks": {k: {"control": dict(control), "m": dict(arm)} for k in ("tint", "marker")},
         "gains": {k: gain for k in ("tint", "marker")},
     }
     both = compact(study)
@@ -138,7 +142,11 @@ def test_compact_keeps_only_the_comparisons_benchmarks(robustness):
         == ["marker"]
     )
     summary = summarise_gains({"0": marker, "1": marker}, ["m"])
-    assert list(summary) == ["marker"] and summary["marker"]["m"]["ood_gain"]["mean"] == 0.1
+    assert list(summary) == ["marker"] and summary["marker"]["m"]["ood_gain"]["mean"] == 0.2
+    # recovery: (0.6 - 0.4) / (0.9 - 0.4); undefined when the control lost under a point to biasing
+    assert summary["marker"]["m"]["recovery"]["per_baseline"] == [0.4, 0.4]
+    marker["baselines"]["marker"]["pretrain"]["ood_acc"] = 0.405
+    assert summarise_gains({"0": marker}, ["m"])["marker"]["m"]["recovery"] is None
 
 
 def test_a_source_model_keeps_its_first_classes_and_scenes_evaluate_on_held_out_writers(robustness):

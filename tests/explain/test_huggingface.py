@@ -157,3 +157,10 @@ def test_swin_gets_gradient_explainers_and_a_clear_refusal():
         explain(model, x, "chefer")
     with pytest.raises(TypeError, match="transformers PreTrainedModel"):
         HuggingFaceClassifier(torch.nn.Linear(2, 2))
+
+
+def test_a_size_that_is_not_a_multiple_of_the_patch_is_floored_as_the_convolution_does():
+    model = _model("vit")
+    x = torch.randn(2, 3, 36, 44, dtype=torch.float64)  # 4 x 5 patches of 8, remainder dropped
+    assert explain(model, x, "chefer").shape == (2, 4, 5)
+    assert explain(model, x, "rollout").shape == (2, 4, 5)
