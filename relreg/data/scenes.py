@@ -42,13 +42,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from relreg.data import scene_sources
 from relreg.data.folders import MaskedImageFolder
-from relreg.data.sample import Sample
-from relreg.data.spurious import SPLITS, _per_channel, _split_params
+from relreg.data.spurious import SPLITS, GeneratedSplit, _per_channel, _split_params
 from relreg.validate import check_choice, check_positive_int
 
 __all__ = [
@@ -209,7 +207,7 @@ def make_scenes(
     return ScenesBatch(images, masks, labels, cues, indices[chosen], boxes)
 
 
-class SpuriousScenes(Dataset):
+class SpuriousScenes(GeneratedSplit):
     """Real digits on real photographs with a spurious background cue, yielding
     :class:`relreg.data.Sample` dicts; a drop-in for :class:`relreg.data.SpuriousShapes`.
 
@@ -301,23 +299,6 @@ class SpuriousScenes(Dataset):
             batch.digits,
             batch.boxes,
         )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> Sample:
-        has = self.has_mask[index]
-        if self.folder is not None:
-            sample = self.folder[index]
-            image, label, mask = sample["image"], sample["label"], sample["mask"]
-        else:
-            image, label, mask = self.images[index], self.labels[index], self.masks[index]
-        return {
-            "image": image,
-            "label": label,
-            "mask": mask if has else torch.zeros_like(mask),
-            "has_mask": has,
-        }
 
 
 def _generate(

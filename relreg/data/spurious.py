@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -39,7 +40,34 @@ def _split_params(split: str, spurious: float, num_classes: int, seed: int) -> t
     return p, seed * len(SPLITS) + SPLITS.index(split) + 1
 
 
-class SpuriousShapes(Dataset):
+class GeneratedSplit(Dataset):
+    """What the generated benchmarks share: items from tensors (``images``, ``masks``, ``labels``)
+    or from their cached image folder (``folder``), with the mask zeroed where ``has_mask`` is
+    False."""
+
+    has_mask: Tensor
+    labels: Tensor
+    folder: MaskedImageFolder | None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Sample:
+        has = self.has_mask[index]
+        if self.folder is not None:
+            sample = self.folder[index]
+            image, label, mask = sample["image"], sample["label"], sample["mask"]
+        else:
+            image, label, mask = self.images[index], self.labels[index], self.masks[index]
+        return {
+            "image": image,
+            "label": label,
+            "mask": mask if has else torch.zeros_like(mask),
+            "has_mask": has,
+        }
+
+
+class SpuriousShapes(GeneratedSplit):
     """Generated shapes with a spurious background cue, yielding :class:`relreg.data.Sample` dicts.
 
     Args:
@@ -103,23 +131,6 @@ class SpuriousShapes(Dataset):
             3, 1, 1
         )
         self.masks, self.labels = batch.masks, batch.labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> Sample:
-        has = self.has_mask[index]
-        if self.folder is not None:
-            sample = self.folder[index]
-            image, label, mask = sample["image"], sample["label"], sample["mask"]
-        else:
-            image, label, mask = self.images[index], self.labels[index], self.masks[index]
-        return {
-            "image": image,
-            "label": label,
-            "mask": mask if has else torch.zeros_like(mask),
-            "has_mask": has,
-        }
 
 
 def _per_channel(name: str, value: float | Sequence[float]) -> list[float]:
