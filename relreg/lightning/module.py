@@ -73,9 +73,8 @@ class RelRegModule(pl.LightningModule):
         lambda_cf: weight of the background-counterfactual consistency term (training only; one
             more forward pass over the masked samples); 0: off, as in the paper.
         lambda_faith: weight of the faithfulness anchor (training only; two more forward passes
-            over the masked samples): the background's measured share of the effect on the
-            prediction may not exceed the map's background share (:mod:`relreg.losses.faithful`);
-            0: off.
+            over the masked samples): the background's measured effect share may not exceed the
+            map's background share (:mod:`relreg.losses.faithful`); 0: off.
         nonfinite: ``"error"`` (stop at a non-finite loss or relevance map, saying where) or
             ``"skip"`` (skip that optimiser step); see :mod:`relreg.lightning.nonfinite`.
         max_skipped: with ``"skip"``, stop after this many skipped steps in a row.
