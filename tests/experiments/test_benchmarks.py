@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,17 @@ def test_compare_explainers_schema(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
-def test_robustness_study_schema(tmp_path):
+def _usage_error(script: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run an experiment script in this process up to its argument errors (exit 2): no new
+    interpreter, no second import of torch."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(script, run_name="__main__")
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_robustness_study_schema(tmp_path, monkeypatch, capsys):
     out = tmp_path / "study.json"
     script = str(ROOT / "experiments" / "robustness_study.py")
     cmd = [sys.executable, script, "--quick", "--seeds", "0", "1", "--out", str(out)]
@@ -133,12 +144,11 @@ def test_robustness_study_schema(tmp_path):
     for suffix in ("ood_vs_steps", "mass_vs_ood", "faithfulness", "sweeps"):
         assert (tmp_path / f"study_{suffix}.png").stat().st_size > 10_000
     # an existing result is not overwritten without --overwrite; unknown methods are named
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
-    bad = subprocess.run(
-        [*cmd, "--overwrite", "--methods", "relreg", "nope"], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "unknown ['nope']" in bad.stderr
+    code, err = _usage_error(script, cmd[2:], monkeypatch, capsys)
+    assert code == 2 and "--overwrite" in err
+    args = [*cmd[2:], "--overwrite", "--methods", "relreg", "nope"]
+    code, err = _usage_error(script, args, monkeypatch, capsys)
+    assert code == 2 and "unknown ['nope']" in err
 
 
 def test_robustness_baselines_reuse_the_study_and_summarise(tmp_path):
@@ -180,23 +190,15 @@ def test_robustness_baselines_reuse_the_study_and_summarise(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
-def test_robustness_baselines_define_checks_its_json(tmp_path):
+def test_robustness_baselines_define_checks_its_json(tmp_path, monkeypatch, capsys):
     script = str(ROOT / "experiments" / "robustness_baselines.py")
     out = str(tmp_path / "b.json")
-    bad = subprocess.run(
-        [sys.executable, script, "--define", "x", "{lambda_seg: 1}", "--out", out],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode == 2 and "--define x: expected a JSON object" in bad.stderr
-    unknown = subprocess.run(
-        [sys.executable, script, "--define", "x", "{}", "--methods", "y", "--out", out],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert unknown.returncode == 2 and "unknown ['y']" in unknown.stderr
+    args = ["--define", "x", "{lambda_seg: 1}", "--out", out]
+    code, err = _usage_error(script, args, monkeypatch, capsys)
+    assert code == 2 and "--define x: expected a JSON object" in err
+    args = ["--define", "x", "{}", "--methods", "y", "--out", out]
+    code, err = _usage_error(script, args, monkeypatch, capsys)
+    assert code == 2 and "unknown ['y']" in err
 
 
 def test_robustness_mechanism_reimplements_chefer_and_writes_its_schema(tmp_path):
