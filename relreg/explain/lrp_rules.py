@@ -32,6 +32,8 @@ denominator is 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -112,18 +114,25 @@ def conv_zb(x: Tensor, conv: nn.Conv2d, relevance: Tensor) -> Tensor:
     return x * back(w) - low * back(wp) - high * back(wn)
 
 
-def matmul_rule(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+def matmul_rule(
+    a: Tensor,
+    b: Tensor,
+    relevance: Tensor,
+    divide: Callable[[Tensor, Tensor], Tensor] = safe_divide,
+) -> tuple[Tensor, Tensor]:
     """Gradient x input through ``z = a @ b``, each operand's relevance halved.
 
     Args:
         a: ``(..., n, k)``.
         b: ``(..., k, m)``.
         relevance: relevance of ``z`` ``(..., n, m)``.
+        divide: the stabilised ``relevance / z`` (the CVPR 2021 baseline rules use their own,
+            :func:`relreg.explain.lrp_baseline.safe_div`).
 
     Returns:
         Relevances of ``a`` and ``b`` (same shapes); each sums to half of ``relevance``.
     """
-    s = safe_divide(relevance, a @ b)
+    s = divide(relevance, a @ b)
     ra = a * (s @ b.transpose(-2, -1))
     rb = b * (a.transpose(-2, -1) @ s)
     return ra / 2, rb / 2
