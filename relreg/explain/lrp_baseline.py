@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relreg.explain import lrp_rules as rules
+from relreg.explain import lrp_rules
 from relreg.explain._contract import Target, target_weights
 from relreg.explain.lrp_rules import EPS, conv_zb
 from relreg.explain.lrp_vit import BlockCache, ViTForward, _prefix_values
@@ -156,7 +156,7 @@ def matmul_rule(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor
     Returns:
         Relevances of ``a`` and ``b`` (same shapes); each sums to half of ``relevance``.
     """
-    return rules.matmul_rule(a, b, relevance, divide=safe_div)
+    return lrp_rules.matmul_rule(a, b, relevance, divide=safe_div)
 
 
 # ------------------------------------------------------------------------ through the model
