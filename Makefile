@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.relreg-installed
 OUT ?= runs/demo
 
-.PHONY: venv test test-all demo evaluate compare study study-baselines study-scenes bench lint clean
+.PHONY: venv test test-all demo evaluate compare study study-baselines study-scenes study-scenes-steps bench lint clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,11 @@ study-scenes: $(STAMP)
 	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml \
 		--baseline-seeds 0 1 2 3 --methods relreg_label relreg_teacher energy rrr counterfactual \
 		relreg_cf faithful faithful_cf --out experiments/results/robustness_scenes.json --overwrite
+
+study-scenes-steps: $(STAMP)
+	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml --steps 300 \
+		--baseline-seeds 0 1 2 3 --methods counterfactual faithful_cf \
+		--out experiments/results/robustness_scenes_steps300.json --overwrite
 
 bench: $(STAMP)
 	$(PY) experiments/bench_explain.py --out experiments/results/bench_explain.json

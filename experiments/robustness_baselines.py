@@ -14,7 +14,8 @@ differences to the CE control of the same baseline.
 ``--from-study`` reuses the study's own run as baseline seed 0 when its protocol matches. Writes
 the JSON (``{"summary": {KIND: {METHOD: {"ood_gain": {"mean", "std", "per_baseline"}, "id_diff":
 ..., "gain_every_seed": [...]}}}, "per_baseline": {...}}``), ``*.png`` next to it (one dot per
-baseline) and ``*_cue.png`` (relevance on the cue against reliance on it, every fine-tuned model). About 7 minutes per baseline seed with the default methods on 2 CPU cores (1320 s for three).
+baseline), ``*_cue.png`` (relevance on the cue against reliance on it, every fine-tuned model) and
+``*_recovery.png`` (the recovered share while fine-tuning; ``--steps`` for a longer fine-tune). About 7 minutes per baseline seed with the default methods on 2 CPU cores (1320 s for three).
 
 The pieces live in the package ``experiments/robustness/``: ``robustness.baselines`` (study reuse,
 summaries), ``robustness.study`` (one baseline seed's run) and ``robustness.plots``.
@@ -61,6 +62,7 @@ def main() -> None:
         choices=["tint", "marker", "scenes"],
         help="default: the config's",
     )
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
     parser.add_argument(
         "--from-study", type=Path, help="a robustness_study.py JSON to reuse for its baseline seed"
     )
@@ -87,6 +89,10 @@ def main() -> None:
     cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in {"control", *methods}}
     if args.benchmarks:
         cfg["benchmarks"] = args.benchmarks
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error(f"--steps: expected a positive number of steps, but got {args.steps}")
+        cfg["finetune"]["steps"] = args.steps
     if args.quick:
         shrink(cfg)
     study = json.loads(args.from_study.read_text()) if args.from_study else None

@@ -45,20 +45,43 @@ def study_matches(study: dict, cfg: dict, seeds: list[int], baseline_seed: int) 
 
 
 def compact(result: dict, benchmarks: list[str] | None = None) -> dict:
-    """A study result without curves and sweeps: the baselines, the arms' metrics and the gains,
-    for ``benchmarks`` only (default: all of the result's), so that a study run that covered more
-    benchmarks than the comparison can stand in for one of its baselines."""
+    """A study result without sweeps and timings: the baselines, the arms' metrics and OOD curves
+    and the gains, for ``benchmarks`` only (default: all of the result's), so that a study run
+    that covered more benchmarks than the comparison can stand in for one of its baselines."""
     kinds = list(result["benchmarks"]) if benchmarks is None else list(benchmarks)
     return {
         "baselines": {kind: result["baselines"][kind] for kind in kinds},
         "benchmarks": {
             kind: {
-                name: {k: v for k, v in arm.items() if k not in ("curve", "seconds")}
+                name: {k: v for k, v in arm.items() if k != "seconds"}
                 for name, arm in result["benchmarks"][kind].items()
             }
             for kind in kinds
         },
         "gains": {kind: result["gains"][kind] for kind in kinds},
+    }
+
+
+def _recovery_curve(arms: list[dict], name: str, before: list[float]) -> dict | None:
+    """The recovered share at each evaluated step of ``name``'s mean OOD curve, per baseline (None
+    without curves, or where biasing after the control cost under 1 point)."""
+    if not all("curve" in a[name] for a in arms):
+        return None
+    rows = []
+    for arm, pre in zip(arms, before, strict=True):
+        control = arm["control"]["ood_acc"]["mean"]
+        if pre - control <= 0.01:
+            return None
+        rows.append(
+            [
+                round((v - control) / (pre - control), 4)
+                for v in arm[name]["curve"]["ood_acc"]["mean"]
+            ]
+        )
+    return {
+        "steps": arms[0][name]["curve"]["steps"],
+        "mean": [round(statistics.fmean(col), 4) for col in zip(*rows, strict=True)],
+        "per_baseline": rows,
     }
 
 
@@ -75,7 +98,10 @@ def summarise_gains(per_baseline: dict[str, dict], methods: list[str]) -> dict:
         "baseline_ood_acc": {...}, "pretrained_ood_acc": {...}}}`` (std over the baselines,
         population). ``recovery`` is the share of the OOD accuracy that biasing destroyed which
         the method wins back over the control, ``(OOD_method - OOD_control) / (OOD_pretrained -
-        OOD_control)`` per baseline (OOD_pretrained: the model before the biasing stage).
+        OOD_control)`` per baseline (OOD_pretrained: the model before the biasing stage). When
+        the arms have OOD curves, ``recovery_curve`` is the same share at each evaluated
+        fine-tuning step, against the control's final accuracy: ``{"steps", "mean",
+        "per_baseline": [[...]]}``.
     """
     kinds = next(iter(per_baseline.values()))["benchmarks"]
     summary: dict[str, dict] = {}
@@ -105,6 +131,7 @@ def summarise_gains(per_baseline: dict[str, dict], methods: list[str]) -> dict:
                     ]
                 ),
                 "recovery": _stats(recovery) if recovery else None,
+                "recovery_curve": _recovery_curve(arms, name, before),
                 "gain_every_seed": [g["ood_gain_every_seed"] for g in gains],
                 "relevance": {
                     key: round(statistics.fmean(mean(a[name], key) for a in arms), 4)

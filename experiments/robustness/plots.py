@@ -3,7 +3,7 @@
 - ``robustness_study.py``: :func:`plot_study` (OOD accuracy while fine-tuning, relevance mass
   against OOD accuracy, the faithfulness test, the sweeps);
 - ``robustness_baselines.py``: :func:`plot_baselines` (gains per baseline, cue relevance against
-  cue reliance);
+  cue reliance, the recovered share while fine-tuning);
 - ``robustness_mechanism.py``: :func:`plot_mechanism`.
 """
 
@@ -287,6 +287,38 @@ def plot_baselines(result: dict, out: Path) -> None:
     """
     plot_gains(result, out.with_suffix(".png"))
     plot_cue(result, Path(f"{out.with_suffix('')}_cue.png"))
+    if any(r.get("recovery_curve") for rows in result["summary"].values() for r in rows.values()):
+        plot_recovery(result, Path(f"{out.with_suffix('')}_recovery.png"))
+
+
+def plot_recovery(result: dict, path: Path) -> None:
+    """Per benchmark: each method's recovered share of the OOD loss at each fine-tuning step (thin:
+    one line per baseline; thick: their mean), against the control's final accuracy."""
+    summary = result["summary"]
+    kinds = list(summary)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for x, name in enumerate(result["methods"]):
+            curve = summary[kind][name].get("recovery_curve")
+            if not curve:
+                continue
+            for row in curve["per_baseline"]:
+                ax.plot(curve["steps"], row, color=f"C{x}", lw=0.7, alpha=0.4)
+            ax.plot(
+                curve["steps"], curve["mean"], color=f"C{x}", lw=2.2, marker="o", ms=3, label=name
+            )
+        ax.axhline(0.8, color="r", ls=":", lw=1, label="80%")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(
+            title=f"{kind}: share of the OOD loss recovered over the control (one thin line per baseline)",
+            xlabel="fine-tuning step",
+            ylabel="(OOD(step) - OOD control) / (OOD pretrained - OOD control)",
+        )
+        ax.title.set_fontsize(9)
+        ax.yaxis.label.set_fontsize(8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 # -------------------------------------------------------------------- robustness_mechanism.py

@@ -199,6 +199,8 @@ def test_robustness_baselines_define_checks_its_json(tmp_path, monkeypatch, caps
     args = ["--define", "x", "{}", "--methods", "y", "--out", out]
     code, err = _usage_error(script, args, monkeypatch, capsys)
     assert code == 2 and "unknown ['y']" in err
+    code, err = _usage_error(script, ["--steps", "0", "--out", out], monkeypatch, capsys)
+    assert code == 2 and "--steps: expected a positive number of steps, but got 0" in err
 
 
 def test_robustness_mechanism_reimplements_chefer_and_writes_its_schema(tmp_path):

@@ -121,8 +121,9 @@ def test_compact_keeps_only_the_comparisons_benchmarks(robustness):
     compact = robustness["baselines"].compact
     summarise_gains = robustness["baselines"].summarise_gains
     keys = ("ood_acc", "id_acc", "unbiased_acc", "relevance_mass", "cue_relevance", "follows_cue")
-    control = {k: {"mean": 0.4} for k in keys} | {"curve": [1, 2], "seconds": 3.0}
-    arm = {k: {"mean": 0.6} for k in keys} | {"curve": [1, 2], "seconds": 3.0}
+    curve = {"steps": [0, 10], "ood_acc": {"mean": [0.4, 0.6]}}
+    control = {k: {"mean": 0.4} for k in keys} | {"curve": curve, "seconds": 3.0}
+    arm = {k: {"mean": 0.6} for k in keys} | {"curve": curve, "seconds": 3.0}
     gain = {"m": {"ood_minus_control": 0.2, "id_minus_control": 0.0, "ood_gain_every_seed": True}}
     study = {
         "baselines": {
@@ -133,7 +134,8 @@ def test_compact_keeps_only_the_comparisons_benchmarks(robustness):
     }
     both = compact(study)
     assert list(both["benchmarks"]) == ["tint", "marker"]
-    assert "curve" not in both["benchmarks"]["tint"]["m"]
+    assert "seconds" not in both["benchmarks"]["tint"]["m"]
+    assert both["benchmarks"]["tint"]["m"]["curve"] == curve  # the recovery curve needs it
     marker = compact(study, ["marker"])
     assert (
         list(marker["benchmarks"])
@@ -147,6 +149,40 @@ def test_compact_keeps_only_the_comparisons_benchmarks(robustness):
     assert summary["marker"]["m"]["recovery"]["per_baseline"] == [0.4, 0.4]
     marker["baselines"]["marker"]["pretrain"]["ood_acc"] = 0.405
     assert summarise_gains({"0": marker}, ["m"])["marker"]["m"]["recovery"] is None
+
+
+def test_the_recovery_curve_is_the_recovered_share_at_each_step(robustness, tmp_path):
+    """Per baseline, (OOD(step) - final control OOD) / (pretrained OOD - final control OOD), checked
+    against the final recovery; the figure is drawn from the JSON."""
+    summarise_gains = robustness["baselines"].summarise_gains
+    keys = ("ood_acc", "id_acc", "unbiased_acc", "relevance_mass", "cue_relevance", "follows_cue")
+    per_baseline = {}
+    for b, (pre, ctrl, curve) in enumerate(
+        [(0.9, 0.3, [0.3, 0.6, 0.81]), (0.8, 0.4, [0.4, 0.5, 0.72])]
+    ):
+        control = {k: {"mean": ctrl} for k in keys}
+        arm = {k: {"mean": curve[-1]} for k in keys}
+        arm["curve"] = {"steps": [0, 50, 100], "ood_acc": {"mean": curve, "std": [0.0] * 3}}
+        gain = {"ood_minus_control": curve[-1] - ctrl, "id_minus_control": 0.0}
+        per_baseline[str(b)] = {
+            "baselines": {"scenes": {"pretrain": {"ood_acc": pre}, "bias": {"ood_acc": 0.3}}},
+            "benchmarks": {"scenes": {"control": control, "m": arm}},
+            "gains": {"scenes": {"m": gain | {"ood_gain_every_seed": True}}},
+        }
+    row = summarise_gains(per_baseline, ["m"])["scenes"]["m"]
+    expected = [[0.0, 0.5, 0.85], [0.0, 0.25, 0.8]]
+    assert row["recovery_curve"]["steps"] == [0, 50, 100]
+    for got, want in zip(row["recovery_curve"]["per_baseline"], expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert row["recovery_curve"]["mean"] == pytest.approx([0.0, 0.375, 0.825], abs=1e-4)
+    assert row["recovery"]["per_baseline"] == [r[-1] for r in row["recovery_curve"]["per_baseline"]]
+    result = {"summary": {"scenes": {"m": row}}, "methods": ["m"], "seeds": [0]}
+    robustness["plots"].plot_recovery(result, tmp_path / "b_recovery.png")
+    assert (tmp_path / "b_recovery.png").stat().st_size > 10_000
+    del per_baseline["0"]["benchmarks"]["scenes"]["m"][
+        "curve"
+    ]  # a baseline without curves: no recovery curve
+    assert summarise_gains(per_baseline, ["m"])["scenes"]["m"]["recovery_curve"] is None
 
 
 def test_a_source_model_keeps_its_first_classes_and_scenes_evaluate_on_held_out_writers(robustness):
