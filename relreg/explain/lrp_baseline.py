@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relreg.explain import lrp_rules
+from relreg.explain import lrp_rules, lrp_vit
 from relreg.explain._contract import Target, target_weights
 from relreg.explain.lrp_rules import EPS, conv_zb
 from relreg.explain.lrp_vit import BlockCache, ViTForward, _prefix_values
@@ -244,19 +244,9 @@ def embed_relprop(model: nn.Module, fwd: ViTForward, relevance: Tensor) -> Tenso
 def propagate(
     model: nn.Module, fwd: ViTForward, relevance: Tensor, down_to: int = 0, pixels: bool = False
 ) -> tuple[dict[int, Tensor], Tensor | None]:
-    """Propagate the logits' relevance ``(B, K)`` down to block ``down_to`` (or to the pixels).
-
-    Returns:
-        ``{block index: attention relevance (B, h, N, N)}`` for blocks ``>= down_to`` and, when
-        ``pixels``, the pixel relevance ``(B, C, H', W')``.
-    """
-    with torch.no_grad():
-        r = head_relprop(model, fwd, relevance)
-        attention: dict[int, Tensor] = {}
-        for i in range(len(fwd.blocks) - 1, down_to - 1, -1):
-            stop = i == down_to and not pixels
-            r, attention[i] = block_relprop(model.blocks[i], fwd.blocks[i], r, stop)
-        if not pixels:
-            return attention, None
-        assert r is not None
-        return attention, embed_relprop(model, fwd, r)
+    """:func:`relreg.explain.lrp_vit.propagate` under these rules: ``{block index: attention
+    relevance (B, h, N, N)}`` for blocks ``>= down_to`` and, when ``pixels``, the pixel relevance
+    ``(B, C, H', W')``."""
+    return lrp_vit.propagate(
+        model, fwd, relevance, down_to, pixels, (head_relprop, block_relprop, embed_relprop)
+    )

@@ -13,6 +13,7 @@ network, so the pixel relevance sums to the start relevance minus their share.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,6 @@ from relreg.explain.lrp_rules import (
     conv_zb,
     linear_alpha_beta,
     matmul_rule,
-    per_sample_sum,
     safe_divide,
 )
 
@@ -346,15 +346,10 @@ def block_relprop(
     return r_x + r_h1, r_attn
 
 
-def embed_relprop(model: nn.Module, fwd: ViTForward, relevance: Tensor) -> tuple[Tensor, Tensor]:
-    """Relevance of the first block's input ``(B, N, D)`` -> pixels.
-
-    Returns:
-        Relevance of the convolution's input ``(B, C, H', W')`` (the images, padded when
-        ``dynamic_img_pad``) and the per-sample relevance ``(B,)`` absorbed by the learned prefix
-        tokens and the position embedding.
-    """
-    total = per_sample_sum(relevance)
+def embed_relprop(model: nn.Module, fwd: ViTForward, relevance: Tensor) -> Tensor:
+    """Relevance of the first block's input ``(B, N, D)`` -> relevance of the convolution's input
+    ``(B, C, H', W')`` (the images, padded when ``dynamic_img_pad``); what the learned prefix
+    tokens and the position embedding take is the difference of the two sums."""
     n_prefix = relevance.shape[1] - fwd.patches.shape[1]
     if fwd.pos is None:
         r_patches = relevance[:, n_prefix:]
@@ -365,9 +360,7 @@ def embed_relprop(model: nn.Module, fwd: ViTForward, relevance: Tensor) -> tuple
         r_patches, _ = add_rule(fwd.patches, fwd.pos, relevance[:, n_prefix:])
     b, _, d = r_patches.shape
     r_conv = r_patches.transpose(1, 2).reshape(b, d, *fwd.grid)
-    r_pixels = conv_zb(fwd.pixels, model.patch_embed.proj, r_conv)
-    absorbed = total - per_sample_sum(r_pixels)
-    return r_pixels, absorbed
+    return conv_zb(fwd.pixels, model.patch_embed.proj, r_conv)
 
 
 def _prefix_values(model: nn.Module, fwd: ViTForward) -> Tensor:
@@ -376,22 +369,32 @@ def _prefix_values(model: nn.Module, fwd: ViTForward) -> Tensor:
 
 
 def propagate(
-    model: nn.Module, fwd: ViTForward, relevance: Tensor, down_to: int = 0, pixels: bool = False
+    model: nn.Module,
+    fwd: ViTForward,
+    relevance: Tensor,
+    down_to: int = 0,
+    pixels: bool = False,
+    relprops: tuple[Callable, Callable, Callable] | None = None,
 ) -> tuple[dict[int, Tensor], Tensor | None]:
     """Propagate the logits' relevance ``(B, K)`` down to block ``down_to`` (or to the pixels).
 
+    Args:
+        relprops: another rule set's ``(head_relprop, block_relprop, embed_relprop)`` (default:
+            this module's; :mod:`relreg.explain.lrp_baseline` passes the CVPR 2021 baseline's).
+
     Returns:
         ``{block index: attention relevance (B, h, N, N)}`` for blocks ``>= down_to`` and, when
-        ``pixels``, the pixel relevance ``(B, C, H, W)``.
+        ``pixels``, the pixel relevance ``(B, C, H', W')``.
     """
+    head, block, embed = relprops or (head_relprop, block_relprop, embed_relprop)
     with torch.no_grad():
-        r = head_relprop(model, fwd, relevance)
+        r = head(model, fwd, relevance)
         attention: dict[int, Tensor] = {}
         for i in range(len(fwd.blocks) - 1, down_to - 1, -1):
             # the last block needed stops at its attention unless the pixels are asked for
             stop = i == down_to and not pixels
-            r, attention[i] = block_relprop(model.blocks[i], fwd.blocks[i], r, stop)
+            r, attention[i] = block(model.blocks[i], fwd.blocks[i], r, stop)
         if not pixels:
             return attention, None
         assert r is not None
-        return attention, embed_relprop(model, fwd, r)[0]
+        return attention, embed(model, fwd, r)

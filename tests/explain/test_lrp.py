@@ -367,8 +367,7 @@ def test_each_block_and_the_head_conserve_relevance(model):
         _, again = V.block_relprop(model.blocks[i], fwd.blocks[i], r, attention_only=True)
         torch.testing.assert_close(again, r_attn)
         r = r_in
-    pixels, absorbed = V.embed_relprop(model, fwd, r)
-    torch.testing.assert_close(_sums(pixels) + absorbed, _sums(r))
+    assert V.embed_relprop(model, fwd, r).shape == x.shape  # its total: the next test
 
 
 def test_lrp_total_is_the_start_minus_what_prefix_tokens_and_pos_embed_take(model):
