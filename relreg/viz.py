@@ -122,6 +122,6 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save ``fig`` atomically (temporary file, then rename; :func:`relreg.io.atomic_write`) and
     close it."""
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"))
     finally:
         plt.close(fig)

@@ -317,7 +317,7 @@ def plot_recovery(result: dict, path: Path) -> None:
         ax.title.set_fontsize(9)
         ax.yaxis.label.set_fontsize(8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     save_figure(fig, path)
 
 
