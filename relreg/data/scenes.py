@@ -31,22 +31,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
-from torchvision.transforms import v2
 
 from relreg.data import scene_sources
 from relreg.data.folders import MaskedImageFolder
-from relreg.data.spurious import SPLITS, GeneratedSplit, _per_channel, _split_params
+from relreg.data.spurious import (
+    SPLITS,
+    GeneratedSplit,
+    _per_channel,
+    _split_params,
+    write_split_folder,
+)
 from relreg.validate import check_choice, check_positive_int
 
 __all__ = [
@@ -281,11 +282,9 @@ class SpuriousScenes(GeneratedSplit):
             name = f"scenes-{split}-n{n}-s{size}-c{num_classes}-p{spurious}-seed{seed}"
             name += f"-d{digit_size}-{pool}" + (f"-x{distractors}" if distractors else "")
             root = write_scenes_folder(Path(cache_dir) / name, *args)
-            transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-            self.folder = MaskedImageFolder(root, transform=transform, classes=self.classes)
+            self._read_folder(root, mean, std)
             items = json.loads((root / "items.json").read_text())
             order = [int(path.stem) for path, _, _ in self.folder.samples]
-            self.labels = torch.tensor([label for _, _, label in self.folder.samples])
             self.cues, self.digits, self.boxes = (
                 torch.tensor(items[k])[order] for k in ("cues", "digits", "boxes")
             )
@@ -331,39 +330,16 @@ def write_scenes_folder(
     Returns:
         ``root``, ready for :class:`relreg.data.MaskedImageFolder`.
     """
-    root = Path(root)
     meta = {
         "benchmark": "scenes",
         **dict(split=split, n=n, size=size, num_classes=num_classes, spurious=spurious),
         **dict(seed=seed, digit_size=digit_size, digits=digits, distractors=distractors),
     }
-    if root.exists():
-        found = (
-            json.loads((root / "meta.json").read_text()) if (root / "meta.json").is_file() else None
-        )
-        if found == meta:
-            return root
-        raise FileExistsError(
-            f"Expected {str(root)!r} to be absent or a scenes folder made with {meta}, but got {found}."
-        )
-    batch = _generate(split, n, size, num_classes, spurious, seed, digit_size, digits, distractors)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
-        for i in range(n):
-            name = DIGITS[int(batch.labels[i])]
-            for kind in ("images", "masks"):
-                (tmp / kind / name).mkdir(parents=True, exist_ok=True)
-            pixels = (batch.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(pixels).save(tmp / "images" / name / f"{i:05d}.png")
-            Image.fromarray((batch.masks[i].numpy() * 255).astype(np.uint8)).save(
-                tmp / "masks" / name / f"{i:05d}.png"
-            )
+
+    def generate() -> tuple[Tensor, Tensor, Tensor, dict]:
+        args = (split, n, size, num_classes, spurious, seed, digit_size, digits, distractors)
+        batch = _generate(*args)
         items = {k: getattr(batch, k).tolist() for k in ("cues", "digits", "boxes")}
-        (tmp / "items.json").write_text(json.dumps(items))
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return root
+        return batch.images, batch.masks, batch.labels, items
+
+    return write_split_folder(root, meta, generate, DIGITS, what="scenes")

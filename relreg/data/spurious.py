@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,14 @@ class GeneratedSplit(Dataset):
 
     has_mask: Tensor
     labels: Tensor
+    classes: list[str]
     folder: MaskedImageFolder | None
+
+    def _read_folder(self, root: Path, mean: list[float], std: list[float]) -> None:
+        """Serve the items from the cached folder ``root`` (``labels`` in its file order)."""
+        transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        self.folder = MaskedImageFolder(root, transform=transform, classes=self.classes)
+        self.labels = torch.tensor([label for _, _, label in self.folder.samples])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -120,9 +127,7 @@ class SpuriousShapes(GeneratedSplit):
             root = write_shapes_folder(
                 Path(cache_dir) / name, split, n, size, num_classes, spurious, seed, cue
             )
-            transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-            self.folder = MaskedImageFolder(root, transform=transform, classes=self.classes)
-            self.labels = torch.tensor([label for _, _, label in self.folder.samples])
+            self._read_folder(root, mean, std)
             return
         batch = make_shapes(
             n, size=size, num_classes=num_classes, seed=split_seed, spurious=p, cue=cue
@@ -161,7 +166,6 @@ def write_shapes_folder(
         ``root``, ready for :class:`relreg.data.MaskedImageFolder` (or ``root / "images"`` for
         :class:`relreg.data.OODImageFolder`).
     """
-    root = Path(root)
     meta = {
         "split": split,
         "n": n,
@@ -171,6 +175,46 @@ def write_shapes_folder(
         "seed": seed,
         **({} if cue == "tint" else {"cue": cue}),  # tint folders keep their earlier meta.json
     }
+
+    def generate() -> tuple[Tensor, Tensor, Tensor, dict]:
+        p, split_seed = _split_params(split, spurious, num_classes, seed)
+        batch = make_shapes(
+            n, size=size, num_classes=num_classes, seed=split_seed, spurious=p, cue=cue
+        )
+        return batch.images, batch.masks, batch.labels, {}
+
+    return write_split_folder(root, meta, generate, SHAPES, what="shapes")
+
+
+def write_split_folder(
+    root: str | os.PathLike,
+    meta: dict,
+    generate: Callable[[], tuple[Tensor, Tensor, Tensor, dict]],
+    names: Sequence[str],
+    what: str,
+) -> Path:
+    """Write a generated split as ``images/<class>/*.png`` and ``masks/<class>/*.png``, once.
+
+    The folder is built in a temporary directory and renamed into place, so an interrupted write
+    leaves nothing behind; an existing folder whose ``meta.json`` equals ``meta`` is reused (a
+    cache), one made with other arguments is an error and is left as it is.
+
+    Args:
+        root: the folder to write.
+        meta: the arguments that made the split, stored as ``meta.json``.
+        generate: called only when the folder is written; returns images ``(N, 3, H, W)`` in
+            [0, 1], masks ``(N, H, W)`` in {0, 1}, labels ``(N,)`` and extra per-item lists
+            written to ``items.json`` (in file-name order) when not empty.
+        names: the class folder name of each label.
+        what: the benchmark's name, for the error message.
+
+    Returns:
+        ``root``.
+
+    Raises:
+        FileExistsError: ``root`` exists and was not made with ``meta``.
+    """
+    root = Path(root)
     if root.exists():
         found = (
             json.loads((root / "meta.json").read_text()) if (root / "meta.json").is_file() else None
@@ -178,22 +222,23 @@ def write_shapes_folder(
         if found == meta:
             return root
         raise FileExistsError(
-            f"Expected {str(root)!r} to be absent or a shapes folder made with {meta}, but got {found}."
+            f"Expected {str(root)!r} to be absent or a {what} folder made with {meta}, but got {found}."
         )
-    p, split_seed = _split_params(split, spurious, num_classes, seed)
-    batch = make_shapes(n, size=size, num_classes=num_classes, seed=split_seed, spurious=p, cue=cue)
+    images, masks, labels, items = generate()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     try:
-        for i in range(n):
-            name = SHAPES[int(batch.labels[i])]
+        for i in range(len(labels)):
+            name = names[int(labels[i])]
             for kind in ("images", "masks"):
                 (tmp / kind / name).mkdir(parents=True, exist_ok=True)
-            pixels = (batch.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            pixels = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             Image.fromarray(pixels).save(tmp / "images" / name / f"{i:05d}.png")
-            Image.fromarray((batch.masks[i].numpy() * 255).astype(np.uint8)).save(
+            Image.fromarray((masks[i].numpy() * 255).astype(np.uint8)).save(
                 tmp / "masks" / name / f"{i:05d}.png"
             )
+        if items:
+            (tmp / "items.json").write_text(json.dumps(items))
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, root)
     finally:

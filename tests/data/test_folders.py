@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,25 @@ def test_restricted_scoring_is_read_through_a_subset(folder):
 
     ood = OODImageFolder(folder / "images", scoring="restricted", classes=["x", "cat", "dog"])
     assert scoring_classes(Subset(ood, [0, 1])).tolist() == [1, 2]
+
+
+def test_split_folder_writer_is_all_or_nothing(tmp_path):
+    from relreg.data.spurious import write_split_folder
+
+    def broken():
+        raise RuntimeError("generator failed")
+
+    with pytest.raises(RuntimeError, match="generator failed"):
+        write_split_folder(tmp_path / "x", {"n": 1}, broken, ["a"], what="test")
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary left behind
+
+    def one_image():
+        return torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4), torch.tensor([0]), {"cues": [2]}
+
+    root = write_split_folder(tmp_path / "x", {"n": 1}, one_image, ["a"], what="test")
+    assert json.loads((root / "items.json").read_text()) == {"cues": [2]}
+    before = sorted(p.name for p in root.rglob("*"))
+    with pytest.raises(FileExistsError, match="absent or a test folder made with"):
+        write_split_folder(root, {"n": 2}, broken, ["a"], what="test")  # generate is never called
+    assert sorted(p.name for p in root.rglob("*")) == before
+    assert write_split_folder(root, {"n": 1}, broken, ["a"], what="test") == root  # the cache
