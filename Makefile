@@ -51,6 +51,7 @@ study-scenes: $(STAMP)
 		--baseline-seeds 0 1 2 3 --methods relreg_label relreg_teacher energy rrr counterfactual \
 		relreg_cf faithful faithful_cf --out experiments/results/robustness_scenes.json --overwrite
 
+# after or instead of study-scenes: its two best arms and the control fine-tuned 300 steps (about 30 minutes)
 study-scenes-steps: $(STAMP)
 	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml --steps 300 \
 		--baseline-seeds 0 1 2 3 --methods counterfactual faithful_cf \
