@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.relreg-installed
 OUT ?= runs/demo
 
-.PHONY: venv test test-all demo evaluate compare study study-baselines study-scenes study-scenes-steps bench lint clean
+.PHONY: venv test test-all demo evaluate compare study study-baselines study-scenes study-scenes-steps study-scenes-same-task bench lint clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,12 @@ study-scenes-steps: $(STAMP)
 	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml --steps 300 \
 		--baseline-seeds 0 1 2 3 --methods counterfactual faithful_cf \
 		--out experiments/results/robustness_scenes_steps300.json --overwrite
+
+# the real-image study's main arms when the baseline is pre-trained on the task's own 4 digits (about 25 minutes)
+study-scenes-same-task: $(STAMP)
+	$(PY) experiments/robustness_baselines.py --config configs/study/scenes_same_task.yaml \
+		--baseline-seeds 0 1 2 3 --methods relreg_label counterfactual faithful faithful_cf \
+		--out experiments/results/robustness_scenes_same_task.json --overwrite
 
 bench: $(STAMP)
 	$(PY) experiments/bench_explain.py --out experiments/results/bench_explain.json
