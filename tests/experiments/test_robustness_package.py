@@ -205,3 +205,20 @@ def test_a_source_model_keeps_its_first_classes_and_scenes_evaluate_on_held_out_
     with_distractor = protocol.make_split(cfg, "scenes", "unbiased", 64, num_classes=4)
     assert with_distractor["cue"].max() == 4
     assert protocol.make_split(cfg, "scenes", "unbiased", 64, held_out=True)["cue"].max() < 4
+
+
+def test_the_same_task_variant_differs_from_the_scenes_protocol_only_in_its_pre_training():
+    import yaml
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "study"
+    scenes = yaml.safe_load((configs / "scenes.yaml").read_text())
+    same = yaml.safe_load((configs / "scenes_same_task.yaml").read_text())
+    source = dict(scenes["pretrain"])
+    assert source.pop("num_classes") > scenes["num_classes"] and source.pop("distractors") > 0
+    assert same["pretrain"] == source  # no source task, everything else as in scenes.yaml
+    assert set(same) == set(scenes) - {"sweeps", "faithfulness"}  # the comparison uses neither
+    for key in set(same) - {"pretrain", "methods"}:
+        assert same[key] == scenes[key], key
+    assert same["methods"] and all(
+        scenes["methods"][m] == spec for m, spec in same["methods"].items()
+    )
