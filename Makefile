@@ -59,7 +59,7 @@ study-scenes-steps: $(STAMP)
 
 # the real-image study's main arms when the baseline is pre-trained on the task's own 4 digits (about 25 minutes)
 study-scenes-same-task: $(STAMP)
-	$(PY) experiments/robustness_baselines.py --config configs/study/scenes_same_task.yaml \
+	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml --no-source-task \
 		--baseline-seeds 0 1 2 3 --methods relreg_label counterfactual faithful faithful_cf \
 		--out experiments/results/robustness_scenes_same_task.json --overwrite
 

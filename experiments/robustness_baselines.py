@@ -15,7 +15,8 @@ differences to the CE control of the same baseline.
 the JSON (``{"summary": {KIND: {METHOD: {"ood_gain": {"mean", "std", "per_baseline"}, "id_diff":
 ..., "gain_every_seed": [...]}}}, "per_baseline": {...}}``), ``*.png`` next to it (one dot per
 baseline), ``*_cue.png`` (relevance on the cue against reliance on it, every fine-tuned model) and
-``*_recovery.png`` (the recovered share while fine-tuning; ``--steps`` for a longer fine-tune). About 7 minutes per baseline seed with the default methods on 2 CPU cores (1320 s for three).
+``*_recovery.png`` (the recovered share while fine-tuning; ``--steps`` for a longer fine-tune;
+``--no-source-task`` pre-trains on the task's own classes instead of a config's source task). About 7 minutes per baseline seed with the default methods on 2 CPU cores (1320 s for three).
 
 The pieces live in the package ``experiments/robustness/``: ``robustness.baselines`` (study reuse,
 summaries), ``robustness.study`` (one baseline seed's run) and ``robustness.plots``.
@@ -31,7 +32,13 @@ from pathlib import Path
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
 from robustness.baselines import compact, study_matches, summarise_gains
 from robustness.plots import plot_baselines
-from robustness.protocol import DEFAULT_CONFIG, check_methods, load_config, shrink
+from robustness.protocol import (
+    DEFAULT_CONFIG,
+    check_methods,
+    drop_source_task,
+    load_config,
+    shrink,
+)
 from robustness.study import run
 
 from relreg.io import atomic_write
@@ -64,6 +71,11 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
     parser.add_argument(
+        "--no-source-task",
+        action="store_true",
+        help="pre-train on the task's own classes instead of the config's source task",
+    )
+    parser.add_argument(
         "--from-study", type=Path, help="a robustness_study.py JSON to reuse for its baseline seed"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -79,6 +91,8 @@ def main() -> None:
         plot_baselines(out, args.out)
         return
     cfg = load_config(parser, args)
+    if args.no_source_task:
+        drop_source_task(parser, cfg, args.config)
     for name, spec in args.define:
         try:
             cfg["methods"][name] = json.loads(spec)

@@ -1,5 +1,5 @@
-"""The robustness study's config helpers: ``--quick`` sizes, loading with the ``--out`` guard, and
-the ``--methods`` check (re-exported by :mod:`robustness.protocol`)."""
+"""The robustness study's config helpers: ``--quick`` sizes, loading with the ``--out`` guard, the
+``--methods`` check and ``--no-source-task`` (re-exported by :mod:`robustness.protocol`)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,17 @@ def check_methods(parser: argparse.ArgumentParser, cfg: dict, names: list[str]) 
     unknown = sorted(set(names) - set(cfg["methods"]))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; the config has {sorted(cfg['methods'])}")
+
+
+def drop_source_task(parser: argparse.ArgumentParser, cfg: dict, config: object) -> None:
+    """``--no-source-task``, in place: pre-train on the task's own classes instead of the config's
+    larger source task (removes ``pretrain.num_classes`` and ``pretrain.distractors``; the stage's
+    images, steps and schedule stay). Exit 2 when the config's pre-training is no source task."""
+    k = cfg["num_classes"]
+    if cfg["pretrain"].get("num_classes", k) == k:
+        parser.error(
+            f"--no-source-task: expected a config whose pretrain stage is a source task "
+            f"(pretrain.num_classes > num_classes = {k}), but {config} has none"
+        )
+    for key in ("num_classes", "distractors"):
+        cfg["pretrain"].pop(key, None)

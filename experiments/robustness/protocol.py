@@ -28,7 +28,12 @@ from relreg.io import atomic_write
 from relreg.lightning import RelRegModule
 from relreg.metrics import relevance_share
 from relreg.models import build_model
-from robustness.config import check_methods, load_config, shrink  # noqa: F401  (re-exported)
+from robustness.config import (  # noqa: F401  (re-exported)
+    check_methods,
+    drop_source_task,
+    load_config,
+    shrink,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "study" / "robustness.yaml"

@@ -201,6 +201,9 @@ def test_robustness_baselines_define_checks_its_json(tmp_path, monkeypatch, caps
     assert code == 2 and "unknown ['y']" in err
     code, err = _usage_error(script, ["--steps", "0", "--out", out], monkeypatch, capsys)
     assert code == 2 and "--steps: expected a positive number of steps, but got 0" in err
+    code, err = _usage_error(script, ["--no-source-task", "--out", out], monkeypatch, capsys)
+    assert code == 2 and "--no-source-task: expected a config whose pretrain stage" in err
+    assert "robustness.yaml has none" in err  # the default (shapes) config pre-trains on the task
 
 
 def test_robustness_mechanism_reimplements_chefer_and_writes_its_schema(tmp_path):

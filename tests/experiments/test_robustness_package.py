@@ -11,7 +11,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = {
-    "protocol": ("load_config", "make_split", "cue_region", "fit", "evaluate", "summarise"),
+    "protocol": (
+        "load_config",
+        "drop_source_task",
+        "make_split",
+        "cue_region",
+        "fit",
+        "evaluate",
+        "summarise",
+    ),
     "study": ("run", "gains"),
     "faithfulness": ("faithfulness",),
     "baselines": ("compact", "study_matches", "summarise_gains"),
@@ -207,16 +215,19 @@ def test_a_source_model_keeps_its_first_classes_and_scenes_evaluate_on_held_out_
     assert protocol.make_split(cfg, "scenes", "unbiased", 64, held_out=True)["cue"].max() < 4
 
 
-def test_the_same_task_variant_differs_from_the_scenes_protocol_only_in_its_pre_training():
+def test_no_source_task_gives_the_protocol_of_the_committed_same_task_run(robustness):
+    import argparse
+    import json
+
     import yaml
 
-    configs = Path(__file__).resolve().parents[2] / "configs" / "study"
-    scenes = yaml.safe_load((configs / "scenes.yaml").read_text())
-    same = yaml.safe_load((configs / "scenes_same_task.yaml").read_text())
+    scenes = yaml.safe_load((ROOT / "configs" / "study" / "scenes.yaml").read_text())
+    result = ROOT / "experiments" / "results" / "robustness_scenes_same_task.json"
+    same = json.loads(result.read_text())["config"]
     source = dict(scenes["pretrain"])
-    assert source.pop("num_classes") > scenes["num_classes"] and source.pop("distractors") > 0
-    assert same["pretrain"] == source  # no source task, everything else as in scenes.yaml
-    assert set(same) == set(scenes) - {"sweeps", "faithfulness"}  # the comparison uses neither
+    assert source["num_classes"] > scenes["num_classes"] and source["distractors"] > 0
+    robustness["protocol"].drop_source_task(argparse.ArgumentParser(), scenes, "scenes.yaml")
+    assert scenes["pretrain"] == same["pretrain"]  # no source task, everything else as before
     for key in set(same) - {"pretrain", "methods"}:
         assert same[key] == scenes[key], key
     assert same["methods"] and all(
