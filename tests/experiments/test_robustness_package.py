@@ -228,6 +228,7 @@ def test_no_source_task_gives_the_protocol_of_the_committed_same_task_run(robust
     assert source["num_classes"] > scenes["num_classes"] and source["distractors"] > 0
     robustness["protocol"].drop_source_task(argparse.ArgumentParser(), scenes, "scenes.yaml")
     assert scenes["pretrain"] == same["pretrain"]  # no source task, everything else as before
+    assert set(same) <= set(scenes)
     for key in set(same) - {"pretrain", "methods"}:
         assert same[key] == scenes[key], key
     assert same["methods"] and all(
