@@ -48,6 +48,7 @@ from robustness.protocol import (
     load_config,
     make_split,
     new_model,
+    optimisation,
     shrink,
 )
 
@@ -102,7 +103,8 @@ def main() -> None:
         data = make_split(
             cfg, kind, "finetune", c["per_class"] * cfg["num_classes"], 10 + args.seed
         )
-        fit(RelRegModule(model, **cfg["methods"][name]), data, c, args.seed)
+        module = RelRegModule(model, **cfg["methods"][name], **optimisation(c))
+        fit(module, data, c, args.seed)
         models[name] = measure(cfg, model, kind)
         reads = models[name]["effects"]["reads"]
         print(

@@ -17,10 +17,13 @@ import copy
 import hashlib
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 from relreg.data import make_scenes, make_shapes
 from relreg.explain import explain
@@ -28,6 +31,7 @@ from relreg.io import atomic_write
 from relreg.lightning import RelRegModule
 from relreg.metrics import relevance_share
 from relreg.models import build_model
+from relreg.quiet import quiet_dependencies
 from robustness.config import (  # noqa: F401  (re-exported)
     check_methods,
     drop_source_task,
@@ -43,6 +47,8 @@ SPLIT_SEEDS = {"unbiased": 1, "bias": 2, "finetune": 3, "id": 4, "ood": 5}
 # predictions that follow the cue (a shape-only model: 0)
 METRICS = ("id_acc", "ood_acc", "unbiased_acc", "relevance_mass", "cue_relevance", "follows_cue")
 EVAL_SPLITS = ("id", "ood", "unbiased")
+# the pre-training and biasing stages' objective: cross-entropy to the labels
+LABELS_ONLY = [{"term": "classification", "options": {"target": "label"}}]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -129,55 +135,112 @@ def keep_classes(model: torch.nn.Module, k: int) -> torch.nn.Module:
     return model
 
 
-def fit(
-    module: RelRegModule,
-    data: dict[str, torch.Tensor],
-    stage: dict,
-    seed: int,
-    one_cycle: bool = False,
-    on_eval: Any = None,
-) -> None:
-    """Plain AdamW steps of ``module.model_step`` (the same losses ``relreg fit`` trains with).
+def term_weight(method: dict, term: str) -> float:
+    """The weight of ``term`` in an arm's objective (an arm of the config's ``methods``)."""
+    for spec in method["objective"]:
+        if spec["term"] == term:
+            return float(spec.get("weight", 1.0))
+    raise ValueError(f"Expected a {term!r} term in the arm's objective, but got {method!r}.")
 
-    A Trainer per arm would cost seconds of start-up each; the study runs about a hundred arms.
+
+def with_weight(method: dict, term: str, weight: float) -> dict:
+    """A copy of an arm with the weight of its ``term`` set to ``weight``."""
+    term_weight(method, term)  # the arm has the term
+    objective = [
+        {**spec, "weight": weight} if spec["term"] == term else spec for spec in method["objective"]
+    ]
+    return {**method, "objective": objective}
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The study's batches in order: a fresh permutation of the split whenever the next batch
+    would run past its end (seeded, so each arm sees the same order)."""
+
+    def __init__(self, data: dict[str, torch.Tensor], steps: int, batch_size: int, seed: int):
+        self.data = data
+        g = torch.Generator().manual_seed(seed)
+        n = data["label"].shape[0]
+        order = torch.randperm(n, generator=g)
+        pos = 0
+        self.indices = []
+        for _ in range(steps):
+            if pos + batch_size > n:
+                order = torch.randperm(n, generator=g)
+                pos = 0
+            self.indices.append(order[pos : pos + batch_size])
+            pos += batch_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        idx = self.indices[step]
+        batch = {key: self.data[key][idx] for key in ("image", "mask", "label")}
+        batch["has_mask"] = torch.ones(idx.numel(), dtype=torch.bool)
+        return batch
+
+
+class _EveryNSteps(pl.Callback):
+    """Calls ``on_eval(step)`` after every ``every``-th optimiser step."""
+
+    def __init__(self, every: int, on_eval: Any) -> None:
+        self.every = every
+        self.on_eval = on_eval
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step % self.every == 0:
+            self.on_eval(trainer.global_step)
+
+
+def optimisation(stage: dict, one_cycle: bool = False) -> dict[str, Any]:
+    """A stage's optimiser and schedule as :class:`relreg.lightning.RelRegModule` arguments:
+    AdamW (weight decay 1e-4) at ``stage["lr"]``, constant or one-cycle over ``stage["steps"]``
+    (stepped after every optimiser step)."""
+    lr = stage["lr"]
+    steps = stage["steps"]
+
+    def scheduler(opt: torch.optim.Optimizer) -> dict[str, Any]:
+        if one_cycle:
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        return {"scheduler": sched, "interval": "step"}
+
+    return {"optimizer": partial(torch.optim.AdamW, lr=lr, weight_decay=1e-4), "scheduler": scheduler}
+
+
+def fit(
+    module: RelRegModule, data: dict[str, torch.Tensor], stage: dict, seed: int, on_eval: Any = None
+) -> None:
+    """Train ``module`` with Lightning through its own training step (``relreg fit``'s path).
+
+    No logger, checkpoints or validation: the study scores the models itself.
 
     Args:
-        module: the model and its losses.
+        module: the model, its objective and its optimisation (:func:`optimisation`).
         data: a split from :func:`make_split` (every image has a mask).
-        stage: ``steps``, ``batch_size``, ``lr`` and, with ``on_eval``, ``eval_every``.
+        stage: ``steps``, ``batch_size`` and, with ``on_eval``, ``eval_every``.
         seed: seeds the batch order.
-        one_cycle: a one-cycle learning-rate schedule instead of a constant one.
         on_eval: called with the step number every ``eval_every`` steps.
     """
-    steps, batch_size, lr = stage["steps"], stage["batch_size"], stage["lr"]
+    batches = _Batches(data, stage["steps"], stage["batch_size"], seed)
+    # generator: the loader's own seed is drawn from it, not from torch's global generator
+    loader = DataLoader(batches, batch_size=None, generator=torch.Generator())
     every = stage.get("eval_every", 0) if on_eval is not None else 0
-    g = torch.Generator().manual_seed(seed)
-    params = [p for p in module.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = (
-        torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-        if one_cycle
-        else None
+    trainer = pl.Trainer(
+        accelerator="cpu",  # the study's splits and scores stay on the CPU
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[_EveryNSteps(every, on_eval)] if every else [],
     )
-    n = data["label"].shape[0]
-    order, pos = torch.randperm(n, generator=g), 0
-    module.model.train()
-    for step in range(1, steps + 1):
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=g), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        batch = {key: data[key][idx] for key in ("image", "mask", "label")}
-        batch["has_mask"] = torch.ones(idx.numel(), dtype=torch.bool)
-        relevance = module.lambda_seg + module.lambda_faith > 0
-        out = module.model_step(batch, relevance=relevance, counterfactual=True)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        if every and step % every == 0:
-            on_eval(step)
+    with quiet_dependencies(stages=True):
+        trainer.fit(module, train_dataloaders=loader)
 
 
 @torch.no_grad()
@@ -246,7 +309,7 @@ def build_baseline(cfg: dict, kind: str, log: Any) -> tuple[dict, dict]:
     stages["pretrain"] = {f"{s}_acc": accuracy(model, evals[s]) for s in EVAL_SPLITS}
     log(f"{kind} pretrain: " + ", ".join(f"{k} {v:.3f}" for k, v in stages["pretrain"].items()))
     torch.manual_seed(seed)  # the biasing stage's randomness does not depend on the cache
-    module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
+    module = RelRegModule(model, objective=LABELS_ONLY, **optimisation(cfg["bias"]))
     # with a shared source model, each baseline also draws its own biased data
     data_seed = seed if cfg["pretrain"].get("shared") else 0
     data = make_split(cfg, kind, "bias", cfg["bias"]["n"], seed=data_seed)
@@ -296,10 +359,10 @@ def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
     if key not in _SOURCES:
         torch.manual_seed(seed)
         model = new_model(cfg, k)
-        module = RelRegModule(model, lambda_seg=0.0, lambda_cls=1.0, classification="label")
+        module = RelRegModule(model, objective=LABELS_ONLY, **optimisation(c, one_cycle=True))
         data = make_split(cfg, kind, "unbiased", c["n"], num_classes=k)
         start = time.perf_counter()
-        fit(module, data, c, seed=seed, one_cycle=True)
+        fit(module, data, c, seed=seed)
         if k != cfg["num_classes"]:
             src = make_split(
                 cfg, kind, "unbiased", cfg["eval"]["n"], seed=1, held_out=True, num_classes=k
@@ -345,7 +408,7 @@ def finetune(
     torch.manual_seed(seed)
     model = new_model(cfg)
     model.load_state_dict(base)
-    module = RelRegModule(model, **method)
+    module = RelRegModule(model, **method, **optimisation(c))
     data = make_split(cfg, kind, "finetune", per_class * cfg["num_classes"], seed=10 + seed)
     curve = {"steps": [0], "ood_acc": [accuracy(model, evals["ood"])]}
 

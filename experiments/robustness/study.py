@@ -22,6 +22,8 @@ from robustness.protocol import (
     finetune,
     new_model,
     summarise,
+    term_weight,
+    with_weight,
 )
 
 
@@ -102,19 +104,22 @@ def run(cfg: dict, seeds: list[int], log: Any, sweeps: bool = True, faithful: bo
         }
         weight: dict[str, dict] = {}
         for name, spec in sw["weight"].items():
-            key = spec["key"]
-            weight[name] = {str(methods[name][key]): result["benchmarks"][kind][name]}
+            term = spec["term"]
+            weight[name] = {str(term_weight(methods[name], term)): result["benchmarks"][kind][name]}
             for value in spec["values"]:
                 runs = []
                 for seed in seeds:
                     runs.append(
-                        finetune(cfg, bases[kind], kind, {**methods[name], key: value}, seed, evals)
+                        finetune(
+                            cfg, bases[kind], kind, with_weight(methods[name], term, value), seed,
+                            evals,
+                        )
                     )
                     bar.update()
                 weight[name][str(value)] = summarise(runs)
         result["sweeps"]["weight"] = {
-            "label": "loss weight (lambda_cls = 1)",
-            "keys": {name: spec["key"] for name, spec in sw["weight"].items()},
+            "label": "term weight (classification weight 1)",
+            "keys": {name: spec["term"] for name, spec in sw["weight"].items()},
             "results": _strip(weight),
         }
         log(

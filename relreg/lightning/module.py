@@ -1,21 +1,17 @@
 """``RelRegModule``: relevance-regularised fine-tuning of a timm ViT (RobustViT, Chefer, Schwartz &
 Wolf, "Optimizing Relevance Maps of Vision Transformers Improves Robustness", NeurIPS 2022).
 
-Per step, one forward pass gives the logits and (through the captured attention) the relevance of
-the ground-truth class; the loss is ``lambda_seg * L_seg + lambda_cls * L_cls`` (paper: 0.8 and 0.2)
-with ``L_seg`` a relevance loss on the masked samples and ``L_cls`` the classification term
-(paper: cross-entropy to the model's own top-1, ``classification="self"``). With
-``lambda_seg=0`` (and ``lambda_faith=0``) it is a plain fine-tune (no relevance is computed): the
-control. ``lambda_cf > 0``
-adds a background-counterfactual term in training (:mod:`relreg.losses.counterfactual`): the
-masked samples' prediction must not change when their background is swapped for another's;
-``lambda_faith > 0`` ties the maps to the decision (:mod:`relreg.losses.faithful`).
+The loss is an :class:`relreg.objective.Objective`, a weighted list of registered terms; the
+default is RobustViT's, ``0.8 * L_seg + 0.2 * L_cls`` with ``L_seg`` the relevance loss on the
+masked samples' Chefer maps and ``L_cls`` the cross-entropy to the model's own top-1. Per step,
+one forward pass gives the logits and (through the captured attention) the relevance of the
+ground-truth class; an objective without a relevance term computes no maps in training (a plain
+fine-tune: the control).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,21 +20,17 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from relreg.explain import explain_with_logits, explainer_info, find_attention_modules, to_pixels
+from relreg.explain import explainer_info, explain_with_logits, find_attention_modules
 from relreg.lightning.nonfinite import NonFiniteError, NonFiniteGuard, nonfinite_terms
-from relreg.losses import (
-    ClassificationLoss,
-    background_effect_share,
-    counterfactual_loss,
-    create_relevance_loss,
-    faithfulness_loss,
-    swap_backgrounds,
-)
 from relreg.metrics import RelevanceMass, accuracy_targets, score_logits, scoring_classes
 from relreg.models import build_model, freeze_parameters, load_weights
+from relreg.objective import ROBUSTVIT, ExplainerSpec, Objective, StepContext, StepOutput
 from relreg.validate import check_positive_int
 
 __all__ = ["RelRegModule"]
+
+_EXPLAINER_KEYS = ("method", "options", "engine", "second_order", "evaluate")
+_FAULT_KEYS = ("nonfinite", "max_skipped")
 
 
 class RelRegModule(pl.LightningModule):
@@ -50,34 +42,27 @@ class RelRegModule(pl.LightningModule):
         checkpoint: local weights file for the model (``weights_only=True``).
         num_classes: classifier size (timm names only; None keeps the model's).
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ...).
-        method: explainer whose maps the loss shapes (default: the loss's own, ``chefer``).
-        method_options: keyword options of that explainer, e.g. ``{"gradient": "logits"}`` for
-            ``chefer`` (see :func:`relreg.explain.chefer`); used in training and validation.
-        second_order: differentiate through the attention gradients too (RobustViT: False).
-        relevance_loss: a registered name (``"robustvit"``, ``"mass"``, ``"rrr"``; see
-            :func:`relreg.losses.list_relevance_losses`) or a loss module.
-        relevance_loss_options: keyword options of a named relevance loss, e.g.
-            ``{"lambda_bg": 2.0, "lambda_fg": 0.3}`` for ``robustvit`` (the paper's, and the
-            defaults).
-        lambda_seg, lambda_cls: weights of the relevance and classification terms (paper: 0.8, 0.2).
-        classification: ``"self"`` (paper), ``"label"`` or ``"teacher"`` (KL to a frozen copy).
-        temperature: of the classification term (paper: 1; DeiT-B 0.65, DeiT-S 0.55).
+        explainer: how the maps are computed, a mapping with keys
+            ``method`` (a differentiable explainer; default: the objective's relevance term's,
+            else ``chefer``), ``options`` (its keyword options, e.g. ``{"gradient": "logits"}``),
+            ``engine`` (``"auto"``, ``"chunked"`` or ``"dense"``, for attention explainers),
+            ``second_order`` (differentiate through the attention gradients too; RobustViT:
+            False) and ``evaluate`` (relevance metrics and relevance terms in validation and
+            test, default True; needs ``Trainer(inference_mode=False)``).
+        objective: the terms of the loss, a list of ``{term, weight, options}`` (see
+            :mod:`relreg.objective`), or an :class:`~relreg.objective.Objective`; default:
+            RobustViT's (:data:`relreg.objective.ROBUSTVIT`).
+        optimizer: a LightningCLI optimiser factory; default ``AdamW(lr=3e-6,
+            weight_decay=1e-4)`` (RobustViT's for ViT-B).
+        scheduler: a LightningCLI scheduler factory, returning a scheduler (stepped every
+            epoch) or Lightning's ``{"scheduler": ..., "interval": "step"}``; default
+            ``StepLR(step_size=2, gamma=0.85)`` (RobustViT's).
+        relevance_every: run the maps-dependent terms on every k-th training step only (the
+            others are plain fine-tune steps); 1: every step, as in the paper.
         freeze: ``fnmatch`` patterns of parameter names to freeze (e.g. ``["patch_embed.*"]``).
-        lr, weight_decay: AdamW defaults (paper: lr 3e-6 for ViT-B, weight decay 1e-4).
-        lr_step_epochs, lr_gamma: StepLR defaults (paper: x0.85 every 2 epochs).
-        optimizer, scheduler: LightningCLI-injected factories that replace the defaults.
-        eval_relevance: compute relevance metrics and the relevance loss in validation/test
-            (needs gradients: ``Trainer(inference_mode=False)``).
-        relevance_every: compute the relevance loss on every k-th training step only (the other
-            steps are plain fine-tune steps); 1: every step, as in the paper.
-        lambda_cf: weight of the background-counterfactual consistency term (training only; one
-            more forward pass over the masked samples); 0: off, as in the paper.
-        lambda_faith: weight of the faithfulness anchor (training only; two more forward passes
-            over the masked samples): the background's measured effect share may not exceed the
-            map's background share (:mod:`relreg.losses.faithful`); 0: off.
-        nonfinite: ``"error"`` (stop at a non-finite loss or relevance map, saying where) or
-            ``"skip"`` (skip that optimiser step); see :mod:`relreg.lightning.nonfinite`.
-        max_skipped: with ``"skip"``, stop after this many skipped steps in a row.
+        faults: ``{"nonfinite": "error" | "skip", "max_skipped": 3}``: stop at a non-finite loss
+            or map, saying where, or skip that optimiser step (at most ``max_skipped`` in a row);
+            see :mod:`relreg.lightning.nonfinite`.
     """
 
     def __init__(
@@ -87,98 +72,72 @@ class RelRegModule(pl.LightningModule):
         checkpoint: str | None = None,
         num_classes: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
-        method: str | None = None,
-        method_options: dict[str, Any] | None = None,
-        second_order: bool = False,
-        relevance_loss: str | nn.Module = "robustvit",
-        relevance_loss_options: dict[str, Any] | None = None,
-        lambda_seg: float = 0.8,
-        lambda_cls: float = 0.2,
-        classification: str = "self",
-        temperature: float = 1.0,
-        freeze: Sequence[str] = (),
-        lr: float = 3e-6,
-        weight_decay: float = 1e-4,
-        lr_step_epochs: int = 2,
-        lr_gamma: float = 0.85,
+        explainer: dict[str, Any] | None = None,
+        objective: list[dict[str, Any]] | Objective | None = None,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
-        eval_relevance: bool = True,
         relevance_every: int = 1,
-        lambda_cf: float = 0.0,
-        lambda_faith: float = 0.0,
-        nonfinite: str = "error",
-        max_skipped: int = 3,
+        freeze: Sequence[str] = (),
+        faults: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            ignore=["optimizer", "scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
-        )
-        if isinstance(model, str):
-            self.model = build_model(model, pretrained, None, num_classes, **(model_kwargs or {}))
-        elif isinstance(model, nn.Module):
-            self.model = model
-        else:
-            raise TypeError(
-                f"Expected model a timm model name or an nn.Module, but got {type(model).__name__}."
-            )
+        ignore = ["optimizer", "scheduler"]
+        ignore += ["model"] if isinstance(model, nn.Module) else []
+        ignore += ["objective"] if isinstance(objective, Objective) else []
+        self.save_hyperparameters(ignore=ignore)
+        explainer = _check_keys("explainer", explainer, _EXPLAINER_KEYS)
+        faults = _check_keys("faults", faults, _FAULT_KEYS)
+        check_positive_int("relevance_every", relevance_every)
+        self.model = _build(model, pretrained, num_classes, model_kwargs)
         if checkpoint is not None:
             load_weights(self.model, checkpoint)
         self.model.train()  # Lightning keeps modules in the mode it finds them in
-        if isinstance(relevance_loss, str):
-            relevance_loss = create_relevance_loss(relevance_loss, **(relevance_loss_options or {}))
-        elif relevance_loss_options:
-            raise ValueError(
-                "Expected relevance_loss_options only with a relevance loss given by name, but got "
-                f"{relevance_loss_options!r} with a {type(relevance_loss).__name__} instance."
-            )
-        self.relevance_loss = relevance_loss
-        self.method = method or getattr(relevance_loss, "method", "chefer")
-        info = explainer_info(self.method)
-        if not info.differentiable:
-            raise ValueError(
-                f"Expected a differentiable explainer for method, but {self.method!r} is not "
-                "(its maps cannot carry a loss's gradient); use e.g. 'chefer'."
-            )
-        self.method_options = dict(method_options or {})
-        unknown = sorted(set(self.method_options) - set(info.options))
-        if unknown:
-            raise TypeError(
-                f"Expected method_options among {list(info.options)} for {self.method!r}, but got "
-                f"unknown {unknown}."
-            )
-        if info.output == "grid":
-            find_attention_modules(self.model)  # fail now, not at the first step
-        self.normalize = getattr(relevance_loss, "normalize", True)
-        self.second_order = second_order
-        for name, value in (
-            ("lambda_seg", lambda_seg),
-            ("lambda_cls", lambda_cls),
-            ("lambda_cf", lambda_cf),
-            ("lambda_faith", lambda_faith),
-        ):
-            if value < 0:
-                raise ValueError(f"Expected {name} >= 0, but got {value}.")
-        self.lambda_seg, self.lambda_cls, self.lambda_cf = lambda_seg, lambda_cls, lambda_cf
-        self.lambda_faith = lambda_faith
-        check_positive_int("relevance_every", relevance_every)
-        self.classification_loss = ClassificationLoss(classification, temperature)
-        self.teacher = (
-            copy.deepcopy(self.model).eval().requires_grad_(False)
-            if classification == "teacher"
-            else None
-        )
+        if not isinstance(objective, Objective):
+            objective = Objective(list(ROBUSTVIT) if objective is None else objective, self.model)
+        self.objective = objective
+        self.explainer = self._explainer_spec(explainer)
+        self.eval_relevance = bool(explainer.get("evaluate", True))
+        self.relevance_every = relevance_every
         freeze_parameters(self.model, freeze)
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.eval_relevance = eval_relevance
-        self.nonfinite_guard = NonFiniteGuard(nonfinite, max_skipped)
-        num = self._num_classes()
-        self.train_acc = MulticlassAccuracy(num, average="micro")
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.nonfinite_guard = NonFiniteGuard(
+            faults.get("nonfinite", "error"), faults.get("max_skipped", 3)
+        )
+        self.train_acc = MulticlassAccuracy(self._num_classes(), average="micro")
         self.eval_acc = nn.ModuleList()
         self.eval_mass = nn.ModuleList()
         self._eval_names: list[str] = []
 
     # ----------------------------------------------------------------- setup
+    def _explainer_spec(self, options: Mapping[str, Any]) -> ExplainerSpec:
+        """The explainer of the relevance terms, checked now rather than at the first step."""
+        preferred = self.objective.relevance_term()
+        method = options.get("method") or getattr(preferred, "method", "chefer")
+        info = explainer_info(method)
+        if not info.differentiable:
+            raise ValueError(
+                f"Expected a differentiable explainer for explainer.method, but {method!r} is not "
+                "(its maps cannot carry a loss's gradient); use e.g. 'chefer'."
+            )
+        method_options = dict(options.get("options") or {})
+        if options.get("engine") is not None:
+            method_options["engine"] = options["engine"]
+        unknown = sorted(set(method_options) - set(info.options))
+        if unknown:
+            raise TypeError(
+                f"Expected explainer options among {list(info.options)} for {method!r}, but got "
+                f"unknown {unknown}."
+            )
+        if info.output == "grid":
+            find_attention_modules(self.model)  # fail now, not at the first step
+        return ExplainerSpec(
+            method=method,
+            options=method_options,
+            second_order=bool(options.get("second_order", False)),
+            normalize=getattr(preferred, "normalize", True),
+        )
+
     def _num_classes(self) -> int:
         n = getattr(self.model, "num_classes", None)
         if not isinstance(n, int) or n < 2:
@@ -194,9 +153,8 @@ class RelRegModule(pl.LightningModule):
             return
         self._eval_names = names
         num = self._num_classes()
-        self.eval_acc = nn.ModuleList([MulticlassAccuracy(num, average="micro") for _ in names]).to(
-            self.device
-        )
+        accuracies = [MulticlassAccuracy(num, average="micro") for _ in names]
+        self.eval_acc = nn.ModuleList(accuracies).to(self.device)
         self.eval_mass = nn.ModuleList([RelevanceMass() for _ in names]).to(self.device)
 
     def setup(self, stage: str) -> None:
@@ -208,114 +166,56 @@ class RelRegModule(pl.LightningModule):
         return self.model(images)
 
     # ------------------------------------------------------------------ step
-    def model_step(
-        self, batch: dict[str, Tensor], relevance: bool, counterfactual: bool = False
-    ) -> dict[str, Tensor]:
-        """Logits ``(B, K)``, relevance maps and losses of a batch, in one pass over each sample.
+    def model_step(self, batch: dict[str, Tensor], training: bool) -> StepOutput:
+        """The objective's terms, the logits ``(B, K)`` and the maps of a batch.
 
-        With ``relevance``, only the samples that have a mask go through the explainer (one more
-        backward pass for the attention gradients); the others take the model's plain forward
-        pass. ViTs have no batch-coupled layers, so the split changes no value. ``out["maps"]``
-        holds the masked samples' maps, in the order of ``out["masked"]`` (their indices in the
-        batch).
+        Args:
+            batch: ``image`` ``(B, C, H, W)``, ``label`` ``(B,)``, ``mask`` ``(B, H, W)``,
+                ``has_mask`` ``(B,)``.
+            training: a training step: every term runs, and the maps are computed when a term
+                needs them on this step (``relevance_every``). Otherwise only the terms with
+                ``in_validation`` run, and the maps are computed when ``explainer.evaluate``.
+
+        Returns:
+            The step's output; ``maps`` holds the masked samples' maps in the order of
+            ``masked`` (their indices in the batch).
         """
-        images, labels = batch["image"], batch["label"]
-        has_mask = batch["has_mask"].bool()
-        out: dict[str, Tensor] = {}
-        if relevance and has_mask.any():
-            masked = has_mask.nonzero().flatten()
-            rest = (~has_mask).nonzero().flatten()
-            whole = rest.numel() == 0
-            with torch.enable_grad():
-                exp = explain_with_logits(
-                    self.model,
-                    images if whole else images[masked],
-                    self.method,
-                    target=labels if whole else labels[masked],
-                    differentiable=True,
-                    second_order=self.second_order,
-                    **self.method_options,
-                )
-                masks = batch["mask"] if whole else batch["mask"][masked]
-                pix = to_pixels(exp.maps, size=masks.shape[-2:], normalize=self.normalize)
-                if torch.isfinite(exp.maps).all():
-                    rel = dict(self.relevance_loss(pix, masks.to(pix.dtype)))
-                else:  # reported by the step (relreg.lightning.nonfinite), not inside the loss
-                    nan = pix.new_full((), float("nan"))
-                    rel = {"loss": nan, "loss_bg": nan, "loss_fg": nan}
-                if counterfactual and self.lambda_faith > 0 and masked.numel() > 1:
-                    sub = images[masked]
-                    share = background_effect_share(
-                        self.model, sub, masks.to(sub.dtype), labels[masked], exp.logits
-                    )
-                    rel["loss_faith"] = faithfulness_loss(pix, masks, share)
-            logits = (
-                exp.logits if whole else _merge(exp.logits, masked, self.model(images[rest]), rest)
-            )
-            out.update(maps=exp.maps, masked=masked)
+        if training:
+            on_step = self.global_step % self.relevance_every == 0
+            maps_on = self.objective.needs_maps and on_step
         else:
-            logits = self.model(images)
-            zero = logits.new_zeros(())
-            rel = {"loss": zero, "loss_bg": zero, "loss_fg": zero}
-        with torch.no_grad():
-            teacher_logits = None if self.teacher is None else self.teacher(images)
-        loss_cls = self.classification_loss(logits, labels, teacher_logits)
-        loss_cf = logits.new_zeros(())
-        if counterfactual and self.lambda_cf > 0 and has_mask.sum() > 1:
-            masked = has_mask.nonzero().flatten()
-            swapped = swap_backgrounds(images[masked], batch["mask"][masked].to(images.dtype))
-            loss_cf = counterfactual_loss(logits[masked], self.model(swapped))
-        out.update(
-            logits=logits,
-            loss=self.lambda_seg * rel["loss"]
-            + self.lambda_cls * loss_cls
-            + self.lambda_cf * loss_cf
-            + self.lambda_faith * rel.get("loss_faith", 0.0),
-            loss_cf=loss_cf,
-            loss_faith=rel.get("loss_faith", logits.new_zeros(())),
-            loss_cls=loss_cls,
-            loss_bg=rel["loss_bg"],
-            loss_fg=rel["loss_fg"],
-        )
-        return out
+            maps_on = self.eval_relevance
+        ctx = StepContext(self.model, batch, self.explainer, maps_on, training)
+        return self.objective(ctx)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.teacher is not None:
-            self.teacher.eval()
-        every = self.hparams.relevance_every
-        out = self.model_step(
-            batch,
-            relevance=self.lambda_seg + self.lambda_faith > 0 and self.global_step % every == 0,
-            counterfactual=True,
-        )
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        out = self.model_step(batch, training=True)
         if self.nonfinite_guard.skip(self, out, batch, batch_idx):
             return None  # skipped: no backward pass, no optimiser step
-        self.train_acc(out["logits"].detach(), batch["label"])
+        self.train_acc(out.logits.detach(), batch["label"])
         b = batch["label"].shape[0]
-        extra = ("loss_cf",) * (self.lambda_cf > 0) + ("loss_faith",) * (self.lambda_faith > 0)
-        for key in ("loss", "loss_cls", "loss_bg", "loss_fg", *extra):
-            self.log(f"train/{key}", out[key].detach(), prog_bar=key == "loss", batch_size=b)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=b)
+        for key, value in out.terms.items():
+            self.log(f"train/{key}", value.detach(), batch_size=b)
         self.log("train/acc", self.train_acc, prog_bar=True, batch_size=b)
-        return out["loss"]
+        return out.loss
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor], dataloader_idx: int) -> None:
         if self.eval_relevance and torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "Relevance metrics need gradients, but Lightning runs evaluation under "
                 "torch.inference_mode(). Use Trainer(inference_mode=False) (relreg's CLI and configs "
-                "set it) or RelRegModule(eval_relevance=False)."
+                "set it) or RelRegModule(explainer={'evaluate': False})."
             )
         self._setup_eval_metrics()
-        name = (
-            self._eval_names[dataloader_idx]
-            if dataloader_idx < len(self._eval_names)
-            else str(dataloader_idx)
-        )
+        name = str(dataloader_idx)
+        if dataloader_idx < len(self._eval_names):
+            name = self._eval_names[dataloader_idx]
         prefix = stage if name == "id" else f"ood/{name}"
-        out = self.model_step(batch, relevance=self.eval_relevance)
+        out = self.model_step(batch, training=False)
         if "relevance" in nonfinite_terms(out):
             raise NonFiniteError(f"Non-finite relevance in {stage} (batch of {name!r}).")
-        logits = score_logits(out["logits"].detach(), self._scoring_classes(dataloader_idx))
+        logits = score_logits(out.logits.detach(), self._scoring_classes(dataloader_idx))
         b = batch["label"].shape[0]
         self.eval_acc[dataloader_idx](logits, accuracy_targets(logits, batch))
         # metric_attribute: the metrics are made per evaluation split at setup, after Lightning
@@ -328,17 +228,18 @@ class RelRegModule(pl.LightningModule):
             metric_attribute=f"eval_acc.{dataloader_idx}",
         )
         if name == "id":
-            for key in ("loss", "loss_cls", "loss_bg", "loss_fg"):
+            losses = {"loss": out.loss, **out.terms}
+            for key, value in losses.items():
                 self.log(  # sync_dist: under DDP the mean over all ranks, not rank 0's
                     f"{prefix}/{key}",
-                    out[key].detach(),
+                    value.detach(),
                     batch_size=b,
                     add_dataloader_idx=False,
                     sync_dist=True,
                 )
-        if "maps" in out:
-            masks = batch["mask"][out["masked"]]
-            self.eval_mass[dataloader_idx].update(out["maps"].detach(), masks)
+        if out.maps is not None:
+            masks = batch["mask"][out.masked]
+            self.eval_mass[dataloader_idx].update(out.maps.detach(), masks)
             self.log(
                 f"{prefix}/relevance_mass",
                 self.eval_mass[dataloader_idx],
@@ -365,10 +266,9 @@ class RelRegModule(pl.LightningModule):
         self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
         """Logits ``(B, K)`` and raw maps of the top-1 class for a batch."""
+        spec = self.explainer
         with torch.enable_grad():
-            exp = explain_with_logits(
-                self.model, batch["image"], self.method, **self.method_options
-            )
+            exp = explain_with_logits(self.model, batch["image"], spec.method, **spec.options)
         return {"logits": exp.logits, "maps": exp.maps}
 
     # ------------------------------------------------------------- optimiser
@@ -379,22 +279,38 @@ class RelRegModule(pl.LightningModule):
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(params)
         else:
-            optimizer = torch.optim.AdamW(
-                params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-            )
+            optimizer = torch.optim.AdamW(params, lr=3e-6, weight_decay=1e-4)
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
         else:
-            scheduler = torch.optim.lr_scheduler.StepLR(
-                optimizer, self.hparams.lr_step_epochs, self.hparams.lr_gamma
-            )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.85)
+        if not isinstance(scheduler, Mapping):
+            scheduler = {"scheduler": scheduler, "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": dict(scheduler)}
 
 
-def _merge(first: Tensor, first_index: Tensor, second: Tensor, second_index: Tensor) -> Tensor:
-    """Rows of two tensors put back in batch order: ``out[first_index] = first`` and so on."""
-    out = first.new_empty((first.shape[0] + second.shape[0], *first.shape[1:]))
-    return out.index_copy(0, first_index, first).index_copy(0, second_index, second)
+def _build(
+    model: str | nn.Module,
+    pretrained: bool,
+    num_classes: int | None,
+    model_kwargs: dict[str, Any] | None,
+) -> nn.Module:
+    if isinstance(model, str):
+        return build_model(model, pretrained, None, num_classes, **(model_kwargs or {}))
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(
+        f"Expected model a timm model name or an nn.Module, but got {type(model).__name__}."
+    )
+
+
+def _check_keys(name: str, value: Mapping[str, Any] | None, keys: tuple[str, ...]) -> dict:
+    """A settings mapping with known keys only (``{}`` for None)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"Expected {name} a mapping with keys {keys}, but got {value!r}.")
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise ValueError(f"Expected {name} keys among {keys}, but got unknown {unknown}.")
+    return dict(value)

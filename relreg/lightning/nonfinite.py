@@ -1,8 +1,8 @@
 """What a training step does with a non-finite loss or relevance map: stop clearly, or skip.
 
-``RelRegModule(nonfinite="error")`` (the default) stops at the first non-finite term with a
+``RelRegModule(faults={"nonfinite": "error"})`` (the default) stops at the first non-finite term with a
 :class:`NonFiniteError` that names the step, the batch, the samples (their ``path`` or ``index``
-where the dataset gives them), the term and the last checkpoint written. ``nonfinite="skip"``
+where the dataset gives them), the term and the last checkpoint written. ``"skip"``
 skips that optimiser step instead (``training_step`` returns None: no backward pass, no weight
 update), counts it as ``train/skipped_steps`` and still stops after ``max_skipped`` skips in a
 row; it needs a single process (Lightning refuses to skip a step under distributed training, and
@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from relreg.objective import StepOutput
 from relreg.validate import check_choice, check_positive_int
 
 __all__ = [
@@ -31,22 +32,22 @@ __all__ = [
 ]
 
 NONFINITE_POLICIES = ("error", "skip")
-LOSS_TERMS = ("loss_cls", "loss_bg", "loss_fg", "loss_cf", "loss_faith", "loss")
 
 
 class NonFiniteError(FloatingPointError):
     """A loss or relevance map went NaN or Inf; the message says where and what to do."""
 
 
-def nonfinite_terms(out: Mapping[str, Tensor]) -> list[str]:
-    """The names of the non-finite terms of a ``model_step`` output (``relevance`` for its maps).
+def nonfinite_terms(out: StepOutput) -> list[str]:
+    """The names of the non-finite values of a step's output: ``relevance`` for its maps, each
+    term's parts by name, and ``loss`` for the total.
 
     Every training step calls it: the flags are gathered on the device and read back once.
     """
-    named = {"relevance": "maps", **{k: k for k in LOSS_TERMS}}
-    names = [name for name, key in named.items() if key in out]
-    finite = torch.stack([torch.isfinite(out[named[n]].detach()).all() for n in names]).tolist()
-    return [name for name, ok in zip(names, finite, strict=True) if not ok]
+    values = {"relevance": out.maps, **out.terms, "loss": out.loss}
+    named = {name: value for name, value in values.items() if value is not None}
+    finite = torch.stack([torch.isfinite(v.detach()).all() for v in named.values()]).tolist()
+    return [name for name, ok in zip(named, finite, strict=True) if not ok]
 
 
 def _samples(batch: Mapping[str, object], limit: int = 4) -> str:
@@ -83,7 +84,7 @@ def nonfinite_message(
     resume = f"the last checkpoint is {last!r}" if last else "no checkpoint was written yet"
     return (
         f"Non-finite {', '.join(terms)} at {where}{row}; {resume}. Lower the learning rate, or set "
-        "model.nonfinite: skip to skip such steps."
+        "model.faults: {nonfinite: skip} to skip such steps."
     )
 
 
@@ -105,12 +106,12 @@ class NonFiniteGuard:
         """Refuse ``skip`` with more than one process: Lightning cannot skip a step under DDP."""
         if self.policy == "skip" and world_size > 1:
             raise ValueError(
-                "Expected model.nonfinite 'error' with more than one process, but got 'skip': "
+                "Expected model.faults.nonfinite 'error' with more than one process, but got 'skip': "
                 "Lightning cannot skip a step under distributed training."
             )
 
     def skip(
-        self, module: pl.LightningModule, out: Mapping[str, Tensor], batch: Mapping, batch_idx: int
+        self, module: pl.LightningModule, out: StepOutput, batch: Mapping, batch_idx: int
     ) -> bool:
         """True when the training step is to be skipped; raises :class:`NonFiniteError` to stop.
 
@@ -118,7 +119,7 @@ class NonFiniteGuard:
         """
         terms = nonfinite_terms(out)
         # every rank decides the same, so DDP ranks skip or stop together
-        flag = torch.tensor(float(bool(terms)), device=out["loss"].device)
+        flag = torch.tensor(float(bool(terms)), device=out.loss.device)
         if module._trainer is not None:
             flag = module.trainer.strategy.reduce(flag, reduce_op="sum")
         bad = float(flag) > 0

@@ -138,7 +138,7 @@ def test_robustness_study_schema(tmp_path, monkeypatch, capsys):
     )
     assert set(result["sweeps"]["per_class"]["results"]["relreg_label"]) == {"2", "1"}
     weights = result["sweeps"]["weight"]
-    assert weights["keys"] == {"relreg_label": "lambda_seg", "counterfactual": "lambda_cf"}
+    assert weights["keys"] == {"relreg_label": "robustvit", "counterfactual": "counterfactual"}
     assert set(weights["results"]["relreg_label"]) == {"2.0", "0.5"}
     assert set(weights["results"]["counterfactual"]) == {"1.0", "0.5"}
     for suffix in ("ood_vs_steps", "mass_vs_ood", "faithfulness", "sweeps"):
