@@ -206,7 +206,10 @@ def optimisation(stage: dict, one_cycle: bool = False) -> dict[str, Any]:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         return {"scheduler": sched, "interval": "step"}
 
-    return {"optimizer": partial(torch.optim.AdamW, lr=lr, weight_decay=1e-4), "scheduler": scheduler}
+    return {
+        "optimizer": partial(torch.optim.AdamW, lr=lr, weight_decay=1e-4),
+        "scheduler": scheduler,
+    }
 
 
 def fit(

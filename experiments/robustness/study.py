@@ -111,7 +111,11 @@ def run(cfg: dict, seeds: list[int], log: Any, sweeps: bool = True, faithful: bo
                 for seed in seeds:
                     runs.append(
                         finetune(
-                            cfg, bases[kind], kind, with_weight(methods[name], term, value), seed,
+                            cfg,
+                            bases[kind],
+                            kind,
+                            with_weight(methods[name], term, value),
+                            seed,
                             evals,
                         )
                     )

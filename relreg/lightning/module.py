@@ -20,7 +20,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from relreg.explain import explainer_info, explain_with_logits, find_attention_modules
+from relreg.explain import explain_with_logits, explainer_info, find_attention_modules
 from relreg.lightning.nonfinite import NonFiniteError, NonFiniteGuard, nonfinite_terms
 from relreg.metrics import RelevanceMass, accuracy_targets, score_logits, scoring_classes
 from relreg.models import build_model, freeze_parameters, load_weights

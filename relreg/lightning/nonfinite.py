@@ -126,8 +126,13 @@ class NonFiniteGuard:
         if bad and (self.policy == "error" or self.in_row >= self.max_skipped):
             raise NonFiniteError(
                 nonfinite_message(
-                    terms or ["loss (on another process)"], module.global_step,
-                    module.current_epoch, batch_idx, batch, module._trainer, self.in_row,
+                    terms or ["loss (on another process)"],
+                    module.global_step,
+                    module.current_epoch,
+                    batch_idx,
+                    batch,
+                    module._trainer,
+                    self.in_row,
                 )  # fmt: skip
             )
         self.in_row = self.in_row + 1 if bad else 0

@@ -20,13 +20,13 @@ Example:
     )
 """
 
-from relreg.objective.context import ExplainerSpec, StepContext
-from relreg.objective.term import NEEDS, TERMS, Term, list_terms, register_term
-from relreg.objective.relevance import MassTerm, RelevanceTerm, RobustViTTerm, RRRTerm
 from relreg.objective.classification import ClassificationTerm
+from relreg.objective.context import ExplainerSpec, StepContext
 from relreg.objective.counterfactual import CounterfactualTerm
 from relreg.objective.faithfulness import FaithfulnessTerm
 from relreg.objective.objective import ROBUSTVIT, Objective, StepOutput, TermSpec
+from relreg.objective.relevance import MassTerm, RelevanceTerm, RobustViTTerm, RRRTerm
+from relreg.objective.term import NEEDS, TERMS, Term, list_terms, register_term
 
 __all__ = [
     "NEEDS",

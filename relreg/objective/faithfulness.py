@@ -24,7 +24,9 @@ class FaithfulnessTerm(Term):
     """
 
     key = "loss_faith"
-    needs = frozenset({"pixels", "maps", "masks", "masked_logits", "model"})
+    needs = frozenset(
+        {"pixels", "maps", "masks", "masked", "masked_logits", "images", "labels", "model"}
+    )
     in_validation = False
     min_masked = 2
 

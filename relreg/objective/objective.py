@@ -101,9 +101,7 @@ class Objective(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(specs, str | Mapping) or not isinstance(specs, Sequence):
-            raise TypeError(
-                f"Expected objective a list of terms, but got {type(specs).__name__}."
-            )
+            raise TypeError(f"Expected objective a list of terms, but got {type(specs).__name__}.")
         parsed = [TermSpec.parse(i, item) for i, item in enumerate(specs)]
         for i, spec in enumerate(parsed):
             _check_options(i, spec)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -24,9 +26,36 @@ from relreg.models import build_model
 TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 
 
-def _module(**kw) -> RelRegModule:
+def _objective(
+    seg: float = 0.8,
+    cls: float = 0.2,
+    rel: str = "robustvit",
+    rel_options: dict | None = None,
+    target: str = "self",
+    temperature: float = 1.0,
+    cf: float = 0.0,
+    faith: float = 0.0,
+) -> list[dict]:
+    """An objective in the order relreg's configs use: relevance, faithfulness, classification,
+    counterfactual; terms of weight 0 left out."""
+    terms = [
+        {"term": rel, "weight": seg, "options": rel_options or {}},
+        {"term": "faithfulness", "weight": faith},
+        {
+            "term": "classification",
+            "weight": cls,
+            "options": {"target": target, "temperature": temperature},
+        },
+        {"term": "counterfactual", "weight": cf},
+    ]
+    return [t for t in terms if t["weight"] > 0 or t["term"] == "classification"]
+
+
+def _module(objective: list[dict] | None = None, **kw) -> RelRegModule:
     torch.manual_seed(0)
-    return RelRegModule("vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, **kw)
+    return RelRegModule(
+        "vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, objective=objective, **kw
+    )
 
 
 def _batch(n=6, masked_fraction=1.0, seed=0):
@@ -57,22 +86,20 @@ def test_one_forward_pass_per_step():
 
 def test_loss_equals_reference():
     options = {"lambda_bg": 1.5, "lambda_fg": 0.4}
-    module = _module(
-        lambda_seg=0.7, lambda_cls=0.3, relevance_loss_options=options, temperature=0.5
-    )
+    module = _module(_objective(0.7, 0.3, rel_options=options, temperature=0.5))
     batch = _batch(masked_fraction=0.5, seed=1)
-    out = module.model_step(batch, relevance=True)
+    out = module.model_step(batch, training=False)
     maps = explain(module.model, batch["image"], "chefer", target=batch["label"])
     rel = robustvit_loss(to_pixels(maps, size=(32, 32)), batch["mask"], 1.5, 0.4, batch["has_mask"])
     cls = classification_loss(module.model(batch["image"]), "self", temperature=0.5)
-    torch.testing.assert_close(out["loss"], 0.7 * rel["loss"] + 0.3 * cls)
-    torch.testing.assert_close(out["loss_bg"], rel["loss_bg"])
+    torch.testing.assert_close(out.loss, 0.7 * rel["loss"] + 0.3 * cls)
+    torch.testing.assert_close(out.terms["loss_bg"], rel["loss_bg"])
 
 
 def test_method_options_reach_the_explainer():
-    module = _module(lambda_seg=1.0, lambda_cls=0.0, method_options={"gradient": "logits"})
+    module = _module(_objective(1.0, 0.0), explainer={"options": {"gradient": "logits"}})
     batch = _batch(masked_fraction=1.0, seed=2)
-    out = module.model_step(batch, relevance=True)
+    out = module.model_step(batch, training=False)
     rel = {}
     for gradient in ("logits", "attention"):
         maps = explain(
@@ -81,24 +108,29 @@ def test_method_options_reach_the_explainer():
         rel[gradient] = robustvit_loss(
             to_pixels(maps, size=(32, 32)), batch["mask"], 2.0, 0.3, batch["has_mask"]
         )["loss"]
-    torch.testing.assert_close(out["loss"], rel["logits"])
+    torch.testing.assert_close(out.loss, rel["logits"])
     assert not torch.allclose(rel["logits"], rel["attention"])
     with pytest.raises(
-        TypeError, match=r"method_options among \['start_layer', 'gradient', 'engine'"
+        TypeError, match=r"explainer options among \['start_layer', 'gradient', 'engine'"
     ):
-        _module(method_options={"grad": "logits"})
+        _module(explainer={"options": {"grad": "logits"}})
+    with pytest.raises(ValueError, match=r"explainer keys among .* but got unknown \['lr'\]"):
+        _module(explainer={"lr": 1.0})
 
 
 def test_gradient_of_the_relevance_term_reaches_attention_weights():
-    module = _module(lambda_cls=0.0)
+    module = _module(_objective(cls=0.0))
     module.training_step(_batch(), 0).backward()
     assert module.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_control_arm_computes_no_relevance():
-    module = _module(lambda_seg=0.0, classification="label")
-    out = module.model_step(_batch(), relevance=False)
-    assert "maps" not in out and out["loss_bg"].item() == 0.0
+    module = _module(_objective(seg=0.0, target="label"))
+    calls = []
+    module.model.register_forward_hook(lambda *a: calls.append(1))
+    out = module.model_step(_batch(), training=True)
+    assert out.maps is None and set(out.terms) == {"loss_cls"}
+    assert not module.objective.needs_maps and len(calls) == 1
 
 
 def test_freeze_patterns():
@@ -115,12 +147,12 @@ def test_freeze_patterns():
 
 
 def test_default_optimiser_is_the_papers():
-    conf = _module(lr=1e-3).configure_optimizers()
+    conf = _module().configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert (
         isinstance(opt, torch.optim.AdamW)
         and opt.defaults["weight_decay"] == 1e-4
-        and opt.defaults["lr"] == 1e-3
+        and opt.defaults["lr"] == 3e-6
     )
     assert (
         isinstance(sched, torch.optim.lr_scheduler.StepLR)
@@ -130,30 +162,42 @@ def test_default_optimiser_is_the_papers():
 
 
 def test_teacher_is_a_frozen_copy():
-    module = _module(classification="teacher")
-    assert all(not p.requires_grad for p in module.teacher.parameters())
-    assert torch.equal(module.teacher.head.weight, module.model.head.weight)
-    assert module.teacher.head.weight.data_ptr() != module.model.head.weight.data_ptr()
-    out = module.model_step(_batch(), relevance=False)
-    assert out["loss_cls"].abs().item() < 1e-6  # KL to itself
+    module = _module(_objective(target="teacher"))
+    teacher = module.objective.terms[1].teacher
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert torch.equal(teacher.head.weight, module.model.head.weight)
+    assert teacher.head.weight.data_ptr() != module.model.head.weight.data_ptr()
+    module.train()
+    assert not teacher.training  # stays in eval mode when Lightning puts the module in train mode
+    out = module.model_step(_batch(), training=True)
+    assert out.terms["loss_cls"].abs().item() < 1e-6  # KL to itself
+    assert any(k.startswith("objective.terms.1.teacher.") for k in module.state_dict())
 
 
 def test_construction_errors():
     with pytest.raises(ValueError, match="found none in ResNet"):
         RelRegModule(torchvision.models.resnet18(num_classes=3))
-    with pytest.raises(ValueError, match="Unknown relevance loss"):
-        _module(relevance_loss="l1")
+    with pytest.raises(ValueError, match="Unknown objective term 'l1'; expected one of: robustvit"):
+        _module([{"term": "l1"}])
     with pytest.raises(ValueError, match="Unknown explainer"):
-        _module(method="no_such_method")
+        _module(explainer={"method": "no_such_method"})
     with pytest.raises(TypeError, match="timm model name or an nn.Module"):
         RelRegModule(3)
-    with pytest.raises(ValueError, match="lambda_seg >= 0"):
-        _module(lambda_seg=-1.0)
+    with pytest.raises(ValueError, match=r"objective\[0\].weight a number >= 0, but got -1.0"):
+        _module([{"term": "robustvit", "weight": -1.0}])
+    with pytest.raises(ValueError, match=r"objective\[1\] to have a 'term'"):
+        _module([{"term": "robustvit"}, {"weight": 1.0}])
+    with pytest.raises(TypeError, match="Expected objective a list of terms, but got str"):
+        _module("robustvit")
+    with pytest.raises(ValueError, match=r"each objective term once, but got \['robustvit'\]"):
+        _module([{"term": "robustvit"}, {"term": "robustvit"}])
+    with pytest.raises(ValueError, match="faults keys among"):
+        _module(faults={"policy": "skip"})
 
 
 def test_rrr_loss_uses_a_gradient_map():
-    module = _module(relevance_loss="rrr")
-    assert module.method == "saliency" and not module.normalize
+    module = _module(_objective(rel="rrr"))
+    assert module.explainer.method == "saliency" and not module.explainer.normalize
     module.training_step(_batch(), 0).backward()
     assert module.model.patch_embed.proj.weight.grad.abs().sum() > 0
 
@@ -181,6 +225,7 @@ def test_fit_and_validate_log_the_contracted_keys():
         "train/loss_cls",
         "train/loss_bg",
         "train/loss_fg",
+        "train/loss_seg",
         "train/acc",
         "val/loss",
         "val/acc",
@@ -209,10 +254,8 @@ def test_short_finetune_raises_relevance_mass():
         "vit_tiny_patch16_224",
         num_classes=4,
         model_kwargs=dict(TINY, patch_size=4),
-        lambda_seg=1.0,
-        lambda_cls=0.1,
-        classification="label",
-        lr=3e-3,
+        objective=_objective(1.0, 0.1, target="label"),
+        optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=1e-4),
     )
     test = SpuriousShapes("test", n=64)
 
@@ -234,17 +277,17 @@ def test_only_masked_samples_go_through_the_explainer():
     assert 0 < batch["has_mask"].sum() < 6
     sizes = []
     module.model.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
-    out = module.model_step(batch, relevance=True)
+    out = module.model_step(batch, training=True)
     assert sorted(sizes) == sorted([int(batch["has_mask"].sum()), int((~batch["has_mask"]).sum())])
-    torch.testing.assert_close(out["logits"], module.model(batch["image"]), atol=1e-5, rtol=1e-5)
-    assert torch.equal(out["masked"], batch["has_mask"].nonzero().flatten())
+    torch.testing.assert_close(out.logits, module.model(batch["image"]), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.masked, batch["has_mask"].nonzero().flatten())
 
 
 def test_batch_without_masks_has_zero_relevance_loss():
     module = _module()
-    out = module.model_step(_batch(masked_fraction=0.0), relevance=True)
-    assert out["loss_bg"].item() == 0.0 and "maps" not in out
-    out["loss"].backward()
+    out = module.model_step(_batch(masked_fraction=0.0), training=True)
+    assert out.terms["loss_bg"].item() == 0.0 and out.maps is None
+    out.loss.backward()
     assert module.model.head.weight.grad is not None
 
 
@@ -252,8 +295,8 @@ def test_relevance_every_k_steps():
     module = _module(relevance_every=3)
     seen = []
     original = module.model_step
-    module.model_step = lambda batch, relevance, **kw: (
-        seen.append(relevance) or original(batch, relevance, **kw)
+    module.model_step = lambda batch, training: (
+        seen.append(original(batch, training).maps is not None) or original(batch, training)
     )
     trainer = _trainer(max_steps=6)
     trainer.fit(module, datamodule=RelRegDataModule(SpuriousShapes("train", n=24), batch_size=4))
@@ -263,69 +306,69 @@ def test_relevance_every_k_steps():
 
 
 def test_counterfactual_term_equals_its_reference_and_trains():
-    module = _module(lambda_seg=0.0, lambda_cls=1.0, classification="label", lambda_cf=0.5)
+    module = _module(_objective(seg=0.0, cls=1.0, target="label", cf=0.5))
     batch = _batch(masked_fraction=0.5, seed=3)
-    out = module.model_step(batch, relevance=False, counterfactual=True)
+    out = module.model_step(batch, training=True)
     m = batch["has_mask"]
     logits = module.model(batch["image"])
     cf = counterfactual_loss(
         logits[m], module.model(swap_backgrounds(batch["image"][m], batch["mask"][m]))
     )
     cls = classification_loss(logits, "label", batch["label"])
-    torch.testing.assert_close(out["loss_cf"], cf)
-    torch.testing.assert_close(out["loss"], cls + 0.5 * cf)
+    torch.testing.assert_close(out.terms["loss_cf"], cf)
+    torch.testing.assert_close(out.loss, cls + 0.5 * cf)
     assert cf.item() > 0
-    # evaluation steps and lambda_cf = 0 compute no counterfactual
-    assert module.model_step(batch, relevance=False)["loss_cf"].item() == 0.0
+    # evaluation steps compute no counterfactual (it is not part of val/loss)
+    assert "loss_cf" not in module.model_step(batch, training=False).terms
+    # a batch with fewer than 2 masked samples has none to swap: zero
+    one = _batch(masked_fraction=0.0, seed=3)
+    one["has_mask"][0] = True
+    assert module.model_step(one, training=True).terms["loss_cf"].item() == 0.0
     module.training_step(batch, 0).backward()
     assert module.model.patch_embed.proj.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="lambda_cf >= 0"):
-        _module(lambda_cf=-1.0)
+    with pytest.raises(ValueError, match=r"objective\[2\].weight a number >= 0"):
+        _module(_objective(cf=1.0)[:2] + [{"term": "counterfactual", "weight": -1.0}])
 
 
 def test_faithfulness_anchor_equals_its_reference_and_trains():
-    module = _module(lambda_seg=1.0, lambda_cls=1.0, classification="label", lambda_faith=2.0)
+    module = _module(_objective(seg=1.0, cls=1.0, target="label", faith=2.0))
     batch = _batch(masked_fraction=0.5, seed=3)
-    out = module.model_step(batch, relevance=True, counterfactual=True)
+    out = module.model_step(batch, training=True)
     m = batch["has_mask"]
     x, masks, labels = batch["image"][m], batch["mask"][m], batch["label"][m]
     maps = explain(module.model, x, "chefer", target=labels)
     share = background_effect_share(module.model, x, masks, labels, module.model(x))
     ref = faithfulness_loss(to_pixels(maps, size=masks.shape[-2:]), masks, share)
-    torch.testing.assert_close(out["loss_faith"], ref)
-    rest = out["loss"] - 2.0 * out["loss_faith"]
+    torch.testing.assert_close(out.terms["loss_faith"], ref)
+    rest = out.loss - 2.0 * out.terms["loss_faith"]
     torch.testing.assert_close(
-        rest, out["loss_cls"] + robustvit_loss(to_pixels(maps, size=(32, 32)), masks)["loss"]
+        rest, out.terms["loss_cls"] + robustvit_loss(to_pixels(maps, size=(32, 32)), masks)["loss"]
     )
-    # evaluation steps compute no anchor; lambda_seg = 0 still computes the maps for it
-    assert module.model_step(batch, relevance=True)["loss_faith"].item() == 0.0
-    only = _module(lambda_seg=0.0, lambda_cls=1.0, classification="label", lambda_faith=1.0)
+    # evaluation steps compute no anchor; without a relevance term the maps are still computed
+    assert "loss_faith" not in module.model_step(batch, training=False).terms
+    only = _module(_objective(seg=0.0, cls=1.0, target="label", faith=1.0))
+    assert only.objective.needs_maps
     loss = only.training_step(batch, 0)
-    assert loss > only.model_step(batch, relevance=False)["loss"]
+    assert loss > only.model_step(batch, training=False).loss
     loss.backward()
     assert only.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="lambda_faith >= 0"):
-        _module(lambda_faith=-0.5)
+    with pytest.raises(ValueError, match="Expected train to be one of"):
+        _module([{"term": "faithfulness", "options": {"train": "neither"}}])
 
 
-def test_relevance_loss_options_go_to_the_named_loss_only():
-    module = _module(relevance_loss="robustvit", relevance_loss_options={"lambda_bg": 1.25})
-    assert module.relevance_loss.lambda_bg == 1.25 and module.relevance_loss.lambda_fg == 0.3
+def test_term_options_go_to_the_named_term_only():
+    module = _module(_objective(rel_options={"lambda_bg": 1.25}))
+    loss = module.objective.terms[0].loss
+    assert loss.lambda_bg == 1.25 and loss.lambda_fg == 0.3
     with pytest.raises(
         ValueError,
-        match=r"Expected options of relevance loss 'mass' among \[\], but got \['lambda_bg'\]",
+        match=r"Expected options of objective term 'mass' among \[\], but got \['lambda_bg'\]",
     ):
-        _module(relevance_loss="mass", relevance_loss_options={"lambda_bg": 1.0})
-    from relreg.losses import RobustViTLoss
-
-    with pytest.raises(
-        ValueError, match="Expected relevance_loss_options only with a relevance loss given by name"
-    ):
-        _module(relevance_loss=RobustViTLoss(), relevance_loss_options={"lambda_bg": 1.0})
+        _module([{"term": "mass", "options": {"lambda_bg": 1.0}}])
 
 
 @pytest.mark.parametrize("loss", ["robustvit", "mass", "rrr"])
-def test_paper_config_model_section_takes_every_named_loss(loss):
+def test_paper_config_model_section_takes_every_relevance_term(loss):
     from pathlib import Path
 
     import yaml
@@ -334,9 +377,13 @@ def test_paper_config_model_section_takes_every_named_loss(loss):
 
     base = Path(__file__).resolve().parents[2] / "configs" / "paper" / "base.yaml"
     section = yaml.safe_load(base.read_text())["model"]
-    section = {k: v for k, v in section.items() if k != "pretrained"} | {"relevance_loss": loss}
-    module = _module(**section)
-    assert module.lambda_seg == 0.8 and module.lambda_cls == 0.2
-    if loss == "robustvit":  # the loss's defaults are the paper's weights
-        assert isinstance(module.relevance_loss, RobustViTLoss)
-        assert (module.relevance_loss.lambda_bg, module.relevance_loss.lambda_fg) == (2.0, 0.3)
+    objective = section["objective"]
+    if loss != "robustvit":
+        objective = [{"term": loss, "weight": 0.8}, objective[1]]
+    module = _module(objective, explainer={"method": None})
+    assert module.objective.weights == [0.8, 0.2]
+    assert module.explainer.method == ("saliency" if loss == "rrr" else "chefer")
+    if loss == "robustvit":  # the paper's weights
+        assert isinstance(module.objective.terms[0].loss, RobustViTLoss)
+        pair = (module.objective.terms[0].loss.lambda_bg, module.objective.terms[0].loss.lambda_fg)
+        assert pair == (2.0, 0.3)
