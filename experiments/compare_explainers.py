@@ -4,7 +4,7 @@ Chefer, Gur & Wolf, "Transformer Interpretability Beyond Attention Visualization
 compare explainers of a ViT by the perturbation test (positive and negative AUC, predicted class,
 fractions 0.1 ... 0.9 of the pixels set to black) and the segmentation test (pixel accuracy, mIoU
 and mAP of the map thresholded at its mean against the object mask). This script runs both tests,
-through :func:`relreg.evaluate.evaluate_models`, for every registered explainer on the masked OOD
+through :func:`relreg.evaluation.evaluate_models`, for every registered explainer on the masked OOD
 split of SpuriousShapes (the background tint points to a wrong class) and a model trained by
 ``make demo``.
 
@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from relreg.data import load_split  # noqa: E402
-from relreg.evaluate import evaluate_models  # noqa: E402
+from relreg.evaluation import evaluate_models  # noqa: E402
 from relreg.explain import list_explainers  # noqa: E402
 from relreg.io import atomic_write  # noqa: E402
 from relreg.models import model_from_checkpoint  # noqa: E402

@@ -1,13 +1,7 @@
-"""The ``relreg`` command.
-
-- ``relreg fit|validate|test|predict --config FILE.yaml``: the fine-tuning job (LightningCLI);
-- ``relreg explain IMAGE ... --model NAME``: heatmaps of image files;
-- ``relreg evaluate --checkpoint A.ckpt [B.ckpt] --data SPLIT``: explanation quality and OOD
-  accuracy of checkpoints, as ``report.json`` and figures;
-- ``relreg demo``: the whole job on the built-in CPU benchmark;
-- ``relreg prepare imagenet-s --masks M --images I --out O``: RobustViT's ImageNet-S subsets.
-
-Run ``relreg COMMAND --help`` for the options of each command.
+"""The ``relreg`` command: :func:`main` parses the command line and calls the library
+(LightningCLI for ``fit|validate|test|predict``, :mod:`relreg.evaluation` for ``evaluate``, ...).
+``relreg --help`` lists the commands (:data:`DESCRIPTION`); ``relreg COMMAND --help`` gives the
+options of each.
 """
 
 from __future__ import annotations
@@ -28,7 +22,40 @@ from tqdm.auto import tqdm
 from relreg.io import atomic_write
 from relreg.quiet import quiet_dependencies
 
-__all__ = ["main"]
+__all__ = ["DESCRIPTION", "LIGHTNING_COMMANDS", "main"]
+
+# the Lightning trainer's commands, run by relreg.lightning.cli (LightningCLI)
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+DESCRIPTION = """\
+Relevance maps and relevance-regularised fine-tuning of timm vision transformers.
+
+  relreg fit|validate|test|predict --config FILE.yaml
+      the fine-tuning job (LightningCLI; 'relreg fit --help' lists its options)
+  relreg explain IMAGE ... --model NAME
+      relevance heatmaps of image files
+  relreg evaluate --checkpoint A.ckpt [B.ckpt] --data SPLIT --out DIR
+      explanation quality and OOD accuracy of checkpoints: report.json and figures
+  relreg demo
+      the whole job on the built-in CPU benchmark
+  relreg prepare imagenet-s --masks M --images I --out O
+      RobustViT's ImageNet-S subsets as image folders
+
+Run 'relreg COMMAND --help' for the options of each command.
+"""
+
+_LIGHTNING_HELP = {
+    "fit": "fine-tune a model (LightningCLI: --config FILE.yaml; relreg fit --help)",
+    "validate": "validate a model on the validation split (LightningCLI; relreg validate --help)",
+    "test": "test a model on the test and OOD splits (LightningCLI; relreg test --help)",
+    "predict": "predict with a model (LightningCLI; relreg predict --help)",
+}
+
+
+def _lightning_parsers(sub: argparse._SubParsersAction) -> None:
+    """List the Lightning commands in ``relreg --help``; they are parsed by LightningCLI."""
+    for command in LIGHTNING_COMMANDS:
+        sub.add_parser(command, help=_LIGHTNING_HELP[command], add_help=False)
 
 
 def _explain_parser(sub: argparse._SubParsersAction) -> None:
@@ -133,8 +160,12 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--classes", default=None, help="label space file (one class name per line)")
     p.add_argument("--scoring", choices=("argmax", "restricted"), default="argmax")
-    p.add_argument("--preprocessing", choices=("model", "robustvit"), default="model",
-                   help="the model's timm pretrained_cfg, or resize 256 / crop 224, mean = std = 0.5")  # fmt: skip
+    p.add_argument(
+        "--preprocessing",
+        choices=("model", "robustvit"),
+        default="model",
+        help="the model's timm pretrained_cfg, or resize 256 / crop 224, mean = std = 0.5",
+    )
     p.add_argument(
         "--methods", nargs="+", default=["chefer", "rollout", "gradcam"], choices=list_explainers()
     )
@@ -148,8 +179,11 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    p.add_argument("--sanity", action="store_true",
-                   help="model-randomisation sanity checks on the first batch (Adebayo et al.)")  # fmt: skip
+    p.add_argument(
+        "--sanity",
+        action="store_true",
+        help="model-randomisation sanity checks on the first batch (Adebayo et al.)",
+    )
 
 
 def _load_image(path: Path) -> Image.Image:
@@ -231,101 +265,59 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def run_evaluate(args: argparse.Namespace) -> dict:
-    """``relreg evaluate``: returns the report it writes to ``--out/report.json``."""
-
-    from relreg.data import label_names, load_split
-    from relreg.evaluate import evaluate_models
-    from relreg.report_figures import displayable, heatmap_grid_maps, write_figures
-
-    if args.num_heatmaps < 0:
-        raise ValueError(f"Expected --num-heatmaps >= 0, but got {args.num_heatmaps}.")
-    report_path = args.out / "report.json"
-    if report_path.exists() and not args.overwrite:
-        raise FileExistsError(
-            f"Output {str(report_path)!r} exists; pass --overwrite to replace it."
-        )
-    ood_specs = {}
-    for item in args.ood:
+def _ood_specs(items: Sequence[str]) -> dict[str, str]:
+    """``--ood NAME=SPEC ...`` as ``{name: spec}``."""
+    specs: dict[str, str] = {}
+    for item in items:
         name, sep, spec = item.partition("=")
-        if not sep or not name or not spec or name == "data" or name in ood_specs:
+        if not sep or not name or not spec or name == "data" or name in specs:
             raise ValueError(
-                f"Expected --ood entries NAME=SPEC with distinct names other than 'data', but got {item!r}."
+                "Expected --ood entries NAME=SPEC with distinct names other than 'data', "
+                f"but got {item!r}."
             )
-        ood_specs[name] = spec
-    from relreg.io import check_writable
+        specs[name] = spec
+    return specs
 
-    check_writable(args.out)  # fail before the work, not after it
-    from relreg.evaluate import evaluation_models
-    from relreg.models import check_same_preprocessing
 
-    models = evaluation_models(args)
-    check_same_preprocessing(models)
-    pre = {"classes": args.classes, "preprocessing": args.preprocessing}
-    data = {label: load_split(args.data, m, **pre) for label, m in models.items()}
-    first = next(iter(models.values()))
-    ood = {
-        name: load_split(spec, first, masks=False, scoring=args.scoring, **pre)
-        for name, spec in ood_specs.items()
-    }
-    report = evaluate_models(
-        models,
-        data,
-        args.methods,
-        ood,
+def run_evaluate(args: argparse.Namespace) -> dict:
+    """``relreg evaluate``: :func:`relreg.evaluation.run_evaluation` with the parsed arguments;
+    returns the report it writes to ``--out/report.json``."""
+    from relreg.evaluation import EvaluationSettings, ModelSources, run_evaluation
+
+    settings = EvaluationSettings(
+        data=args.data,
+        out=args.out,
+        ood=_ood_specs(args.ood),
+        classes=args.classes,
+        scoring=args.scoring,
+        preprocessing=args.preprocessing,
+        methods=tuple(args.methods),
         unit=args.unit,
         target=args.target,
         steps=args.steps,
-        batch_size=args.batch_size,
         limit=args.limit,
+        batch_size=args.batch_size,
+        num_heatmaps=args.num_heatmaps,
         device=args.device,
         seed=args.seed,
+        overwrite=args.overwrite,
+        sanity=args.sanity,
     )
-    report = {"data": args.data, "ood": ood_specs, "device": str(args.device), **report}
-    report["preprocessing"] = {
-        name: ds.preprocessing_info() if hasattr(ds, "preprocessing_info") else "model's mean/std"
-        for name, ds in {"data": next(iter(data.values())), **ood}.items()
-    }
-    report["checkpoints"] = {
-        label: str(p) if p is not None else "pretrained"
-        for label, p in zip(
-            models, [*args.checkpoint, *([None] if args.pretrained else [])], strict=True
-        )
-    }
-    shown = heat = titles = None
-    if args.num_heatmaps:
-        dataset = next(iter(data.values()))
-        samples = [dataset[i] for i in range(min(args.num_heatmaps, len(dataset)))]
-        images = torch.stack([s["image"] for s in samples])
-        shown = displayable(images, dataset, first)
-        torch.manual_seed(args.seed)
-        heat = {"mask": torch.stack([s["mask"] for s in samples]).float()}
-        heat.update(heatmap_grid_maps(models, images, args.methods))
-        names = label_names(first.num_classes, getattr(dataset, "class_to_idx", None))
-        titles = [names[int(s["label"])] for s in samples]
-    write_figures(report, args.out, shown, heat, titles)
-    if args.sanity:
-        from relreg.report_figures import write_sanity
-
-        report["sanity"] = write_sanity(models, data, args.methods, args.out, args.batch_size)
-    atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
-    return report
+    sources = ModelSources(
+        checkpoints=tuple(args.checkpoint),
+        pretrained=args.pretrained,
+        model=args.model,
+        num_classes=args.num_classes,
+        model_kwargs=args.model_kwargs,
+        labels=None if args.labels is None else tuple(args.labels),
+    )
+    return run_evaluation(sources, settings)
 
 
 def _print_report(report: dict) -> None:
-    from relreg.metrics import list_metrics, metric_spec
+    from relreg.evaluation import report_lines
 
-    keys = {k: v for n in list_metrics("report") for k, v in metric_spec(n).summary.items()}
-    print(f"{'model':12s} {'method':24s} " + " ".join(f"{v:>10s}" for v in keys.values()))
-    for label, entry in report["models"].items():
-        for method, r in entry["explainers"].items():
-            cells = " ".join(f"{'-' if r[k] is None else format(r[k], '.3f'):>10s}" for k in keys)
-            print(f"{label:12s} {method:24s} {cells}")
-        acc = ", ".join(f"{k} {v:.3f}" for k, v in entry["accuracy"].items())
-        print(f"{label:12s} accuracy: {acc}")
-
-
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+    print("\n".join(report_lines(report)))
 
 
 def _run_command(args: argparse.Namespace) -> None:
@@ -339,8 +331,15 @@ def _run_command(args: argparse.Namespace) -> None:
     elif args.command == "prepare":
         from relreg.data.imagenet_s import prepare_imagenet_s
 
-        reports = prepare_imagenet_s(args.masks, args.images, args.out, args.per_class,
-                                     args.train_classes, args.class_seed, args.copy)  # fmt: skip
+        reports = prepare_imagenet_s(
+            args.masks,
+            args.images,
+            args.out,
+            args.per_class,
+            args.train_classes,
+            args.class_seed,
+            args.copy,
+        )
         for part, report in reports.items():
             print(f"{part}: {len(report['pairs'])} images of {report['classes']} classes")
     elif args.command == "demo":
@@ -373,9 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     parser = argparse.ArgumentParser(
-        prog="relreg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="relreg", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _lightning_parsers(sub)
     _explain_parser(sub)
     _evaluate_parser(sub)
     _demo_parser(sub)

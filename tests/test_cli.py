@@ -194,3 +194,48 @@ def test_explanation_title_reports_top1_probability():
     names = ["cat", "dog", "fox"]
     assert explanation_title("x", probs, names) == "x: dog (#1, p=0.70)"
     assert explanation_title("x", probs, names, 2, 0) == "x: fox (#2, p=0.10) vs cat (#0, p=0.20)"
+
+
+def test_help_lists_every_command_in_plain_text(capsys):
+    from relreg.cli import LIGHTNING_COMMANDS
+    from relreg.lightning.cli import RelRegCLI
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text and ":class:" not in text
+    listed = text.split("positional arguments:")[1]
+    commands = ["fit", "validate", "test", "predict", "explain", "evaluate", "demo", "prepare"]
+    choices = "{" + ",".join(commands) + "}"
+    assert choices in listed  # argparse's list of the subcommands, in order
+    for command in commands:
+        assert any(line.split()[:1] == [command] for line in listed.splitlines()), command
+    # every command LightningCLI runs is listed, and relreg dispatches each of them to it
+    assert set(LIGHTNING_COMMANDS) == set(RelRegCLI.subcommands())
+
+
+def test_the_lightning_commands_still_reach_lightningcli_for_their_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--help"])
+    assert info.value.code == 0
+    assert "--trainer.max_epochs" in capsys.readouterr().out
+
+
+def test_no_module_in_relreg_imports_unittest():
+    import ast
+    from pathlib import Path
+
+    import relreg
+
+    found = []
+    for path in sorted(Path(relreg.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{path}: {n}" for n in names if n.split(".")[0] == "unittest"]
+    assert not found, "\n".join(found)

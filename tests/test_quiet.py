@@ -71,7 +71,7 @@ def test_importing_relreg_filters_nothing():
     deps = "torch, timm, torchvision, torchmetrics, pytorch_lightning, wandb, matplotlib"
     code = (
         f"import warnings, logging, {deps}; before = list(warnings.filters); "
-        "import relreg.lightning, relreg.evaluate, relreg.cli, relreg.demo; "
+        "import relreg.lightning, relreg.evaluation, relreg.cli, relreg.demo; "
         "assert list(warnings.filters) == before, 'relreg changed the warning filters'; "
         "assert not logging.getLogger('pytorch_lightning.utilities.rank_zero').filters"
     )

@@ -4,7 +4,7 @@ A :class:`MetricSpec` says what a metric is called, how to build it, what ``upda
 keys its result has (with a description each), whether higher is better, and who uses it:
 
 - ``"callback"``: :class:`relreg.lightning.ExplanationQuality` logs it as ``val/xai/<key>``;
-- ``"report"``: ``relreg evaluate`` (:func:`relreg.evaluate.evaluate_models`) puts it in
+- ``"report"``: ``relreg evaluate`` (:func:`relreg.evaluation.evaluate_models`) puts it in
   ``report.json`` per explainer and draws it in ``before_after.png``;
 - ``summary``: the columns ``relreg evaluate`` prints (``{key: column title}``).
 

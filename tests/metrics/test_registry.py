@@ -42,7 +42,7 @@ def test_declarations_are_checked(monkeypatch):
 
 
 def test_before_after_grid_sizes_itself_from_the_declared_metrics(monkeypatch, tmp_path):
-    from relreg.report_figures import write_figures
+    from relreg.evaluation import write_figures
 
     monkeypatch.setattr(registry, "_METRICS", dict(registry._METRICS))
     build = lambda **_: None  # noqa: E731
