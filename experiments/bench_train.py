@@ -109,18 +109,25 @@ def worker(
     model_key: str, case: str, batch: int, repeats: int, device: str, relevance_every: int
 ) -> dict:
     """Run one case in this process; returns its timings and memory."""
+    import functools
+
     import torch
 
     from relreg.explain import explain, to_pixels
     from relreg.lightning import RelRegModule
     from relreg.losses import classification_loss
+    from relreg.objective import ROBUSTVIT, StepContext
 
     torch.manual_seed(0)
     name, kwargs, size = MODELS[model_key]
-    options = {"engine": "dense"} if case == "first_order_dense" else {}
+    explainer = {"second_order": case == "second_order"}
+    if case == "first_order_dense":
+        explainer["engine"] = "dense"
+    # plain: the classification term only (RobustViT's 0.2); the others: RobustViT's objective
+    objective = [{"term": "classification", "weight": 0.2}] if case == "plain" else list(ROBUSTVIT)
     module = RelRegModule(
-        name, num_classes=1000, model_kwargs=kwargs, second_order=case == "second_order",
-        lambda_seg=0.0 if case == "plain" else 0.8, lr=1e-6, method_options=options,
+        name, num_classes=1000, model_kwargs=kwargs, explainer=explainer, objective=objective,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=1e-4),
     ).to(device)  # fmt: skip
     optimizer = module.configure_optimizers()["optimizer"]
     images = torch.randn(batch, 3, size, size, device=device)
@@ -140,14 +147,20 @@ def worker(
                 differentiable=True,
                 engine="dense",
             )
-            rel = module.relevance_loss(
+            rel = module.objective.terms[0].loss(
                 to_pixels(maps, size=(size, size)), masks, data["has_mask"]
             )["loss"]
             logits = module.model(
                 images
             )  # RobustViT's second forward pass, for the classification term
-            return module.lambda_seg * rel + module.lambda_cls * classification_loss(logits, "self")
-        return module.model_step(data, relevance=relevance)["loss"]
+            lambda_seg, lambda_cls = module.objective.weights
+            return lambda_seg * rel + lambda_cls * classification_loss(logits, "self")
+        if relevance or not module.objective.needs_maps:
+            return module.model_step(data, training=True).loss
+        # a step without maps under --relevance-every k > 1 (no trainer here: the module's own
+        # count of steps stays 0, so the step is built as model_step builds it, maps off)
+        ctx = StepContext(module.model, data, module.explainer, maps_on=False, training=True)
+        return module.objective(ctx).loss
 
     def sync() -> None:
         if device.startswith("cuda"):

@@ -27,13 +27,21 @@ TRAIN_IMAGES, EPOCHS = 1500, 50
 
 
 def paper_models() -> dict[str, dict]:
-    """``{config stem: its model section}`` of every model file in ``configs/paper/`` (the files
-    with a ``model:`` section other than ``base.yaml``)."""
+    """``{config stem: {"model", "lr", "objective"}}`` of every model file in ``configs/paper/``
+    (the files with a ``model:`` section other than ``base.yaml``): its timm name, its AdamW
+    learning rate and its objective (``base.yaml``'s where the file keeps it)."""
+    folder = ROOT / "configs" / "paper"
+    base = yaml.safe_load((folder / "base.yaml").read_text())["model"]
     out = {}
-    for path in sorted((ROOT / "configs" / "paper").glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         config = yaml.safe_load(path.read_text())
         if path.stem != "base" and "model" in config:
-            out[path.stem] = config["model"]
+            model = {**base, **config["model"]}
+            out[path.stem] = {
+                "model": model["model"],
+                "lr": model["optimizer"]["init_args"]["lr"],
+                "objective": model["objective"],
+            }
     return out
 
 
@@ -56,15 +64,16 @@ def _cpu_attention_formulas() -> dict:
     }
 
 
-def count(name: str, temperature: float) -> dict:
+def count(name: str, objective: list[dict]) -> dict:
     """FLOPs of one image's plain and relreg training steps, and the parameter count."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from relreg.lightning import RelRegModule
+    from relreg.objective import StepContext
 
     torch.manual_seed(0)
-    module = RelRegModule(name.split(".")[0], num_classes=1000, temperature=temperature)
+    module = RelRegModule(name.split(".")[0], num_classes=1000, objective=objective)
     batch = {
         "image": torch.randn(1, 3, 224, 224),
         "label": torch.zeros(1, dtype=torch.long),
@@ -76,7 +85,12 @@ def count(name: str, temperature: float) -> dict:
     for case, relevance in (("plain", False), ("relreg", True)):
         module.zero_grad(set_to_none=True)
         with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
-            module.model_step(batch, relevance=relevance)["loss"].backward()
+            if relevance:
+                out = module.model_step(batch, training=True)
+            else:  # the same objective with the maps off: the classification term only
+                ctx = StepContext(module.model, batch, module.explainer, False, training=True)
+                out = module.objective(ctx)
+            out.loss.backward()
         flops[case] = counter.get_total_flops()
     params = sum(p.numel() for p in module.model.parameters())
     return {"params": params, "flops_per_image": flops}
@@ -117,7 +131,7 @@ def main() -> None:
     }
     for stem in args.models or list(configs):
         model = configs[stem]
-        row = count(model["model"], float(model.get("temperature", 1.0)))
+        row = count(model["model"], model["objective"])
         relreg = row["flops_per_image"]["relreg"]
         row.update(
             timm_name=model["model"],

@@ -23,9 +23,10 @@ from relreg.cli import main
 from relreg.data import MaskedImageFolder, OODImageFolder, write_shapes_folder
 from relreg.explain import explain
 from relreg.lightning import RelRegModule
-from relreg.losses import create_relevance_loss, relevance_mass_loss, robustvit_loss, rrr_loss
+from relreg.losses import relevance_mass_loss, robustvit_loss, rrr_loss
 from relreg.metrics import PerturbationAUC, RelevanceMass, pointing_game, relevance_mass
 from relreg.models import build_model, load_weights
+from relreg.objective import Objective
 from tests.conftest import model_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,12 +344,17 @@ def test_10_unknown_explainer_lists_known_names():
         explain(tiny_vit(), torch.randn(1, 3, 32, 32), "nope")
 
 
-def test_10_unknown_loss_lists_known_names():
-    match = r"Unknown relevance loss 'nope'; expected one of: robustvit, mass, rrr"
-    with pytest.raises(ValueError, match=match):
-        create_relevance_loss("nope")
-    with pytest.raises(ValueError, match=match):
-        RelRegModule(tiny_vit(), relevance_loss="nope")
+def test_10_unknown_objective_term_lists_known_names():
+    match = r"^Unknown objective term 'nope'; expected one of: (.*)\.$"
+    known = {"robustvit", "mass", "rrr", "classification", "counterfactual", "faithfulness"}
+    for build in (
+        lambda: Objective([{"term": "nope"}]),
+        lambda: RelRegModule(tiny_vit(), objective=[{"term": "nope", "weight": 0.8}]),
+    ):
+        with pytest.raises(ValueError, match=match) as info:
+            build()
+        listed = re.match(match, str(info.value)).group(1).split(", ")
+        assert known <= set(listed), listed
 
 
 # ------------------------------------------------- 11.-12., 14. the fine-tuning command
@@ -384,11 +390,11 @@ data:
 
 def test_11_config_key_with_a_typo(tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
-    typo.write_text("model:\n  lamda_seg: 1.0\n")
+    typo.write_text("model:\n  relevance_evry: 2\n")
     with pytest.raises(SystemExit) as info:
         main([*demo_args(tmp_path), "--config", str(typo)])
     assert info.value.code != 0
-    assert "lamda_seg" in capsys.readouterr().err
+    assert "relevance_evry" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -21,7 +21,7 @@ from relreg.data import (
     class_sets,
     write_shapes_folder,
 )
-from relreg.evaluate import evaluate_models
+from relreg.evaluation import evaluate_models
 from relreg.lightning import OODEvaluation, RelRegModule
 from relreg.metrics import accuracy_targets
 
@@ -107,7 +107,7 @@ def test_evaluate_module_and_callback_count_any_class_of_the_set(tmp_path):
     )  # fmt: skip
     assert report["models"]["m"]["accuracy"]["objnet"] == pytest.approx(expected, abs=1e-4)
 
-    module = RelRegModule(model, eval_relevance=False)
+    module = RelRegModule(model, explainer={"evaluate": False})
     callback = OODEvaluation({"objnet_cb": ds}, batch_size=5)
     dm = RelRegDataModule(val=SpuriousShapes("val", n=4), ood={"objnet": ds}, batch_size=5)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import timm
@@ -140,7 +142,8 @@ def test_bad_preprocessing_is_named(tree):
 
 
 def test_datamodule_resolves_and_logs_the_preprocessing(tree):
-    module = RelRegModule(model=_deit(num_classes=1000), lr=1e-4)
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=1e-4)
+    module = RelRegModule(model=_deit(num_classes=1000), optimizer=optimizer)
     data = RelRegDataModule(
         MaskedImageFolder(tree / "masked", img_size=32),
         MaskedImageFolder(tree / "masked", train=False),

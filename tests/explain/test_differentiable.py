@@ -53,8 +53,9 @@ def test_non_differentiable_explainers_are_refused_by_the_registry_and_the_modul
     for flags in ({"differentiable": True}, {"second_order": True}):
         with pytest.raises(ValueError, match=f"Explainer '{name}' is not differentiable.*chefer"):
             explain(model, images_for(model), name, **flags)
-    with pytest.raises(ValueError, match=f"differentiable explainer for method, but '{name}'"):
-        RelRegModule(model, method=name)
+    match = f"differentiable explainer for explainer.method, but '{name}'"
+    with pytest.raises(ValueError, match=match):
+        RelRegModule(model, explainer={"method": name})
 
 
 def test_compiled_models_are_explained_through_their_original_module():

@@ -17,8 +17,9 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 
 def _fit(tmp_path, logger, callbacks, inference_mode=False, steps=2):
     torch.manual_seed(0)
+    explainer = {"evaluate": not inference_mode}
     module = RelRegModule(
-        "vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, eval_relevance=not inference_mode
+        "vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, explainer=explainer
     )
     dm = RelRegDataModule(SpuriousShapes("train", n=8), SpuriousShapes("val", n=12), batch_size=4)
     trainer = pl.Trainer(

@@ -5,6 +5,7 @@ uninterrupted run."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import subprocess
 import sys
@@ -35,7 +36,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _module(**kw) -> RelRegModule:
     torch.manual_seed(0)
-    return RelRegModule("vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, lr=1e-3, **kw)
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-4)
+    return RelRegModule(
+        "vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, optimizer=optimizer, **kw
+    )
 
 
 def _fit(root: Path, epochs: int = 3, ckpt_path: str | None = None, module=None, **kw):
@@ -249,8 +253,11 @@ def test_nonfinite_error_names_the_step_the_terms_and_the_last_checkpoint():
     with pytest.raises(NonFiniteError) as info:
         _train(_module(), [NaNHead([3])], max_steps=6)
     message = str(info.value)
-    assert "Non-finite relevance, loss_cls" in message and "training step 3 (epoch 1, batch 1" in message
-    assert "no checkpoint was written yet" in message and "model.nonfinite: skip" in message
+    # the maps, then every term's parts in the objective's order
+    assert "Non-finite relevance, loss_seg, loss_bg, loss_fg, loss_cls, loss at" in message
+    assert "training step 3 (epoch 1, batch 1" in message
+    assert "no checkpoint was written yet" in message
+    assert "model.faults: {nonfinite: skip}" in message
 
 
 def test_nonfinite_error_names_the_last_checkpoint_written(tmp_path):
@@ -261,7 +268,7 @@ def test_nonfinite_error_names_the_last_checkpoint_written(tmp_path):
 
 
 def test_nonfinite_skip_makes_no_update_and_counts():
-    module, watch = _module(nonfinite="skip"), _Watch()
+    module, watch = _module(faults={"nonfinite": "skip"}), _Watch()
     trainer = _train(module, [NaNHead([1]), watch], max_epochs=2)
     assert module.nonfinite_guard.skipped == 1
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
@@ -272,7 +279,7 @@ def test_nonfinite_skip_makes_no_update_and_counts():
 
 
 def test_nonfinite_skip_stops_after_max_skipped_in_a_row():
-    module = _module(nonfinite="skip", max_skipped=2)
+    module = _module(faults={"nonfinite": "skip", "max_skipped": 2})
     with pytest.raises(NonFiniteError, match="after 2 skipped steps in a row"):
         _train(module, [NaNHead([-1])], max_steps=8)
     assert module.nonfinite_guard.skipped == 2

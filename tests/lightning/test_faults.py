@@ -57,7 +57,10 @@ def _config(root: Path, callbacks: list[dict], **trainer) -> Path:
             **trainer,
         },
         "model": {"model": "vit_tiny_patch16_224", "num_classes": 4, "model_kwargs": TINY,
-                  "relevance_loss": "robustvit", "lr": 1e-3},
+                  "objective": [{"term": "robustvit", "weight": 0.8},
+                                {"term": "classification", "weight": 0.2}],
+                  "optimizer": {"class_path": "torch.optim.AdamW",
+                                "init_args": {"lr": 1e-3, "weight_decay": 1e-4}}},
         "data": {"batch_size": 8, "eval_batch_size": 8,
                  "train": {"class_path": "relreg.data.SpuriousShapes",
                            "init_args": {"split": "train", "n": 48}},
@@ -161,14 +164,16 @@ class NaNHead(pl.Callback):
 @pytest.mark.slow
 def test_ddp_ranks_stop_together_at_a_nonfinite_step_and_skip_is_refused(tmp_path):
     """A NaN on rank 1 only: both ranks stop at that step with relreg's one-line error, no hang;
-    ``nonfinite: skip`` is refused at set-up under DDP (Lightning cannot skip a step there)."""
+    ``faults: {nonfinite: skip}`` is refused at set-up under DDP (Lightning cannot skip a step
+    there)."""
     nan = {"class_path": "tests.lightning.test_faults.NaNHead", "init_args": {"batches": [1], "rank": 1}}
     path = _config(tmp_path, [nan], strategy="ddp", devices=2, max_epochs=1)
     proc = _relreg("fit", "--config", str(path), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "relreg fit: error: Non-finite loss (on another process) at training step 1" in proc.stderr
     config = yaml.safe_load(path.read_text())
-    config["model"]["nonfinite"] = "skip"
+    config["model"]["faults"] = {"nonfinite": "skip"}
     path.write_text(yaml.safe_dump(config))
     proc = _relreg("fit", "--config", str(path), check=False)
-    assert proc.returncode != 0 and "Expected model.nonfinite 'error' with more than one process" in proc.stderr
+    expected = "Expected model.faults.nonfinite 'error' with more than one process"
+    assert proc.returncode != 0 and expected in proc.stderr

@@ -3,6 +3,7 @@ accumulation; and the loss under bf16 autocast against the float32 loss."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytorch_lightning as pl
@@ -19,7 +20,10 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 
 def test_bf16_mixed_with_gradient_accumulation_trains_and_logs(tmp_path):
     torch.manual_seed(0)
-    module = RelRegModule("vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, lr=1e-3)
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-4)
+    module = RelRegModule(
+        "vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY, optimizer=optimizer
+    )
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     dm = RelRegDataModule(SpuriousShapes("train", n=16), SpuriousShapes("val", n=8), batch_size=4)
     trainer = pl.Trainer(
