@@ -57,20 +57,3 @@ __all__ = [
     "write_scenes_folder",
     "write_shapes_folder",
 ]
-
-_MOVED = {"accuracy_targets": "relreg.metrics", "restrict_logits": "relreg.metrics"}
-
-
-def __getattr__(name: str) -> object:
-    """Names that moved to :mod:`relreg.metrics` (scoring is a metric concern): deprecated here."""
-    if name in _MOVED:
-        import importlib
-        import warnings
-
-        warnings.warn(
-            f"relreg.data.{name} moved to {_MOVED[name]}.{name}; the old name goes after relreg 0.2.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'relreg.data' has no attribute {name!r}")

@@ -6,14 +6,12 @@ from relreg.losses.faithful import background_effect_share, faithfulness_loss, o
 from relreg.losses.functional import (
     CLASSIFICATION_MODES,
     classification_loss,
-    relevance_loss,
     relevance_mass_loss,
     robustvit_loss,
     rrr_loss,
 )
 from relreg.losses.modules import (
     ClassificationLoss,
-    RelevanceLoss,
     RelevanceMassLoss,
     RobustViTLoss,
     RRRLoss,
@@ -30,7 +28,6 @@ __all__ = [
     "RELEVANCE_LOSSES",
     "ClassificationLoss",
     "RRRLoss",
-    "RelevanceLoss",
     "RelevanceMassLoss",
     "RobustViTLoss",
     "background_effect_share",
@@ -41,7 +38,6 @@ __all__ = [
     "list_relevance_losses",
     "occlude_foreground",
     "register_relevance_loss",
-    "relevance_loss",
     "relevance_mass_loss",
     "robustvit_loss",
     "rrr_loss",

@@ -20,8 +20,6 @@ nothing; a batch without any mask gives zeros that still belong to the graph.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,7 +28,6 @@ from relreg.validate import check_choice
 
 __all__ = [
     "robustvit_loss",
-    "relevance_loss",
     "relevance_mass_loss",
     "rrr_loss",
     "classification_loss",
@@ -117,16 +114,6 @@ def robustvit_loss(
         "loss_bg": loss_bg,
         "loss_fg": loss_fg,
     }
-
-
-def relevance_loss(*args, **kwargs) -> dict[str, Tensor]:
-    """Deprecated alias of :func:`robustvit_loss` (removed after relreg 0.2)."""
-    warnings.warn(
-        "relreg.losses.relevance_loss is deprecated; use relreg.losses.robustvit_loss.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return robustvit_loss(*args, **kwargs)
 
 
 def relevance_mass_loss(

@@ -8,8 +8,6 @@ takes ``(relevance (B, H, W), masks (B, H, W), has_mask (B,) or None)`` and retu
 
 from __future__ import annotations
 
-import warnings
-
 from torch import Tensor, nn
 
 from relreg.losses.functional import (
@@ -24,7 +22,6 @@ from relreg.validate import check_choice
 __all__ = [
     "ClassificationLoss",
     "RRRLoss",
-    "RelevanceLoss",
     "RelevanceMassLoss",
     "RobustViTLoss",
 ]
@@ -53,18 +50,6 @@ class RobustViTLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lambda_bg={self.lambda_bg}, lambda_fg={self.lambda_fg}"
-
-
-class RelevanceLoss(RobustViTLoss):
-    """Deprecated alias of :class:`RobustViTLoss` (removed after relreg 0.2)."""
-
-    def __init__(self, lambda_bg: float = 2.0, lambda_fg: float = 0.3) -> None:
-        warnings.warn(
-            "relreg.losses.RelevanceLoss is deprecated; use relreg.losses.RobustViTLoss.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        super().__init__(lambda_bg, lambda_fg)
 
 
 class RelevanceMassLoss(nn.Module):

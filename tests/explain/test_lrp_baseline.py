@@ -23,6 +23,7 @@ from relreg.explain import lrp_baseline as B
 from relreg.explain import lrp_rules as R
 from relreg.explain import lrp_vit as V
 from tests.conftest import images_for, make_tiny_vit
+from tests.numerics import assert_within, rounding_bound
 
 BASE = {"rules": "cvpr2021_baseline"}
 EPS = 1e-9
@@ -226,14 +227,17 @@ def test_equals_dense_per_image_reference(layout):
 
 
 def test_paper_layout_in_float32_within_tolerance():
-    # the unnormalised additions amplify float32 rounding where a + b is small: 2e-4 of the scale
+    # the unnormalised additions amplify float32 rounding where a + b is small (by the condition
+    # number (|a| + |b|) / |a + b|), so the tolerance is float32 rounding propagated through these
+    # tensors (tests/numerics.py), per element: no fixed share of the scale holds on every kernel
     model = _model("vit", dtype=torch.float32)
     x = images_for(model, batch=2)
-    ref = _dense_maps(copy.deepcopy(model).double(), x.double(), _one_hot([0, 4]))
+    model64, x64, target = copy.deepcopy(model).double(), x.double(), torch.tensor([0, 4])
+    ref = _dense_maps(model64, x64, _one_hot(target))
     for method in ("lrp", "partial_lrp"):
-        maps = explain(model, x, method, target=torch.tensor([0, 4]), **BASE).double()
-        scale = ref[method].abs().max().item()
-        torch.testing.assert_close(maps.flatten(1), ref[method], atol=2e-4 * scale, rtol=0)
+        maps = explain(model, x, method, target=target, **BASE).double()
+        bound = rounding_bound(lambda m=method: explain(model64, x64, m, target=target, **BASE))
+        assert_within(maps.flatten(1), ref[method], bound.flatten(1), method)
 
 
 def test_foil_weights_and_functions_start_from_the_signed_vector():

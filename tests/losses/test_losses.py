@@ -185,19 +185,6 @@ def test_loss_registry():
         create_relevance_loss("l2")
 
 
-def test_old_names_are_deprecated_aliases_with_equal_results():
-    from relreg.losses import RelevanceLoss, relevance_loss
-
-    r, s = torch.rand(2, 4, 4), (torch.rand(2, 4, 4) > 0.5).float()
-    with pytest.deprecated_call(match="use relreg.losses.robustvit_loss"):
-        old = relevance_loss(r, s, 1.5, 0.7)
-    new = robustvit_loss(r, s, 1.5, 0.7)
-    assert all(torch.equal(old[k], new[k]) for k in new)
-    with pytest.deprecated_call(match="use relreg.losses.RobustViTLoss"):
-        module = RelevanceLoss(lambda_bg=1.5)
-    assert isinstance(module, RobustViTLoss) and module.lambda_bg == 1.5
-
-
 def test_relevance_loss_registry(monkeypatch):
     import relreg.losses.registry as registry
     from relreg.losses import list_relevance_losses, register_relevance_loss

@@ -1,0 +1,174 @@
+"""Floating-point tolerances derived from the computation, not from what one machine printed.
+
+Why a test's float32 result differs from the exact one: every operation rounds. An elementwise
+operation's result carries a relative error of at most the unit roundoff ``u`` (``2**-24`` for
+float32, half of ``torch.finfo(torch.float32).eps``). A sum of ``n`` terms (matrix products,
+convolutions, reductions) carries an error of at most ``gamma_n * sum(|terms|)`` with
+``gamma_n = n u / (1 - n u)`` in the worst case, and of about ``sqrt(n) u sum(|terms|)`` in practice
+(rounding errors of random sign add like a random walk; Higham & Mary, "A new approach to
+probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019). Which of these bounds is
+approached depends on the summation order, i.e. on the kernel: ATen's vectorised kernels
+(``ATEN_CPU_CAPABILITY=default|avx2|avx512``), MKL and oneDNN block and reorder sums differently,
+and fused multiply-adds skip roundings. A tolerance read off one machine's output therefore fails
+on another; a tolerance proportional to ``u * sqrt(n) * sum(|terms|)``, propagated through what
+follows, holds on all of them. The propagation matters: a relevance rule that divides by
+``a + b`` turns an absolute error ``u (|a| + |b|)`` into a relative one ``u (|a| + |b|) / |a + b|``,
+the condition number of the sum, which is large exactly where ``a + b`` cancels.
+
+Two helpers:
+
+- :func:`sum_bound` for a single sum (or mean) computed in float32: ``k * u * n * sum(|terms|)``,
+  the worst-case bound ``gamma_n`` (with ``k`` for the few extra roundings around it).
+- :class:`MonteCarloRounding` for deep computations (a ViT's forward pass and a relevance
+  propagation through it), where the conditioning of every intermediate matters and no closed form
+  is practical: Monte-Carlo arithmetic (Parker, Pierce & Eggert, "Monte Carlo arithmetic", Comput.
+  Sci. Eng. 2000). The computation runs in float64, and every arithmetic operation's float64
+  result is perturbed by a random error of float32's size: ``u * |result| * r`` for elementwise
+  operations, ``u * sqrt(n) * (the same operation on |operands|) * r`` for sums of ``n`` terms,
+  ``r`` uniform in [-1, 1]. The spread of the perturbed results is how much float32 rounding,
+  propagated through the actual tensors' conditioning, moves the output; :func:`rounding_bound`
+  takes the largest deviation over a few trials times a safety factor.
+
+A bound from either helper scales with the data (a bug that moves an output by more than a few
+rounding errors of its own terms still fails) and with nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+U32 = 2.0**-24  # float32's unit roundoff: round-to-nearest's largest relative error
+
+# sums of many terms: the error scales with sqrt(n) * (the same sum of |terms|)
+_SUMS = {
+    "mm": lambda a: a[0].shape[-1],
+    "bmm": lambda a: a[0].shape[-1],
+    "addmm": lambda a: a[1].shape[-1] + 1,
+    "baddbmm": lambda a: a[1].shape[-1] + 1,
+    "mv": lambda a: a[0].shape[-1],
+    "addmv": lambda a: a[1].shape[-1] + 1,
+    "dot": lambda a: a[0].numel(),
+    "convolution": lambda a: a[1][0].numel() + 1,
+    "sum": None,  # n = input numel / output numel
+    "mean": None,
+}
+# normalisations: an internal sum over the normalised dimension(s), then elementwise work
+_NORMS = {"_softmax", "_log_softmax", "native_layer_norm", "linalg_vector_norm", "logsumexp"}
+# elementwise arithmetic: each result rounded once
+_ELEMENTWISE = set(
+    "add sub rsub mul div exp log sqrt rsqrt pow erf tanh sigmoid reciprocal gelu silu addcmul"
+    " addcdiv lerp expm1 log1p".split()
+)
+
+
+def _is_float(x: object) -> bool:
+    return isinstance(x, Tensor) and x.is_floating_point()
+
+
+def _abs(x: object) -> object:
+    return x.abs() if _is_float(x) else (abs(x) if isinstance(x, (int, float)) else x)
+
+
+class MonteCarloRounding(TorchDispatchMode):
+    """Inside this mode, every float64 arithmetic result gets a random error of float32's size.
+
+    Args:
+        seed: the random errors' seed (one trial per seed).
+        u: the unit roundoff emulated (default float32's).
+
+    Operations that are exact in any precision (views, copies, indexing, comparisons, ``where``,
+    ``clamp``, ``abs``, ``neg``, concatenation) are left alone; inputs and parameters are taken as
+    they are (a float32 model cast to float64 holds float32 values exactly).
+    """
+
+    def __init__(self, seed: int, u: float = U32) -> None:
+        super().__init__()
+        self.u = u
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _noise(self, like: Tensor) -> Tensor:
+        r = torch.rand(like.shape, generator=self.generator, dtype=torch.float64)
+        return (2 * r - 1).to(like.device)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        inplace = name.endswith("_") and not name.startswith("_")
+        base = name[:-1] if inplace else name
+        first = out[0] if isinstance(out, tuple) else out
+        if not (_is_float(first) and first.dtype == torch.float64):
+            return out
+        if base in _SUMS:
+            if inplace:
+                return out  # no in-place sums in the code under test
+            count = _SUMS[base]
+            n = count(args) if count else max(1, args[0].numel() // max(1, out.numel()))
+            size = func(*[_abs(a) for a in args], **kwargs).abs() * math.sqrt(n)
+            return out + self.u * size * self._noise(out)
+        if base in _NORMS:
+            n = max(1, args[0].shape[-1] if args[0].dim() else 1)
+            outs = out if isinstance(out, tuple) else (out,)
+            noisy = tuple(
+                o + self.u * math.sqrt(n) * o.abs() * self._noise(o) if _is_float(o) else o
+                for o in outs
+            )
+            return noisy if isinstance(out, tuple) else noisy[0]
+        if base in _ELEMENTWISE and not isinstance(out, tuple):
+            if inplace:
+                return out.add_(self.u * out.abs() * self._noise(out))
+            return out + self.u * out.abs() * self._noise(out)
+        return out
+
+
+def rounding_bound(
+    fn: Callable[[], Tensor], trials: int = 8, k: float = 4.0, u: float = U32
+) -> Tensor:
+    """Elementwise bound on the float32 rounding error of ``fn()`` (a float64 computation).
+
+    ``fn`` is run once exactly and ``trials`` times under :class:`MonteCarloRounding`; the bound is
+    ``k`` times the largest deviation from the exact result, per element, plus ``k * u`` times the
+    output's largest magnitude (the rounding of the result itself, and a floor where the trials
+    happen to miss an element's sensitivity). The emulated errors are already of the size of the
+    probabilistic bound (``sqrt(n) u sum(|terms|)`` per sum, where float32 kernels, blocking their
+    sums and fusing multiply-adds, do better); ``k = 4`` covers that a few trials sample the
+    spread of the result, not its tail.
+    """
+    exact = fn().detach()
+    dev = torch.zeros_like(exact)
+    for seed in range(trials):
+        with MonteCarloRounding(seed, u):
+            dev = torch.maximum(dev, (fn().detach() - exact).abs())
+    return k * dev + k * u * exact.abs().max()
+
+
+def sum_bound(terms: Tensor, dim=None, k: float = 4.0, u: float = U32) -> Tensor:
+    """Worst-case bound on the float32 error of ``terms.sum(dim)``: ``k * n * u * sum(|terms|)``.
+
+    ``n`` is the number of terms summed (the error of recursive summation is at most
+    ``gamma_n sum(|terms|)``, ``gamma_n ~ n u``; blocked and pairwise summation only do better);
+    ``k`` covers the few roundings before and after the sum (forming the terms, a division).
+    Divide by ``n`` for a mean.
+    """
+    a = terms.detach().double().abs()
+    total = a.sum() if dim is None else a.sum(dim)
+    n = a.numel() // max(1, total.numel())
+    return k * n * u * total
+
+
+def assert_within(actual: Tensor, expected: Tensor, bound: Tensor | float, msg: str = "") -> None:
+    """``|actual - expected| <= bound`` elementwise, with the worst element in the message."""
+    diff = (actual.double() - expected.double()).abs()
+    bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(diff)
+    ratio = diff / bound.clamp(min=torch.finfo(torch.float64).tiny)
+    worst = int(ratio.flatten().argmax())
+    assert bool((diff <= bound).all()), (
+        f"{msg + ': ' if msg else ''}{int((diff > bound).sum())} of {diff.numel()} elements out "
+        f"of bound; worst at flat index {worst}: |diff| = {diff.flatten()[worst].item():.3g}, "
+        f"bound {bound.flatten()[worst].item():.3g} (ratio {ratio.flatten()[worst].item():.3g})"
+    )
