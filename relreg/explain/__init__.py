@@ -6,6 +6,7 @@
 from relreg.explain import attention, gradient, lime, lrp, occlusion  # noqa: F401  (registers them)
 from relreg.explain._contract import Explanation
 from relreg.explain.capture import AttentionCapture, find_attention_modules
+from relreg.explain.engine import EngineChoice, select_engine
 from relreg.explain.huggingface import HuggingFaceClassifier, HuggingFaceViT, as_explainable
 from relreg.explain.registry import (
     Explainer,
@@ -21,6 +22,7 @@ from relreg.explain.tokens import min_max, num_prefix_tokens, patch_grid, to_pix
 
 __all__ = [
     "AttentionCapture",
+    "EngineChoice",
     "Explainer",
     "ExplainerInfo",
     "Explanation",
@@ -37,5 +39,6 @@ __all__ = [
     "num_prefix_tokens",
     "patch_grid",
     "register_explainer",
+    "select_engine",
     "to_pixels",
 ]

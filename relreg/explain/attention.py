@@ -16,10 +16,15 @@ One forward pass and, for gradient-weighted methods, one backward pass that stop
 (no weight gradients) serve the whole batch. ``chefer``, ``rollout`` and ``raw_attention`` run on
 the chunked engine by default (:mod:`relreg.explain.chunked`: fused attention kept, attention
 recomputed by chunks of query rows); ``engine="dense"`` stores every block's ``(B, h, N, N)``
-attention (and gradient) with :class:`relreg.explain.AttentionCapture` instead.
+attention (and gradient) with :class:`relreg.explain.AttentionCapture` instead. Each of them has
+a dense and a chunked implementation; :func:`relreg.explain.engine.select_engine` chooses
+between them (``gradcam`` is dense only).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -39,10 +44,11 @@ from relreg.explain.capture import AttentionCapture
 from relreg.explain.chunked import (
     Captured,
     capture_blocks,
-    check_engine,
     propagate,
+    record_blocks,
     relevance_dtype,
 )
+from relreg.explain.engine import EngineChoice, select_engine
 from relreg.explain.registry import register_explainer
 from relreg.explain.tokens import (
     _patches_to_grid,
@@ -91,33 +97,41 @@ def _attention_pass(
     return attentions, list(grads), logits
 
 
-def _chunked(
-    method: str,
+def _run(
+    choice: EngineChoice,
     model: nn.Module,
     images: Tensor,
     target: TargetLike,
     foil: TargetLike,
     differentiable: bool,
-    second_order: bool,
-    engine: str,
-    chunk_size: int | None,
-) -> Captured | None:
-    """The chunked engine's capture, or None where the dense engine must run.
+    need_grad: bool,
+    chunked: Callable[[Captured], Explanation],
+    dense: Callable[[], Explanation],
+) -> Explanation:
+    """Run the implementation of the engine ``choice`` names.
 
-    ``second_order=True`` needs the dense engine: neither the fused kernel nor the chunked
-    backward has a second derivative.
+    A chunked choice runs the chunked engine's forward pass first; where that pass shows the
+    records cannot be used, :meth:`EngineChoice.after_forward` falls back to the dense engine
+    (or raises, for ``engine="chunked"``).
+
+    Args:
+        choice: from :func:`relreg.explain.engine.select_engine`.
+        model, images, target, foil, differentiable: as for the explainer.
+        need_grad: whether the method weights the attention by its gradient.
+        chunked: the chunked implementation, given the records of the forward pass.
+        dense: the dense implementation (runs its own forward pass).
+
+    Returns:
+        The implementation's explanation: maps ``(B, gh, gw)`` and logits ``(B, K)``.
     """
-    if second_order and engine == "chunked":
-        raise ValueError(
-            "Expected engine 'auto' or 'dense' with second_order=True (the chunked engine is "
-            "first-order: gradients held constant), but got engine='chunked'."
-        )
-    if engine == "dense" or second_order:
-        return None
-    need_grad = method == "chefer"  # the class-agnostic methods need no gradient
-    return capture_blocks(
-        model, images, target, foil, need_grad, differentiable, engine, method, chunk_size
-    )
+    if choice.kind == "chunked":
+        capture, logits = record_blocks(model, images, need_grad, differentiable, choice.method)
+        choice = choice.after_forward(capture)
+        if choice.kind == "chunked":
+            cap = capture_blocks(capture, logits, target, foil, need_grad, differentiable)
+            return chunked(cap)
+        del capture, logits  # free the unusable pass's graph before the dense one
+    return dense()
 
 
 def _start(model: nn.Module, cap: Captured) -> tuple[Tensor, Tensor | None]:
@@ -149,25 +163,36 @@ def raw_attention(
     Class-agnostic: ``target`` and ``foil`` are only validated. ``engine`` and ``chunk_size`` as
     for :func:`chefer`.
     """
-    check_engine(engine, chunk_size)
-    cap = _chunked(
-        "raw_attention",
+    choice = select_engine(model, "raw_attention", engine, second_order, chunk_size)
+    return _run(
+        choice,
         model,
         images,
         target,
         foil,
         differentiable,
-        second_order,
-        engine,
-        chunk_size,
+        need_grad=False,
+        chunked=partial(_raw_attention_chunked, model, images, differentiable, chunk_size),
+        dense=partial(_raw_attention_dense, model, images, target, foil, differentiable),
     )
-    if cap is not None:
-        with torch.set_grad_enabled(differentiable):
-            r, rows = _start(model, cap)
-            row = propagate(
-                r, cap.q[-1], cap.k[-1], None, None, cap.scale[-1], "attention", chunk_size, rows
-            )
-        return finish(_to_grid(model, images, row), cap.logits, differentiable)
+
+
+def _raw_attention_chunked(
+    model: nn.Module, images: Tensor, differentiable: bool, chunk_size: int | None, cap: Captured
+) -> Explanation:
+    """:func:`raw_attention` on the chunked engine's records: the last block's read-out row."""
+    with torch.set_grad_enabled(differentiable):
+        r, rows = _start(model, cap)
+        row = propagate(
+            r, cap.q[-1], cap.k[-1], None, None, cap.scale[-1], "attention", chunk_size, rows
+        )
+    return finish(_to_grid(model, images, row), cap.logits, differentiable)
+
+
+def _raw_attention_dense(
+    model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike, differentiable: bool
+) -> Explanation:
+    """:func:`raw_attention` on stored ``(B, h, N, N)`` attention."""
     attentions, _, logits = _attention_pass(
         model, images, target, foil, False, differentiable, False, "raw_attention"
     )
@@ -198,20 +223,50 @@ def rollout(
     is returned as ``(B, gh, gw)``. Class-agnostic. ``engine`` and ``chunk_size`` as for
     :func:`chefer` (softmax rows sum to one, so the chunked engine uses ``M = (mean_h A + I) / 2``).
     """
-    check_engine(engine, chunk_size)
-    cap = _chunked(
-        "rollout", model, images, target, foil, differentiable, second_order, engine, chunk_size
+    choice = select_engine(model, "rollout", engine, second_order, chunk_size)
+    return _run(
+        choice,
+        model,
+        images,
+        target,
+        foil,
+        differentiable,
+        need_grad=False,
+        chunked=partial(_rollout_chunked, model, images, differentiable, chunk_size, start_layer),
+        dense=partial(_rollout_dense, model, images, target, foil, differentiable, start_layer),
     )
-    if cap is not None:
-        check_start_layer(start_layer, len(cap.q))
-        with torch.set_grad_enabled(differentiable):
-            r, rows = _start(model, cap)
-            for b in range(len(cap.q) - 1, start_layer - 1, -1):
-                step = propagate(
-                    r, cap.q[b], cap.k[b], None, None, cap.scale[b], "attention", chunk_size, rows
-                )
-                r, rows = (r + step) / 2, None
-        return finish(_to_grid(model, images, r), cap.logits, differentiable)
+
+
+def _rollout_chunked(
+    model: nn.Module,
+    images: Tensor,
+    differentiable: bool,
+    chunk_size: int | None,
+    start_layer: int,
+    cap: Captured,
+) -> Explanation:
+    """:func:`rollout` on the chunked engine's records: ``r <- (r + r @ mean_h A) / 2``."""
+    check_start_layer(start_layer, len(cap.q))
+    with torch.set_grad_enabled(differentiable):
+        r, rows = _start(model, cap)
+        for b in range(len(cap.q) - 1, start_layer - 1, -1):
+            step = propagate(
+                r, cap.q[b], cap.k[b], None, None, cap.scale[b], "attention", chunk_size, rows
+            )
+            r = (r + step) / 2
+            rows = None
+    return finish(_to_grid(model, images, r), cap.logits, differentiable)
+
+
+def _rollout_dense(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike,
+    foil: TargetLike,
+    differentiable: bool,
+    start_layer: int,
+) -> Explanation:
+    """:func:`rollout` on stored ``(B, h, N, N)`` attention."""
     attentions, _, logits = _attention_pass(
         model, images, target, foil, False, differentiable, False, "rollout"
     )
@@ -291,8 +346,10 @@ def chefer(
     attention kept, ``chunk_size`` query rows recomputed at a time, no ``(B, heads, N, N)``
     tensor) for timm's ``Attention`` blocks and first-order maps, and the dense engine
     (``AttentionCapture``: fused attention off, every block's ``A`` and ``dy/dA`` stored) for
-    ``second_order=True`` and for attention modules it cannot read (logged at debug level).
-    ``engine="chunked"`` raises where it cannot be used; ``"dense"`` forces the dense engine.
+    ``second_order=True`` and for attention modules it cannot read (the reason logged at debug
+    level, or warned when a ``chunk_size`` goes unused). ``engine="chunked"`` raises where it
+    cannot be used; ``"dense"`` forces the dense engine. The choice:
+    :func:`relreg.explain.engine.select_engine`.
 
     Example:
         >>> import timm, torch
@@ -303,22 +360,71 @@ def chefer(
     """
     if gradient not in ("attention", "logits"):
         raise ValueError(f"Expected gradient 'attention' or 'logits', but got {gradient!r}.")
-    check_engine(engine, chunk_size)
-    cap = _chunked(
-        "chefer", model, images, target, foil, differentiable, second_order, engine, chunk_size
+    choice = select_engine(model, "chefer", engine, second_order, chunk_size)
+    chunked = partial(
+        _chefer_chunked, model, images, differentiable, chunk_size, start_layer, gradient
     )
-    if cap is not None:
-        check_start_layer(start_layer, len(cap.q))
-        rule = "chefer" if gradient == "attention" else "chefer_logits"
-        with torch.set_grad_enabled(differentiable):
-            r, rows = _start(model, cap)
-            for b in range(len(cap.q) - 1, start_layer - 1, -1):
-                d_out, cap.d_out[b] = cap.d_out[b], None  # freed once used
-                step = propagate(
-                    r, cap.q[b], cap.k[b], cap.v[b], d_out, cap.scale[b], rule, chunk_size, rows
-                )
-                r, rows = r + step, None
-        return finish(_to_grid(model, images, r), cap.logits, differentiable)
+    dense = partial(
+        _chefer_dense,
+        model,
+        images,
+        target,
+        foil,
+        differentiable,
+        second_order,
+        start_layer,
+        gradient,
+    )
+    return _run(
+        choice,
+        model,
+        images,
+        target,
+        foil,
+        differentiable,
+        need_grad=True,
+        chunked=chunked,
+        dense=dense,
+    )
+
+
+def _chefer_chunked(
+    model: nn.Module,
+    images: Tensor,
+    differentiable: bool,
+    chunk_size: int | None,
+    start_layer: int,
+    gradient: str,
+    cap: Captured,
+) -> Explanation:
+    """:func:`chefer` on the chunked engine's records: ``r <- r + r @ Abar_b``, ``Abar_b``
+    recomputed by chunks of query rows (first order: gradients held constant)."""
+    check_start_layer(start_layer, len(cap.q))
+    rule = "chefer" if gradient == "attention" else "chefer_logits"
+    with torch.set_grad_enabled(differentiable):
+        r, rows = _start(model, cap)
+        for b in range(len(cap.q) - 1, start_layer - 1, -1):
+            d_out = cap.d_out[b]
+            cap.d_out[b] = None  # freed once used
+            step = propagate(
+                r, cap.q[b], cap.k[b], cap.v[b], d_out, cap.scale[b], rule, chunk_size, rows
+            )
+            r = r + step
+            rows = None
+    return finish(_to_grid(model, images, r), cap.logits, differentiable)
+
+
+def _chefer_dense(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike,
+    foil: TargetLike,
+    differentiable: bool,
+    second_order: bool,
+    start_layer: int,
+    gradient: str,
+) -> Explanation:
+    """:func:`chefer` on stored ``(B, h, N, N)`` attention and gradients (also second order)."""
     attentions, grads, logits = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "chefer"
     )

@@ -9,7 +9,7 @@ also after an error, removes every hook and restores every flag (the dense engin
 
 :class:`QKVCapture` leaves fused attention on and records only what the fused kernel keeps: ``q``
 and ``k`` after qk-norm, ``v`` and the attention output, for the chunked engine
-(:mod:`relreg.explain.chunked`).
+(:mod:`relreg.explain.chunked`; :mod:`relreg.explain.engine` says when it can be used).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from torch import Tensor, nn
 __all__ = [
     "AttentionCapture",
     "QKVCapture",
-    "chunked_support",
     "find_attention_modules",
     "unfused_attention",
 ]
@@ -159,24 +158,6 @@ class AttentionCapture(_HookContext):
         self.attentions.append(attention)
 
 
-def chunked_support(module: nn.Module) -> str | None:
-    """Why the chunked relevance engine cannot read ``module``, or None when it can.
-
-    The engine reads the tensors of timm's own ``Attention.forward`` (``q``/``k`` after qk-norm,
-    ``v`` from ``qkv``, the attention output entering ``norm``); any other forward (a subclass
-    that overrides it, EVA's rotary attention, a patched method) or an active attention dropout
-    (random, so not recomputable) needs the dense engine.
-    """
-    from timm.layers import Attention
-
-    forward = getattr(type(module), "forward", None)
-    if forward is not Attention.forward or "forward" in vars(module):
-        return f"{type(module).__name__}.forward is not timm's Attention.forward"
-    if module.training and float(getattr(module.attn_drop, "p", 0.0)) > 0:
-        return f"attention dropout is active (p={module.attn_drop.p})"
-    return None
-
-
 class QKVCapture(_HookContext):
     """Context manager that records what the fused attention kernel itself keeps, per block.
 
@@ -188,13 +169,18 @@ class QKVCapture(_HookContext):
     - ``out``: ``(B, N, heads * head_dim)``, the attention output entering ``norm`` (before the
       output projection); its gradient is ``dy/dO``.
 
-    Only modules for which :func:`chunked_support` returns None may be captured. After the
-    forward pass, :meth:`problem` says whether every module was called exactly once, without an
-    attention mask or causal flag (else the caller falls back to the dense engine).
+    Only modules running timm's own ``Attention.forward`` can be read this way. The capture only
+    records; whether the records can be used (every module called once, without a mask) is
+    judged by :meth:`relreg.explain.engine.EngineChoice.after_forward` from :attr:`masked` and
+    :meth:`counts`.
 
     Args:
         model: a timm ViT.
         modules: its attention modules (:func:`find_attention_modules`).
+
+    Attributes:
+        masked: indices of the modules called with an attention mask or ``is_causal``, one entry
+            per such call, in call order.
     """
 
     def __init__(self, model: nn.Module, modules: list[nn.Module]) -> None:
@@ -204,7 +190,7 @@ class QKVCapture(_HookContext):
         self.k: list[list[Tensor]] = []
         self.v: list[list[Tensor]] = []
         self.out: list[list[Tensor]] = []
-        self._masked: list[str] = []
+        self.masked: list[int] = []
         self._stack: ExitStack | None = None
 
     def __enter__(self) -> QKVCapture:
@@ -212,7 +198,7 @@ class QKVCapture(_HookContext):
             raise RuntimeError("QKVCapture is not re-entrant: exit it before entering again.")
         n = len(self.modules)
         self.q, self.k, self.v, self.out = ([[] for _ in range(n)] for _ in range(4))
-        self._masked = []
+        self.masked = []
         with ExitStack() as stack:
             for i, m in enumerate(self.modules):
                 hooks = (
@@ -227,15 +213,13 @@ class QKVCapture(_HookContext):
             self._stack = stack.pop_all()
         return self
 
-    def problem(self) -> str | None:
-        """After the forward pass: why the records cannot be used, or None when they can."""
-        if self._masked:
-            return self._masked[0]
-        for i, records in enumerate(zip(self.q, self.k, self.v, self.out, strict=True)):
-            counts = [len(r) for r in records]
-            if counts != [1, 1, 1, 1]:
-                return f"attention module {i} ran {max(counts)} times in one forward pass"
-        return None
+    def counts(self) -> list[tuple[int, int, int, int]]:
+        """How many ``(q, k, v, out)`` tensors each attention module recorded, in forward order
+        (``(1, 1, 1, 1)`` per module for one forward pass)."""
+        return [
+            (len(q), len(k), len(v), len(o))
+            for q, k, v, o in zip(self.q, self.k, self.v, self.out, strict=True)
+        ]
 
     def blocks(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """``(q, k, v, out)`` per attention module, in forward order (see the class docstring)."""
@@ -247,7 +231,7 @@ class QKVCapture(_HookContext):
     def _call_hook(self, index: int):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if len(args) > 1 or kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
-                self._masked.append(f"attention module {index} got an attention mask or is_causal")
+                self.masked.append(index)
 
         return hook
 

@@ -17,13 +17,13 @@ The trainable first-order path (RobustViT's: gradients held constant) is the aut
 :class:`_RowTimesAttention`, whose backward recomputes the same chunks and returns the gradients
 of ``q`` and ``k`` (softmax backward included), so a loss on the maps reaches the model's
 parameters through the model's own graph, again with no stored attention.
+
+Which models and options this engine can serve is decided by :mod:`relreg.explain.engine`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -37,22 +37,19 @@ from relreg.explain._contract import (
     resolve_classes,
     score,
 )
-from relreg.explain.capture import QKVCapture, chunked_support, find_attention_modules
+from relreg.explain.capture import QKVCapture, find_attention_modules
 from relreg.validate import check_choice, check_positive_int
 
 __all__ = [
-    "ENGINES",
     "RULES",
     "Captured",
     "capture_blocks",
     "default_chunk_size",
     "propagate",
+    "record_blocks",
     "relevance_dtype",
 ]
 
-log = logging.getLogger(__name__)
-
-ENGINES = ("auto", "chunked", "dense")
 RULES = ("attention", "chefer", "chefer_logits")
 # Elements of one (B, heads, chunk, N) temporary (16 MiB in float32); about four are alive at once.
 _BUDGET = 2**22
@@ -77,68 +74,56 @@ class Captured(NamedTuple):
     logits: Tensor
 
 
-def check_engine(engine: object, chunk_size: object) -> None:
-    """Raise ``ValueError`` for an unknown ``engine`` or a ``chunk_size`` that is not an int >= 1."""
-    check_choice("engine", engine, ENGINES)
-    check_positive_int("chunk_size", chunk_size, allow_none=True)
+def record_blocks(
+    model: nn.Module,
+    images: Tensor,
+    need_grad: bool,
+    differentiable: bool,
+    method: str,
+) -> tuple[QKVCapture, Tensor]:
+    """The chunked engine's forward pass: fused attention kept, ``q``, ``k``, ``v`` and the
+    attention output recorded per block.
 
+    Args:
+        model: a timm ViT that :func:`relreg.explain.engine.select_engine` chose this engine for.
+        images: ``(B, C, H, W)``.
+        need_grad: whether ``dy/dO`` will be taken (gradient-weighted methods).
+        differentiable: whether the maps keep the model's graph.
+        method: the explainer's name, for messages.
 
-def _unsupported(model: nn.Module, modules: list[nn.Module]) -> str | None:
-    for m in model.modules():
-        if getattr(m, "grad_checkpointing", False):
-            return "gradient checkpointing is on (blocks rerun in the backward pass)"
-        if getattr(m, "_compiled_call_impl", None) is not None:
-            return f"a submodule ({type(m).__name__}) is compiled (hooks do not run eagerly)"
-    for i, m in enumerate(modules):
-        reason = chunked_support(m)
-        if reason is not None:
-            return f"attention module {i}: {reason}"
-    return None
+    Returns:
+        The exited capture (to be judged by
+        :meth:`relreg.explain.engine.EngineChoice.after_forward`) and the logits ``(B, K)``.
+    """
+    modules = find_attention_modules(model)
+    if need_grad or differentiable:
+        check_grad_mode(method)
+    track = need_grad or differentiable
+    x = graph_input(model, images, track)
+    with torch.set_grad_enabled(track):
+        with QKVCapture(model, modules) as capture:
+            logits = check_logits(model(x), images.shape[0])
+    return capture, logits
 
 
 def capture_blocks(
-    model: nn.Module,
-    images: Tensor,
+    capture: QKVCapture,
+    logits: Tensor,
     target: object,
     foil: object,
     need_grad: bool,
     differentiable: bool,
-    engine: str,
-    method: str,
-    chunk_size: int | None = None,
-) -> Captured | None:
-    """One forward pass with fused attention, and ``dy/dO`` per block when ``need_grad``.
+) -> Captured:
+    """What the relevance walk needs from a forward pass of :func:`record_blocks` whose records
+    the engine choice accepted: the records, and ``dy/dO`` per block when ``need_grad``.
 
-    Returns None (after one debug-level log line, or a warning when a ``chunk_size`` was asked
-    for) when ``engine="auto"`` and the model cannot be read this way; the caller then uses the
-    dense engine, which stores every block's ``(B, heads, N, N)`` attention.
-
-    Raises:
-        ValueError: when ``engine="chunked"`` and the model cannot be read this way.
+    Args:
+        capture: the capture of that pass.
+        logits: ``(B, K)`` of that pass.
+        target, foil: the classes to explain (see :func:`relreg.explain.explain`).
+        need_grad: take ``dy/dO`` (one backward pass that stops at the attention outputs).
+        differentiable: keep the graph of the forward pass for a loss on the maps.
     """
-    modules = find_attention_modules(model)
-    reason = _unsupported(model, modules)
-    if reason is None:
-        if need_grad or differentiable:
-            check_grad_mode(method)
-        track = need_grad or differentiable
-        x = graph_input(model, images, track)
-        with torch.set_grad_enabled(track):
-            with QKVCapture(model, modules) as capture:
-                logits = check_logits(model(x), images.shape[0])
-            reason = capture.problem()
-    if reason is not None:
-        if engine == "chunked":
-            raise ValueError(
-                f"Expected a model the chunked engine can read (engine='chunked'), but {reason}; "
-                "use engine='auto' or 'dense'."
-            )
-        message = f"{method}: dense relevance engine for {type(model).__name__} ({reason})"
-        if chunk_size is not None:
-            warnings.warn(f"{message}; chunk_size={chunk_size} is not used.", stacklevel=4)
-        else:
-            log.debug(message)
-        return None
     q, k, v, out = (list(t) for t in zip(*capture.blocks(), strict=True))
     tgt, fl = resolve_classes(logits, target, foil)
     d_out = None
@@ -154,7 +139,7 @@ def capture_blocks(
     # the fused kernel is called without scale=, so it uses head_dim ** -0.5, not module.scale
     scale = [
         t.shape[-1] ** -0.5 if m.fused_attn else float(m.scale)
-        for m, t in zip(modules, q, strict=True)
+        for m, t in zip(capture.modules, q, strict=True)
     ]
     return Captured(q, k, [t.detach() for t in v], d_out, scale, logits)
 

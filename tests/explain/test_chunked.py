@@ -14,7 +14,7 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from relreg.explain import explain, find_attention_modules, to_pixels
+from relreg.explain import explain, find_attention_modules, select_engine, to_pixels
 from relreg.explain.capture import QKVCapture
 from relreg.explain.chunked import propagate
 from relreg.lightning import RelRegModule
@@ -175,9 +175,9 @@ def test_unreadable_attention_falls_back_to_the_dense_engine_with_a_debug_line(c
     model = make_tiny_vit(dtype=torch.float64)
     model.blocks[1].attn.__class__ = _PatchedAttention
     x = images_for(model)
-    with caplog.at_level(logging.DEBUG, logger="relreg.explain.chunked"):
+    with caplog.at_level(logging.DEBUG, logger="relreg.explain.engine"):
         maps = explain(model, x, "chefer", engine="auto")
-    lines = [r.getMessage() for r in caplog.records if r.name == "relreg.explain.chunked"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "relreg.explain.engine"]
     assert len(lines) == 1 and "_PatchedAttention.forward" in lines[0], lines
     torch.testing.assert_close(maps, explain(model, x, "chefer", engine="dense"))
     with pytest.raises(ValueError, match=r"engine='chunked'.*_PatchedAttention"):
@@ -205,19 +205,26 @@ def test_active_attention_dropout_falls_back_and_mask_or_reuse_is_detected():
     model = make_tiny_vit()
     attn = model.blocks[0].attn
     tokens = torch.randn(2, 17, 24)
+    auto = select_engine(model, "chefer", "auto")
+    chunked = select_engine(model, "chefer", "chunked")
+    assert auto.kind == chunked.kind == "chunked"
     with QKVCapture(model, [attn]) as cap:
         attn(tokens, attn_mask=torch.zeros(17, 17))
-    assert "attention mask" in cap.problem()
+    assert cap.masked == [0]
+    assert "attention mask" in auto.after_forward(cap).reason
+    with pytest.raises(ValueError, match=r"engine='chunked'.*attention module 0 got an attention"):
+        chunked.after_forward(cap)
     with QKVCapture(model, [attn]) as cap:
         attn(tokens)
         attn(tokens)
-    assert "ran 2 times" in cap.problem()
+    assert cap.counts() == [(2, 2, 2, 2)]
+    late = auto.after_forward(cap)
+    assert late.kind == "dense" and "ran 2 times" in late.reason
     with QKVCapture(model, [attn]) as cap:
         attn(tokens)
-    assert (
-        cap.problem() is None
-        and model_state(model)["hooks"] == model_state(make_tiny_vit())["hooks"]
-    )
+    assert cap.counts() == [(1, 1, 1, 1)] and not cap.masked
+    assert auto.after_forward(cap) is auto and chunked.after_forward(cap) is chunked
+    assert model_state(model)["hooks"] == model_state(make_tiny_vit())["hooks"]
 
 
 @pytest.mark.parametrize(

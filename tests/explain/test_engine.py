@@ -1,0 +1,205 @@
+"""The one engine choice: decided before the forward pass where it can be, reported once, and the
+two engines give the same maps."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from relreg.explain import EngineChoice, explain, select_engine
+from tests.conftest import images_for, make_tiny_vit
+
+LOGGER = "relreg.explain.engine"
+
+
+class _PatchedAttention(timm.layers.Attention):
+    def forward(
+        self, x, attn_mask=None, is_causal=False
+    ):  # a forward the chunked engine can't read
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def _patched(dtype: torch.dtype = torch.float64):
+    model = make_tiny_vit(dtype=dtype)
+    model.blocks[1].attn.__class__ = _PatchedAttention
+    return model
+
+
+def _masked(dtype: torch.dtype = torch.float64):
+    """A model whose forward passes an (all-zero, so harmless) attention mask to every block:
+    readable before the forward pass, unusable after it."""
+    model = make_tiny_vit(dtype=dtype)
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    mask = torch.zeros(n, n, dtype=dtype)
+    model.forward = lambda x: VisionTransformer.forward(model, x, attn_mask=mask)
+    return model
+
+
+def _count_forward_passes(model) -> list[int]:
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+def _engine_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
+
+
+@pytest.mark.parametrize(
+    ("build", "options"),
+    [
+        (_patched, {}),
+        (make_tiny_vit, {"second_order": True, "differentiable": True}),
+        (lambda: make_tiny_vit(attn_drop_rate=0.1).train(), {}),
+    ],
+    ids=["unreadable_forward", "second_order", "attention_dropout"],
+)
+@pytest.mark.parametrize("method", ["chefer", "rollout", "raw_attention"])
+def test_a_static_fall_back_is_decided_before_the_only_forward_pass(build, options, method):
+    model = build()
+    calls = _count_forward_passes(model)
+    choice = select_engine(model, method, "auto", options.get("second_order", False))
+    assert choice.kind == "dense" and choice.reason and not calls  # no forward pass to decide
+    explain(model, images_for(model), method, engine="auto", **options)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("engine", ["auto", "chunked", "dense"])
+def test_a_usable_model_runs_one_forward_pass_on_either_engine(engine):
+    model = make_tiny_vit()
+    calls = _count_forward_passes(model)
+    choice = select_engine(model, "chefer", engine)
+    assert choice.kind == ("dense" if engine == "dense" else "chunked") and not calls
+    explain(model, images_for(model), "chefer", engine=engine, differentiable=True)
+    assert len(calls) == 1
+
+
+def test_a_late_fall_back_is_the_only_one_that_costs_a_second_pass(caplog):
+    # the counter can count past one: only what the forward pass shows costs a pass
+    model = _masked()
+    x = images_for(model)
+    calls = _count_forward_passes(model)
+    assert select_engine(model, "chefer", "auto").kind == "chunked"
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        maps = explain(model, x, "chefer", engine="auto")
+    assert len(calls) == 2
+    lines = _engine_lines(caplog)
+    assert len(lines) == 1 and "attention module 0 got an attention mask" in lines[0], lines
+    torch.testing.assert_close(maps, explain(model, x, "chefer", engine="dense"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"engine='chunked'.*got an attention mask"):
+        explain(model, x, "chefer", engine="chunked")
+
+
+@pytest.mark.parametrize("method", ["chefer", "rollout", "raw_attention"])
+def test_chunked_on_an_unreadable_model_raises_before_any_forward_pass(method):
+    model = _patched()
+    calls = _count_forward_passes(model)
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected a model the chunked engine can read \(engine='chunked'\), but attention "
+        r"module 1: _PatchedAttention\.forward is not timm's Attention\.forward; use "
+        r"engine='auto' or 'dense'\.$",
+    ):
+        explain(model, images_for(model), method, engine="chunked")
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected engine 'auto' or 'dense' with second_order=True .*, but got "
+        r"engine='chunked'\.$",
+    ):
+        explain(make_tiny_vit(), images_for(model), method, engine="chunked", second_order=True)
+    with pytest.raises(ValueError, match=r"attention dropout is active \(p=0.1\)"):
+        select_engine(make_tiny_vit(attn_drop_rate=0.1).train(), method, "chunked")
+    assert not calls
+
+
+@pytest.mark.parametrize(
+    ("build", "options", "reason"),
+    [
+        (_patched, {}, "_PatchedAttention.forward is not timm's Attention.forward"),
+        (make_tiny_vit, {"second_order": True}, "second_order=True"),
+        (_masked, {}, "got an attention mask"),
+    ],
+    ids=["static", "second_order", "late"],
+)
+def test_auto_reports_its_reason_once(caplog, build, options, reason):
+    model = build()
+    x = images_for(model)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        explain(model, x, "chefer", engine="auto", **options)
+    lines = _engine_lines(caplog)
+    assert len(lines) == 1 and reason in lines[0] and lines[0].startswith("chefer: dense"), lines
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger=LOGGER), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        explain(model, x, "chefer", engine="auto", chunk_size=4, **options)
+    said = [m for m in w if issubclass(m.category, UserWarning) and "relevance engine" in str(m)]
+    assert len(said) == 1 and reason in str(said[0].message), [str(m.message) for m in w]
+    assert "chunk_size=4 is not used" in str(said[0].message)
+    assert said[0].filename == __file__  # points at the caller, whatever the depth inside relreg
+    assert not _engine_lines(caplog)  # warned instead of logged, not both
+
+
+def test_nothing_is_reported_when_the_chunked_engine_runs(caplog):
+    model = make_tiny_vit()
+    with caplog.at_level(logging.DEBUG, logger=LOGGER), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explain(model, images_for(model), "chefer", engine="auto", chunk_size=4)
+        explain(model, images_for(model), "chefer", engine="dense")
+    assert not _engine_lines(caplog)
+
+
+def test_the_choice_is_a_frozen_value_with_checked_fields():
+    choice = select_engine(make_tiny_vit(), "chefer")
+    assert isinstance(choice, EngineChoice)
+    assert (choice.kind, choice.engine, choice.method, choice.model) == (
+        "chunked",
+        "auto",
+        "chefer",
+        "VisionTransformer",
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        choice.kind = "dense"
+    with pytest.raises(ValueError, match=r"Expected kind one of \('chunked', 'dense'\)"):
+        EngineChoice("flash", "")
+    with pytest.raises(ValueError, match=r"Expected engine one of .*, but got 'flash'"):
+        select_engine(make_tiny_vit(), "chefer", "flash")
+    with pytest.raises(ValueError, match=r"Expected chunk_size an int >= 1 or None, but got 0"):
+        select_engine(make_tiny_vit(), "chefer", "dense", chunk_size=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("chefer", {}),
+        ("chefer", {"gradient": "logits", "start_layer": 1}),
+        ("rollout", {}),
+        ("raw_attention", {}),
+    ],
+)
+def test_the_chunked_and_dense_engines_agree(any_vit, method, options):
+    x = images_for(any_vit)
+    target = torch.tensor([0, 3, 1])
+    dense = explain(any_vit, x, method, target=target, engine="dense", **options)
+    for chunk_size in (1, 5, None):
+        chunked = explain(
+            any_vit, x, method, target=target, engine="chunked", chunk_size=chunk_size, **options
+        )
+        torch.testing.assert_close(chunked, dense, rtol=1e-4, atol=1e-6)
+    auto = explain(any_vit, x, method, target=target, **options)
+    assert torch.equal(
+        auto, explain(any_vit, x, method, target=target, engine="chunked", **options)
+    )
+    assert dense.abs().max() > 0
+
+
+def test_auto_on_an_unreadable_model_gives_the_dense_maps_exactly():
+    model = _patched(torch.float32)
+    x = images_for(model)
+    for method in ("chefer", "rollout", "raw_attention"):
+        assert torch.equal(explain(model, x, method), explain(model, x, method, engine="dense"))
