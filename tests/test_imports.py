@@ -1,7 +1,7 @@
 """Imports inside relreg run one way, bottom to top, and never in a circle.
 
 The layers (docs/architecture.md): validate / io <- explain / models / viz <- metrics / losses <-
-data <- lightning <- evaluate / demo <- cli. Every ``import`` statement in ``relreg/`` (also the
+data <- lightning <- evaluation / demo <- cli. Every ``import`` statement in ``relreg/`` (also the
 ones inside functions) is read with ``ast``; none may reach a higher layer, and the graph of
 module-to-module imports has no cycle.
 """
@@ -19,15 +19,16 @@ LAYERS = {
     "relreg.validate": 0,
     "relreg.io": 0,
     "relreg.quiet": 0,
+    "relreg.registry": 0,
     "relreg.explain": 1,
     "relreg.models": 1,
     "relreg.viz": 1,
     "relreg.metrics": 2,
     "relreg.losses": 2,
+    "relreg.objective": 3,
     "relreg.data": 3,
     "relreg.lightning": 4,
-    "relreg.evaluate": 5,
-    "relreg.report_figures": 5,
+    "relreg.evaluation": 5,
     "relreg.demo": 5,
     "relreg.cli": 6,
     "relreg": 7,
@@ -152,14 +153,14 @@ def test_the_explain_subpackage_is_not_shadowed_by_its_function():
     assert relreg.list_explainers() == explain_package.list_explainers()
 
 
-def test_moved_names_still_resolve_with_a_deprecation_warning():
+def test_moved_names_are_gone_without_forwards():
     import relreg.data
-    import relreg.evaluate
-    import relreg.metrics
+    import relreg.losses
 
-    with pytest.deprecated_call(match="moved to relreg.metrics.accuracy_targets"):
-        assert relreg.data.accuracy_targets is relreg.metrics.accuracy_targets
-    with pytest.deprecated_call(match="use relreg.metrics.report_keys"):
-        assert relreg.evaluate.REPORT_METRICS == relreg.metrics.report_keys()
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        relreg.data.nope  # noqa: B018
+    for module, name in (
+        (relreg.data, "accuracy_targets"),
+        (relreg.losses, "RelevanceLoss"),
+        (relreg.losses, "relevance_loss"),
+    ):
+        with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
+            getattr(module, name)

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 import relreg.explain.registry
-import relreg.losses.registry
+import relreg.objective.term
 import relreg.metrics.registry
 from relreg.data import SpuriousShapes
-from relreg.evaluate import evaluate_models
+from relreg.evaluation import evaluate_models
 from relreg.explain import explain, list_explainers, to_pixels
 from relreg.lightning import RelRegModule
 
@@ -33,10 +33,11 @@ def _block(fence: str, containing: str) -> str:
 def recipes(monkeypatch) -> dict:
     """Run the page's three Python recipes; the registries are restored afterwards."""
     monkeypatch.setattr(relreg.explain.registry, "_REGISTRY", dict(relreg.explain.registry._REGISTRY))
-    monkeypatch.setattr(relreg.losses.registry, "RELEVANCE_LOSSES", dict(relreg.losses.registry.RELEVANCE_LOSSES))
+    terms = relreg.objective.term.TERMS
+    monkeypatch.setattr(terms, "_entries", dict(terms._entries))
     monkeypatch.setattr(relreg.metrics.registry, "_METRICS", dict(relreg.metrics.registry._METRICS))
     scope: dict = {}
-    for marker in ("register_explainer(", "register_relevance_loss(", "register_metric("):
+    for marker in ("register_explainer(", "register_term(", "register_metric("):
         exec(compile(_block("python", marker), str(PAGE), "exec"), scope)
     return scope
 
@@ -58,17 +59,18 @@ def test_toy_explainer_is_registered_and_equals_a_per_image_gradient(recipes):
         torch.testing.assert_close(maps[i], x.grad[0].norm(dim=0))
 
 
-def test_toy_loss_trains_by_name_with_the_yaml_options(recipes):
+def test_toy_term_trains_by_name_with_the_yaml_options(recipes):
     options = yaml.safe_load(_block("yaml", "outside_l1"))["model"]
     module = RelRegModule(_vit(), num_classes=None, **options)
-    assert type(module.relevance_loss).__name__ == "OutsideL1Loss" and module.relevance_loss.weight == 0.5
+    term = module.objective.terms[0]
+    assert type(term.loss).__name__ == "OutsideL1" and term.loss.weight == 0.5
     data = SpuriousShapes("train", n=4, masked_fraction=1.0)
     batch = {k: torch.stack([torch.as_tensor(data[i][k]) for i in range(4)]) for k in ("image", "label", "mask", "has_mask")}
-    out = module.model_step(batch, relevance=True)
-    pix = to_pixels(out["maps"].detach(), size=(32, 32))
+    out = module.model_step(batch, training=True)
+    pix = to_pixels(out.maps.detach(), size=(32, 32))
     naive = torch.stack([(p * (1 - m)).abs().mean() for p, m in zip(pix, batch["mask"], strict=True)]).mean()
-    torch.testing.assert_close(out["loss_bg"].detach(), naive)
-    out["loss"].backward()
+    torch.testing.assert_close(out.terms["loss_bg"].detach(), naive)
+    out.loss.backward()
     assert module.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
@@ -91,7 +93,7 @@ def test_toy_metric_reaches_the_report_the_summary_and_the_callback(recipes, tmp
     assert "out (lo)" in capsys.readouterr().out
 
     callback = ExplanationQuality(num_batches=1)
-    module = RelRegModule(_vit(), lambda_seg=0.0)
+    module = RelRegModule(_vit(), objective=[{"term": "classification"}])
     dm = RelRegDataModule(SpuriousShapes("train", n=4), SpuriousShapes("val", n=4), batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[callback],
                          default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
@@ -102,5 +104,5 @@ def test_toy_metric_reaches_the_report_the_summary_and_the_callback(recipes, tmp
 
 def test_registries_are_back_to_the_built_ins():
     assert "gradient_l2" not in list_explainers()
-    assert "outside_l1" not in relreg.losses.registry.list_relevance_losses()
+    assert "outside_l1" not in relreg.objective.list_terms()
     assert "outside_peak" not in relreg.metrics.registry.list_metrics()

@@ -4,7 +4,7 @@ term, background counterfactuals, the faithfulness anchor, and terms of your own
 Example:
     >>> from relreg.objective import Objective, list_terms
     >>> list_terms()
-    ['robustvit', 'mass', 'rrr', 'classification', 'counterfactual', 'faithfulness']
+    ['classification', 'counterfactual', 'faithfulness', 'robustvit', 'mass', 'rrr']
     >>> Objective([{"term": "robustvit", "weight": 0.8}, {"term": "classification", "weight": 0.2}])
     Objective(
       robustvit: 0.8, classification: 0.2
