@@ -85,13 +85,13 @@ def test_masked_subsets_in_a_training_step_match_the_dense_engine():
             "vit_tiny_patch16_224",
             num_classes=4,
             model_kwargs=TINY,
-            method_options={"engine": engine},
+            explainer={"engine": engine},
         ).double()
         batch = _batch(n=6, masked_fraction=0.5, seed=3)
         batch["image"], batch["mask"] = batch["image"].double(), batch["mask"].double()
         assert 0 < int(batch["has_mask"].sum()) < 6
-        out = module.model_step(batch, relevance=True)
-        out["loss"].backward()
+        out = module.model_step(batch, training=True)
+        out.loss.backward()
         grads[engine] = {n: p.grad.clone() for n, p in module.named_parameters()}
     for key, ref in grads["dense"].items():
         torch.testing.assert_close(grads["auto"][key], ref, rtol=1e-5, atol=1e-9, msg=key)
