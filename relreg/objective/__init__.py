@@ -4,7 +4,7 @@ term, background counterfactuals, the faithfulness anchor, and terms of your own
 Example:
     >>> from relreg.objective import Objective, list_terms
     >>> list_terms()
-    ['classification', 'counterfactual', 'faithfulness', 'robustvit', 'mass', 'rrr']
+    ['robustvit', 'mass', 'rrr', 'classification', 'counterfactual', 'faithfulness']
     >>> Objective([{"term": "robustvit", "weight": 0.8}, {"term": "classification", "weight": 0.2}])
     Objective(
       robustvit: 0.8, classification: 0.2
@@ -20,12 +20,16 @@ Example:
     )
 """
 
+# the built-in terms register on import, in this order (list_terms() and error messages show it):
+# the relevance terms first, then the others
+from relreg.objective.relevance import MassTerm, RelevanceTerm, RobustViTTerm, RRRTerm
+
+# isort: split
 from relreg.objective.classification import ClassificationTerm
 from relreg.objective.context import ExplainerSpec, StepContext
 from relreg.objective.counterfactual import CounterfactualTerm
 from relreg.objective.faithfulness import FaithfulnessTerm
 from relreg.objective.objective import ROBUSTVIT, Objective, StepOutput, TermSpec
-from relreg.objective.relevance import MassTerm, RelevanceTerm, RobustViTTerm, RRRTerm
 from relreg.objective.term import NEEDS, TERMS, Term, list_terms, register_term
 
 __all__ = [
