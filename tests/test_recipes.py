@@ -11,8 +11,8 @@ import torch
 import yaml
 
 import relreg.explain.registry
-import relreg.objective.term
 import relreg.metrics.registry
+import relreg.objective.term
 from relreg.data import SpuriousShapes
 from relreg.evaluation import evaluate_models
 from relreg.explain import explain, list_explainers, to_pixels

@@ -1,5 +1,6 @@
 """Relevance losses (RobustViT, relevance mass, RRR), background counterfactuals, the faithfulness
-anchor and classification terms, with module twins and a registry of relevance losses by name."""
+anchor and classification terms, with module twins; configs name them as terms of the objective
+(:mod:`relreg.objective`)."""
 
 from relreg.losses.counterfactual import counterfactual_loss, swap_backgrounds
 from relreg.losses.faithful import background_effect_share, faithfulness_loss, occlude_foreground
@@ -16,16 +17,9 @@ from relreg.losses.modules import (
     RobustViTLoss,
     RRRLoss,
 )
-from relreg.losses.registry import (
-    RELEVANCE_LOSSES,
-    create_relevance_loss,
-    list_relevance_losses,
-    register_relevance_loss,
-)
 
 __all__ = [
     "CLASSIFICATION_MODES",
-    "RELEVANCE_LOSSES",
     "ClassificationLoss",
     "RRRLoss",
     "RelevanceMassLoss",
@@ -33,11 +27,8 @@ __all__ = [
     "background_effect_share",
     "classification_loss",
     "counterfactual_loss",
-    "create_relevance_loss",
     "faithfulness_loss",
-    "list_relevance_losses",
     "occlude_foreground",
-    "register_relevance_loss",
     "relevance_mass_loss",
     "robustvit_loss",
     "rrr_loss",

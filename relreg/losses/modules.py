@@ -1,9 +1,9 @@
-"""``nn.Module`` twins of :mod:`relreg.losses.functional`, for injection through LightningCLI configs.
+"""``nn.Module`` twins of :mod:`relreg.losses.functional`.
 
-Each relevance loss says which explainer it expects by default (``method``) and whether that
-explainer's map is min-max normalised to pixels before the loss (``normalize``); its ``forward``
-takes ``(relevance (B, H, W), masks (B, H, W), has_mask (B,) or None)`` and returns
-``{"loss", "loss_bg", "loss_fg"}``. Names for configs live in :mod:`relreg.losses.registry`.
+A relevance loss's ``forward`` takes ``(relevance (B, H, W), masks (B, H, W), has_mask (B,) or
+None)`` and returns ``{"loss", "loss_bg", "loss_fg"}``. Configs name them as terms of the
+objective (:mod:`relreg.objective.relevance`), which also say which explainer's maps each loss
+shapes and whether those maps are min-max normalised first.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ class RobustViTLoss(nn.Module):
         lambda_fg: foreground weight (paper: 0.3).
     """
 
-    method = "chefer"
-    normalize = True
-
     def __init__(self, lambda_bg: float = 2.0, lambda_fg: float = 0.3) -> None:
         super().__init__()
         self.lambda_bg, self.lambda_fg = lambda_bg, lambda_fg
@@ -55,9 +52,6 @@ class RobustViTLoss(nn.Module):
 class RelevanceMassLoss(nn.Module):
     """Energy / relevance-mass loss: fraction of relevance outside the mask."""
 
-    method = "chefer"
-    normalize = True
-
     def forward(
         self, relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None
     ) -> dict[str, Tensor]:
@@ -67,9 +61,6 @@ class RelevanceMassLoss(nn.Module):
 
 class RRRLoss(nn.Module):
     """Right for the Right Reasons (Ross et al., IJCAI 2017): squared input gradient outside the mask."""
-
-    method = "saliency"
-    normalize = False
 
     def forward(
         self, relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None

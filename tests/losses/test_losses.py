@@ -12,7 +12,6 @@ from relreg.losses import (
     RobustViTLoss,
     RRRLoss,
     classification_loss,
-    create_relevance_loss,
     relevance_mass_loss,
     robustvit_loss,
     rrr_loss,
@@ -177,23 +176,3 @@ def test_classification_errors():
         classification_loss(logits, "teacher")
     with pytest.raises(ValueError, match="temperature > 0"):
         classification_loss(logits, temperature=0.0)
-
-
-def test_loss_registry():
-    assert isinstance(create_relevance_loss("robustvit", lambda_bg=1.0), RobustViTLoss)
-    with pytest.raises(ValueError, match="Unknown relevance loss 'l2'.*robustvit, mass, rrr"):
-        create_relevance_loss("l2")
-
-
-def test_relevance_loss_registry(monkeypatch):
-    import relreg.losses.registry as registry
-    from relreg.losses import list_relevance_losses, register_relevance_loss
-
-    monkeypatch.setattr(registry, "RELEVANCE_LOSSES", dict(registry.RELEVANCE_LOSSES))
-    assert list_relevance_losses() == ["robustvit", "mass", "rrr"]
-    with pytest.raises(ValueError, match="already registered"):
-        register_relevance_loss("mass", RobustViTLoss)
-    with pytest.raises(TypeError, match="Expected an nn.Module subclass"):
-        register_relevance_loss("f", robustvit_loss)
-    register_relevance_loss("l2", RobustViTLoss)
-    assert isinstance(create_relevance_loss("l2", lambda_fg=0.1), RobustViTLoss)
