@@ -21,6 +21,19 @@ from relreg.models import lightning_model_args
 TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 
 
+# the smallest evaluation: two OOD images, one explainer, one perturbation step, no heatmaps
+_QUICK = [
+    "--data",
+    "shapes:ood:2",
+    "--methods",
+    "raw_attention",
+    "--steps",
+    "1",
+    "--num-heatmaps",
+    "0",
+]
+
+
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY).eval()
@@ -259,14 +272,7 @@ def test_same_named_checkpoints_are_labelled_by_their_folders(tmp_path):
         "--checkpoint",
         str(tmp_path / "bias" / "final.ckpt"),
         str(tmp_path / "relreg-seed0" / "final.ckpt"),
-        "--data",
-        "shapes:ood:2",
-        "--methods",
-        "raw_attention",
-        "--steps",
-        "1",
-        "--num-heatmaps",
-        "0",
+        *_QUICK,
         "--out",
         str(out),
     ]
@@ -276,17 +282,7 @@ def test_same_named_checkpoints_are_labelled_by_their_folders(tmp_path):
 
 def test_model_flag_keeps_the_checkpoints_architecture_and_mismatches_are_refused(tmp_path, capsys):
     _lightning_checkpoint(tmp_path / "a.ckpt", 0)
-    base = [
-        "evaluate",
-        "--data",
-        "shapes:ood:2",
-        "--methods",
-        "raw_attention",
-        "--steps",
-        "1",
-        "--num-heatmaps",
-        "0",
-    ]
+    base = ["evaluate", *_QUICK]
     # --model with a fit checkpoint: its stored num_classes and model_kwargs still apply
     assert (
         main(
