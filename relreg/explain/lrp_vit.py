@@ -43,22 +43,6 @@ __all__ = [
 # ------------------------------------------------------------------------------- model checks
 
 
-def _vit_classes() -> tuple[type, ...]:
-    from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    return (
-        VisionTransformer,
-        VisionTransformerDistilled,
-        Block,
-        Attention,
-        Mlp,
-        PatchEmbed,
-        LayerScale,
-    )
-
-
 def _same_method(obj: object, base: type, names: tuple[str, ...]) -> bool:
     return all(getattr(type(obj), n, None) is getattr(base, n) for n in names)
 
@@ -74,61 +58,99 @@ def check_lrp_model(model: nn.Module) -> None:
         TypeError: for a model or a layer of another kind.
         ValueError: for an unsupported configuration (pooling, head, training-time token drop).
     """
-    vit_cls, distilled_cls, block_cls, attn_cls, mlp_cls, embed_cls, ls_cls = _vit_classes()
-    name = type(model).__name__
+    _check_blocks(model)
+    _check_vit_class(model)
+    _check_patch_embed(model)
+    _check_pooling(model)
+    _check_heads(model)
+    _check_no_training_behaviour(model)
+
+
+def _check_blocks(model: nn.Module) -> None:
+    from timm.models.vision_transformer import Block
+
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:
         raise TypeError(
             "Expected a timm VisionTransformer with a non-empty `blocks` sequence of timm Block "
-            f"modules for LRP, but got {name} without one."
+            f"modules for LRP, but got {type(model).__name__} without one."
         )
     for i, blk in enumerate(blocks):
-        if not isinstance(blk, block_cls) or not _same_method(blk, block_cls, ("forward",)):
+        if not isinstance(blk, Block) or not _same_method(blk, Block, ("forward",)):
             raise TypeError(
                 f"Expected blocks[{i}] to be a timm Block (timm.models.vision_transformer.Block), "
                 f"but got {type(blk).__name__}: the LRP rules cover only its layers."
             )
-        attn, mlp = blk.attn, blk.mlp
-        if (
-            not isinstance(attn, attn_cls)
-            or not _same_method(attn, attn_cls, ("forward",))
-            or getattr(attn, "gate", None) is not None
-            or not isinstance(attn.qkv, nn.Linear)
-            or not isinstance(attn.proj, nn.Linear)
-        ):
+        _check_attention(i, blk.attn)
+        _check_mlp(i, blk.mlp)
+        _check_layer_scales(i, blk)
+
+
+def _check_attention(i: int, attn: nn.Module) -> None:
+    from timm.layers import Attention
+
+    if (
+        not isinstance(attn, Attention)
+        or not _same_method(attn, Attention, ("forward",))
+        or getattr(attn, "gate", None) is not None
+        or not isinstance(attn.qkv, nn.Linear)
+        or not isinstance(attn.proj, nn.Linear)
+    ):
+        raise TypeError(
+            f"Expected blocks[{i}].attn to be timm's Attention (Linear qkv/proj, no gate), "
+            f"but got {type(attn).__name__}."
+        )
+
+
+def _check_mlp(i: int, mlp: nn.Module) -> None:
+    from timm.layers import Mlp
+
+    if (
+        not isinstance(mlp, Mlp)
+        or not _same_method(mlp, Mlp, ("forward",))
+        or not isinstance(mlp.fc1, nn.Linear)
+        or not isinstance(mlp.fc2, nn.Linear)
+    ):
+        raise TypeError(
+            f"Expected blocks[{i}].mlp to be timm's Mlp with Linear fc1/fc2, but got "
+            f"{type(mlp).__name__}."
+        )
+
+
+def _check_layer_scales(i: int, blk: nn.Module) -> None:
+    from timm.layers import LayerScale
+
+    for ls_name in ("ls1", "ls2"):
+        ls = getattr(blk, ls_name)
+        if not isinstance(ls, nn.Identity | LayerScale):
             raise TypeError(
-                f"Expected blocks[{i}].attn to be timm's Attention (Linear qkv/proj, no gate), "
-                f"but got {type(attn).__name__}."
+                f"Expected blocks[{i}].{ls_name} to be LayerScale or Identity, but got "
+                f"{type(ls).__name__}."
             )
-        if (
-            not isinstance(mlp, mlp_cls)
-            or not _same_method(mlp, mlp_cls, ("forward",))
-            or not isinstance(mlp.fc1, nn.Linear)
-            or not isinstance(mlp.fc2, nn.Linear)
-        ):
-            raise TypeError(
-                f"Expected blocks[{i}].mlp to be timm's Mlp with Linear fc1/fc2, but got "
-                f"{type(mlp).__name__}."
-            )
-        for ls_name in ("ls1", "ls2"):
-            ls = getattr(blk, ls_name)
-            if not isinstance(ls, nn.Identity | ls_cls):
-                raise TypeError(
-                    f"Expected blocks[{i}].{ls_name} to be LayerScale or Identity, but got "
-                    f"{type(ls).__name__}."
-                )
+
+
+def _check_vit_class(model: nn.Module) -> None:
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
     overridden = ("forward", "forward_features", "forward_head", "_pos_embed", "pool")
-    if not isinstance(model, vit_cls) or (
-        type(model) is not distilled_cls and not _same_method(model, vit_cls, overridden)
+    if not isinstance(model, VisionTransformer) or (
+        type(model) is not VisionTransformerDistilled
+        and not _same_method(model, VisionTransformer, overridden)
     ):
         raise TypeError(
             "Expected a timm VisionTransformer (timm.models.vision_transformer.VisionTransformer "
-            f"or DeiT's VisionTransformerDistilled), but got {name}."
+            f"or DeiT's VisionTransformerDistilled), but got {type(model).__name__}."
         )
+
+
+def _check_patch_embed(model: nn.Module) -> None:
+    from timm.layers import PatchEmbed
+
     embed = model.patch_embed
     if (
-        not isinstance(embed, embed_cls)
-        or not _same_method(embed, embed_cls, ("forward",))
+        not isinstance(embed, PatchEmbed)
+        or not _same_method(embed, PatchEmbed, ("forward",))
         or not isinstance(embed.proj, nn.Conv2d)
         or embed.proj.padding_mode != "zeros"
         or not (embed.flatten or model.dynamic_img_size)
@@ -137,6 +159,9 @@ def check_lrp_model(model: nn.Module) -> None:
             "Expected patch_embed to be timm's PatchEmbed with a zero-padded Conv2d projection and "
             f"token output, but got {type(embed).__name__}."
         )
+
+
+def _check_pooling(model: nn.Module) -> None:
     pool = model.global_pool
     if model.attn_pool is not None or pool not in ("token", "avg") or model.pool_include_prefix:
         raise ValueError(
@@ -144,13 +169,30 @@ def check_lrp_model(model: nn.Module) -> None:
             f"global_pool={pool!r}, attn_pool={type(model.attn_pool).__name__}, "
             f"pool_include_prefix={model.pool_include_prefix}."
         )
-    heads = [model.head] + ([model.head_dist] if isinstance(model, distilled_cls) else [])
+
+
+def _check_heads(model: nn.Module) -> None:
+    from timm.models.deit import VisionTransformerDistilled
+
+    heads = [model.head]
+    if isinstance(model, VisionTransformerDistilled):
+        heads.append(model.head_dist)
     if not all(isinstance(h, nn.Linear) for h in heads):
         raise ValueError(
             "Expected a Linear classifier head (num_classes > 0) for LRP, but got "
             f"{', '.join(type(h).__name__ for h in heads)}."
         )
-    if isinstance(model, distilled_cls) and model.distilled_training and model.training:
+
+
+def _check_no_training_behaviour(model: nn.Module) -> None:
+    """Raise for train-mode behaviour the propagation does not follow (two outputs, token drop)."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    if (
+        isinstance(model, VisionTransformerDistilled)
+        and model.distilled_training
+        and model.training
+    ):
         raise ValueError(
             "Expected the distilled model to return one logits tensor, but distilled_training is "
             "on in train mode (it returns two)."
