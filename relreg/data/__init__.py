@@ -14,6 +14,7 @@ from relreg.data.classes import (
     split_classes_of,
 )
 from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
+from relreg.data.eval_split import EvalSplit
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
 from relreg.data.preprocessing import PREPROCESSING, FollowsModel, Preprocessing
 from relreg.data.sample import Sample
@@ -35,6 +36,7 @@ __all__ = [
     "FollowsModel",
     "Preprocessing",
     "EpochShuffleSampler",
+    "EvalSplit",
     "RelRegDataModule",
     "Sample",
     "ScenesBatch",

@@ -2,7 +2,7 @@
 
 Any ``torch.utils.data.Dataset`` that yields :class:`relreg.data.Sample` dicts can be plugged in, from Python or
 from a LightningCLI config (``class_path`` / ``init_args``). The validation and test loaders are
-the in-distribution split followed by the OOD splits, in the order of ``eval_names``.
+the in-distribution split followed by the OOD splits, in the order of :meth:`eval_splits`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from relreg.data.eval_split import EvalSplit
 from relreg.data.sample import Sample
+from relreg.metrics import scoring_classes
 from relreg.validate import check_positive_int
 
 __all__ = ["EpochShuffleSampler", "RelRegDataModule"]
@@ -74,10 +76,12 @@ class RelRegDataModule(pl.LightningDataModule):
         seed: seed of the training shuffle (:class:`EpochShuffleSampler`: the order of each epoch
             depends on ``seed`` and the epoch only, so resumed runs repeat it).
 
-    In ``setup`` every dataset built with ``preprocessing="model"`` takes the preprocessing of the
-    LightningModule's ``model`` (:meth:`relreg.data.FollowsModel.follow_model`); what each split
-    uses is kept in :attr:`preprocessing`, logged at INFO level and sent to the loggers as the
-    ``data/preprocessing`` hyperparameter.
+    Every dataset built with ``preprocessing="model"`` takes the preprocessing of the model it is
+    given by :meth:`follow_model` (:func:`relreg.lightning.connect` gives it the module's
+    ``model``; ``setup`` refuses to run before); what each split uses is kept in
+    :attr:`preprocessing`, logged at INFO level and sent to the loggers in ``setup`` as the
+    ``data/preprocessing`` hyperparameter. The module learns the evaluation loaders' names and
+    scoring from :meth:`eval_splits`, through the same :func:`relreg.lightning.connect`.
     """
 
     def __init__(
@@ -110,11 +114,25 @@ class RelRegDataModule(pl.LightningDataModule):
         return {name: ds for name, ds in sets.items() if ds is not None}
 
     def setup(self, stage: str) -> None:
-        """Resolve ``preprocessing="model"`` against the attached module's ``model``."""
+        """Check that every ``preprocessing="model"`` dataset has followed a model, and send
+        what each split uses to the loggers.
+
+        Raises:
+            ValueError: a dataset still awaits a model (:func:`relreg.lightning.connect` or
+                :meth:`follow_model` was not called).
+        """
+        awaiting = [
+            name
+            for name, ds in self._named_sets().items()
+            if getattr(getattr(ds, "dataset", ds), "awaiting_model", False)
+        ]
+        if awaiting:
+            raise ValueError(
+                f"Expected every preprocessing='model' dataset to have followed a model, but "
+                f"{awaiting} have not; call relreg.lightning.connect(module, datamodule) (the "
+                "CLI does) or datamodule.follow_model(model) before the Trainer runs."
+            )
         trainer = getattr(self, "trainer", None)
-        model = getattr(getattr(trainer, "lightning_module", None), "model", None)
-        if model is not None:
-            self.follow_model(model)
         if trainer is not None and self.preprocessing:
             for logger in trainer.loggers:
                 logger.log_hyperparams({"data/preprocessing": self.preprocessing})
@@ -131,10 +149,11 @@ class RelRegDataModule(pl.LightningDataModule):
             log.info("preprocessing of %s: %s", name, info)
         return self.preprocessing
 
-    @property
-    def eval_names(self) -> list[str]:
-        """Names of the evaluation loaders, in order: ``"id"`` (val or test) then the OOD splits."""
-        return ["id", *self.ood]
+    def eval_splits(self) -> list[EvalSplit]:
+        """The evaluation loaders, in order: ``"id"`` (val or test) then the OOD splits, each
+        with the classes its predictions are scored on."""
+        ood = [EvalSplit(name, scoring_classes(ds)) for name, ds in self.ood.items()]
+        return [EvalSplit("id"), *ood]
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -25,6 +25,7 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 from relreg.data.datamodule import RelRegDataModule
 from relreg.io import check_writable
 from relreg.lightning.checkpoint_io import AtomicCheckpointIO
+from relreg.lightning.connect import connect
 from relreg.lightning.module import RelRegModule
 from relreg.lightning.resume import resolve_ckpt_path
 
@@ -80,7 +81,8 @@ class RelRegCLI(LightningCLI):
             self.config[subcommand]["ckpt_path"] = self._ckpt_path
 
     def after_instantiate_classes(self) -> None:
-        """Before a subcommand runs: fail at once on an output directory that cannot be written,
+        """Before a subcommand runs: connect the module and the data module
+        (:func:`relreg.lightning.connect`), fail at once on an output directory that cannot be written,
         write checkpoints atomically unless the config chose a checkpoint IO, and check
         ``--ckpt_path`` (``last`` replaced by the newest readable checkpoint when the last one is
         damaged).
@@ -95,6 +97,7 @@ class RelRegCLI(LightningCLI):
                     check_writable(directory, what)
                 except ValueError as err:
                     raise OutputDirError(str(err)) from err
+        connect(self.model, self.datamodule)
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not chosen
             strategy.checkpoint_io = AtomicCheckpointIO()

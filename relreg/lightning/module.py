@@ -20,9 +20,10 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from relreg.data.eval_split import EvalSplit
 from relreg.explain import explain_with_logits, explainer_info, find_attention_modules
 from relreg.lightning.nonfinite import NonFiniteError, NonFiniteGuard, nonfinite_terms
-from relreg.metrics import RelevanceMass, accuracy_targets, score_logits, scoring_classes
+from relreg.metrics import RelevanceMass, accuracy_targets, score_logits
 from relreg.models import build_model, freeze_parameters, load_weights
 from relreg.objective import ROBUSTVIT, ExplainerSpec, Objective, StepContext, StepOutput
 from relreg.validate import check_positive_int
@@ -105,9 +106,8 @@ class RelRegModule(pl.LightningModule):
             faults.get("nonfinite", "error"), faults.get("max_skipped", 3)
         )
         self.train_acc = MulticlassAccuracy(self._num_classes(), average="micro")
-        self.eval_acc = nn.ModuleList()
-        self.eval_mass = nn.ModuleList()
-        self._eval_names: list[str] = []
+        self.eval_splits: list[EvalSplit] = []
+        self.set_eval_splits([EvalSplit("id")])
 
     # ----------------------------------------------------------------- setup
     def _explainer_spec(self, options: Mapping[str, Any]) -> ExplainerSpec:
@@ -146,16 +146,46 @@ class RelRegModule(pl.LightningModule):
             )
         return n
 
-    def _setup_eval_metrics(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = list(getattr(dm, "eval_names", ["id"]))
-        if names == self._eval_names:
+    def set_eval_splits(self, splits: Sequence[EvalSplit]) -> None:
+        """Name the evaluation loaders and say how each is scored, in the loaders' order.
+
+        :func:`relreg.lightning.connect` passes the data module's
+        :meth:`~relreg.data.RelRegDataModule.eval_splits`; without it the module knows one
+        in-distribution split, ``"id"``.
+
+        Args:
+            splits: one :class:`relreg.data.EvalSplit` per evaluation loader; the first named
+                ``"id"`` is logged as ``val/...`` / ``test/...``, the others as ``ood/<name>/...``.
+
+        Raises:
+            TypeError: an entry is not an ``EvalSplit``.
+            ValueError: no splits, or a name given twice.
+        """
+        splits = list(splits)
+        bad = [s for s in splits if not isinstance(s, EvalSplit)]
+        if bad:
+            raise TypeError(f"Expected splits of relreg.data.EvalSplit, but got {bad[0]!r}.")
+        names = [s.name for s in splits]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"Expected one or more distinct split names, but got {names}.")
+        if names == [s.name for s in self.eval_splits]:
+            self.eval_splits = splits
             return
-        self._eval_names = names
+        self.eval_splits = splits
         num = self._num_classes()
-        accuracies = [MulticlassAccuracy(num, average="micro") for _ in names]
+        accuracies = [MulticlassAccuracy(num, average="micro") for _ in splits]
         self.eval_acc = nn.ModuleList(accuracies).to(self.device)
-        self.eval_mass = nn.ModuleList([RelevanceMass() for _ in names]).to(self.device)
+        self.eval_mass = nn.ModuleList([RelevanceMass() for _ in splits]).to(self.device)
+
+    def _eval_split(self, dataloader_idx: int) -> EvalSplit:
+        if dataloader_idx >= len(self.eval_splits):
+            names = [s.name for s in self.eval_splits]
+            raise ValueError(
+                f"Expected at most {len(names)} evaluation loaders (the splits {names}), but got "
+                f"loader {dataloader_idx}; call relreg.lightning.connect(module, datamodule) (the "
+                "CLI does) or module.set_eval_splits(...) before the Trainer runs."
+            )
+        return self.eval_splits[dataloader_idx]
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -207,15 +237,13 @@ class RelRegModule(pl.LightningModule):
                 "torch.inference_mode(). Use Trainer(inference_mode=False) (relreg's CLI and configs "
                 "set it) or RelRegModule(explainer={'evaluate': False})."
             )
-        self._setup_eval_metrics()
-        name = str(dataloader_idx)
-        if dataloader_idx < len(self._eval_names):
-            name = self._eval_names[dataloader_idx]
+        split = self._eval_split(dataloader_idx)
+        name = split.name
         prefix = stage if name == "id" else f"ood/{name}"
         out = self.model_step(batch, training=False)
         if "relevance" in nonfinite_terms(out):
             raise NonFiniteError(f"Non-finite relevance in {stage} (batch of {name!r}).")
-        logits = score_logits(out.logits.detach(), self._scoring_classes(dataloader_idx))
+        logits = score_logits(out.logits.detach(), split.scoring_classes)
         b = batch["label"].shape[0]
         self.eval_acc[dataloader_idx](logits, accuracy_targets(logits, batch))
         # metric_attribute: the metrics are made per evaluation split at setup, after Lightning
@@ -247,12 +275,6 @@ class RelRegModule(pl.LightningModule):
                 add_dataloader_idx=False,
                 metric_attribute=f"eval_mass.{dataloader_idx}",
             )
-
-    def _scoring_classes(self, dataloader_idx: int) -> Tensor | None:
-        dm = getattr(self.trainer, "datamodule", None)
-        name = self._eval_names[dataloader_idx]
-        dataset = getattr(dm, "ood", {}).get(name) if dm is not None else None
-        return scoring_classes(dataset)
 
     def validation_step(
         self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0

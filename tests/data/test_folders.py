@@ -206,7 +206,7 @@ def test_datamodule_loaders_and_contract():
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["has_mask"].dtype == torch.bool
     assert [len(dl.dataset) for dl in dm.val_dataloader()] == [10, 6]
-    assert dm.eval_names == ["id", "ood"]
+    assert [split.name for split in dm.eval_splits()] == ["id", "ood"]
     with pytest.raises(ValueError, match="keys"):
         RelRegDataModule([{"image": torch.zeros(3, 4, 4)}])
     with pytest.raises(ValueError, match="batch_size"):

@@ -22,7 +22,7 @@ from relreg.data import (
     write_shapes_folder,
 )
 from relreg.evaluation import evaluate_models
-from relreg.lightning import OODEvaluation, RelRegModule
+from relreg.lightning import OODEvaluation, RelRegModule, connect
 from relreg.metrics import accuracy_targets
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
@@ -112,6 +112,7 @@ def test_evaluate_module_and_callback_count_any_class_of_the_set(tmp_path):
     dm = RelRegDataModule(val=SpuriousShapes("val", n=4), ood={"objnet": ds}, batch_size=5)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    connect(module, dm)
     results = {
         k: v for d in trainer.validate(module, datamodule=dm, verbose=False) for k, v in d.items()
     }

@@ -24,7 +24,7 @@ from relreg.data import (
     label_space,
 )
 from relreg.data.files import load_rgb
-from relreg.lightning import RelRegModule
+from relreg.lightning import RelRegModule, connect
 from relreg.lightning.callbacks import _display_norm
 
 WNIDS = ("n01443537", "n01484850", "n02085620")  # three ImageNet-1k classes, in sorted order
@@ -155,6 +155,7 @@ def test_datamodule_resolves_and_logs_the_preprocessing(tree):
         max_steps=1, limit_val_batches=1, inference_mode=False, logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
+    connect(module, data)
     trainer.validate(module, data)
     expected = Preprocessing.from_model(module.model)
     assert data.preprocessing["val"] == expected.describe()
@@ -163,6 +164,14 @@ def test_datamodule_resolves_and_logs_the_preprocessing(tree):
     assert data.preprocessing["sketch"]["source"] == "robustvit"
     logged = logger.experiment.hparams["data/preprocessing"]
     assert logged["val"]["source"] == expected.source
+
+
+def test_datamodule_refuses_to_run_before_following_a_model(tree):
+    data = RelRegDataModule(val=OODImageFolder(tree / "ood", preprocessing="model"))
+    with pytest.raises(ValueError, match=r"\['val', 'test'\] have not.*connect"):
+        data.setup("validate")
+    data.follow_model(_deit())
+    data.setup("validate")
 
 
 def test_display_names_and_norm(tree):

@@ -9,9 +9,9 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 
-from relreg.data import RelRegDataModule, SpuriousShapes
+from relreg.data import EvalSplit, RelRegDataModule, SpuriousShapes
 from relreg.explain import explain, to_pixels
-from relreg.lightning import RelRegModule
+from relreg.lightning import RelRegModule, connect
 from relreg.losses import (
     background_effect_share,
     classification_loss,
@@ -218,7 +218,9 @@ def test_fit_and_validate_log_the_contracted_keys():
     trainer = _trainer(
         inference_mode=False, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0
     )
-    trainer.fit(_module(), datamodule=dm)
+    module = _module()
+    connect(module, dm)
+    trainer.fit(module, datamodule=dm)
     keys = set(trainer.callback_metrics)
     for k in (
         "train/loss",
@@ -387,3 +389,30 @@ def test_paper_config_model_section_takes_every_relevance_term(loss):
         assert isinstance(module.objective.terms[0].loss, RobustViTLoss)
         pair = (module.objective.terms[0].loss.lambda_bg, module.objective.terms[0].loss.lambda_fg)
         assert pair == (2.0, 0.3)
+
+
+def test_evaluation_splits_are_wired_explicitly():
+    dm = RelRegDataModule(
+        val=SpuriousShapes("val", n=4), ood={"shifted": SpuriousShapes("ood", n=4)}, batch_size=4
+    )
+    module = _module(explainer={"evaluate": False})
+    # not connected: the module knows one split and names the missing call at the second loader
+    with pytest.raises(ValueError, match=r"relreg\.lightning\.connect\(module, datamodule\)"):
+        _trainer(inference_mode=False).validate(module, datamodule=dm, verbose=False)
+    connect(module, dm)
+    assert [s.name for s in module.eval_splits] == ["id", "shifted"]
+    results = _trainer(inference_mode=False).validate(module, datamodule=dm, verbose=False)
+    assert {"val/acc", "ood/shifted/acc"} <= {k for d in results for k in d}
+
+
+def test_connect_and_set_eval_splits_errors():
+    module = _module()
+    with pytest.raises(TypeError, match="Expected datamodule a RelRegDataModule"):
+        connect(module, object())
+    with pytest.raises(TypeError, match="Expected module a RelRegModule"):
+        connect(object(), RelRegDataModule())
+    with pytest.raises(TypeError, match="EvalSplit"):
+        module.set_eval_splits(["id"])
+    with pytest.raises(ValueError, match="distinct split names"):
+        module.set_eval_splits([EvalSplit("id"), EvalSplit("id")])
+    assert [s.name for s in module.eval_splits] == ["id"]  # nothing half-changed

@@ -1,0 +1,33 @@
+"""``EvalSplit``: what the fine-tuning module must know of one evaluation loader.
+
+The data module describes its evaluation loaders (:meth:`relreg.data.RelRegDataModule.eval_splits`)
+and the module is told them (:meth:`relreg.lightning.RelRegModule.set_eval_splits`), explicitly,
+through :func:`relreg.lightning.connect`; neither reads the other back through the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["EvalSplit"]
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """One evaluation loader, in the order the loaders come.
+
+    Attributes:
+        name: ``"id"`` for the in-distribution split (logged as ``val/...`` or ``test/...``), else
+            the OOD split's name (logged as ``ood/<name>/...``).
+        scoring_classes: the classes ``(C,)`` the split's predictions are restricted to
+            (:func:`relreg.metrics.scoring_classes`), or None for a full argmax.
+    """
+
+    name: str
+    scoring_classes: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Expected EvalSplit name a non-empty string, but got {self.name!r}.")
