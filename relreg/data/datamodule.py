@@ -1,8 +1,9 @@
 """``RelRegDataModule``: train (masked), validation, test and any number of named OOD splits.
 
-Any ``torch.utils.data.Dataset`` that yields :class:`relreg.data.Sample` dicts can be plugged in, from Python or
-from a LightningCLI config (``class_path`` / ``init_args``). The validation and test loaders are
-the in-distribution split followed by the OOD splits, in the order of :meth:`eval_splits`.
+Any ``torch.utils.data.Dataset`` that yields :class:`relreg.data.Sample` dicts can be plugged in,
+from Python or from a LightningCLI config (``class_path`` / ``init_args``). The validation and test
+loaders are the in-distribution split followed by the OOD splits, in the order of
+:meth:`~RelRegDataModule.eval_splits`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _check_sample(name: str, dataset: Dataset) -> None:
     if missing:
         got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
         raise ValueError(
-            f"Expected {name} samples as dicts with keys {REQUIRED_KEYS}, but got {got} (missing {missing})."
+            f"Expected {name} samples as dicts with keys {REQUIRED_KEYS}, but got {got} "
+            f"(missing {missing})."
         )
 
 
@@ -51,7 +53,8 @@ class EpochShuffleSampler(RandomSampler):
 
     def __init__(self, data_source: Dataset, seed: int = 0) -> None:
         super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -97,7 +100,9 @@ class RelRegDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         check_positive_int("batch_size", batch_size)
-        self.train_set, self.val_set, self.test_set = train, val, test if test is not None else val
+        self.train_set = train
+        self.val_set = val
+        self.test_set = test if test is not None else val
         self.ood = dict(ood or {})
         for name, ds in {"train": train, "val": val, "test": self.test_set, **self.ood}.items():
             if ds is not None:
@@ -106,7 +111,8 @@ class RelRegDataModule(pl.LightningDataModule):
                 _check_sample(name, ds)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers = num_workers
+        self.seed = seed
         self.preprocessing: dict[str, dict] = {}
 
     def _named_sets(self) -> dict[str, Dataset]:

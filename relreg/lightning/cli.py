@@ -82,8 +82,8 @@ class RelRegCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         """Before a subcommand runs: connect the module and the data module
-        (:func:`relreg.lightning.connect`), fail at once on an output directory that cannot be written,
-        write checkpoints atomically unless the config chose a checkpoint IO, and check
+        (:func:`relreg.lightning.connect`), fail at once on an output directory that cannot be
+        written, write checkpoints atomically unless the config chose a checkpoint IO, and check
         ``--ckpt_path`` (``last`` replaced by the newest readable checkpoint when the last one is
         damaged).
 

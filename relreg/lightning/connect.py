@@ -13,7 +13,9 @@ Example:
     >>> from relreg.lightning import RelRegModule, connect
     >>> module = RelRegModule("vit_tiny_patch16_224", num_classes=2,
     ...                       model_kwargs={"img_size": 32, "patch_size": 8})
-    >>> data = RelRegDataModule(val=SpuriousShapes("val", n=4), ood={"shifted": SpuriousShapes("ood", n=4)})
+    >>> data = RelRegDataModule(
+    ...     val=SpuriousShapes("val", n=4), ood={"shifted": SpuriousShapes("ood", n=4)}
+    ... )
     >>> connect(module, data)
     >>> [s.name for s in module.eval_splits]
     ['id', 'shifted']

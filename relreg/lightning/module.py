@@ -234,8 +234,8 @@ class RelRegModule(pl.LightningModule):
         if self.eval_relevance and torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "Relevance metrics need gradients, but Lightning runs evaluation under "
-                "torch.inference_mode(). Use Trainer(inference_mode=False) (relreg's CLI and configs "
-                "set it) or RelRegModule(explainer={'evaluate': False})."
+                "torch.inference_mode(). Use Trainer(inference_mode=False) (relreg's CLI and "
+                "configs set it) or RelRegModule(explainer={'evaluate': False})."
             )
         split = self._eval_split(dataloader_idx)
         name = split.name
