@@ -32,7 +32,8 @@ def _block(fence: str, containing: str) -> str:
 @pytest.fixture
 def recipes(monkeypatch) -> dict:
     """Run the page's three Python recipes; the registries are restored afterwards."""
-    monkeypatch.setattr(relreg.explain.registry, "_REGISTRY", dict(relreg.explain.registry._REGISTRY))
+    explainers = relreg.explain.registry.EXPLAINERS
+    monkeypatch.setattr(explainers, "_entries", dict(explainers._entries))
     terms = relreg.objective.term.TERMS
     monkeypatch.setattr(terms, "_entries", dict(terms._entries))
     monkeypatch.setattr(relreg.metrics.registry, "_METRICS", dict(relreg.metrics.registry._METRICS))

@@ -1,4 +1,4 @@
-"""Standalone, batched, differentiable explainers for timm ViTs (and transformers ViT / DeiT / BEiT).
+"""Standalone, batched, differentiable explainers for timm ViTs and transformers ViT / DeiT / BEiT.
 
 >>> from relreg.explain import explain, create_explainer, list_explainers, to_pixels
 """
@@ -9,6 +9,7 @@ from relreg.explain.capture import AttentionCapture, find_attention_modules
 from relreg.explain.engine import EngineChoice, select_engine
 from relreg.explain.huggingface import HuggingFaceClassifier, HuggingFaceViT, as_explainable
 from relreg.explain.registry import (
+    EXPLAINERS,
     Explainer,
     ExplainerInfo,
     create_explainer,
@@ -21,6 +22,7 @@ from relreg.explain.registry import (
 from relreg.explain.tokens import min_max, num_prefix_tokens, patch_grid, to_pixels
 
 __all__ = [
+    "EXPLAINERS",
     "AttentionCapture",
     "EngineChoice",
     "Explainer",

@@ -5,6 +5,9 @@ second_order=False, **options) -> Explanation`` (the maps and the logits of the 
 attention explainers give ``(B, gh, gw)`` patch-grid relevance and gradient explainers
 ``(B, H, W)`` pixel maps, both raw (use :func:`relreg.explain.to_pixels` to upsample and
 normalise). :func:`explain` returns the maps; :func:`explain_with_logits` both.
+
+The entries live in :data:`EXPLAINERS`, a :class:`relreg.registry.Registry` of
+:class:`ExplainerInfo` whose check refuses a function that does not take the common arguments first.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from torch import Tensor, nn
 
 from relreg.explain._contract import Explanation, TargetLike, check_images
 from relreg.explain.huggingface import as_explainable
+from relreg.registry import Registry
 
 __all__ = [
+    "EXPLAINERS",
     "ExplainerInfo",
     "Explainer",
     "register_explainer",
@@ -30,6 +35,7 @@ __all__ = [
 
 ExplainFn = Callable[..., Explanation]
 _COMMON = ("model", "images", "target", "foil", "differentiable", "second_order")
+OUTPUTS = ("grid", "pixel")
 
 
 @dataclass(frozen=True)
@@ -53,29 +59,37 @@ class ExplainerInfo:
     differentiable: bool = True
 
 
-_REGISTRY: dict[str, ExplainerInfo] = {}
+def _check_explainer(name: str, info: ExplainerInfo) -> None:
+    """Refuse an entry that is not an :class:`ExplainerInfo` of ``name`` whose function takes the
+    common arguments first."""
+    if not isinstance(info, ExplainerInfo):
+        raise TypeError(f"Expected explainer {name!r} an ExplainerInfo, but got {info!r}.")
+    if info.name != name:
+        raise ValueError(f"Expected the ExplainerInfo of {name!r}, but got that of {info.name!r}.")
+    if info.output not in OUTPUTS:
+        raise ValueError(f"Expected output 'grid' or 'pixel', but got {info.output!r}.")
+    params = tuple(inspect.signature(info.fn).parameters)
+    if params[: len(_COMMON)] != _COMMON:
+        raise TypeError(
+            f"Expected explainer {name!r} to take {_COMMON} first, but it takes {params}."
+        )
+
+
+EXPLAINERS: Registry[ExplainerInfo] = Registry("explainer", check=_check_explainer)
 
 
 def register_explainer(
     name: str, output: str, paper: str, differentiable: bool = True
 ) -> Callable[[ExplainFn], ExplainFn]:
-    """Decorator that registers ``fn`` under ``name`` (see the module docstring for the signature);
-    ``differentiable=False`` for methods whose maps cannot carry gradients (the registry then
-    refuses ``differentiable=True`` and ``second_order=True`` for them)."""
-    if output not in ("grid", "pixel"):
-        raise ValueError(f"Expected output 'grid' or 'pixel', but got {output!r}.")
+    """Decorator that registers ``fn`` under ``name`` (see the module docstring for the signature).
+
+    ``differentiable=False`` marks methods whose maps cannot carry gradients (the registry then
+    refuses ``differentiable=True`` and ``second_order=True`` for them).
+    """
 
     def wrap(fn: ExplainFn) -> ExplainFn:
-        if name in _REGISTRY:
-            raise ValueError(f"Explainer {name!r} is already registered.")
-        params = tuple(inspect.signature(fn).parameters)
-        if params[: len(_COMMON)] != _COMMON:
-            raise TypeError(
-                f"Expected explainer {name!r} to take {_COMMON} first, but it takes {params}."
-            )
-        _REGISTRY[name] = ExplainerInfo(
-            name, fn, output, paper, params[len(_COMMON) :], differentiable
-        )
+        options = tuple(inspect.signature(fn).parameters)[len(_COMMON) :]
+        EXPLAINERS.register(name, ExplainerInfo(name, fn, output, paper, options, differentiable))
         return fn
 
     return wrap
@@ -90,7 +104,7 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 
 def list_explainers() -> list[str]:
     """Names of the registered explainers, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(EXPLAINERS)
 
 
 def explainer_info(name: str) -> ExplainerInfo:
@@ -99,11 +113,7 @@ def explainer_info(name: str) -> ExplainerInfo:
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
     """
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown explainer {name!r}; expected one of: {', '.join(list_explainers())}."
-        )
-    return _REGISTRY[name]
+    return EXPLAINERS.get(name)
 
 
 def _check_options(info: ExplainerInfo, options: dict[str, object]) -> None:
@@ -183,7 +193,7 @@ def explain_with_logits(
         if not isinstance(flag, bool):
             raise TypeError(f"Expected {flag_name} to be a bool, but got {type(flag).__name__}.")
     if (differentiable or second_order) and not info.differentiable:
-        trainable = ", ".join(n for n in list_explainers() if _REGISTRY[n].differentiable)
+        trainable = ", ".join(n for n in list_explainers() if EXPLAINERS.get(n).differentiable)
         raise ValueError(
             f"Explainer {method!r} is not differentiable: expected differentiable=False and "
             f"second_order=False, but got {differentiable} and {second_order}. "
@@ -227,8 +237,10 @@ class Explainer:
             raise TypeError(
                 f"Expected model to be a torch.nn.Module, but got {type(model).__name__}."
             )
-        self.name, self.model = name, model
-        self.differentiable, self.second_order = differentiable, second_order
+        self.name = name
+        self.model = model
+        self.differentiable = differentiable
+        self.second_order = second_order
         self.options = options
 
     def __call__(
@@ -248,7 +260,10 @@ class Explainer:
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"Explainer({self.name!r}, differentiable={self.differentiable}, second_order={self.second_order}{opts})"
+        return (
+            f"Explainer({self.name!r}, differentiable={self.differentiable}, "
+            f"second_order={self.second_order}{opts})"
+        )
 
 
 def create_explainer(name: str, model: nn.Module, **kwargs: object) -> Explainer:
