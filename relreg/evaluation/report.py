@@ -45,7 +45,7 @@ from relreg.metrics import (
     score_logits,
     scoring_classes,
 )
-from relreg.metrics.perturbation import PAPER_FRACTIONS, TARGET_MODES, UNITS
+from relreg.metrics.functional.faithfulness import PAPER_FRACTIONS, TARGET_MODES, UNITS
 from relreg.models import check_same_preprocessing
 from relreg.validate import check_choice, check_positive_int
 

@@ -1,5 +1,9 @@
-"""Explanation-quality metrics and accuracy: functional twins, torchmetrics ``Metric`` classes and
-the registry that declares each metric once (:mod:`relreg.metrics.registry`)."""
+"""Explanation-quality metrics and accuracy, all importable from here.
+
+``localization.py`` and ``faithfulness.py`` hold the torchmetrics ``Metric`` classes,
+``functional/localization.py`` and ``functional/faithfulness.py`` their functional twins and the
+math both share; :mod:`relreg.metrics.registry` declares each metric once.
+"""
 
 from relreg.metrics.accuracy import (
     SCORINGS,
@@ -11,6 +15,8 @@ from relreg.metrics.accuracy import (
 )
 from relreg.metrics.faithfulness import DeletionInsertionAUC, PerturbationAUC
 from relreg.metrics.functional import (
+    deletion_insertion_auc,
+    perturbation_auc,
     pointing_game,
     relevance_mass,
     relevance_rank_accuracy,
@@ -23,7 +29,6 @@ from relreg.metrics.localization import (
     RelevanceRankAccuracy,
     SegmentationAgreement,
 )
-from relreg.metrics.perturbation import deletion_insertion_auc, perturbation_auc
 from relreg.metrics.registry import (
     MetricSpec,
     build_metrics,

@@ -10,7 +10,7 @@
   probability of the class as the most relevant pixels are deleted (lower is better) or inserted
   into a ``fill`` canvas (higher is better), AUC over fractions 0 ... 1.
 
-The math is in :mod:`relreg.metrics.perturbation` (with the functional twins
+The math is in :mod:`relreg.metrics.functional.faithfulness` (with the functional twins
 :func:`perturbation_auc` and :func:`deletion_insertion_auc`); each fraction is one batched forward
 pass over the whole batch. States are sums, so DDP results are exact.
 """
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from relreg.metrics.perturbation import (
+from relreg.metrics.functional.faithfulness import (
     PAPER_FRACTIONS,
     _check_fractions,
     _check_mode,

@@ -2,7 +2,8 @@
 
 ``update(maps, masks)`` with maps ``(B, h, w)`` or ``(B, H, W)`` (upsampled to the masks) and
 binary masks ``(B, H, W)``. States are sums (``dist_reduce_fx="sum"``), so the result under DDP is
-exactly the result over all the data. The math is in :mod:`relreg.metrics.functional`.
+exactly the result over all the data. The math is in :mod:`relreg.metrics.functional.localization`
+(with the functional twins :func:`relevance_mass`, :func:`pointing_game`, ...).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from relreg.metrics.functional import (
+from relreg.metrics.functional.localization import (
     _pointing_game_update,
     _relevance_mass_update,
     _relevance_rank_update,

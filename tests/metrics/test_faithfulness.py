@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from relreg.metrics import DeletionInsertionAUC, PerturbationAUC
-from relreg.metrics.perturbation import PAPER_FRACTIONS, black_fill
+from relreg.metrics.functional import PAPER_FRACTIONS, black_fill
 from tests.conftest import images_for, make_tiny_vit
 
 

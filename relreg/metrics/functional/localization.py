@@ -1,4 +1,4 @@
-"""Functional localization metrics: how well relevance maps agree with foreground masks.
+"""Localization metrics as functions: how well relevance maps agree with foreground masks.
 
 The math lives here once, in ``_x_update`` functions that return per-batch summable statistics;
 the public functions and the ``Metric`` classes (:mod:`relreg.metrics.localization`) both use them.

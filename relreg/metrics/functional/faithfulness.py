@@ -1,4 +1,4 @@
-"""Functional core of the faithfulness metrics: remove what a map calls relevant, watch the model.
+"""Faithfulness metrics as functions: remove what a map calls relevant, watch the model.
 
 The math lives here once; :mod:`relreg.metrics.faithfulness` holds the ``Metric`` twins, which
 call the same ``_x_update`` / ``_x_compute`` functions and keep their results as summed states.

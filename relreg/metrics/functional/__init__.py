@@ -1,0 +1,34 @@
+"""The metrics as functions of one batch, each module the twin of the ``Metric`` module of the
+same name one level up (``functional/localization.py`` beside ``localization.py``).
+
+The math lives here once, in private ``_x_update`` / ``_x_compute`` functions; the public
+functions chain them and the ``Metric`` classes call the same ones (torchmetrics' layout).
+
+>>> from relreg.metrics.functional import perturbation_auc, relevance_mass
+"""
+
+from relreg.metrics.functional.faithfulness import (
+    PAPER_FRACTIONS,
+    black_fill,
+    deletion_insertion_auc,
+    perturbation_auc,
+)
+from relreg.metrics.functional.localization import (
+    pointing_game,
+    relevance_mass,
+    relevance_rank_accuracy,
+    relevance_share,
+    segmentation_agreement,
+)
+
+__all__ = [
+    "PAPER_FRACTIONS",
+    "black_fill",
+    "deletion_insertion_auc",
+    "perturbation_auc",
+    "pointing_game",
+    "relevance_mass",
+    "relevance_rank_accuracy",
+    "relevance_share",
+    "segmentation_agreement",
+]
