@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 U32 = 2.0**-24  # float32's unit roundoff: round-to-nearest's largest relative error
+U64 = 2.0**-53  # float64's
 
 # sums of many terms: the error scales with sqrt(n) * (the same sum of |terms|)
 _SUMS = {
@@ -56,14 +57,40 @@ _SUMS = {
     "convolution": lambda a: a[1][0].numel() + 1,
     "sum": None,  # n = input numel / output numel
     "mean": None,
+    "upsample_bilinear2d": lambda a: 4,  # each output a weighted sum of 4 inputs
+    "upsample_bilinear2d_backward": lambda a: 4,
+    "avg_pool2d": lambda a: math.prod(_pair(a[1])),
+    "avg_pool2d_backward": lambda a: math.prod(_pair(a[2])),
+    "col2im": lambda a: math.prod(_pair(a[2])),  # overlapping patches summed
+    "scatter_add": lambda a: max(1, a[3].numel() // max(1, a[0].numel())) + 1,
+}
+# backward sums whose every output is linear in each operand: |operands| give the sizes
+_LINEAR_BACKWARD = {
+    # grad_input sums over output channels and kernel taps, grad_weight over batch and positions
+    "convolution_backward": lambda a: (
+        a[0].shape[1] * a[2][0].numel(),
+        a[0].numel() // max(1, a[0].shape[1]),
+        a[0].numel() // max(1, a[0].shape[1]),
+    ),
 }
 # normalisations: an internal sum over the normalised dimension(s), then elementwise work
-_NORMS = {"_softmax", "_log_softmax", "native_layer_norm", "linalg_vector_norm", "logsumexp"}
+_NORMS = {
+    "_softmax",
+    "_log_softmax",
+    "native_layer_norm",
+    "native_layer_norm_backward",
+    "linalg_vector_norm",
+    "logsumexp",
+}
 # elementwise arithmetic: each result rounded once
 _ELEMENTWISE = set(
     "add sub rsub mul div exp log sqrt rsqrt pow erf tanh sigmoid reciprocal gelu silu addcmul"
-    " addcdiv lerp expm1 log1p".split()
+    " addcdiv lerp expm1 log1p gelu_backward tanh_backward sigmoid_backward".split()
 )
+
+
+def _pair(v: object) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (list, tuple)) else (int(v), int(v))
 
 
 def _is_float(x: object) -> bool:
@@ -71,7 +98,8 @@ def _is_float(x: object) -> bool:
 
 
 def _abs(x: object) -> object:
-    return x.abs() if _is_float(x) else (abs(x) if isinstance(x, (int, float)) else x)
+    # float tensors and scalars (alpha, beta) by magnitude; ints (dims, sizes) as they are
+    return x.abs() if _is_float(x) else (abs(x) if isinstance(x, float) else x)
 
 
 class MonteCarloRounding(TorchDispatchMode):
@@ -101,7 +129,7 @@ class MonteCarloRounding(TorchDispatchMode):
         name = func.overloadpacket.__name__
         inplace = name.endswith("_") and not name.startswith("_")
         base = name[:-1] if inplace else name
-        first = out[0] if isinstance(out, tuple) else out
+        first = next((o for o in out if o is not None), None) if isinstance(out, tuple) else out
         if not (_is_float(first) and first.dtype == torch.float64):
             return out
         if base in _SUMS:
@@ -111,6 +139,17 @@ class MonteCarloRounding(TorchDispatchMode):
             n = count(args) if count else max(1, args[0].numel() // max(1, out.numel()))
             size = func(*[_abs(a) for a in args], **kwargs).abs() * math.sqrt(n)
             return out + self.u * size * self._noise(out)
+        if base in _LINEAR_BACKWARD:
+            sizes = func(*[_abs(a) for a in args], **kwargs)
+            counts = _LINEAR_BACKWARD[base](args)
+            return tuple(
+                o + self.u * math.sqrt(n) * z.abs() * self._noise(o) if _is_float(o) else o
+                for o, z, n in zip(out, sizes, counts, strict=True)
+            )
+        if base == "_softmax_backward_data":  # o * (g - sum(o * g)) over the softmax's dim
+            g, o, dim = args[0], args[1], args[2]
+            size = o.abs() * (g.abs() + (o * g).abs().sum(dim, keepdim=True))
+            return out + self.u * math.sqrt(o.shape[dim]) * size * self._noise(out)
         if base in _NORMS:
             n = max(1, args[0].shape[-1] if args[0].dim() else 1)
             outs = out if isinstance(out, tuple) else (out,)
@@ -138,13 +177,44 @@ def rounding_bound(
     probabilistic bound (``sqrt(n) u sum(|terms|)`` per sum, where float32 kernels, blocking their
     sums and fusing multiply-adds, do better); ``k = 4`` covers that a few trials sample the
     spread of the result, not its tail.
+
+    For a ``u`` below float32's (``U64``: the bound of a float64 computation), the trials emulate
+    float32's errors and their deviation is scaled by ``u / U32``: to first order a result's
+    rounding error is linear in ``u``, and errors of float64's own size would be lost in the
+    rounding of the float64 arithmetic that emulates them.
     """
+    emulated = max(u, U32)
     exact = fn().detach()
     dev = torch.zeros_like(exact)
     for seed in range(trials):
-        with MonteCarloRounding(seed, u):
+        with MonteCarloRounding(seed, emulated):
             dev = torch.maximum(dev, (fn().detach() - exact).abs())
-    return k * dev + k * u * exact.abs().max()
+    return k * (u / emulated) * dev + k * u * exact.abs().max()
+
+
+def twin_bound(fn: Callable[[], Tensor], **kwargs) -> Tensor:
+    """Bound on the difference of two float32 evaluations of the one exact quantity ``fn()``.
+
+    Batched and looped, chunked and whole, fused and unfused: the two differ only in how their
+    sums are blocked, each lies within :func:`rounding_bound` of the exact result, so their
+    difference lies within twice that (the triangle inequality).
+    """
+    return 2 * rounding_bound(fn, **kwargs)
+
+
+def in_float64(model: torch.nn.Module, *tensors: Tensor):
+    """A float64 copy of a float32 model (holding its weights exactly) and of its inputs.
+
+    Attention runs unfused in the copy: the fused kernel computes the same sums as one operation,
+    which :class:`MonteCarloRounding` would not see (``q k^T``, the softmax and ``A v`` it does).
+    """
+    import copy
+
+    twin = copy.deepcopy(model).double()
+    for m in twin.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return (twin, *(t.double() for t in tensors))
 
 
 def sum_bound(terms: Tensor, dim=None, k: float = 4.0, u: float = U32) -> Tensor:
@@ -161,9 +231,23 @@ def sum_bound(terms: Tensor, dim=None, k: float = 4.0, u: float = U32) -> Tensor
     return k * n * u * total
 
 
-def assert_within(actual: Tensor, expected: Tensor, bound: Tensor | float, msg: str = "") -> None:
-    """``|actual - expected| <= bound`` elementwise, with the worst element in the message."""
+def assert_within(
+    actual: Tensor,
+    expected: Tensor,
+    bound: Tensor | float | Callable[[], Tensor],
+    msg: str = "",
+) -> None:
+    """``|actual - expected| <= bound`` elementwise, with the worst element in the message.
+
+    ``bound`` may be a function computing it (a :func:`rounding_bound`, some seconds): it is called
+    only when ``actual`` and ``expected`` differ, since equal results are within any bound.
+    """
+    assert actual.shape == expected.shape, f"{msg}: shapes {actual.shape} != {expected.shape}"
     diff = (actual.double() - expected.double()).abs()
+    if callable(bound):
+        if not bool(diff.any()):
+            return
+        bound = bound()
     bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(diff)
     ratio = diff / bound.clamp(min=torch.finfo(torch.float64).tiny)
     worst = int(ratio.flatten().argmax())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,7 @@ from relreg.explain._contract import (
     resolve_classes,
     score,
 )
-from relreg.explain.capture import AttentionCapture
+from relreg.explain.capture import AttentionCapture, KernelCapture
 from relreg.explain.chunked import (
     Captured,
     capture_blocks,
@@ -55,10 +56,30 @@ from relreg.explain.tokens import (
     _readout,
     _to_grid,
     num_prefix_tokens,
+    pool_readout,
     readout_weights,
 )
 
 __all__ = ["raw_attention", "rollout", "gradcam", "chefer"]
+
+
+class _DensePass(NamedTuple):
+    """The dense engine's records of one forward pass.
+
+    Attributes:
+        attentions: ``(B, h, N, N)`` per block, in forward order.
+        grads: their gradients ``dy/dA`` (None when not asked for).
+        logits: ``(B, K)``.
+        pool: the attention pool's probabilities ``(B, h, L, N)`` (``global_pool="map"``), or
+            None.
+        d_pool: their gradient, or None.
+    """
+
+    attentions: list[Tensor]
+    grads: list[Tensor] | None
+    logits: Tensor
+    pool: Tensor | None
+    d_pool: Tensor | None
 
 
 def _attention_pass(
@@ -70,31 +91,48 @@ def _attention_pass(
     differentiable: bool,
     second_order: bool,
     method: str,
-) -> tuple[list[Tensor], list[Tensor] | None, Tensor]:
-    """One forward pass recording attention ``(B, h, N, N)`` per block, and its gradients if asked."""
+) -> _DensePass:
+    """One forward pass recording attention ``(B, h, N, N)`` per block (and the attention pool's
+    probabilities), and their gradients if asked."""
     if need_grad or differentiable:
         check_grad_mode(method)
     track = need_grad or differentiable
     x = graph_input(model, images, track)  # a graph must reach every attention map
     with torch.set_grad_enabled(track):
-        with AttentionCapture(model) as capture:
+        with AttentionCapture(model) as capture, KernelCapture(model, read_blocks=False) as pool:
             logits = check_logits(model(x), images.shape[0])
         attentions = capture.attentions
         if len(attentions) != len(capture.modules):
             raise RuntimeError(
                 f"Expected one attention map per attention module ({len(capture.modules)}), but "
-                f"recorded {len(attentions)}: the model does not call its blocks' attn_drop once each."
+                f"recorded {len(attentions)}: the model does not call its blocks' attn_drop once "
+                "each."
             )
+        pooled = next((c.attention for c in pool.calls if c.pool), None)
         tgt, fl = resolve_classes(logits, target, foil)
         if not need_grad:
-            return attentions, None, logits
-        grads = torch.autograd.grad(
-            score(logits, tgt, fl).sum(),
-            attentions,
-            retain_graph=differentiable,
-            create_graph=second_order,
+            return _DensePass(attentions, None, logits, pooled, None)
+        grads = list(
+            torch.autograd.grad(
+                score(logits, tgt, fl).sum(),
+                attentions + ([pooled] if pooled is not None else []),
+                retain_graph=differentiable,
+                create_graph=second_order,
+            )
         )
-    return attentions, list(grads), logits
+    d_pool = grads.pop() if pooled is not None else None
+    return _DensePass(attentions, grads, logits, pooled, d_pool)
+
+
+def _dense_start(
+    model: nn.Module, records: _DensePass, rule: str, second_order: bool = False
+) -> Tensor:
+    """The read-out row ``(B, N)`` the dense walk starts from: the fixed token mix of
+    :func:`readout_weights`, or the attention pool's row (:func:`pool_readout`)."""
+    if records.pool is not None:
+        n = records.attentions[-1].shape[-1]
+        return pool_readout(records.pool, records.d_pool, rule, n, constant_grad=not second_order)
+    return _readout(model, records.attentions[-1])
 
 
 def _run(
@@ -134,11 +172,17 @@ def _run(
     return dense()
 
 
-def _start(model: nn.Module, cap: Captured) -> tuple[Tensor, Tensor | None]:
+def _start(model: nn.Module, cap: Captured, rule: str) -> tuple[Tensor, Tensor | None]:
     """The read-out row ``(B, N)`` the relevance walk starts from (float32 for half inputs), and
-    its non-zero columns (None when all are): the only query rows the last block needs."""
+    its non-zero columns (None when all are): the only query rows the last block needs.
+
+    A fixed token mix (:func:`readout_weights`) for CLS and average pooling; for attention
+    pooling, the pool's own ``rule``-weighted attention (:func:`pool_readout`)."""
     q = cap.q[-1]
-    w = readout_weights(model, q.shape[2], q.device, relevance_dtype(q))
+    dtype = relevance_dtype(q)
+    if cap.pool is not None:
+        return pool_readout(cap.pool, cap.d_pool, rule, q.shape[2]).to(dtype), None
+    w = readout_weights(model, q.shape[2], q.device, dtype)
     rows = w.nonzero().flatten()
     return w.expand(q.shape[0], -1), rows if rows.numel() < w.numel() else None
 
@@ -182,9 +226,18 @@ def _raw_attention_chunked(
 ) -> Explanation:
     """:func:`raw_attention` on the chunked engine's records: the last block's read-out row."""
     with torch.set_grad_enabled(differentiable):
-        r, rows = _start(model, cap)
+        r, rows = _start(model, cap, "attention")
         row = propagate(
-            r, cap.q[-1], cap.k[-1], None, None, cap.scale[-1], "attention", chunk_size, rows
+            r,
+            cap.q[-1],
+            cap.k[-1],
+            None,
+            None,
+            cap.scale[-1],
+            "attention",
+            chunk_size,
+            rows,
+            cap.bias[-1],
         )
     return finish(_to_grid(model, images, row), cap.logits, differentiable)
 
@@ -193,12 +246,12 @@ def _raw_attention_dense(
     model: nn.Module, images: Tensor, target: TargetLike, foil: TargetLike, differentiable: bool
 ) -> Explanation:
     """:func:`raw_attention` on stored ``(B, h, N, N)`` attention."""
-    attentions, _, logits = _attention_pass(
+    records = _attention_pass(
         model, images, target, foil, False, differentiable, False, "raw_attention"
     )
-    last = attentions[-1].mean(dim=1)
-    row = torch.bmm(_readout(model, attentions[-1]).unsqueeze(1), last)[:, 0]
-    return finish(_to_grid(model, images, row), logits, differentiable)
+    last = records.attentions[-1].mean(dim=1)
+    row = torch.bmm(_dense_start(model, records, "attention").unsqueeze(1), last)[:, 0]
+    return finish(_to_grid(model, images, row), records.logits, differentiable)
 
 
 @register_explainer(
@@ -248,10 +301,19 @@ def _rollout_chunked(
     """:func:`rollout` on the chunked engine's records: ``r <- (r + r @ mean_h A) / 2``."""
     check_start_layer(start_layer, len(cap.q))
     with torch.set_grad_enabled(differentiable):
-        r, rows = _start(model, cap)
+        r, rows = _start(model, cap, "attention")
         for b in range(len(cap.q) - 1, start_layer - 1, -1):
             step = propagate(
-                r, cap.q[b], cap.k[b], None, None, cap.scale[b], "attention", chunk_size, rows
+                r,
+                cap.q[b],
+                cap.k[b],
+                None,
+                None,
+                cap.scale[b],
+                "attention",
+                chunk_size,
+                rows,
+                cap.bias[b],
             )
             r = (r + step) / 2
             rows = None
@@ -267,11 +329,13 @@ def _rollout_dense(
     start_layer: int,
 ) -> Explanation:
     """:func:`rollout` on stored ``(B, h, N, N)`` attention."""
-    attentions, _, logits = _attention_pass(
+    records = _attention_pass(
         model, images, target, foil, False, differentiable, False, "rollout"
     )
+    attentions = records.attentions
+    logits = records.logits
     check_start_layer(start_layer, len(attentions))
-    v = _readout(model, attentions[-1])
+    v = _dense_start(model, records, "attention")
     for attention in reversed(attentions[start_layer:]):
         m = attention.mean(dim=1) + torch.eye(attention.shape[-1], device=v.device, dtype=v.dtype)
         m = m / m.sum(dim=-1, keepdim=True)
@@ -298,10 +362,12 @@ def gradcam(
     ``ReLU(mean_h(weight * A[readout, patches]))``. (pytorch-grad-cam's token GradCAM weights
     channels of the block's output tokens instead: a different map.)
     """
-    attentions, grads, logits = _attention_pass(
+    records = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "gradcam"
     )
-    a, g = attentions[-1], grads[-1]
+    logits = records.logits
+    a = records.attentions[-1]
+    g = records.grads[-1]
     if not second_order:
         g = g.detach()
     w = _readout(model, a)
@@ -402,12 +468,21 @@ def _chefer_chunked(
     check_start_layer(start_layer, len(cap.q))
     rule = "chefer" if gradient == "attention" else "chefer_logits"
     with torch.set_grad_enabled(differentiable):
-        r, rows = _start(model, cap)
+        r, rows = _start(model, cap, rule)
         for b in range(len(cap.q) - 1, start_layer - 1, -1):
             d_out = cap.d_out[b]
             cap.d_out[b] = None  # freed once used
             step = propagate(
-                r, cap.q[b], cap.k[b], cap.v[b], d_out, cap.scale[b], rule, chunk_size, rows
+                r,
+                cap.q[b],
+                cap.k[b],
+                cap.v[b],
+                d_out,
+                cap.scale[b],
+                rule,
+                chunk_size,
+                rows,
+                cap.bias[b],
             )
             r = r + step
             rows = None
@@ -425,12 +500,16 @@ def _chefer_dense(
     gradient: str,
 ) -> Explanation:
     """:func:`chefer` on stored ``(B, h, N, N)`` attention and gradients (also second order)."""
-    attentions, grads, logits = _attention_pass(
+    records = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "chefer"
     )
+    attentions = records.attentions
+    grads = records.grads
+    logits = records.logits
     check_start_layer(start_layer, len(attentions))
+    rule = "chefer" if gradient == "attention" else "chefer_logits"
     with torch.set_grad_enabled(differentiable):
-        v = _readout(model, attentions[-1])
+        v = _dense_start(model, records, rule, second_order)
         for b in range(len(attentions) - 1, start_layer - 1, -1):
             # take each gradient out of the list so that it is freed once used
             a, g = attentions[b], grads[b]

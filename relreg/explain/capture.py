@@ -7,23 +7,37 @@ records the post-softmax, pre-dropout probabilities ``A: (B, heads, N, N)`` with
 pre-hook on ``attn_drop`` (the tensor RobustViT and Chefer et al. differentiate), and on exit,
 also after an error, removes every hook and restores every flag (the dense engine).
 
-:class:`QKVCapture` leaves fused attention on and records only what the fused kernel keeps: ``q``
-and ``k`` after qk-norm, ``v`` and the attention output, for the chunked engine
-(:mod:`relreg.explain.chunked`; :mod:`relreg.explain.engine` says when it can be used).
+:class:`KernelCapture` reads attention where every implementation meets: at the call of
+``F.scaled_dot_product_attention``. A ``TorchFunctionMode`` sees every call of the kernel (also
+one imported by name) and records exactly what it receives and returns: ``q`` and ``k`` after
+rotary embedding and qk-norm, ``v``, the additive bias or mask (BEiT's relative position bias,
+NaFlexViT's padding mask), the scale and the output, whose gradient is ``dy/dO``. Hooks on the
+model's blocks say which block made each call. The chunked engine (:mod:`relreg.explain.chunked`)
+recomputes the attention from these; :mod:`relreg.explain.engine` judges whether it can.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "AttentionCapture",
-    "QKVCapture",
+    "KernelCall",
+    "KernelCapture",
+    "attention_pool",
     "find_attention_modules",
+    "explicit_attention",
+    "hierarchical_problem",
+    "kernel_blocks",
     "unfused_attention",
 ]
 
@@ -36,6 +50,26 @@ def _is_timm_attention(module: nn.Module) -> bool:
     )
 
 
+# module classes of hierarchical window models (Swin v1/v2 and their kin), by name so that any
+# timm version's and a user's copies are recognised alike
+_HIERARCHICAL = ("PatchMerging", "WindowAttention", "SwinTransformerBlock", "SwinTransformerV2Block")
+
+
+def hierarchical_problem(model: nn.Module) -> str | None:
+    """Why attention explainers cannot read ``model`` when it is a hierarchical window model
+    (Swin-style window attention or patch merging), else None."""
+    found = sorted({type(m).__name__ for m in model.modules()} & set(_HIERARCHICAL))
+    if not found:
+        return None
+    return (
+        f"{type(model).__name__} is a hierarchical window model ({', '.join(found)}): attention "
+        "runs inside local windows and patch merging changes the tokens between stages, so there "
+        "is no attention matrix over one token sequence for the attention rules (rollout, chefer, "
+        "LRP) to propagate. The gradient and perturbation explainers (saliency, "
+        "input_x_gradient, smoothgrad, integrated_gradients, occlusion, lime) work on it"
+    )
+
+
 def find_attention_modules(model: nn.Module) -> list[nn.Module]:
     """Attention modules of ``model`` in forward (registration) order.
 
@@ -45,13 +79,17 @@ def find_attention_modules(model: nn.Module) -> list[nn.Module]:
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``.
-        ValueError: if the model has no such module (a CNN, or a ViT not built from timm blocks).
+        ValueError: for a hierarchical window model (Swin; :func:`hierarchical_problem`), or a
+            model without such modules (a CNN, or a ViT not built from timm blocks).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}.")
     own = getattr(model, "attention_modules", None)
     if callable(own):
         return list(own())
+    hierarchical = hierarchical_problem(model)
+    if hierarchical is not None:
+        raise ValueError(f"Expected a ViT with one token sequence, but {hierarchical}.")
     found = [m for m in model.modules() if _is_timm_attention(m)]
     if not found:
         raise ValueError(
@@ -63,18 +101,37 @@ def find_attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def kernel_blocks(model: nn.Module) -> list[nn.Module] | None:
+    """The residual blocks whose attention-kernel calls the chunked engine reads, in forward
+    order: timm's ``model.blocks``; None for a model without such a list."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) > 0:
+        return list(blocks)
+    return None
+
+
+def attention_pool(model: nn.Module) -> nn.Module | None:
+    """The attention-pool read-out of ``model`` (``global_pool="map"``: timm's
+    ``AttentionPoolLatent``, SigLIP, SigLIP 2, PE), or None."""
+    if getattr(model, "global_pool", None) != "map":
+        return None
+    pool = getattr(model, "attn_pool", None)
+    return pool if isinstance(pool, nn.Module) else None
+
+
 @contextmanager
 def unfused_attention(model: nn.Module) -> Iterator[list[nn.Module]]:
-    """Switch ``fused_attn`` off on every timm attention module of ``model`` for the block.
+    """Switch ``fused_attn`` off on every module of ``model`` that has the flag, for the block:
+    timm's attention of every kind (``Attention``, ``EvaAttention``, BEiT's, the attention pool).
 
     Needed for double backward (``create_graph=True`` through attention): PyTorch's fused
-    scaled-dot-product kernels have no second derivative. A model without timm attention is left
+    scaled-dot-product kernels have no second derivative. A model without such modules is left
     alone. Flags are restored on exit, also after an error.
 
     Yields:
-        The attention modules found (possibly none).
+        The modules whose flag was switched (possibly none).
     """
-    modules = [m for m in model.modules() if _is_timm_attention(m)]
+    modules = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
     flags = [m.fused_attn for m in modules]
     try:
         for m in modules:
@@ -158,103 +215,216 @@ class AttentionCapture(_HookContext):
         self.attentions.append(attention)
 
 
-class QKVCapture(_HookContext):
-    """Context manager that records what the fused attention kernel itself keeps, per block.
-
-    Fused attention (``F.scaled_dot_product_attention``) stays on and no model flag changes. For
-    every attention module the hooks record, in forward order:
-
-    - ``q``, ``k``: ``(B, heads, N, head_dim)`` after qk-norm (outputs of ``q_norm`` / ``k_norm``);
-    - ``v``: ``(B, heads, N, head_dim)``, read from the output of ``qkv``;
-    - ``out``: ``(B, N, heads * head_dim)``, the attention output entering ``norm`` (before the
-      output projection); its gradient is ``dy/dO``.
-
-    Only modules running timm's own ``Attention.forward`` can be read this way. The capture only
-    records; whether the records can be used (every module called once, without a mask) is
-    judged by :meth:`relreg.explain.engine.EngineChoice.after_forward` from :attr:`masked` and
-    :meth:`counts`.
-
-    Args:
-        model: a timm ViT.
-        modules: its attention modules (:func:`find_attention_modules`).
+@dataclass
+class KernelCall:
+    """One call of ``F.scaled_dot_product_attention``, as the kernel saw it.
 
     Attributes:
-        masked: indices of the modules called with an attention mask or ``is_causal``, one entry
-            per such call, in call order.
+        q: ``(B, heads, Lq, head_dim)``, after rotary embedding and qk-norm (keeps the graph).
+        k, v: ``(B, heads, Lk, head_dim)`` (grouped key/value heads expanded to ``heads``).
+        mask: the additive bias (float) or the boolean mask (True: attend), broadcastable to
+            ``(B, heads, Lq, Lk)``, or None.
+        scale: the scale the kernel used (``head_dim ** -0.5`` unless given).
+        dropout_p: the kernel's dropout probability.
+        is_causal: the kernel's causal flag.
+        out: ``(B, heads, Lq, head_dim)``, the kernel's output (its gradient is ``dy/dO``).
+        block: index of the block in :func:`kernel_blocks` that made the call, or None.
+        pool: whether the call came from the attention-pool read-out (:func:`attention_pool`).
+        attention: ``(B, heads, Lq, Lk)`` probabilities, only for the pool's call, computed
+            explicitly there (one latent row per query: small) so that its gradient exists.
     """
 
-    def __init__(self, model: nn.Module, modules: list[nn.Module]) -> None:
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None
+    scale: float
+    dropout_p: float
+    is_causal: bool
+    out: Tensor
+    block: int | None
+    pool: bool
+    attention: Tensor | None = None
+
+
+_SDPA_SIGNATURE = inspect.Signature(
+    [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+        for name, default in (
+            ("query", inspect.Parameter.empty),
+            ("key", inspect.Parameter.empty),
+            ("value", inspect.Parameter.empty),
+            ("attn_mask", None),
+            ("dropout_p", 0.0),
+            ("is_causal", False),
+            ("scale", None),
+            ("enable_gqa", False),
+        )
+    ]
+)
+
+
+def _expand_heads(t: Tensor, heads: int) -> Tensor:
+    """Grouped key/value heads ``(B, g, L, d)`` repeated to ``(B, heads, L, d)``."""
+    return t if t.shape[-3] == heads else t.repeat_interleave(heads // t.shape[-3], dim=-3)
+
+
+def explicit_attention(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """``softmax(q k^T * scale + mask)``, the probabilities the kernel computes internally.
+
+    Args:
+        q: ``(..., Lq, d)``; k: ``(..., Lk, d)``.
+        mask: additive float bias or boolean mask (True: attend), broadcastable; or None.
+        scale: the attention scale.
+
+    Returns:
+        ``(..., Lq, Lk)``.
+    """
+    logits = q @ k.transpose(-2, -1) * scale
+    if mask is not None:
+        logits = _add_mask(logits, mask)
+    return logits.softmax(dim=-1)
+
+
+def _add_mask(logits: Tensor, mask: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, float("-inf"))
+    return logits + mask
+
+
+class _KernelMode(TorchFunctionMode):
+    """The ``TorchFunctionMode`` behind :class:`KernelCapture`."""
+
+    def __init__(self, capture: KernelCapture) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        return self.capture._call(func, _SDPA_SIGNATURE.bind(*args, **kwargs).arguments)
+
+
+class KernelCapture(_HookContext):
+    """Context manager that records every call of the fused attention kernel, per block.
+
+    Fused attention stays on: every module with a ``fused_attn`` flag inside the model's blocks
+    and its attention pool calls the kernel while the context is active (flags restored on
+    exit, also after an error). The calls are recorded in :attr:`calls`, in call order. The
+    attention pool's call (a cross-attention read-out) is computed explicitly instead, which is
+    the same function and gives its probabilities a gradient. The capture only records; whether
+    the records can be used is judged by
+    :meth:`relreg.explain.engine.EngineChoice.after_forward`.
+
+    Args:
+        model: a ViT (any model whose blocks call ``F.scaled_dot_product_attention``).
+        read_blocks: record the blocks' calls and keep their attention fused; False records the
+            attention pool's call only (for the dense engine, which reads the blocks itself).
+
+    Attributes:
+        calls: the :class:`KernelCall` records of the forward passes run inside the context.
+        blocks: the model's blocks (:func:`kernel_blocks`; empty when it has none).
+        pool: the model's attention pool (:func:`attention_pool`), or None.
+        grad_enabled: whether gradients were enabled when the context was entered.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+        ...                           patch_size=8, num_classes=3, depth=2).eval()
+        >>> with KernelCapture(model) as cap:
+        ...     _ = model(torch.randn(2, 3, 32, 32))
+        >>> [(c.block, tuple(c.q.shape)) for c in cap.calls]
+        [(0, (2, 3, 17, 64)), (1, (2, 3, 17, 64))]
+    """
+
+    def __init__(self, model: nn.Module, read_blocks: bool = True) -> None:
         self.model = model
-        self.modules = modules
-        self.q: list[list[Tensor]] = []
-        self.k: list[list[Tensor]] = []
-        self.v: list[list[Tensor]] = []
-        self.out: list[list[Tensor]] = []
-        self.masked: list[int] = []
+        self.read_blocks = read_blocks
+        self.blocks = (kernel_blocks(model) or []) if read_blocks else []
+        self.pool = attention_pool(model)
+        self.calls: list[KernelCall] = []
+        self._block: int | None = None
+        self._in_pool = False
+        self.grad_enabled = False
         self._stack: ExitStack | None = None
 
-    def __enter__(self) -> QKVCapture:
+    def __enter__(self) -> KernelCapture:
         if self._stack is not None:
-            raise RuntimeError("QKVCapture is not re-entrant: exit it before entering again.")
-        n = len(self.modules)
-        self.q, self.k, self.v, self.out = ([[] for _ in range(n)] for _ in range(4))
-        self.masked = []
+            raise RuntimeError("KernelCapture is not re-entrant: exit it before entering again.")
+        self.calls = []
+        self.grad_enabled = torch.is_grad_enabled()
         with ExitStack() as stack:
-            for i, m in enumerate(self.modules):
-                hooks = (
-                    m.register_forward_pre_hook(self._call_hook(i), with_kwargs=True),
-                    m.q_norm.register_forward_hook(self._output_hook(self.q[i])),
-                    m.k_norm.register_forward_hook(self._output_hook(self.k[i])),
-                    m.qkv.register_forward_hook(self._value_hook(m, self.v[i])),
-                    m.norm.register_forward_pre_hook(self._input_hook(self.out[i])),
-                )
-                for handle in hooks:
-                    stack.callback(handle.remove)
+            readers = [*self.blocks, *([self.pool] if self.pool is not None else [])]
+            for module in readers:
+                stack.enter_context(_fused_attention(module))
+            for i, block in enumerate(self.blocks):
+                stack.callback(block.register_forward_pre_hook(self._enter_block(i)).remove)
+                stack.callback(block.register_forward_hook(self._leave_block).remove)
+            if self.pool is not None:
+                stack.callback(self.pool.register_forward_pre_hook(self._enter_pool).remove)
+                stack.callback(self.pool.register_forward_hook(self._leave_pool).remove)
+            stack.enter_context(_KernelMode(self))
             self._stack = stack.pop_all()
         return self
 
-    def counts(self) -> list[tuple[int, int, int, int]]:
-        """How many ``(q, k, v, out)`` tensors each attention module recorded, in forward order
-        (``(1, 1, 1, 1)`` per module for one forward pass)."""
-        return [
-            (len(q), len(k), len(v), len(o))
-            for q, k, v, o in zip(self.q, self.k, self.v, self.out, strict=True)
-        ]
-
-    def blocks(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """``(q, k, v, out)`` per attention module, in forward order (see the class docstring)."""
-        return [
-            (q[0], k[0], v[0], o[0])
-            for q, k, v, o in zip(self.q, self.k, self.v, self.out, strict=True)
-        ]
-
-    def _call_hook(self, index: int):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if len(args) > 1 or kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
-                self.masked.append(index)
-
-        return hook
-
-    @staticmethod
-    def _output_hook(records: list[Tensor]):  # noqa: ANN205
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            records.append(output)
-
-        return hook
-
-    @staticmethod
-    def _input_hook(records: list[Tensor]):  # noqa: ANN205
+    def _enter_block(self, index: int):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple) -> None:
-            records.append(args[0])
+            self._block = index
 
         return hook
 
-    @staticmethod
-    def _value_hook(attention: nn.Module, records: list[Tensor]):  # noqa: ANN205
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            b, n = output.shape[:2]
-            heads = attention.num_heads
-            v = output.reshape(b, n, 3, heads, output.shape[-1] // (3 * heads))[:, :, 2]
-            records.append(v.transpose(1, 2))
+    def _leave_block(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._block = None
 
-        return hook
+    def _enter_pool(self, module: nn.Module, args: tuple) -> None:
+        self._in_pool = True
+
+    def _leave_pool(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._in_pool = False
+
+    def _call(self, kernel, arguments: dict) -> Tensor:  # noqa: ANN001
+        q = arguments["query"]
+        heads = q.shape[-3]
+        k = _expand_heads(arguments["key"], heads)
+        v = _expand_heads(arguments["value"], heads)
+        scale = arguments.get("scale")
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        if not (self._in_pool or self.read_blocks):
+            return kernel(**arguments)
+        mask = arguments.get("attn_mask")
+        attention = None
+        if self._in_pool:
+            attention = explicit_attention(q, k, mask, scale)
+            out = attention @ v
+        else:
+            out = kernel(**arguments)
+        record = KernelCall(
+            q=q,
+            k=k,
+            v=v,
+            mask=mask,
+            scale=scale,
+            dropout_p=float(arguments.get("dropout_p", 0.0)),
+            is_causal=bool(arguments.get("is_causal", False)),
+            out=out,
+            block=self._block,
+            pool=self._in_pool,
+            attention=attention,
+        )
+        self.calls.append(record)
+        return out
+
+
+@contextmanager
+def _fused_attention(module: nn.Module) -> Iterator[None]:
+    """Every ``fused_attn`` flag inside ``module`` switched on for the block, then restored."""
+    flagged = [m for m in module.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    flags = [m.fused_attn for m in flagged]
+    try:
+        for m in flagged:
+            m.fused_attn = True
+        yield
+    finally:
+        for m, flag in zip(flagged, flags, strict=True):
+            m.fused_attn = flag

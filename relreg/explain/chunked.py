@@ -7,16 +7,18 @@ weight each block's attention probabilities ``A = softmax(q k^T * scale)`` by th
 (:class:`relreg.explain.AttentionCapture`) switches fused attention off to store them.
 
 This engine stores neither. The forward pass runs the model's own fused kernel while
-:class:`relreg.explain.capture.QKVCapture` records what that kernel keeps anyway (``q``, ``k``,
-``v`` and the attention output ``O``); one backward pass gives ``dy/dO``, and since ``O = A v``,
-``dy/dA = dy/dO v^T``. The relevance row vector ``r: (B, N)`` then walks the blocks from the last
+:class:`relreg.explain.capture.KernelCapture` records what each call of that kernel receives and
+returns (``q`` and ``k`` after rotary embedding and qk-norm, ``v``, the additive bias or mask,
+the scale and the output ``O``); one backward pass gives ``dy/dO``, and since ``O = A v``,
+``dy/dA = dy/dO v^T`` with ``A = softmax(q k^T * scale + bias)``. The relevance row vector ``r: (B, N)`` then walks the blocks from the last
 to the first, recomputing ``A`` and ``dy/dA`` for ``chunk_size`` query rows at a time:
 memory ``O(B * heads * chunk_size * N)`` per block instead of ``O(B * heads * N^2)``.
 
 The trainable first-order path (RobustViT's: gradients held constant) is the autograd Function
 :class:`_RowTimesAttention`, whose backward recomputes the same chunks and returns the gradients
-of ``q`` and ``k`` (softmax backward included), so a loss on the maps reaches the model's
-parameters through the model's own graph, again with no stored attention.
+of ``q``, ``k`` and of a learnable bias (BEiT's relative position bias; softmax backward
+included), so a loss on the maps reaches the model's parameters through the model's own graph,
+again with no stored attention.
 
 Which models and options this engine can serve is decided by :mod:`relreg.explain.engine`.
 """
@@ -37,7 +39,7 @@ from relreg.explain._contract import (
     resolve_classes,
     score,
 )
-from relreg.explain.capture import QKVCapture, find_attention_modules
+from relreg.explain.capture import KernelCapture
 from relreg.validate import check_choice, check_positive_int
 
 __all__ = [
@@ -56,22 +58,30 @@ _BUDGET = 2**22
 
 
 class Captured(NamedTuple):
-    """What the relevance pass needs, per attention module in forward order.
+    """What the relevance pass needs, per block in forward order.
 
     Attributes:
         q, k, v: ``(B, heads, N, head_dim)``; ``q`` and ``k`` keep the model's graph.
+        bias: per block, the additive bias or boolean mask the kernel got (broadcastable to
+            ``(B, heads, N, N)``; a learnable bias keeps its graph), or None.
         d_out: ``(B, heads, N, head_dim)`` gradients ``dy/dO`` (constants), or None when the
             method needs no gradient.
-        scale: each module's ``scale`` (``head_dim ** -0.5``).
+        scale: each block's attention scale, as the kernel used it.
         logits: ``(B, K)`` of the same forward pass.
+        pool: the attention pool's probabilities ``(B, heads, L, N)`` (``global_pool="map"``),
+            or None.
+        d_pool: their gradient ``dy/dA_pool`` (a constant), or None.
     """
 
     q: list[Tensor]
     k: list[Tensor]
     v: list[Tensor]
+    bias: list[Tensor | None]
     d_out: list[Tensor] | None
     scale: list[float]
     logits: Tensor
+    pool: Tensor | None = None
+    d_pool: Tensor | None = None
 
 
 def record_blocks(
@@ -80,12 +90,11 @@ def record_blocks(
     need_grad: bool,
     differentiable: bool,
     method: str,
-) -> tuple[QKVCapture, Tensor]:
-    """The chunked engine's forward pass: fused attention kept, ``q``, ``k``, ``v`` and the
-    attention output recorded per block.
+) -> tuple[KernelCapture, Tensor]:
+    """The chunked engine's forward pass: fused attention kept, every kernel call recorded.
 
     Args:
-        model: a timm ViT that :func:`relreg.explain.engine.select_engine` chose this engine for.
+        model: a ViT that :func:`relreg.explain.engine.select_engine` chose this engine for.
         images: ``(B, C, H, W)``.
         need_grad: whether ``dy/dO`` will be taken (gradient-weighted methods).
         differentiable: whether the maps keep the model's graph.
@@ -95,19 +104,18 @@ def record_blocks(
         The exited capture (to be judged by
         :meth:`relreg.explain.engine.EngineChoice.after_forward`) and the logits ``(B, K)``.
     """
-    modules = find_attention_modules(model)
     if need_grad or differentiable:
         check_grad_mode(method)
     track = need_grad or differentiable
     x = graph_input(model, images, track)
     with torch.set_grad_enabled(track):
-        with QKVCapture(model, modules) as capture:
+        with KernelCapture(model) as capture:
             logits = check_logits(model(x), images.shape[0])
     return capture, logits
 
 
 def capture_blocks(
-    capture: QKVCapture,
+    capture: KernelCapture,
     logits: Tensor,
     target: object,
     foil: object,
@@ -124,24 +132,32 @@ def capture_blocks(
         need_grad: take ``dy/dO`` (one backward pass that stops at the attention outputs).
         differentiable: keep the graph of the forward pass for a loss on the maps.
     """
-    q, k, v, out = (list(t) for t in zip(*capture.blocks(), strict=True))
+    calls = [c for c in capture.calls if not c.pool]
+    pool = next((c.attention for c in capture.calls if c.pool), None)
     tgt, fl = resolve_classes(logits, target, foil)
     d_out = None
+    d_pool = None
     if need_grad:
+        outputs = [c.out for c in calls] + ([pool] if pool is not None else [])
         with torch.enable_grad():
-            grads = torch.autograd.grad(
-                score(logits, tgt, fl).sum(), out, retain_graph=differentiable
+            grads = list(
+                torch.autograd.grad(
+                    score(logits, tgt, fl).sum(), outputs, retain_graph=differentiable
+                )
             )
-        d_out = [
-            g.reshape(*g.shape[:2], t.shape[1], -1).transpose(1, 2)
-            for g, t in zip(grads, q, strict=True)
-        ]
-    # the fused kernel is called without scale=, so it uses head_dim ** -0.5, not module.scale
-    scale = [
-        t.shape[-1] ** -0.5 if m.fused_attn else float(m.scale)
-        for m, t in zip(capture.modules, q, strict=True)
-    ]
-    return Captured(q, k, [t.detach() for t in v], d_out, scale, logits)
+        d_pool = grads.pop() if pool is not None else None
+        d_out = grads
+    return Captured(
+        q=[c.q for c in calls],
+        k=[c.k for c in calls],
+        v=[c.v.detach() for c in calls],
+        bias=[c.mask for c in calls],
+        d_out=d_out,
+        scale=[c.scale for c in calls],
+        logits=logits,
+        pool=pool,
+        d_pool=d_pool,
+    )
 
 
 def default_chunk_size(batch: int, heads: int, tokens: int) -> int:
@@ -162,10 +178,11 @@ def propagate(
     rule: str,
     chunk_size: int | None = None,
     rows: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """``r @ Abar``: a relevance row vector times one block's head-mean weighted attention.
 
-    ``Abar = mean_h W(A)`` with ``A = softmax(q k^T * scale)`` and ``W`` by ``rule``:
+    ``Abar = mean_h W(A)`` with ``A = softmax(q k^T * scale + bias)`` and ``W`` by ``rule``:
     ``"attention"``: ``A``; ``"chefer"``: ``clamp(dy/dA * A, min=0)`` with ``dy/dA = d_out v^T``;
     ``"chefer_logits"``: the same with ``dy/dA`` replaced by the gradient with respect to the
     attention logits' rows, ``dy/dA - sum_k A_ik dy/dA_ik``. Gradients (``d_out``) are constants;
@@ -180,6 +197,8 @@ def propagate(
         chunk_size: query rows per chunk (None: :func:`default_chunk_size`).
         rows: ``(R,)`` indices of the only non-zero columns of ``r``, for a constant ``r`` (the
             read-out of the last block: only the CLS row counts); None: every row.
+        bias: the kernel's additive bias (float, differentiable) or boolean mask (True:
+            attend), broadcastable to ``(B, heads, N, N)``; None: no bias.
 
     Returns:
         ``(B, N)``, in float32 when the inputs are half precision, else in their dtype.
@@ -197,7 +216,10 @@ def propagate(
             f"Expected tensors v and d_out for rule {rule!r}, but got {type(v).__name__} and "
             f"{type(d_out).__name__}."
         )
-    return _RowTimesAttention.apply(r, q, k, v.detach(), d_out.detach(), scale, rule, chunk, rows)
+    bias4 = None if bias is None else bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+    return _RowTimesAttention.apply(
+        r, q, k, v.detach(), d_out.detach(), scale, rule, chunk, rows, bias4
+    )
 
 
 def relevance_dtype(t: Tensor) -> torch.dtype:
@@ -212,10 +234,25 @@ def _chunks(n: int, chunk: int, rows: Tensor | None) -> list[slice | Tensor]:
 
 
 def _weights(
-    q: Tensor, k: Tensor, v: Tensor, d_out: Tensor, scale: float, rule: str, idx: slice | Tensor
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    d_out: Tensor,
+    scale: float,
+    rule: str,
+    idx: slice | Tensor,
+    bias: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """``A`` and ``W(A)``, ``(B, heads, chunk, N)``, for the query rows ``idx`` (contiguous inputs)."""
-    a = torch.softmax(q[:, :, idx] @ k.transpose(-2, -1) * scale, dim=-1)
+    """``A`` and ``W(A)``, ``(B, heads, chunk, N)``, for the query rows ``idx`` (contiguous
+    inputs; ``bias`` 4-d and broadcastable)."""
+    logits = q[:, :, idx] @ k.transpose(-2, -1) * scale
+    if bias is not None:
+        rows = bias[:, :, idx] if bias.shape[2] > 1 else bias
+        if rows.dtype == torch.bool:
+            logits = logits.masked_fill(~rows, float("-inf"))
+        else:
+            logits = logits + rows.to(logits.dtype)
+    a = torch.softmax(logits, dim=-1)
     if rule == "attention":
         return a, a
     g = d_out[:, :, idx] @ v.transpose(-2, -1)
@@ -240,24 +277,40 @@ class _RowTimesAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r, q, k, v, d_out, scale, rule, chunk, rows):  # type: ignore[override]
+    def forward(ctx, r, q, k, v, d_out, scale, rule, chunk, rows, bias):  # type: ignore[override]
         dtype = relevance_dtype(q)
         heads = q.shape[1]
         with torch.autocast(q.device.type, enabled=False):
             r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (r, q, k, v, d_out))
             out = r_.new_zeros(r.shape)
             for idx in _chunks(q.shape[2], chunk, rows):
-                out += _head_sum(r_[:, idx], _weights(q_, k_, v_, d_, scale, rule, idx)[1])
-        ctx.save_for_backward(r, q, k, v, d_out, rows if rows is not None else torch.empty(0))
-        ctx.scale, ctx.rule, ctx.chunk, ctx.has_rows = scale, rule, chunk, rows is not None
+                w = _weights(q_, k_, v_, d_, scale, rule, idx, bias)[1]
+                out += _head_sum(r_[:, idx], w)
+        empty = torch.empty(0)
+        ctx.save_for_backward(
+            r,
+            q,
+            k,
+            v,
+            d_out,
+            rows if rows is not None else empty,
+            bias if bias is not None else empty,
+        )
+        ctx.scale = scale
+        ctx.rule = rule
+        ctx.chunk = chunk
+        ctx.has_rows = rows is not None
+        ctx.has_bias = bias is not None
         return out.div_(heads)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        r, q, k, v, d_out, rows = ctx.saved_tensors
+        r, q, k, v, d_out, rows, bias = ctx.saved_tensors
         rows = rows if ctx.has_rows else None
+        bias = bias if ctx.has_bias else None
         need_r, need_q, need_k = ctx.needs_input_grad[:3]
+        need_bias = ctx.needs_input_grad[9]
         dtype = relevance_dtype(q)
         heads = q.shape[1]
         scale = ctx.scale
@@ -267,18 +320,36 @@ class _RowTimesAttention(torch.autograd.Function):
             dr = torch.zeros_like(r_) if need_r else None
             dq = torch.zeros_like(q_) if need_q else None
             dk = torch.zeros_like(k_) if need_k else None
+            db = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_bias else None
             for idx in _chunks(q.shape[2], ctx.chunk, rows):
-                a, w = _weights(q_, k_, v_, d_, scale, ctx.rule, idx)
+                a, w = _weights(q_, k_, v_, d_, scale, ctx.rule, idx, bias)
                 wg = a * go if w is a else w.mul_(go)  # W * grad, (B, heads, c, N)
                 u = wg.sum(dim=-1, keepdim=True)  # W @ grad, (B, heads, c, 1)
                 if need_r:
                     dr[:, idx] = u.sum(dim=1)[..., 0]
-                if need_q or need_k:
+                if need_q or need_k or need_bias:
                     ds = wg.sub_(a.mul_(u))  # dL/dS divided by r_i, (B, heads, c, N)
+                    if need_bias:
+                        _add_bias_grad(db, ds * r_[:, None, idx, None], idx)
                     rc = r_[:, None, idx, None] * scale  # (B, 1, c, 1)
                     if need_q:
                         dq[:, :, idx] = (ds @ k_).mul_(rc)
                     if need_k:
                         dk += ds.transpose(-2, -1) @ (q_[:, :, idx] * rc)
-        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
-        return cast(dr, r), cast(dq, q), cast(dk, k), None, None, None, None, None, None
+        grads = (_cast(dr, r), _cast(dq, q), _cast(dk, k))
+        return (*grads, None, None, None, None, None, None, _cast(db, bias))
+
+
+def _cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(like.dtype)
+
+
+def _add_bias_grad(db: Tensor, ds: Tensor, idx: slice | Tensor) -> None:
+    """Add the logits' gradient ``ds`` ``(B, heads, c, N)`` of the query rows ``idx`` to the
+    bias gradient ``db``, summed over the dimensions the bias broadcasts over."""
+    dims = [d for d in (0, 1) if db.shape[d] == 1 and ds.shape[d] > 1]
+    part = ds.sum(dim=dims, keepdim=True) if dims else ds
+    if db.shape[2] == 1:
+        db += part.sum(dim=2, keepdim=True)
+    else:
+        db[:, :, idx] += part

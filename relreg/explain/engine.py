@@ -10,10 +10,15 @@ and weight them by their gradient ``dy/dA``. relreg has two engines for this:
   block's ``A`` (and ``dy/dA``) stored, memory ``O(B * heads * N^2)`` per block. It reads any
   module that passes its probabilities through ``attn_drop`` (and models that hand them over
   themselves, e.g. :class:`relreg.explain.HuggingFaceViT`) and has second derivatives.
-- **chunked** (:mod:`relreg.explain.chunked`): timm's fused kernel kept, only ``q``, ``k``, ``v``
-  and the attention output recorded, ``A`` and ``dy/dA`` recomputed ``chunk_size`` query rows at
-  a time, memory ``O(B * heads * chunk_size * N)`` per block. First order only, and only for
-  timm's own ``Attention.forward``, each module called once per forward pass, without a mask.
+- **chunked** (:mod:`relreg.explain.chunked`): the fused kernel kept, what each call of
+  ``F.scaled_dot_product_attention`` receives and returns recorded
+  (:class:`relreg.explain.capture.KernelCapture`), ``A`` and ``dy/dA`` recomputed ``chunk_size``
+  query rows at a time, memory ``O(B * heads * chunk_size * N)`` per block. First order only.
+  Its scope is full-token self-attention with one kernel call per residual block, any additive
+  bias or boolean mask included: timm's Attention, EvaAttention and AttentionRope (EVA-02,
+  DINOv3-style rotary ViTs, RoPE-ViT, PE), BEiT's relative position bias, NaFlexViT's padding
+  mask, a user's own block of that kind, with non-reentrant gradient checkpointing on or off.
+  An attention-pool read-out (SigLIP's ``global_pool="map"``) is read at its own kernel call.
 
 :func:`select_engine` decides before any forward pass everything the model and the options tell;
 :meth:`EngineChoice.after_forward` decides what only the forward pass shows (a module called
@@ -33,7 +38,11 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from relreg.explain.capture import QKVCapture, find_attention_modules
+from relreg.explain.capture import (
+    KernelCapture,
+    find_attention_modules,
+    kernel_blocks,
+)
 from relreg.validate import check_choice, check_positive_int
 
 __all__ = ["ENGINES", "EngineChoice", "select_engine"]
@@ -68,11 +77,11 @@ class EngineChoice:
         check_choice("kind", self.kind, KINDS)
         check_choice("engine", self.engine, ENGINES)
 
-    def after_forward(self, capture: QKVCapture) -> EngineChoice:
+    def after_forward(self, capture: KernelCapture) -> EngineChoice:
         """The choice once the chunked engine's forward pass has run under ``capture``.
 
         Args:
-            capture: the (exited) :class:`relreg.explain.capture.QKVCapture` of that pass.
+            capture: the (exited) :class:`relreg.explain.capture.KernelCapture` of that pass.
 
         Returns:
             This choice when the records can be used (or when it is not a chunked choice);
@@ -108,11 +117,20 @@ def select_engine(
 
     Raises:
         ValueError: for an unknown ``engine``, a ``chunk_size`` that is not an int >= 1, a model
-            without attention modules (unless ``engine="dense"``), and for ``engine="chunked"``
-            where the chunked engine cannot run (``second_order=True``, an unreadable model).
+            without attention modules or a hierarchical window model (Swin) (unless
+            ``engine="dense"``, whose capture then raises), reentrant gradient checkpointing
+            (any engine), and for ``engine="chunked"`` where the chunked engine cannot run
+            (``second_order=True``, an unreadable model).
     """
     check_choice("engine", engine, ENGINES)
     check_positive_int("chunk_size", chunk_size, allow_none=True)
+    if _reentrant_checkpointing(model):
+        raise ValueError(
+            "Expected non-reentrant gradient checkpointing (timm's default), but "
+            "TIMM_REENTRANT_CKPT is set: reentrant checkpointing runs the blocks' forward pass "
+            "without a graph, so q, k and the attention maps have none to differentiate; unset "
+            "TIMM_REENTRANT_CKPT or turn checkpointing off (model.set_grad_checkpointing(False))."
+        )
     choice = EngineChoice("chunked", "", engine, method, type(model).__name__, chunk_size)
     if engine == "dense":
         return replace(choice, kind="dense", reason="engine='dense' asked for")
@@ -126,7 +144,7 @@ def select_engine(
     reason = _model_problem(model, find_attention_modules(model))
     if reason is not None:
         return _fall_back(choice, reason)
-    return replace(choice, reason=f"engine={engine!r}: timm attention, first order")
+    return replace(choice, reason=f"engine={engine!r}: attention read at the kernel call")
 
 
 def _fall_back(choice: EngineChoice, reason: str) -> EngineChoice:
@@ -163,44 +181,78 @@ def _caller_outside_relreg() -> int:
     return level
 
 
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a module of ``model`` checkpoints its blocks in timm's reentrant form."""
+    from timm.layers import config
+
+    checkpointing = any(getattr(m, "grad_checkpointing", False) for m in model.modules())
+    return checkpointing and bool(getattr(config, "_USE_REENTRANT_CKPT", False))
+
+
 def _model_problem(model: nn.Module, modules: list[nn.Module]) -> str | None:
-    """Why the chunked engine cannot read ``model``, known before a forward pass; None: it can."""
+    """Why the chunked engine cannot read ``model``, known before a forward pass; None: it can.
+
+    Args:
+        model: the model.
+        modules: its attention modules (:func:`find_attention_modules`).
+    """
     for m in model.modules():
-        if getattr(m, "grad_checkpointing", False):
-            return "gradient checkpointing is on (blocks rerun in the backward pass)"
         if getattr(m, "_compiled_call_impl", None) is not None:
             return f"a submodule ({type(m).__name__}) is compiled (hooks do not run eagerly)"
+    blocks = kernel_blocks(model)
+    if blocks is None:
+        return (
+            f"{type(model).__name__} has no list of blocks (model.blocks) to attribute the "
+            "attention kernel's calls to"
+        )
     for i, m in enumerate(modules):
-        reason = _module_problem(m)
+        drop = getattr(m, "attn_drop", None)
+        if m.training and float(getattr(drop, "p", 0.0)) > 0:
+            return f"attention module {i}: attention dropout is active (p={drop.p})"
+    return None
+
+
+def _forward_problem(capture: KernelCapture) -> str | None:
+    """Why the records of a forward pass cannot be used, or None when they can: every block must
+    have called the kernel exactly once, for self-attention over the whole sequence, without
+    dropout or a causal flag, with a graph when the pass kept one; the attention pool (if any)
+    at most once."""
+    for call in capture.calls:
+        if call.block is None and not call.pool:
+            return "the attention kernel was called outside the model's blocks"
+    pool_calls = sum(call.pool for call in capture.calls)
+    if pool_calls > 1:
+        return f"the attention pool called the attention kernel {pool_calls} times"
+    per_block: list[list] = [[] for _ in capture.blocks]
+    for call in capture.calls:
+        if call.block is not None:
+            per_block[call.block].append(call)
+    for i, calls in enumerate(per_block):
+        reason = _block_problem(calls, capture.grad_enabled)
         if reason is not None:
-            return f"attention module {i}: {reason}"
+            return f"block {i}: {reason}"
     return None
 
 
-def _module_problem(module: nn.Module) -> str | None:
-    """Why the chunked engine cannot read attention ``module``, or None when it can.
-
-    The engine reads the tensors of timm's own ``Attention.forward`` (``q``/``k`` after qk-norm,
-    ``v`` from ``qkv``, the attention output entering ``norm``); any other forward (a subclass
-    that overrides it, EVA's rotary attention, a patched method) or an active attention dropout
-    (random, so not recomputable) needs the dense engine.
-    """
-    from timm.layers import Attention
-
-    forward = getattr(type(module), "forward", None)
-    if forward is not Attention.forward or "forward" in vars(module):
-        return f"{type(module).__name__}.forward is not timm's Attention.forward"
-    if module.training and float(getattr(module.attn_drop, "p", 0.0)) > 0:
-        return f"attention dropout is active (p={module.attn_drop.p})"
-    return None
-
-
-def _forward_problem(capture: QKVCapture) -> str | None:
-    """Why the records of a forward pass cannot be used, or None when they can: every module must
-    have been called exactly once, without an attention mask or causal flag."""
-    if capture.masked:
-        return f"attention module {capture.masked[0]} got an attention mask or is_causal"
-    for i, counts in enumerate(capture.counts()):
-        if counts != (1, 1, 1, 1):
-            return f"attention module {i} ran {max(counts)} times in one forward pass"
+def _block_problem(calls: list, grad_enabled: bool) -> str | None:
+    """Why one block's kernel calls cannot be used, or None."""
+    if not calls:
+        return (
+            "made no call of F.scaled_dot_product_attention (its attention is computed another "
+            "way)"
+        )
+    if len(calls) > 1:
+        return f"called the attention kernel {len(calls)} times in one forward pass"
+    call = calls[0]
+    if call.q.shape[-2] != call.k.shape[-2]:
+        return (
+            f"its attention is not self-attention ({call.q.shape[-2]} queries, "
+            f"{call.k.shape[-2]} keys)"
+        )
+    if call.is_causal:
+        return "the attention kernel got is_causal=True"
+    if call.dropout_p > 0:
+        return f"attention dropout is active (p={call.dropout_p})"
+    if grad_enabled and not call.q.requires_grad:
+        return "q has no graph (the block ran without gradients, e.g. reentrant checkpointing)"
     return None

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from relreg.explain.capture import hierarchical_problem
 from relreg.explain.lrp_rules import (
     add_rule,
     conv_zb,
@@ -56,8 +57,12 @@ def check_lrp_model(model: nn.Module) -> None:
 
     Raises:
         TypeError: for a model or a layer of another kind.
-        ValueError: for an unsupported configuration (pooling, head, training-time token drop).
+        ValueError: for a hierarchical window model (Swin: :func:`hierarchical_problem`) or an
+            unsupported configuration (pooling, head, training-time token drop).
     """
+    hierarchical = hierarchical_problem(model)
+    if hierarchical is not None:
+        raise ValueError(f"Expected a ViT with one token sequence for LRP, but {hierarchical}.")
     _check_blocks(model)
     _check_vit_class(model)
     _check_patch_embed(model)

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["num_prefix_tokens", "patch_grid", "readout_weights", "to_pixels", "min_max"]
+__all__ = [
+    "min_max",
+    "num_prefix_tokens",
+    "patch_grid",
+    "pool_readout",
+    "readout_weights",
+    "to_pixels",
+]
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
@@ -59,6 +66,7 @@ def readout_weights(
 
     ``global_pool="token"`` (CLS models, the papers' setting) reads row 0; ``"avg"`` averages the
     patch tokens, so the relevance of an average-pooled model is the mean of the patch rows.
+    Attention pooling (``"map"``) is not a fixed mix: see :func:`pool_readout`.
 
     Raises:
         ValueError: for pooling modes whose read-out is not a fixed token mix (e.g. ``"map"``).
@@ -74,9 +82,62 @@ def readout_weights(
         raise ValueError(
             f"Expected a model with global_pool 'token' (and a class token) or 'avg', but got "
             f"global_pool={pool!r} with {prefix} prefix tokens; the relevance of other read-outs "
-            "(e.g. attention pooling 'map') is not defined by the papers."
+            "(e.g. attention pooling 'map') is not a fixed token mix: the attention "
+            "explainers read it from the pool's attention (pool_readout)."
         )
     return w
+
+
+def pool_readout(
+    pool: Tensor,
+    grad: Tensor | None,
+    rule: str,
+    num_tokens: int,
+    constant_grad: bool = True,
+) -> Tensor:
+    """The read-out row ``(B, N)`` of an attention-pool model (``global_pool="map"``: timm's
+    ``AttentionPoolLatent``; SigLIP, SigLIP 2, PE).
+
+    The pool's latent queries attend over the tokens, and the pooled vector is all the head sees,
+    so the pool's own (gradient-weighted) attention takes the place of the CLS row:
+    ``r = mean_{h, l} W(A_pool)[h, l, :]`` over heads ``h`` and latent queries ``l``, with ``W``
+    the rule the blocks use (``"attention"``: ``A``; ``"chefer"``: ``clamp(dy/dA * A, min=0)``;
+    ``"chefer_logits"``: ``clamp((dy/dA - sum_k A_k dy/dA_k) * A, min=0)``). The pool has no
+    residual path from the tokens, so no identity is added.
+
+    Args:
+        pool: ``(B, heads, L, N)`` the pool's attention probabilities.
+        grad: ``(B, heads, L, N)`` their gradient ``dy/dA`` (a constant; None for
+            ``"attention"``).
+        rule: ``"attention"``, ``"chefer"`` or ``"chefer_logits"``.
+        num_tokens: ``N``, the blocks' sequence length; a pool over the patch tokens only
+            (``N_pool = N - prefix``, timm's ViT with a class token) gives the prefix columns 0.
+        constant_grad: hold ``grad`` constant (first order); False differentiates through it
+            too (second order).
+
+    Returns:
+        ``(B, N)``, differentiable through ``pool``.
+    """
+    if rule == "attention":
+        return _pad_front(pool.mean(dim=(1, 2)), num_tokens)
+    if grad is None:
+        raise ValueError(f"Expected the pool's attention gradient for rule {rule!r}, but got None.")
+    g = grad.detach() if constant_grad else grad
+    if rule == "chefer_logits":
+        a = pool.detach() if constant_grad else pool
+        g = g - (a * g).sum(dim=-1, keepdim=True)
+    return _pad_front((g * pool).clamp(min=0).mean(dim=(1, 2)), num_tokens)
+
+
+def _pad_front(row: Tensor, num_tokens: int) -> Tensor:
+    """``row (B, n)`` as ``(B, num_tokens)``, zeros before it (the tokens the pool did not see)."""
+    missing = num_tokens - row.shape[-1]
+    if missing < 0:
+        raise ValueError(
+            f"Expected the attention pool to attend over at most the {num_tokens} tokens of the "
+            f"blocks, but it attends over {row.shape[-1]}."
+        )
+    return F.pad(row, (missing, 0)) if missing else row
 
 
 def _readout(model: nn.Module, relevance: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
 """The chunked relevance engine against the dense engine (fused attention off, A and dy/dA stored).
 
 Maps and the parameter gradients of a loss on them must agree; no (B, heads, N, N) tensor may
-appear; timm's fused kernel must run; the model is left as it was; unreadable attention falls
-back to the dense engine (or raises when the chunked engine is asked for by name).
+appear; the fused kernel must run; the model is left as it was; attention the kernel capture
+cannot read falls back to the dense engine (or raises when the chunked engine is asked for by
+name).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from relreg.explain import explain, find_attention_modules, select_engine, to_pixels
-from relreg.explain.capture import QKVCapture
+from relreg.explain.capture import KernelCapture
 from relreg.explain.chunked import propagate
 from relreg.lightning import RelRegModule
 from tests.conftest import images_for, make_tiny_vit, model_state
@@ -166,21 +167,28 @@ def test_hooks_and_flags_are_restored_after_an_error():
     assert model_state(model) == before
 
 
-class _PatchedAttention(timm.layers.Attention):
-    def forward(self, x, attn_mask=None, is_causal=False):  # a forward the capture cannot read
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+class _ManualAttention(timm.layers.Attention):
+    """Attention computed without the fused kernel, whatever ``fused_attn`` says."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        fused = self.fused_attn
+        self.fused_attn = False
+        try:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        finally:
+            self.fused_attn = fused
 
 
-def test_unreadable_attention_falls_back_to_the_dense_engine_with_a_debug_line(caplog):
+def test_attention_without_a_kernel_call_falls_back_to_the_dense_engine_with_a_debug_line(caplog):
     model = make_tiny_vit(dtype=torch.float64)
-    model.blocks[1].attn.__class__ = _PatchedAttention
+    model.blocks[1].attn.__class__ = _ManualAttention
     x = images_for(model)
     with caplog.at_level(logging.DEBUG, logger="relreg.explain.engine"):
         maps = explain(model, x, "chefer", engine="auto")
     lines = [r.getMessage() for r in caplog.records if r.name == "relreg.explain.engine"]
-    assert len(lines) == 1 and "_PatchedAttention.forward" in lines[0], lines
+    assert len(lines) == 1 and "block 1: made no call" in lines[0], lines
     torch.testing.assert_close(maps, explain(model, x, "chefer", engine="dense"))
-    with pytest.raises(ValueError, match=r"engine='chunked'.*_PatchedAttention"):
+    with pytest.raises(ValueError, match=r"engine='chunked'.*block 1: made no call"):
         explain(model, x, "chefer", engine="chunked")
     with pytest.warns(UserWarning, match="chunk_size=4 is not used"):
         explain(model, x, "chefer", chunk_size=4)  # memory asked for and not delivered: said
@@ -198,33 +206,44 @@ def test_second_order_uses_the_dense_engine_and_is_twice_differentiable(method):
     assert torch.isfinite(again).all() and again.abs().sum() > 0
 
 
-def test_active_attention_dropout_falls_back_and_mask_or_reuse_is_detected():
+def test_active_attention_dropout_falls_back_and_every_kernel_call_is_judged():
     model = make_tiny_vit(attn_drop_rate=0.1).train()
     with pytest.raises(ValueError, match=r"attention dropout is active \(p=0.1\)"):
         explain(model, images_for(model), "chefer", engine="chunked")
     model = make_tiny_vit()
-    attn = model.blocks[0].attn
+    block = model.blocks[0]
     tokens = torch.randn(2, 17, 24)
     auto = select_engine(model, "chefer", "auto")
     chunked = select_engine(model, "chefer", "chunked")
     assert auto.kind == chunked.kind == "chunked"
-    with QKVCapture(model, [attn]) as cap:
-        attn(tokens, attn_mask=torch.zeros(17, 17))
-    assert cap.masked == [0]
-    assert "attention mask" in auto.after_forward(cap).reason
-    with pytest.raises(ValueError, match=r"engine='chunked'.*attention module 0 got an attention"):
-        chunked.after_forward(cap)
-    with QKVCapture(model, [attn]) as cap:
-        attn(tokens)
-        attn(tokens)
-    assert cap.counts() == [(2, 2, 2, 2)]
-    late = auto.after_forward(cap)
-    assert late.kind == "dense" and "ran 2 times" in late.reason
-    with QKVCapture(model, [attn]) as cap:
-        attn(tokens)
-    assert cap.counts() == [(1, 1, 1, 1)] and not cap.masked
+
+    def run(*calls):
+        with KernelCapture(model) as cap:
+            for call in calls:
+                call()
+        return cap
+
+    def attend(**kw):
+        return lambda: block.attn(block.norm1(tokens), **kw)
+
+    bias = torch.randn(17, 17)
+    cap = run(lambda: block(tokens, attn_mask=bias), *[lambda b=b: b(tokens) for b in model.blocks[1:]])
+    assert [c.block for c in cap.calls] == list(range(len(model.blocks)))
+    assert cap.calls[0].mask is bias and cap.calls[1].mask is None
     assert auto.after_forward(cap) is auto and chunked.after_forward(cap) is chunked
-    assert model_state(model)["hooks"] == model_state(make_tiny_vit())["hooks"]
+    cap = run(attend(), attend())
+    assert [c.block for c in cap.calls] == [None, None]
+    assert "outside the model's blocks" in auto.after_forward(cap).reason
+    cap = run(*[lambda b=b: b(tokens) for b in model.blocks], lambda: model.blocks[0](tokens))
+    late = auto.after_forward(cap)
+    assert late.kind == "dense" and "block 0: called the attention kernel 2 times" in late.reason
+    with pytest.raises(ValueError, match=r"engine='chunked'.*block 0: called the attention"):
+        chunked.after_forward(cap)
+    causal = timm.layers.Attention(24, num_heads=3)
+    model.blocks[0].attn = causal
+    cap = run(lambda: model.blocks[0].attn(tokens, is_causal=True), *[lambda b=b: b(tokens) for b in model.blocks[1:]])
+    assert cap.calls[0].block is None  # a call from outside the blocks' forward: not attributed
+    assert model_state(make_tiny_vit())["hooks"] == model_state(model)["hooks"]
 
 
 @pytest.mark.parametrize(

@@ -18,26 +18,55 @@ from tests.conftest import images_for, make_tiny_vit
 LOGGER = "relreg.explain.engine"
 
 
-class _PatchedAttention(timm.layers.Attention):
-    def forward(
-        self, x, attn_mask=None, is_causal=False
-    ):  # a forward the chunked engine can't read
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+class _Wrapped(torch.nn.Module):
+    """A ViT inside a wrapper without a ``blocks`` list: the chunked engine cannot attribute the
+    kernel's calls to blocks, known before any forward pass."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.global_pool = vit.global_pool
+
+    @property
+    def patch_embed(self) -> torch.nn.Module:
+        return self.vit.patch_embed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
 
 
-def _patched(dtype: torch.dtype = torch.float64):
+def _no_blocks(dtype: torch.dtype = torch.float64):
+    return _Wrapped(make_tiny_vit(dtype=dtype))
+
+
+class _ManualAttention(timm.layers.Attention):
+    """Attention computed without the fused kernel, whatever ``fused_attn`` says: readable by
+    the dense engine (through ``attn_drop``), and only the forward pass shows the chunked engine
+    that the block never calls the kernel."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        fused = self.fused_attn
+        self.fused_attn = False
+        try:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        finally:
+            self.fused_attn = fused
+
+
+def _manual(dtype: torch.dtype = torch.float64):
     model = make_tiny_vit(dtype=dtype)
-    model.blocks[1].attn.__class__ = _PatchedAttention
+    model.blocks[1].attn.__class__ = _ManualAttention
     return model
 
 
 def _masked(dtype: torch.dtype = torch.float64):
-    """A model whose forward passes an (all-zero, so harmless) attention mask to every block:
-    readable before the forward pass, unusable after it."""
+    """A model whose forward passes an additive attention bias to every block (random, so that
+    it changes the maps): read at the kernel call by the chunked engine."""
     model = make_tiny_vit(dtype=dtype)
     n = model.patch_embed.num_patches + model.num_prefix_tokens
-    mask = torch.zeros(n, n, dtype=dtype)
-    model.forward = lambda x: VisionTransformer.forward(model, x, attn_mask=mask)
+    bias = torch.randn(n, n, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    model.forward = lambda x: VisionTransformer.forward(model, x, attn_mask=bias)
     return model
 
 
@@ -54,11 +83,11 @@ def _engine_lines(caplog) -> list[str]:
 @pytest.mark.parametrize(
     ("build", "options"),
     [
-        (_patched, {}),
+        (_no_blocks, {}),
         (make_tiny_vit, {"second_order": True, "differentiable": True}),
         (lambda: make_tiny_vit(attn_drop_rate=0.1).train(), {}),
     ],
-    ids=["unreadable_forward", "second_order", "attention_dropout"],
+    ids=["no_blocks", "second_order", "attention_dropout"],
 )
 @pytest.mark.parametrize("method", ["chefer", "rollout", "raw_attention"])
 def test_a_static_fall_back_is_decided_before_the_only_forward_pass(build, options, method):
@@ -82,7 +111,7 @@ def test_a_usable_model_runs_one_forward_pass_on_either_engine(engine):
 
 def test_a_late_fall_back_is_the_only_one_that_costs_a_second_pass(caplog):
     # the counter can count past one: only what the forward pass shows costs a pass
-    model = _masked()
+    model = _manual()
     x = images_for(model)
     calls = _count_forward_passes(model)
     assert select_engine(model, "chefer", "auto").kind == "chunked"
@@ -90,21 +119,31 @@ def test_a_late_fall_back_is_the_only_one_that_costs_a_second_pass(caplog):
         maps = explain(model, x, "chefer", engine="auto")
     assert len(calls) == 2
     lines = _engine_lines(caplog)
-    assert len(lines) == 1 and "attention module 0 got an attention mask" in lines[0], lines
+    assert len(lines) == 1 and "block 1: made no call of F.scaled_dot_product_attention" in lines[0]
     torch.testing.assert_close(maps, explain(model, x, "chefer", engine="dense"), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"engine='chunked'.*got an attention mask"):
+    with pytest.raises(ValueError, match=r"engine='chunked'.*block 1: made no call"):
         explain(model, x, "chefer", engine="chunked")
 
 
 @pytest.mark.parametrize("method", ["chefer", "rollout", "raw_attention"])
+def test_an_attention_bias_is_read_at_the_kernel_call(method):
+    model = _masked()
+    x = images_for(model)
+    dense = explain(model, x, method, engine="dense")
+    chunked = explain(model, x, method, engine="chunked", chunk_size=5)
+    torch.testing.assert_close(chunked, dense, rtol=1e-12, atol=1e-15)  # float64 throughout
+    assert not torch.allclose(dense, explain(make_tiny_vit(dtype=torch.float64), x, method))
+
+
+@pytest.mark.parametrize("method", ["chefer", "rollout", "raw_attention"])
 def test_chunked_on_an_unreadable_model_raises_before_any_forward_pass(method):
-    model = _patched()
+    model = _no_blocks()
     calls = _count_forward_passes(model)
     with pytest.raises(
         ValueError,
-        match=r"^Expected a model the chunked engine can read \(engine='chunked'\), but attention "
-        r"module 1: _PatchedAttention\.forward is not timm's Attention\.forward; use "
-        r"engine='auto' or 'dense'\.$",
+        match=r"^Expected a model the chunked engine can read \(engine='chunked'\), but _Wrapped "
+        r"has no list of blocks \(model\.blocks\) to attribute the attention kernel's calls to; "
+        r"use engine='auto' or 'dense'\.$",
     ):
         explain(model, images_for(model), method, engine="chunked")
     with pytest.raises(
@@ -121,9 +160,9 @@ def test_chunked_on_an_unreadable_model_raises_before_any_forward_pass(method):
 @pytest.mark.parametrize(
     ("build", "options", "reason"),
     [
-        (_patched, {}, "_PatchedAttention.forward is not timm's Attention.forward"),
+        (_no_blocks, {}, "_Wrapped has no list of blocks"),
         (make_tiny_vit, {"second_order": True}, "second_order=True"),
-        (_masked, {}, "got an attention mask"),
+        (_manual, {}, "block 1: made no call"),
     ],
     ids=["static", "second_order", "late"],
 )
@@ -199,7 +238,7 @@ def test_the_chunked_and_dense_engines_agree(any_vit, method, options):
 
 
 def test_auto_on_an_unreadable_model_gives_the_dense_maps_exactly():
-    model = _patched(torch.float32)
+    model = _no_blocks(torch.float32)
     x = images_for(model)
     for method in ("chefer", "rollout", "raw_attention"):
         assert torch.equal(explain(model, x, method), explain(model, x, method, engine="dense"))

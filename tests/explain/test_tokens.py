@@ -74,9 +74,13 @@ def test_average_pooled_model_reads_out_the_mean_of_patch_rows():
     torch.testing.assert_close(explain(model, x, "raw_attention").flatten(1), ref)
 
 
-def test_unsupported_readout_is_rejected():
+def test_an_attention_pool_over_the_patch_tokens_leaves_the_class_token_out():
     from relreg.explain import explain
 
-    model = make_tiny_vit(global_pool="map")
+    model = make_tiny_vit(global_pool="map", dtype=torch.float64)  # a class token and a pool
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for method in ("chefer", "rollout", "raw_attention"):
+        dense = explain(model, x, method, engine="dense")
+        torch.testing.assert_close(explain(model, x, method, engine="chunked"), dense)
     with pytest.raises(ValueError, match="global_pool='map'"):
-        explain(model, torch.randn(1, 3, 16, 16), "chefer")
+        explain(model, x, "gradcam")  # a fixed token mix only
