@@ -15,10 +15,12 @@ follows, holds on all of them. The propagation matters: a relevance rule that di
 ``a + b`` turns an absolute error ``u (|a| + |b|)`` into a relative one ``u (|a| + |b|) / |a + b|``,
 the condition number of the sum, which is large exactly where ``a + b`` cancels.
 
-Two helpers:
+The helpers:
 
 - :func:`sum_bound` for a single sum (or mean) computed in float32: ``k * u * n * sum(|terms|)``,
-  the worst-case bound ``gamma_n`` (with ``k`` for the few extra roundings around it).
+  the worst-case bound ``gamma_n`` (with ``k`` for the few extra roundings around it), and
+  :func:`probable_sum_bound`, ``lam * u * sqrt(n) * sum(|terms|)``, for sums of hundreds of terms
+  where the worst case would hide a wrong result.
 - :class:`MonteCarloRounding` for deep computations (a ViT's forward pass and a relevance
   propagation through it), where the conditioning of every intermediate matters and no closed form
   is practical: Monte-Carlo arithmetic (Parker, Pierce & Eggert, "Monte Carlo arithmetic", Comput.
@@ -29,7 +31,12 @@ Two helpers:
   propagated through the actual tensors' conditioning, moves the output; :func:`rounding_bound`
   takes the largest deviation over a few trials times a safety factor.
 
-A bound from either helper scales with the data (a bug that moves an output by more than a few
+:func:`twin_bound` doubles a :func:`rounding_bound` for two float32 evaluations of one exact
+quantity (batched and looped, chunked and whole), :func:`in_float64` makes the float64 copy of a
+float32 model that the bounds run, and :func:`assert_within` compares against a bound (computing
+it only when the two sides differ).
+
+A bound from these helpers scales with the data (a bug that moves an output by more than a few
 rounding errors of its own terms still fails) and with nothing else.
 """
 
@@ -43,6 +50,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 U32 = 2.0**-24  # float32's unit roundoff: round-to-nearest's largest relative error
+U64 = 2.0**-53  # float64's
 
 # sums of many terms: the error scales with sqrt(n) * (the same sum of |terms|)
 _SUMS = {
@@ -56,14 +64,40 @@ _SUMS = {
     "convolution": lambda a: a[1][0].numel() + 1,
     "sum": None,  # n = input numel / output numel
     "mean": None,
+    "upsample_bilinear2d": lambda a: 4,  # each output a weighted sum of 4 inputs
+    "upsample_bilinear2d_backward": lambda a: 4,
+    "avg_pool2d": lambda a: math.prod(_pair(a[1])),
+    "avg_pool2d_backward": lambda a: math.prod(_pair(a[2])),
+    "col2im": lambda a: math.prod(_pair(a[2])),  # overlapping patches summed
+    "scatter_add": lambda a: max(1, a[3].numel() // max(1, a[0].numel())) + 1,
+}
+# backward sums whose every output is linear in each operand: |operands| give the sizes
+_LINEAR_BACKWARD = {
+    # grad_input sums over output channels and kernel taps, grad_weight over batch and positions
+    "convolution_backward": lambda a: (
+        a[0].shape[1] * a[2][0].numel(),
+        a[0].numel() // max(1, a[0].shape[1]),
+        a[0].numel() // max(1, a[0].shape[1]),
+    ),
 }
 # normalisations: an internal sum over the normalised dimension(s), then elementwise work
-_NORMS = {"_softmax", "_log_softmax", "native_layer_norm", "linalg_vector_norm", "logsumexp"}
+_NORMS = {
+    "_softmax",
+    "_log_softmax",
+    "native_layer_norm",
+    "native_layer_norm_backward",
+    "linalg_vector_norm",
+    "logsumexp",
+}
 # elementwise arithmetic: each result rounded once
 _ELEMENTWISE = set(
     "add sub rsub mul div exp log sqrt rsqrt pow erf tanh sigmoid reciprocal gelu silu addcmul"
-    " addcdiv lerp expm1 log1p".split()
+    " addcdiv lerp expm1 log1p gelu_backward tanh_backward sigmoid_backward".split()
 )
+
+
+def _pair(v: object) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (list, tuple)) else (int(v), int(v))
 
 
 def _is_float(x: object) -> bool:
@@ -71,7 +105,8 @@ def _is_float(x: object) -> bool:
 
 
 def _abs(x: object) -> object:
-    return x.abs() if _is_float(x) else (abs(x) if isinstance(x, (int, float)) else x)
+    # float tensors and scalars (alpha, beta) by magnitude; ints (dims, sizes) as they are
+    return x.abs() if _is_float(x) else (abs(x) if isinstance(x, float) else x)
 
 
 class MonteCarloRounding(TorchDispatchMode):
@@ -101,7 +136,7 @@ class MonteCarloRounding(TorchDispatchMode):
         name = func.overloadpacket.__name__
         inplace = name.endswith("_") and not name.startswith("_")
         base = name[:-1] if inplace else name
-        first = out[0] if isinstance(out, tuple) else out
+        first = next((o for o in out if o is not None), None) if isinstance(out, tuple) else out
         if not (_is_float(first) and first.dtype == torch.float64):
             return out
         if base in _SUMS:
@@ -111,6 +146,17 @@ class MonteCarloRounding(TorchDispatchMode):
             n = count(args) if count else max(1, args[0].numel() // max(1, out.numel()))
             size = func(*[_abs(a) for a in args], **kwargs).abs() * math.sqrt(n)
             return out + self.u * size * self._noise(out)
+        if base in _LINEAR_BACKWARD:
+            sizes = func(*[_abs(a) for a in args], **kwargs)
+            counts = _LINEAR_BACKWARD[base](args)
+            return tuple(
+                o + self.u * math.sqrt(n) * z.abs() * self._noise(o) if _is_float(o) else o
+                for o, z, n in zip(out, sizes, counts, strict=True)
+            )
+        if base == "_softmax_backward_data":  # o * (g - sum(o * g)) over the softmax's dim
+            g, o, dim = args[:3]
+            size = o.abs() * (g.abs() + (o * g).abs().sum(dim, keepdim=True))
+            return out + self.u * math.sqrt(o.shape[dim]) * size * self._noise(out)
         if base in _NORMS:
             n = max(1, args[0].shape[-1] if args[0].dim() else 1)
             outs = out if isinstance(out, tuple) else (out,)
@@ -138,32 +184,94 @@ def rounding_bound(
     probabilistic bound (``sqrt(n) u sum(|terms|)`` per sum, where float32 kernels, blocking their
     sums and fusing multiply-adds, do better); ``k = 4`` covers that a few trials sample the
     spread of the result, not its tail.
+
+    For a ``u`` below float32's (``U64``: the bound of a float64 computation), the trials emulate
+    float32's errors and their deviation is scaled by ``u / U32``: to first order a result's
+    rounding error is linear in ``u``, and errors of float64's own size would be lost in the
+    rounding of the float64 arithmetic that emulates them.
     """
+    emulated = max(u, U32)
     exact = fn().detach()
     dev = torch.zeros_like(exact)
     for seed in range(trials):
-        with MonteCarloRounding(seed, u):
+        with MonteCarloRounding(seed, emulated):
             dev = torch.maximum(dev, (fn().detach() - exact).abs())
-    return k * dev + k * u * exact.abs().max()
+    return k * (u / emulated) * dev + k * u * exact.abs().max()
+
+
+def twin_bound(fn: Callable[[], Tensor], **kwargs) -> Tensor:
+    """Bound on the difference of two float32 evaluations of the one exact quantity ``fn()``.
+
+    Batched and looped, chunked and whole, fused and unfused: the two differ only in how their
+    sums are blocked, each lies within :func:`rounding_bound` of the exact result, so their
+    difference lies within twice that (the triangle inequality).
+    """
+    return 2 * rounding_bound(fn, **kwargs)
+
+
+def in_float64(model: torch.nn.Module, *tensors: Tensor):
+    """A float64 copy of a float32 model (holding its weights exactly) and of its inputs.
+
+    Attention runs unfused in the copy: the fused kernel computes the same sums as one operation,
+    which :class:`MonteCarloRounding` would not see (``q k^T``, the softmax and ``A v`` it does).
+    """
+    import copy
+
+    twin = copy.deepcopy(model).double()
+    for m in twin.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return (twin, *(t.double() for t in tensors))
 
 
 def sum_bound(terms: Tensor, dim=None, k: float = 4.0, u: float = U32) -> Tensor:
     """Worst-case bound on the float32 error of ``terms.sum(dim)``: ``k * n * u * sum(|terms|)``.
 
-    ``n`` is the number of terms summed (the error of recursive summation is at most
-    ``gamma_n sum(|terms|)``, ``gamma_n ~ n u``; blocked and pairwise summation only do better);
-    ``k`` covers the few roundings before and after the sum (forming the terms, a division).
-    Divide by ``n`` for a mean.
+    ``n`` is the number of nonzero terms summed (the error of recursive summation is at most
+    ``gamma_n sum(|terms|)``, ``gamma_n ~ n u``; blocked and pairwise summation only do better;
+    adding a zero is exact), the most over the sums taken; ``k`` covers the few roundings before
+    and after the sum (forming the terms, a division). Divide by the number of terms for a mean.
     """
     a = terms.detach().double().abs()
     total = a.sum() if dim is None else a.sum(dim)
-    n = a.numel() // max(1, total.numel())
-    return k * n * u * total
+    nonzero = (a != 0).sum() if dim is None else (a != 0).sum(dim)
+    return k * int(nonzero.max()) * u * total
 
 
-def assert_within(actual: Tensor, expected: Tensor, bound: Tensor | float, msg: str = "") -> None:
-    """``|actual - expected| <= bound`` elementwise, with the worst element in the message."""
+def probable_sum_bound(terms: Tensor, dim=None, lam: float = 6.0, u: float = U32) -> Tensor:
+    """Probabilistic bound on the float32 error of ``terms.sum(dim)``: ``lam sqrt(n) u sum(|terms|)``
+    plus ``2 u sum(|terms|)`` for the roundings forming the terms and after the sum.
+
+    Rounding errors of random sign add like a random walk: with independent, mean-zero roundings
+    the error of a sum of ``n`` (nonzero) terms exceeds about ``lam sqrt(n) u sum(|terms|)`` with
+    probability at most ``2 n exp(-lam**2 / 2)`` (Higham & Mary 2019; ``lam = 6``, ``n = 1000``:
+    3e-5 per sum). :func:`sum_bound`'s worst case ``n u`` is ``sqrt(n)`` times larger, too loose to
+    tell a wrong result from rounding in a sum of a few hundred terms. For sums of data (maps,
+    probabilities), not of a repeated constant, whose roundings would all go one way.
+    """
+    a = terms.detach().double().abs()
+    total = a.sum() if dim is None else a.sum(dim)
+    nonzero = (a != 0).sum() if dim is None else (a != 0).sum(dim)
+    return (lam * math.sqrt(int(nonzero.max())) + 2) * u * total
+
+
+def assert_within(
+    actual: Tensor,
+    expected: Tensor,
+    bound: Tensor | float | Callable[[], Tensor],
+    msg: str = "",
+) -> None:
+    """``|actual - expected| <= bound`` elementwise, with the worst element in the message.
+
+    ``bound`` may be a function computing it (a :func:`rounding_bound`, some seconds): it is called
+    only when ``actual`` and ``expected`` differ, since equal results are within any bound.
+    """
+    assert actual.shape == expected.shape, f"{msg}: shapes {actual.shape} != {expected.shape}"
     diff = (actual.double() - expected.double()).abs()
+    if callable(bound):
+        if not bool(diff.any()):
+            return
+        bound = bound()
     bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(diff)
     ratio = diff / bound.clamp(min=torch.finfo(torch.float64).tiny)
     worst = int(ratio.flatten().argmax())
