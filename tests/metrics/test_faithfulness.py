@@ -82,7 +82,8 @@ def test_patch_unit_removes_whole_patches():
 
 
 def test_perfect_map_beats_inverted_on_a_model_that_reads_one_region():
-    # a "model" whose class-1 logit is the mean of the top-left quadrant: removing it flips the decision
+    # a "model" whose class-1 logit is the mean of the top-left quadrant: removing it flips the
+    # decision
     class Quadrant(torch.nn.Module):
         def forward(self, x):
             s = x[:, :, :8, :8].mean((1, 2, 3))

@@ -1,4 +1,5 @@
-"""Localization metrics against naive per-image references (numpy / scikit-learn) and DDP merging."""
+"""Localization metrics against naive per-image references (numpy / scikit-learn) and DDP
+merging."""
 
 from __future__ import annotations
 
