@@ -71,7 +71,7 @@ def _attention_pass(
     second_order: bool,
     method: str,
 ) -> tuple[list[Tensor], list[Tensor] | None, Tensor]:
-    """One forward pass recording attention ``(B, h, N, N)`` per block, and its gradients if asked."""
+    """One forward pass recording attention ``(B, h, N, N)`` per block, and gradients if asked."""
     if need_grad or differentiable:
         check_grad_mode(method)
     track = need_grad or differentiable
@@ -83,7 +83,8 @@ def _attention_pass(
         if len(attentions) != len(capture.modules):
             raise RuntimeError(
                 f"Expected one attention map per attention module ({len(capture.modules)}), but "
-                f"recorded {len(attentions)}: the model does not call its blocks' attn_drop once each."
+                f"recorded {len(attentions)}: the model does not call its blocks' attn_drop "
+                "once each."
             )
         tgt, fl = resolve_classes(logits, target, foil)
         if not need_grad:
@@ -292,7 +293,7 @@ def gradcam(
     differentiable: bool = False,
     second_order: bool = False,
 ) -> Explanation:
-    """GradCAM on the last block's attention, the CVPR 2021 comparison's convention: ``(B, gh, gw)``.
+    """GradCAM on the last block's attention (CVPR 2021 comparison's convention): ``(B, gh, gw)``.
 
     Per head, weight = mean over patch columns of the read-out row of ``dy/dA``; map =
     ``ReLU(mean_h(weight * A[readout, patches]))``. (pytorch-grad-cam's token GradCAM weights
@@ -301,7 +302,8 @@ def gradcam(
     attentions, grads, logits = _attention_pass(
         model, images, target, foil, True, differentiable, second_order, "gradcam"
     )
-    a, g = attentions[-1], grads[-1]
+    a = attentions[-1]
+    g = grads[-1]
     if not second_order:
         g = g.detach()
     w = _readout(model, a)
@@ -315,7 +317,10 @@ def gradcam(
 @register_explainer(
     "chefer",
     output="grid",
-    paper="Chefer, Gur & Wolf, Generic Attention-model Explainability, ICCV 2021 (RobustViT's rule, NeurIPS 2022)",
+    paper=(
+        "Chefer, Gur & Wolf, Generic Attention-model Explainability, ICCV 2021 "
+        "(RobustViT's rule, NeurIPS 2022)"
+    ),
 )
 def chefer(
     model: nn.Module,
@@ -433,7 +438,8 @@ def _chefer_dense(
         v = _readout(model, attentions[-1])
         for b in range(len(attentions) - 1, start_layer - 1, -1):
             # take each gradient out of the list so that it is freed once used
-            a, g = attentions[b], grads[b]
+            a = attentions[b]
+            g = grads[b]
             grads[b] = None
             if gradient == "logits":  # a constant in first order, like g itself
                 g = g - ((a if second_order else a.detach()) * g).sum(-1, keepdim=True)

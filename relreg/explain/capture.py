@@ -98,7 +98,8 @@ class _HookContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack, self._stack = self._stack, None
+        stack = self._stack
+        self._stack = None
         if stack is not None:
             stack.close()
 

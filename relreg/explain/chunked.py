@@ -214,7 +214,10 @@ def _chunks(n: int, chunk: int, rows: Tensor | None) -> list[slice | Tensor]:
 def _weights(
     q: Tensor, k: Tensor, v: Tensor, d_out: Tensor, scale: float, rule: str, idx: slice | Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``A`` and ``W(A)``, ``(B, heads, chunk, N)``, for the query rows ``idx`` (contiguous inputs)."""
+    """``A`` and ``W(A)``, ``(B, heads, chunk, N)``, for the query rows ``idx``.
+
+    The inputs are contiguous.
+    """
     a = torch.softmax(q[:, :, idx] @ k.transpose(-2, -1) * scale, dim=-1)
     if rule == "attention":
         return a, a
@@ -249,7 +252,10 @@ class _RowTimesAttention(torch.autograd.Function):
             for idx in _chunks(q.shape[2], chunk, rows):
                 out += _head_sum(r_[:, idx], _weights(q_, k_, v_, d_, scale, rule, idx)[1])
         ctx.save_for_backward(r, q, k, v, d_out, rows if rows is not None else torch.empty(0))
-        ctx.scale, ctx.rule, ctx.chunk, ctx.has_rows = scale, rule, chunk, rows is not None
+        ctx.scale = scale
+        ctx.rule = rule
+        ctx.chunk = chunk
+        ctx.has_rows = rows is not None
         return out.div_(heads)
 
     @staticmethod
