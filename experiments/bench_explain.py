@@ -19,7 +19,8 @@ Writes JSON (medians of all repetitions, ratios from the same run, machine) and 
 fresh process, which reports its peak resident memory (``ru_maxrss``), its time and its maps; the
 JSON states the largest difference of each chunked map from the unchunked one.
 
-    python experiments/bench_explain.py --chunking --out experiments/results/bench_explain_chunking.json
+    python experiments/bench_explain.py --chunking \\
+        --out experiments/results/bench_explain_chunking.json
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("median time per image (ms)")
     m = result["machine"]
     ax.set_title(
-        f"{result['model']} @ {result['img_size']}px, batch {result['batch']}, {m['device']} ({m['torch_threads']} threads)",
+        f"{result['model']} @ {result['img_size']}px, batch {result['batch']}, "
+        f"{m['device']} ({m['torch_threads']} threads)",
         fontsize=9,
     )
     save_figure(fig, path, dpi=120)
@@ -167,8 +169,14 @@ def chunk_case(args: argparse.Namespace) -> None:
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     size = None if args.chunk_size == 0 else args.chunk_size
     t0 = time.perf_counter()
-    maps = explain(model, x, args.chunk_case, target=0, internal_batch_size=size,
-                   **CHUNK_METHODS[args.chunk_case])  # fmt: skip
+    maps = explain(
+        model,
+        x,
+        args.chunk_case,
+        target=0,
+        internal_batch_size=size,
+        **CHUNK_METHODS[args.chunk_case],
+    )
     seconds = time.perf_counter() - t0
     np.save(args.out, maps.numpy())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
@@ -189,21 +197,27 @@ def chunking(args: argparse.Namespace) -> dict:
             maps = {}
             for size in [0, *args.chunk_sizes]:
                 npy = Path(tmp) / f"{method}_{size}.npy"
-                cmd = [sys.executable, __file__, "--chunk-case", method, "--chunk-size", str(size),
-                       "--model", args.model, "--img-size", str(args.img_size),
-                       "--batch", str(args.batch), "--out", str(npy)]  # fmt: skip
+                cmd = [sys.executable, __file__, "--chunk-case", method, "--chunk-size", str(size)]
+                cmd += ["--model", args.model, "--img-size", str(args.img_size)]
+                cmd += ["--batch", str(args.batch), "--out", str(npy)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 row = json.loads(out.strip().splitlines()[-1])
                 maps[size] = np.load(npy)
                 scale = float(np.abs(maps[0]).max()) or 1.0
-                row |= {"method": method, "internal_batch_size": size or None,
-                        "max_rel_diff": float(np.abs(maps[size] - maps[0]).max()) / scale}  # fmt: skip
+                row |= {
+                    "method": method,
+                    "internal_batch_size": size or None,
+                    "max_rel_diff": float(np.abs(maps[size] - maps[0]).max()) / scale,
+                }
                 rows.append(row)
                 print(row)
     return {
-        "model": args.model, "img_size": args.img_size, "batch": args.batch,
-        "options": CHUNK_METHODS, "rows": rows,
-    }  # fmt: skip
+        "model": args.model,
+        "img_size": args.img_size,
+        "batch": args.batch,
+        "options": CHUNK_METHODS,
+        "rows": rows,
+    }
 
 
 def plot_chunking(result: dict, path: Path) -> None:
@@ -212,8 +226,14 @@ def plot_chunking(result: dict, path: Path) -> None:
     sizes = sorted({r["internal_batch_size"] or 0 for r in result["rows"]})
     width = 0.8 / len(sizes)
     for j, size in enumerate(sizes):
-        peaks = [next(r["peak_rss_mb"] for r in result["rows"] if r["method"] == m
-                      and (r["internal_batch_size"] or 0) == size) for m in methods]  # fmt: skip
+        peaks = [
+            next(
+                r["peak_rss_mb"]
+                for r in result["rows"]
+                if r["method"] == m and (r["internal_batch_size"] or 0) == size
+            )
+            for m in methods
+        ]
         pos = [i + (j - (len(sizes) - 1) / 2) * width for i in range(len(methods))]
         ax.bar(pos, peaks, width, label="unchunked" if size == 0 else f"internal_batch_size={size}")
     ax.set_xticks(range(len(methods)), methods)
@@ -246,7 +266,8 @@ def main() -> None:
         plot_chunking(result, args.out.with_suffix(".png"))
         return None
     if args.quick:
-        args.batch, args.repeats = 4, 2
+        args.batch = 4
+        args.repeats = 2
     device = torch.device(args.device)
     result = run(args.model, args.img_size, args.batch, args.repeats, device, args.method)
     result["machine"] = machine(device)

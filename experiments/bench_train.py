@@ -39,10 +39,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench_train_plots import PHASES, plot, plot_sweep  # this script's folder
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from relreg.lightning import RelRegModule
 
 CASES = ("plain", "first_order", "first_order_dense", "second_order", "two_forward")
 SWEEP_CASES = ("plain", "first_order_dense", "first_order")
@@ -60,8 +68,11 @@ def _rss_mb() -> float:
 
 
 def _install_timers(model, sync):  # noqa: ANN001, ANN202
-    """Accumulate the time of each phase of a step (see the module docstring) into a dict;
-    returns it and a function that removes the timers."""
+    """Accumulate the time of each phase of a step (see the module docstring) into a dict.
+
+    Returns:
+        The dict of seconds per phase and a function that removes the timers.
+    """
     import torch
 
     from relreg.explain.chunked import _RowTimesAttention
@@ -79,11 +90,14 @@ def _install_timers(model, sync):  # noqa: ANN001, ANN202
 
         return wrapper
 
-    originals = (torch.autograd.grad, vars(_RowTimesAttention)["forward"], vars(_RowTimesAttention)["backward"])  # fmt: skip
+    original_grad = torch.autograd.grad
+    original_forward = vars(_RowTimesAttention)["forward"]
+    original_backward = vars(_RowTimesAttention)["backward"]
 
     def restore() -> None:
-        torch.autograd.grad = originals[0]
-        _RowTimesAttention.forward, _RowTimesAttention.backward = originals[1:]
+        torch.autograd.grad = original_grad
+        _RowTimesAttention.forward = original_forward
+        _RowTimesAttention.backward = original_backward
 
     torch.autograd.grad = timed("input_gradient_backward", torch.autograd.grad)
     for name, attr in (("relevance_forward", "forward"), ("relevance_backward", "backward")):
@@ -109,134 +123,209 @@ def worker(
     model_key: str, case: str, batch: int, repeats: int, device: str, relevance_every: int
 ) -> dict:
     """Run one case in this process; returns its timings and memory."""
-    import functools
-
     import torch
 
-    from relreg.explain import explain, to_pixels
-    from relreg.lightning import RelRegModule
-    from relreg.losses import classification_loss
-    from relreg.objective import ROBUSTVIT, StepContext
-
     torch.manual_seed(0)
-    name, kwargs, size = MODELS[model_key]
-    explainer = {"second_order": case == "second_order"}
-    if case == "first_order_dense":
-        explainer["engine"] = "dense"
-    # plain: the classification term only (RobustViT's 0.2); the others: RobustViT's objective
-    objective = [{"term": "classification", "weight": 0.2}] if case == "plain" else list(ROBUSTVIT)
-    module = RelRegModule(
-        name, num_classes=1000, model_kwargs=kwargs, explainer=explainer, objective=objective,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=1e-4),
-    ).to(device)  # fmt: skip
+    module = _build_module(model_key, case, device)
     optimizer = module.configure_optimizers()["optimizer"]
-    images = torch.randn(batch, 3, size, size, device=device)
-    masks = torch.zeros(batch, size, size, device=device)
-    masks[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
-    data = {"image": images, "label": torch.arange(batch, device=device) % 10, "mask": masks}
-    data["has_mask"] = torch.ones(batch, dtype=torch.bool, device=device)
-    step_count = 0
+    data = _batch(batch, MODELS[model_key][2], device)
 
-    def forward_loss(relevance: bool) -> torch.Tensor:
-        if case == "two_forward":
-            maps = explain(
-                module.model,
-                images,
-                "chefer",
-                target=data["label"],
-                differentiable=True,
-                engine="dense",
-            )
-            rel = module.objective.terms[0].loss(
-                to_pixels(maps, size=(size, size)), masks, data["has_mask"]
-            )["loss"]
-            logits = module.model(
-                images
-            )  # RobustViT's second forward pass, for the classification term
-            lambda_seg, lambda_cls = module.objective.weights
-            return lambda_seg * rel + lambda_cls * classification_loss(logits, "self")
-        if relevance or not module.objective.needs_maps:
-            return module.model_step(data, training=True).loss
-        # a step without maps under --relevance-every k > 1 (no trainer here: the module's own
-        # count of steps stays 0, so the step is built as model_step builds it, maps off)
-        ctx = StepContext(module.model, data, module.explainer, maps_on=False, training=True)
-        return module.objective(ctx).loss
+    def forward_loss(relevance: bool) -> Tensor:
+        return _forward_loss(module, data, case, relevance)
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
+    sync = _synchronizer(device)
     acc, restore_timers = _install_timers(module.model, sync)
-
-    def step() -> dict[str, float]:
-        nonlocal step_count
-        t_start = time.perf_counter()
-        before = dict(acc)
-        loss = forward_loss(case != "plain" and step_count % relevance_every == 0)
-        step_count += 1
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        t0 = time.perf_counter()
-        loss.backward()
-        sync()
-        backward = time.perf_counter() - t0
-        optimizer.step()
-        sync()
-        phases = {k: acc[k] - before[k] for k in PHASES}
-        phases["final_backward"] = backward - phases["relevance_backward"]
-        phases["other"] = time.perf_counter() - t_start - sum(phases.values())
-        return phases
-
-    def graph_mb() -> float:
-        """Bytes of the tensors the autograd graph saves for the backward pass (parameters excluded)."""
-        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = forward_loss(case != "plain")
-        del loss
-        return sum(saved.values()) / 2**20
-
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     base_rss = _rss_mb()
-    times, phases = [], []
     try:
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            split = step()
-            if i:  # the first step is a warm-up
-                times.append(time.perf_counter() - t0)
-                phases.append(split)
+        times, phases = _time_steps(
+            forward_loss, optimizer, acc, sync, case != "plain", repeats, relevance_every
+        )
     finally:
         restore_timers()
     # With the relevance loss every k steps the cost alternates: the mean is the cost per step.
     middle = statistics.median if relevance_every == 1 else statistics.fmean
     result = {"step_s": middle(times), "step_s_all": [round(t, 4) for t in times]}
     result["phases_s"] = {k: round(middle([p[k] for p in phases]), 4) for k in PHASES}
-    result["graph_mb"] = graph_mb()
-    if device.startswith("cuda"):
-        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        result["step_peak_mb"] = result["peak_mb"]
-    else:
-        result["peak_mb"] = _rss_mb()
-        result["step_peak_mb"] = _rss_mb() - base_rss
+    result["graph_mb"] = _graph_mb(module, lambda: forward_loss(case != "plain"))
+    result.update(_peak_memory(device, base_rss))
     return result
+
+
+def _build_module(model_key: str, case: str, device: str) -> RelRegModule:
+    """The case's module: its explainer settings and objective, on ``device``."""
+    import functools
+
+    import torch
+
+    from relreg.lightning import RelRegModule
+    from relreg.objective import ROBUSTVIT
+
+    name, kwargs, _ = MODELS[model_key]
+    explainer = {"second_order": case == "second_order"}
+    if case == "first_order_dense":
+        explainer["engine"] = "dense"
+    # plain: the classification term only (RobustViT's 0.2); the others: RobustViT's objective
+    objective = [{"term": "classification", "weight": 0.2}] if case == "plain" else list(ROBUSTVIT)
+    module = RelRegModule(
+        name,
+        num_classes=1000,
+        model_kwargs=kwargs,
+        explainer=explainer,
+        objective=objective,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=1e-4),
+    )
+    return module.to(device)
+
+
+def _batch(batch: int, size: int, device: str) -> dict[str, Tensor]:
+    """Random images, each with a centred square mask, labels ``0..9`` in turn."""
+    import torch
+
+    images = torch.randn(batch, 3, size, size, device=device)
+    masks = torch.zeros(batch, size, size, device=device)
+    masks[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    return {
+        "image": images,
+        "label": torch.arange(batch, device=device) % 10,
+        "mask": masks,
+        "has_mask": torch.ones(batch, dtype=torch.bool, device=device),
+    }
+
+
+def _forward_loss(
+    module: RelRegModule, data: dict[str, Tensor], case: str, relevance: bool
+) -> Tensor:
+    from relreg.objective import StepContext
+
+    if case == "two_forward":
+        return _two_forward_loss(module, data)
+    if relevance or not module.objective.needs_maps:
+        return module.model_step(data, training=True).loss
+    # a step without maps under --relevance-every k > 1 (no trainer here: the module's own
+    # count of steps stays 0, so the step is built as model_step builds it, maps off)
+    ctx = StepContext(module.model, data, module.explainer, maps_on=False, training=True)
+    return module.objective(ctx).loss
+
+
+def _two_forward_loss(module: RelRegModule, data: dict[str, Tensor]) -> Tensor:
+    """RobustViT's step: dense relevance from one forward pass, the classification from another."""
+    from relreg.explain import explain, to_pixels
+    from relreg.losses import classification_loss
+
+    images = data["image"]
+    masks = data["mask"]
+    maps = explain(
+        module.model,
+        images,
+        "chefer",
+        target=data["label"],
+        differentiable=True,
+        engine="dense",
+    )
+    pixels = to_pixels(maps, size=tuple(masks.shape[-2:]))
+    rel = module.objective.terms[0].loss(pixels, masks, data["has_mask"])["loss"]
+    # RobustViT's second forward pass, for the classification term
+    logits = module.model(images)
+    lambda_seg, lambda_cls = module.objective.weights
+    return lambda_seg * rel + lambda_cls * classification_loss(logits, "self")
+
+
+def _synchronizer(device: str) -> Callable[[], None]:
+    """A function that waits for the device's queued work (a no-op off CUDA)."""
+    import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return sync
+
+
+def _step(
+    forward_loss: Callable[[bool], Tensor],
+    optimizer: torch.optim.Optimizer,
+    acc: dict[str, float],
+    sync: Callable[[], None],
+    relevance: bool,
+) -> dict[str, float]:
+    """One optimiser step; returns the seconds of each phase."""
+    t_start = time.perf_counter()
+    before = dict(acc)
+    loss = forward_loss(relevance)
+    optimizer.zero_grad(set_to_none=True)
+    sync()
+    t0 = time.perf_counter()
+    loss.backward()
+    sync()
+    backward = time.perf_counter() - t0
+    optimizer.step()
+    sync()
+    phases = {k: acc[k] - before[k] for k in PHASES}
+    phases["final_backward"] = backward - phases["relevance_backward"]
+    phases["other"] = time.perf_counter() - t_start - sum(phases.values())
+    return phases
+
+
+def _time_steps(
+    forward_loss: Callable[[bool], Tensor],
+    optimizer: torch.optim.Optimizer,
+    acc: dict[str, float],
+    sync: Callable[[], None],
+    with_relevance: bool,
+    repeats: int,
+    relevance_every: int,
+) -> tuple[list[float], list[dict[str, float]]]:
+    """A warm-up step, then ``repeats`` timed ones: their seconds and their phases."""
+    times = []
+    phases = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        split = _step(
+            forward_loss, optimizer, acc, sync, with_relevance and i % relevance_every == 0
+        )
+        if i:  # the first step is a warm-up
+            times.append(time.perf_counter() - t0)
+            phases.append(split)
+    return times, phases
+
+
+def _graph_mb(module: RelRegModule, loss_fn: Callable[[], Tensor]) -> float:
+    """Megabytes the autograd graph of ``loss_fn()`` saves for backward (parameters excluded)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    del loss
+    return sum(saved.values()) / 2**20
+
+
+def _peak_memory(device: str, base_rss: float) -> dict[str, float]:
+    """``peak_mb`` of the process and ``step_peak_mb`` of the steps (CUDA: the same number)."""
+    import torch
+
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return {"peak_mb": peak, "step_peak_mb": peak}
+    return {"peak_mb": _rss_mb(), "step_peak_mb": _rss_mb() - base_rss}
 
 
 def run_case(model_key: str, case: str, args: argparse.Namespace) -> dict:
     if args.same_process:  # smoke tests: one import for all cases, memory not isolated
         return worker(model_key, case, args.batch, args.repeats, args.device, args.relevance_every)
-    cmd = [
-        sys.executable, __file__, "--worker", "--model", model_key, "--case", case, "--batch", str(args.batch),
-        "--repeats", str(args.repeats), "--device", args.device, "--relevance-every", str(args.relevance_every),
-    ]  # fmt: skip
+    cmd = [sys.executable, __file__, "--worker", "--model", model_key, "--case", case]
+    cmd += ["--batch", str(args.batch), "--repeats", str(args.repeats), "--device", args.device]
+    cmd += ["--relevance-every", str(args.relevance_every)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -262,9 +351,11 @@ def _run_all(models: list[str], cases: tuple[str, ...], args: argparse.Namespace
     for m in models:
         results = {}
         for case in cases:
-            results[case] = c = run_case(m, case, args)
+            c = run_case(m, case, args)
+            results[case] = c
             print(
-                f"{m:14s} {case:18s} {c['step_s']:.3f} s/step  step peak {c['step_peak_mb']:.0f} MB  "
+                f"{m:14s} {case:18s} {c['step_s']:.3f} s/step  "
+                f"step peak {c['step_peak_mb']:.0f} MB  "
                 f"process peak {c['peak_mb']:.0f} MB  graph {c['graph_mb']:.0f} MB",
                 flush=True,
             )
@@ -313,7 +404,9 @@ def main() -> None:
         print(json.dumps(result))
         return
     if args.quick and not args.sweep:
-        args.models, args.batch, args.repeats = ["vit_small_224"], 8, 2
+        args.models = ["vit_small_224"]
+        args.batch = 8
+        args.repeats = 2
     result = {
         "device": args.device,
         "batch": args.batch,
@@ -328,7 +421,8 @@ def main() -> None:
         result["sweep"] = _run_all(models, ("plain",) + cases, args)
         for m, row in result["sweep"].items():
             _, kwargs, size = MODELS[m]
-            row["img_size"], row["tokens"] = size, (size // kwargs.get("patch_size", 16)) ** 2 + 1
+            row["img_size"] = size
+            row["tokens"] = (size // kwargs.get("patch_size", 16)) ** 2 + 1
         out = args.out.with_name(args.out.stem + "_tokens.json")
         out.write_text(json.dumps(result, indent=2))
         plot_sweep(result, out.with_suffix(".png"))

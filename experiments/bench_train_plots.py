@@ -25,7 +25,10 @@ def _pyplot():  # noqa: ANN202
 
 def _title(result: dict, what: str) -> str:
     m = result["machine"]
-    return f"{what}, batch {result['batch']}, {m['device']} {m['device_name']} ({m['torch_threads']} threads)"
+    return (
+        f"{what}, batch {result['batch']}, {m['device']} {m['device_name']} "
+        f"({m['torch_threads']} threads)"
+    )
 
 
 def plot(result: dict, path: Path) -> None:
@@ -73,11 +76,15 @@ def plot_sweep(result: dict, path: Path) -> None:
     for case in next(iter(result["sweep"].values()))["cases"]:
         color = colors.get(case)
         rows = [result["sweep"][m]["cases"][case] for m in result["sweep"]]
-        extra = [r["peak_mb"] - p["cases"]["plain"]["peak_mb"] for r, p in zip(
-            rows, result["sweep"].values(), strict=True)]  # fmt: skip
+        extra = [
+            r["peak_mb"] - p["cases"]["plain"]["peak_mb"]
+            for r, p in zip(rows, result["sweep"].values(), strict=True)
+        ]
         axes[0].plot(tokens, [r["peak_mb"] for r in rows], "o-", color=color, label=case)
-        graph = [r["graph_mb"] - p["cases"]["plain"]["graph_mb"] for r, p in zip(
-            rows, result["sweep"].values(), strict=True)]  # fmt: skip
+        graph = [
+            r["graph_mb"] - p["cases"]["plain"]["graph_mb"]
+            for r, p in zip(rows, result["sweep"].values(), strict=True)
+        ]
         axes[1].plot(tokens, extra, "o-", color=color, label=f"{case}: process peak")
         axes[1].plot(tokens, graph, "s--", color=color, label=f"{case}: autograd graph")
         ratios = [result["sweep"][m]["ratios"][case]["time_ratio"] for m in result["sweep"]]

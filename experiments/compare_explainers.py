@@ -74,8 +74,14 @@ def run(args: argparse.Namespace) -> dict:
     plain = [m for m in methods if m not in VARIANTS]
 
     def evaluate(names: list[str], options: dict | None = None) -> dict:
-        return evaluate_models({"model": model}, data, names, batch_size=args.batch_size,
-                               method_options=options, progress=not args.quiet)  # fmt: skip
+        return evaluate_models(
+            {"model": model},
+            data,
+            names,
+            batch_size=args.batch_size,
+            method_options=options,
+            progress=not args.quiet,
+        )
 
     report = evaluate(plain) if plain else None
     explainers = dict(report["models"]["model"]["explainers"]) if report else {}
@@ -93,8 +99,10 @@ def run(args: argparse.Namespace) -> dict:
         "checkpoint": str(args.checkpoint),
         "data": f"shapes:{args.split}:{args.n} (SpuriousShapes, masks of every image)",
         "accuracy": report["models"]["model"]["accuracy"]["data"],
-        "protocol": "perturbation: predicted class, pixels set to black, fractions 0.1..0.9, AUC x100; "
-        "segmentation: map upsampled, min-max normalised, thresholded at its mean",
+        "protocol": (
+            "perturbation: predicted class, pixels set to black, fractions 0.1..0.9, AUC x100; "
+            "segmentation: map upsampled, min-max normalised, thresholded at its mean"
+        ),
         "table": table,
         "ranks": ranks,
         "mean_rank": {
@@ -111,8 +119,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def _figure(result: dict, methods: list[str], path: Path) -> None:
     order = sorted(methods, key=lambda m: result["mean_rank"][m])
-    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(3.0 * len(COLUMNS), 0.35 * len(order) + 1.6),
-                             sharey=True, constrained_layout=True)  # fmt: skip
+    figsize = (3.0 * len(COLUMNS), 0.35 * len(order) + 1.6)
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=figsize, sharey=True, constrained_layout=True)
     for ax, (key, title, higher) in zip(axes, COLUMNS, strict=True):
         values = [result["table"][m][key] for m in order]
         scale = 1.0 if key.startswith("perturbation") else 100.0
@@ -149,8 +157,12 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=Path("runs/demo/bias/final.ckpt"))
     p.add_argument("--split", default="ood", help="SpuriousShapes split (masks on every image)")
     p.add_argument("--n", type=int, default=256, help="number of images")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="registered explainers and VARIANTS rows; default: all of them")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="registered explainers and VARIANTS rows; default: all of them",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("experiments/results/compare_explainers.json"))

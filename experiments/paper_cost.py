@@ -6,9 +6,10 @@ step: ``plain`` (forward + backward of the classification loss) and ``relreg`` (
 step: relevance with the default chunked engine, the RobustViT loss and the classification term,
 then the backward pass). Matrix products only (what FlopCounterMode counts), so elementwise work is
 left out; the CPU's fused attention kernel, which FlopCounterMode does not know, is counted with
-PyTorch's own formulas for fused attention (``sdpa_flop_count``, ``sdpa_backward_flop_count``). From them: the FLOPs of one epoch of RobustViT's 1,500 training images and of the 50-epoch
-run, and the parameter memory of training (fp32 weights, gradients and AdamW's two moments:
-16 bytes per parameter). Writes JSON and a figure.
+PyTorch's own formulas for fused attention (``sdpa_flop_count``, ``sdpa_backward_flop_count``).
+From them: the FLOPs of one epoch of RobustViT's 1,500 training images and of the 50-epoch run,
+and the parameter memory of training (fp32 weights, gradients and AdamW's two moments: 16 bytes
+per parameter). Writes JSON and a figure.
 
     python experiments/paper_cost.py --out experiments/results/paper_cost.json
 """
@@ -23,7 +24,8 @@ import yaml
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_IMAGES, EPOCHS = 1500, 50
+TRAIN_IMAGES = 1500
+EPOCHS = 50
 
 
 def paper_models() -> dict[str, dict]:

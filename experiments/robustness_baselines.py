@@ -16,7 +16,8 @@ the JSON (``{"summary": {KIND: {METHOD: {"ood_gain": {"mean", "std", "per_baseli
 ..., "gain_every_seed": [...]}}}, "per_baseline": {...}}``), ``*.png`` next to it (one dot per
 baseline), ``*_cue.png`` (relevance on the cue against reliance on it, every fine-tuned model) and
 ``*_recovery.png`` (the recovered share while fine-tuning; ``--steps`` for a longer fine-tune;
-``--no-source-task`` pre-trains on the task's own classes instead of a config's source task). About 7 minutes per baseline seed with the default methods on 2 CPU cores (1320 s for three).
+``--no-source-task`` pre-trains on the task's own classes instead of a config's source task).
+About 7 minutes per baseline seed with the default methods on 2 CPU cores (1320 s for three).
 
 The pieces live in the package ``experiments/robustness/``: ``robustness.baselines`` (study reuse,
 summaries), ``robustness.study`` (one baseline seed's run) and ``robustness.plots``.
@@ -47,6 +48,34 @@ DEFAULT_METHODS = ["relreg", "relreg_label", "relreg_teacher", "energy", "counte
 
 
 def main() -> None:
+    parser = _parser()
+    args = parser.parse_args()
+    if args.replot:
+        _replot(args.out)
+        return
+    methods = [m for m in args.methods if m != "control"]
+    cfg = _config(parser, args, methods)
+    study = json.loads(args.from_study.read_text()) if args.from_study else None
+    start = time.perf_counter()
+    per_baseline = _run_baselines(cfg, args, study)
+    out = {
+        "machine": machine("cpu"),
+        "config": cfg,
+        "seeds": args.seeds,
+        "baseline_seeds": args.baseline_seeds,
+        "methods": methods,
+        "summary": summarise_gains(per_baseline, methods),
+        "per_baseline": per_baseline,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
+    plot_baselines(out, args.out)
+    _print_summary(out["summary"], methods)
+    print(f"wrote {args.out} in {out['seconds']:.0f} s")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "robustness_baselines.json"
@@ -83,13 +112,19 @@ def main() -> None:
         "--replot", action="store_true", help="only recompute the summary and redraw the figures"
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    args = parser.parse_args()
-    if args.replot:  # the summary is recomputed from the stored per-baseline results
-        out = json.loads(args.out.read_text())
-        out["summary"] = summarise_gains(out["per_baseline"], out["methods"])
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
-        plot_baselines(out, args.out)
-        return
+    return parser
+
+
+def _replot(path: Path) -> None:
+    """Recompute the summary from the stored per-baseline results and redraw the figures."""
+    out = json.loads(path.read_text())
+    out["summary"] = summarise_gains(out["per_baseline"], out["methods"])
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
+    plot_baselines(out, path)
+
+
+def _config(parser: argparse.ArgumentParser, args: argparse.Namespace, methods: list[str]) -> dict:
+    """The study's config with the command line's methods, benchmarks and steps."""
     cfg = load_config(parser, args)
     if args.no_source_task:
         drop_source_task(parser, cfg, args.config)
@@ -99,7 +134,6 @@ def main() -> None:
         except json.JSONDecodeError as err:
             parser.error(f"--define {name}: expected a JSON object, but got {spec!r} ({err})")
     check_methods(parser, cfg, args.methods)
-    methods = [m for m in args.methods if m != "control"]
     cfg["methods"] = {k: v for k, v in cfg["methods"].items() if k in {"control", *methods}}
     if args.benchmarks:
         cfg["benchmarks"] = args.benchmarks
@@ -109,8 +143,11 @@ def main() -> None:
         cfg["finetune"]["steps"] = args.steps
     if args.quick:
         shrink(cfg)
-    study = json.loads(args.from_study.read_text()) if args.from_study else None
-    start = time.perf_counter()
+    return cfg
+
+
+def _run_baselines(cfg: dict, args: argparse.Namespace, study: dict | None) -> dict[str, dict]:
+    """Per baseline seed, the compacted study run (reused from ``study`` where it matches)."""
     per_baseline: dict[str, dict] = {}
     for b in args.baseline_seeds:
         if study is not None and study_matches(study, cfg, args.seeds, b):
@@ -126,27 +163,17 @@ def main() -> None:
             faithful=False,
         )
         per_baseline[str(b)] = compact(result, cfg["benchmarks"])
-    out = {
-        "machine": machine("cpu"),
-        "config": cfg,
-        "seeds": args.seeds,
-        "baseline_seeds": args.baseline_seeds,
-        "methods": methods,
-        "summary": summarise_gains(per_baseline, methods),
-        "per_baseline": per_baseline,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
-    plot_baselines(out, args.out)
-    for kind, rows in out["summary"].items():
+    return per_baseline
+
+
+def _print_summary(summary: dict, methods: list[str]) -> None:
+    for kind, rows in summary.items():
         for name in methods:
             r = rows[name]
             print(
                 f"{kind} {name}: OOD - control {r['ood_gain']['mean']:+.3f} "
                 f"{r['ood_gain']['per_baseline']}, ID - control {r['id_diff']['mean']:+.3f}"
             )
-    print(f"wrote {args.out} in {out['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def main() -> None:
     check_methods(parser, cfg, args.methods)
     if args.quick:
         shrink(cfg)
-        args.gauge_n, args.gauge_steps = 8, 2
+        args.gauge_n = 8
+        args.gauge_steps = 2
     cfg["baseline_seed"] = args.baseline_seed
     cfg["faithfulness"]["explainers"] = EXPLAINERS
     kind = args.benchmark

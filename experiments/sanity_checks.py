@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> dict:
         table[method] = {}
         for order in ("cascading", "independent"):
             torch.manual_seed(0)
-            r = model_randomisation(model, images, method, order=order, seed=0,
-                                    **FAST.get(method, {}))  # fmt: skip
+            r = model_randomisation(
+                model, images, method, order=order, seed=0, **FAST.get(method, {})
+            )
             table[method][order] = r.summary()
             print(method, order, table[method][order]["spearman_abs"])
     result = {

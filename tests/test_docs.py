@@ -82,3 +82,25 @@ def test_relative_links_resolve(page):
         elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
             broken.append(f"{target} (no heading #{anchor})")
     assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def _section(page: Path, heading: str) -> str:
+    """The text under the level-2 heading ``## heading`` of ``page``, up to the next one."""
+    pattern = rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)"
+    found = re.search(pattern, page.read_text(), flags=re.S | re.M)
+    assert found, f"{page.name} has no section '## {heading}'"
+    return found.group(1)
+
+
+def test_architecture_training_step_walk_through_runs(tmp_path, monkeypatch):
+    """The python block of architecture.md's "One training step" runs as written: a tiny
+    RelRegModule's model_step on a SpuriousShapes batch, asserting on its StepOutput."""
+    section = _section(ARCHITECTURE, "One training step")
+    blocks = [code for lang, code in FENCE.findall(section) if lang == "python"]
+    assert len(blocks) == 1, f"expected one python block in that section, got {len(blocks)}"
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(blocks[0], str(ARCHITECTURE), "exec"), {"__name__": "docs_example_architecture"})

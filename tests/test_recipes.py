@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
+import relreg.evaluation
 import relreg.explain.registry
-import relreg.metrics.registry
+import relreg.metrics
 import relreg.objective.term
 from relreg.data import SpuriousShapes
 from relreg.evaluation import evaluate_models
@@ -36,7 +37,8 @@ def recipes(monkeypatch) -> dict:
     monkeypatch.setattr(explainers, "_entries", dict(explainers._entries))
     terms = relreg.objective.term.TERMS
     monkeypatch.setattr(terms, "_entries", dict(terms._entries))
-    monkeypatch.setattr(relreg.metrics.registry, "_METRICS", dict(relreg.metrics.registry._METRICS))
+    for registry in (relreg.metrics.METRICS, relreg.evaluation.DISPLAYS):
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
     scope: dict = {}
     for marker in ("register_explainer(", "register_term(", "register_metric("):
         exec(compile(_block("python", marker), str(PAGE), "exec"), scope)
@@ -106,4 +108,5 @@ def test_toy_metric_reaches_the_report_the_summary_and_the_callback(recipes, tmp
 def test_registries_are_back_to_the_built_ins():
     assert "gradient_l2" not in list_explainers()
     assert "outside_l1" not in relreg.objective.list_terms()
-    assert "outside_peak" not in relreg.metrics.registry.list_metrics()
+    assert "outside_peak" not in relreg.metrics.list_metrics()
+    assert "outside_peak" not in relreg.evaluation.DISPLAYS

@@ -53,7 +53,8 @@ def faithfulness(cfg: dict, model: torch.nn.Module, kind: str) -> dict:
     model.eval()
     n = cfg["faithfulness"]["n"]
     data = make_split(cfg, kind, "ood", n, seed=2)
-    x, m = data["image"], data["mask"]
+    x = data["image"]
+    m = data["mask"]
     with torch.no_grad():
         logits = model(x)
     pred = logits.argmax(1)
@@ -66,7 +67,8 @@ def faithfulness(cfg: dict, model: torch.nn.Module, kind: str) -> dict:
     swapped = swap_backgrounds(x, m)
     with torch.no_grad():
         flips = (model(swapped).argmax(1) != pred).float().mean().item()
-    pos_bg, pos_fg = drop_bg.clamp_min(0).mean(), drop_fg.clamp_min(0).mean()
+    pos_bg = drop_bg.clamp_min(0).mean()
+    pos_fg = drop_fg.clamp_min(0).mean()
     z = logits.gather(1, pred[:, None]).squeeze(1)
     effects = {
         "bg_occlusion_logit_drop": (z - _class_logit(model, x * fg, pred)).mean().item(),

@@ -65,7 +65,7 @@ def rule_variants(model: torch.nn.Module, images: Tensor, target: Tensor) -> dic
 
 @torch.no_grad()
 def value_flow(model: torch.nn.Module, images: Tensor, senders: Tensor) -> dict[str, list[float]]:
-    """Per block: how much of what the CLS token and the object's tokens receive comes from ``senders``.
+    """Per block: how much of what the CLS and the object's tokens receive comes from ``senders``.
 
     For receiver ``i`` and head ``h``, the attention output splits into the part from the senders,
     ``sum_{j in S} A_hij v_hj``, and the rest; ``*_value_share`` is the norm of the first over the
@@ -90,8 +90,10 @@ def value_flow(model: torch.nn.Module, images: Tensor, senders: Tensor) -> dict[
     for a, qkv, m in zip(capture.attentions, values, modules, strict=True):
         b, n, _ = qkv.shape
         v = qkv[..., 2 * qkv.shape[-1] // 3 :].reshape(b, n, m.num_heads, -1).transpose(1, 2)
-        from_s, from_rest = (a * s) @ v, (a * (1 - s)) @ v  # (B, h, N, d)
-        ns, nr = from_s.norm(dim=-1), from_rest.norm(dim=-1)
+        from_s = (a * s) @ v  # (B, h, N, d)
+        from_rest = (a * (1 - s)) @ v
+        ns = from_s.norm(dim=-1)
+        nr = from_rest.norm(dim=-1)
         share = (ns / (ns + nr).clamp_min(1e-12)).mean(1)  # (B, N)
         mass = (a * s).sum(-1).mean(1)  # (B, N)
         w = objects.to(share.dtype)
@@ -147,10 +149,11 @@ class ValueBiasGauge:
 def gauge_shift(
     model: torch.nn.Module, images: Tensor, masks: Tensor, steps: int = 60, lr: float = 0.1
 ) -> dict[str, float]:
-    """Move Chefer relevance onto the object without changing the function (:class:`ValueBiasGauge`).
+    """Move Chefer relevance onto the object without changing the function.
 
-    Adam on the value-bias gauge only (the weights are untouched), minimising the share of Chefer
-    relevance outside ``masks`` (the energy loss) through the second-order maps.
+    Adam on the value-bias gauge (:class:`ValueBiasGauge`) only (the weights are untouched),
+    minimising the share of Chefer relevance outside ``masks`` (the energy loss) through the
+    second-order maps.
 
     Args:
         model: the model (its weights are not changed; left in train mode).

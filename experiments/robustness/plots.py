@@ -32,7 +32,8 @@ def plot_curves(result: dict, path: Path) -> None:
                 ax.axhline(arm["ood_acc"]["mean"], color="k", ls=":", label=name)
                 continue
             c = arm["curve"]
-            mean, std = c["ood_acc"]["mean"], c["ood_acc"]["std"]
+            mean = c["ood_acc"]["mean"]
+            std = c["ood_acc"]["std"]
             line = ax.plot(c["steps"], mean, marker="o", ms=3, label=name)[0]
             ax.fill_between(
                 c["steps"],
@@ -121,9 +122,10 @@ def plot_faithfulness(result: dict, path: Path) -> None:
             label="background share of the pixels",
         )
         ax.set(
-            title=f"{kind} baseline, OOD images: occluding the cue ({f['effects']['cue_area_share']:.1%} "
-            f"of pixels) lowers\np(prediction) by {f['effects']['cue_occlusion_drop']:.2f}; "
-            f"swapping the background flips {f['effects']['bg_swap_flip_rate']:.0%} of predictions",
+            title=f"{kind} baseline, OOD images: occluding the cue "
+            f"({f['effects']['cue_area_share']:.1%} of pixels) lowers\n"
+            f"p(prediction) by {f['effects']['cue_occlusion_drop']:.2f}; swapping the background "
+            f"flips {f['effects']['bg_swap_flip_rate']:.0%} of predictions",
             ylim=(0, 1),
         )
         ax.title.set_fontsize(8)
@@ -201,10 +203,8 @@ def plot_gains(result: dict, path: Path) -> None:
     rows = [("ood_gain", "OOD acc - control"), ("id_diff", "ID acc - control")]
     if all(summary[k][methods[0]].get("recovery") for k in kinds):
         rows.append(("recovery", "recovered share of the OOD loss"))
-    fig, axes = plt.subplots(
-        len(rows), len(kinds), figsize=(5.5 * len(kinds), 3.25 * len(rows)), squeeze=False,
-        sharex=True,
-    )  # fmt: skip
+    figsize = (5.5 * len(kinds), 3.25 * len(rows))
+    fig, axes = plt.subplots(len(rows), len(kinds), figsize=figsize, squeeze=False, sharex=True)
     for j, kind in enumerate(kinds):
         for i, (key, label) in enumerate(rows):
             ax = axes[i][j]
@@ -223,7 +223,8 @@ def plot_gains(result: dict, path: Path) -> None:
                 ax.axhline(0.15, color="r", ls=":", lw=1, label="+15 points")
                 ax.legend(fontsize=7)
                 ax.set_title(
-                    f"{kind}: one dot per baseline (mean of {len(result['seeds'])} fine-tune seeds)",
+                    f"{kind}: one dot per baseline "
+                    f"(mean of {len(result['seeds'])} fine-tune seeds)",
                     fontsize=9,
                 )
             elif key == "recovery":
@@ -254,9 +255,11 @@ def plot_cue(result: dict, path: Path) -> None:
     names = ["control", *result["methods"]]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
-        xs_all, ys_all = [], []
+        xs_all = []
+        ys_all = []
         for i, name in enumerate(names):
-            xs, ys = [], []
+            xs = []
+            ys = []
             for one in per_baseline.values():
                 arm = one["benchmarks"][kind][name]
                 xs += arm["cue_relevance"]["per_seed"]
@@ -310,7 +313,8 @@ def plot_recovery(result: dict, path: Path) -> None:
         ax.axhline(0.8, color="r", ls=":", lw=1, label="80%")
         ax.axhline(0, color="k", lw=0.8)
         ax.set(
-            title=f"{kind}: share of the OOD loss recovered over the control (one thin line per baseline)",
+            title=f"{kind}: share of the OOD loss recovered over the control "
+            "(one thin line per baseline)",
             xlabel="fine-tuning step",
             ylabel="(OOD(step) - OOD control) / (OOD pretrained - OOD control)",
         )

@@ -371,7 +371,8 @@ def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
                 cfg, kind, "unbiased", cfg["eval"]["n"], seed=1, held_out=True, num_classes=k
             )
             log(
-                f"{kind} source task ({k} classes): unbiased_acc {accuracy(model, src):.3f}, {time.perf_counter() - start:.0f} s"
+                f"{kind} source task ({k} classes): unbiased_acc {accuracy(model, src):.3f}, "
+                f"{time.perf_counter() - start:.0f} s"
             )
             keep_classes(model, cfg["num_classes"])
         _SOURCES[key] = copy.deepcopy(model.state_dict())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from machine_info import machine  # experiments/machine_info.py (the scripts' folder)
 from tqdm import tqdm
@@ -25,6 +25,9 @@ from robustness.protocol import (
     term_weight,
     with_weight,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 def run(cfg: dict, seeds: list[int], log: Any, sweeps: bool = True, faithful: bool = True) -> dict:
@@ -45,103 +48,146 @@ def run(cfg: dict, seeds: list[int], log: Any, sweeps: bool = True, faithful: bo
     """
     start = time.perf_counter()
     result: dict[str, Any] = {"machine": machine("cpu"), "seeds": seeds, "config": cfg}
-    result["benchmarks"], result["baselines"], result["faithfulness"] = {}, {}, {}
+    result["benchmarks"] = {}
+    result["baselines"] = {}
+    result["faithfulness"] = {}
     bases: dict[str, dict] = {}
-    methods = cfg["methods"]
-    total = len(cfg["benchmarks"]) * len(methods) * len(seeds)
+    bar = tqdm(total=_count_runs(cfg, seeds, sweeps), desc="fine-tunes", unit="run", disable=None)
+    for kind in cfg["benchmarks"]:
+        base, stages = build_baseline(cfg, kind, log)
+        bases[kind] = base
+        model, arms = _run_benchmark(cfg, kind, base, seeds, log, bar)
+        result["baselines"][kind] = stages
+        result["benchmarks"][kind] = arms
+        if faithful:
+            result["faithfulness"][kind] = faithfulness(cfg, model, kind)
+    if sweeps:
+        result["sweeps"] = _run_sweeps(cfg, result["benchmarks"], bases, seeds, log, bar)
+    bar.close()
+    result["gains"] = gains(result["benchmarks"])
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _count_runs(cfg: dict, seeds: list[int], sweeps: bool) -> int:
+    """How many fine-tunes :func:`run` makes (the progress bar's total)."""
+    total = len(cfg["benchmarks"]) * len(cfg["methods"]) * len(seeds)
     if sweeps:
         sw = cfg["sweeps"]
         total += len(seeds) * (
             len(sw["per_class"]["methods"]) * len(sw["per_class"]["values"])
             + sum(len(w["values"]) for w in sw["weight"].values())
         )
-    bar = tqdm(total=total, desc="fine-tunes", unit="run", disable=None)
-    for kind in cfg["benchmarks"]:
-        base, stages = build_baseline(cfg, kind, log)
-        bases[kind] = base
-        evals = eval_splits(cfg, kind)
-        model = new_model(cfg)
-        model.load_state_dict(base)
-        baseline = evaluate(model, evals, kind, cfg["eval"]["relevance_n"])
-        result["baselines"][kind] = stages
-        arms = {"baseline": summarise([baseline])}
-        for name, method in methods.items():
-            runs = []
-            for seed in seeds:
-                runs.append(finetune(cfg, base, kind, method, seed, evals))
-                bar.update()
-            arms[name] = summarise(runs)
-            log(
-                f"{kind} {name}: "
-                + ", ".join(f"{k} {arms[name][k]['mean']:.3f}" for k in METRICS)
-                + f"; OOD per seed {arms[name]['ood_acc']['per_seed']}"
-            )
-        result["benchmarks"][kind] = arms
-        if faithful:
-            result["faithfulness"][kind] = faithfulness(cfg, model, kind)
-    if sweeps:
-        sw = cfg["sweeps"]
-        kind = sw["benchmark"]
-        evals = eval_splits(cfg, kind)
-        default = cfg["finetune"]["per_class"]
-        result["sweeps"] = {"benchmark": kind}
-        per_class: dict[str, dict] = {}
-        for name in sw["per_class"]["methods"]:
-            per_class[name] = {str(default): result["benchmarks"][kind][name]}
-            for value in sw["per_class"]["values"]:
-                runs = []
-                for seed in seeds:
-                    runs.append(
-                        finetune(
-                            cfg, bases[kind], kind, methods[name], seed, evals, per_class=value
-                        )
-                    )
-                    bar.update()
-                per_class[name][str(value)] = summarise(runs)
-        result["sweeps"]["per_class"] = {
-            "label": "masked images per class",
-            "results": _strip(per_class),
-        }
-        weight: dict[str, dict] = {}
-        for name, spec in sw["weight"].items():
-            term = spec["term"]
-            weight[name] = {str(term_weight(methods[name], term)): result["benchmarks"][kind][name]}
-            for value in spec["values"]:
-                runs = []
-                for seed in seeds:
-                    runs.append(
-                        finetune(
-                            cfg,
-                            bases[kind],
-                            kind,
-                            with_weight(methods[name], term, value),
-                            seed,
-                            evals,
-                        )
-                    )
-                    bar.update()
-                weight[name][str(value)] = summarise(runs)
-        result["sweeps"]["weight"] = {
-            "label": "term weight (classification weight 1)",
-            "keys": {name: spec["term"] for name, spec in sw["weight"].items()},
-            "results": _strip(weight),
-        }
+    return total
+
+
+def _finetunes(
+    cfg: dict,
+    base: dict,
+    kind: str,
+    method: dict,
+    evals: dict,
+    seeds: list[int],
+    bar: tqdm,
+    **options: Any,
+) -> dict:
+    """``method`` fine-tuned from ``base`` with every seed (one tick of ``bar`` each), summarised.
+
+    ``options`` go to :func:`robustness.protocol.finetune` (e.g. ``per_class``).
+    """
+    runs = []
+    for seed in seeds:
+        runs.append(finetune(cfg, base, kind, method, seed, evals, **options))
+        bar.update()
+    return summarise(runs)
+
+
+def _run_benchmark(
+    cfg: dict, kind: str, base: dict, seeds: list[int], log: Any, bar: tqdm
+) -> tuple[torch.nn.Module, dict]:
+    """The baseline and every method over ``seeds`` on one benchmark.
+
+    Returns:
+        The baseline model and the summarised arms (``baseline`` and one per method).
+    """
+    evals = eval_splits(cfg, kind)
+    model = new_model(cfg)
+    model.load_state_dict(base)
+    baseline = evaluate(model, evals, kind, cfg["eval"]["relevance_n"])
+    arms = {"baseline": summarise([baseline])}
+    for name, method in cfg["methods"].items():
+        arms[name] = _finetunes(cfg, base, kind, method, evals, seeds, bar)
         log(
-            "sweeps: "
-            + json.dumps(
-                {
-                    k: {
-                        m: {x: v["ood_acc"]["mean"] for x, v in pts.items()}
-                        for m, pts in result["sweeps"][k]["results"].items()
-                    }
-                    for k in ("per_class", "weight")
-                }
-            )
+            f"{kind} {name}: "
+            + ", ".join(f"{k} {arms[name][k]['mean']:.3f}" for k in METRICS)
+            + f"; OOD per seed {arms[name]['ood_acc']['per_seed']}"
         )
-    bar.close()
-    result["gains"] = gains(result["benchmarks"])
-    result["seconds"] = round(time.perf_counter() - start, 1)
+    return model, arms
+
+
+def _run_sweeps(
+    cfg: dict, benchmarks: dict, bases: dict, seeds: list[int], log: Any, bar: tqdm
+) -> dict:
+    """The mask-budget and loss-weight sweeps on ``cfg["sweeps"]["benchmark"]``.
+
+    The arms the study already ran (``benchmarks``) give each sweep its default point.
+    """
+    sw = cfg["sweeps"]
+    kind = sw["benchmark"]
+    evals = eval_splits(cfg, kind)
+    result = {"benchmark": kind}
+    per_class = _per_class_sweep(cfg, benchmarks[kind], bases[kind], kind, evals, seeds, bar)
+    result["per_class"] = {"label": "masked images per class", "results": _strip(per_class)}
+    weight = _weight_sweep(cfg, benchmarks[kind], bases[kind], kind, evals, seeds, bar)
+    result["weight"] = {
+        "label": "term weight (classification weight 1)",
+        "keys": {name: spec["term"] for name, spec in sw["weight"].items()},
+        "results": _strip(weight),
+    }
+    log(
+        "sweeps: "
+        + json.dumps(
+            {
+                k: {
+                    m: {x: v["ood_acc"]["mean"] for x, v in pts.items()}
+                    for m, pts in result[k]["results"].items()
+                }
+                for k in ("per_class", "weight")
+            }
+        )
+    )
     return result
+
+
+def _per_class_sweep(
+    cfg: dict, arms: dict, base: dict, kind: str, evals: dict, seeds: list[int], bar: tqdm
+) -> dict:
+    """Per swept method and number of masked images per class, the summarised fine-tunes."""
+    methods = cfg["methods"]
+    default = cfg["finetune"]["per_class"]
+    points: dict[str, dict] = {}
+    for name in cfg["sweeps"]["per_class"]["methods"]:
+        points[name] = {str(default): arms[name]}
+        for value in cfg["sweeps"]["per_class"]["values"]:
+            points[name][str(value)] = _finetunes(
+                cfg, base, kind, methods[name], evals, seeds, bar, per_class=value
+            )
+    return points
+
+
+def _weight_sweep(
+    cfg: dict, arms: dict, base: dict, kind: str, evals: dict, seeds: list[int], bar: tqdm
+) -> dict:
+    """Per swept method and weight of its term, the summarised fine-tunes."""
+    methods = cfg["methods"]
+    points: dict[str, dict] = {}
+    for name, spec in cfg["sweeps"]["weight"].items():
+        term = spec["term"]
+        points[name] = {str(term_weight(methods[name], term)): arms[name]}
+        for value in spec["values"]:
+            method = with_weight(methods[name], term, value)
+            points[name][str(value)] = _finetunes(cfg, base, kind, method, evals, seeds, bar)
+    return points
 
 
 def gains(benchmarks: dict) -> dict:

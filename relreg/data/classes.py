@@ -29,7 +29,9 @@ __all__ = [
 
 # name -> what its folders are called; every index is into the 1000 ImageNet-1k classes
 LABEL_SPACES = {
-    "imagenet": "the 1000 ImageNet-1k wnids, in the model's label order (timm's imagenet_synsets.txt)",
+    "imagenet": (
+        "the 1000 ImageNet-1k wnids, in the model's label order (timm's imagenet_synsets.txt)"
+    ),
     "imagenet-a": "ImageNet-A's 200 wnids (timm's imagenet_a_synsets.txt), at their 1k indices",
     "imagenet-r": "ImageNet-R's 200 wnids (timm's imagenet_r_synsets.txt), at their 1k indices",
     "imagenet-v2": "ImageNet-V2's folders '0' ... '999', the 1k class indices themselves",
@@ -37,7 +39,10 @@ LABEL_SPACES = {
 
 
 def _space_name(classes: object) -> str | None:
-    """The :data:`LABEL_SPACES` key ``classes`` names (``imagenet_a``, ``ImageNet-1k`` ...), or None."""
+    """The :data:`LABEL_SPACES` key ``classes`` names, or None.
+
+    Case and ``_`` for ``-`` are free (``imagenet_a``); ``ImageNet-1k`` is ``imagenet``.
+    """
     if not isinstance(classes, str):
         return None
     name = classes.strip().lower().replace("_", "-")
@@ -186,7 +191,8 @@ def class_sets(folders: Sequence[str], classes: ClassesLike) -> dict[str, tuple[
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices
         ):
             raise ValueError(
-                f"Expected class {name!r} to map to an index >= 0 or a non-empty list of them, but got {value!r}."
+                f"Expected class {name!r} to map to an index >= 0 or a non-empty list of them, "
+                f"but got {value!r}."
             )
         out[name] = indices
     return out
@@ -203,7 +209,8 @@ def class_index(folders: Sequence[str], classes: ClassesLike) -> dict[str, int]:
     many = sorted(name for name, s in sets.items() if len(s) > 1)
     if many:
         raise ValueError(
-            f"Expected one class index per folder for training data, but {many[:3]} map to several; "
-            "several classes per folder are for OODImageFolder (ObjectNet-style evaluation)."
+            f"Expected one class index per folder for training data, but {many[:3]} map to "
+            "several; several classes per folder are for OODImageFolder (ObjectNet-style "
+            "evaluation)."
         )
     return {name: s[0] for name, s in sets.items()}

@@ -85,17 +85,22 @@ def _choose(
     seed: str = "",
     check: Callable[[Entry], Path | None] | None = None,
 ) -> tuple[list[Entry], list[Path]]:
-    """Up to ``per_class`` entries (all if None) drawn with ``seed``, sorted, and the files rejected.
+    """Up to ``per_class`` entries drawn with ``seed``, sorted, and the files rejected.
 
-    ``check`` returns the unreadable file of an entry or None. A rejected entry is replaced by a
-    further draw from the rest, so a class keeps ``per_class`` readable images when it has them;
-    when every file is readable the choice equals the unchecked one.
+    ``per_class=None`` keeps every entry. ``check`` returns the unreadable file of an entry or
+    None. A rejected entry is replaced by a further draw from the rest, so a class keeps
+    ``per_class`` readable images when it has them; when every file is readable the choice equals
+    the unchecked one.
     """
-    rng, pool, chosen, rejected = random.Random(seed), list(entries), [], []
+    rng = random.Random(seed)
+    pool = list(entries)
+    chosen = []
+    rejected = []
     while pool and (per_class is None or len(chosen) < per_class):
         want = len(pool) if per_class is None else per_class - len(chosen)
         if want >= len(pool):
-            draw, pool = pool, []
+            draw = pool
+            pool = []
         else:
             draw = rng.sample(pool, want)
             taken = set(draw)
@@ -150,7 +155,8 @@ def load_mask(path: Path, fmt: str = "binary") -> Tensor:
     values = set(np.unique(arr).tolist())
     if not (values <= {0, 1} or values <= {0, 255}):
         raise ValueError(
-            f"Expected mask values in {{0, 1}} or {{0, 255}} in {str(path)!r}, but got {sorted(values)[:6]}."
+            f"Expected mask values in {{0, 1}} or {{0, 255}} in {str(path)!r}, "
+            f"but got {sorted(values)[:6]}."
         )
     return torch.from_numpy((arr > 0).astype(np.uint8))
 

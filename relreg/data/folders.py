@@ -72,7 +72,8 @@ class MaskedImageFolder(FollowsModel, Dataset):
 
     Attributes:
         samples: ``(image_path, mask_path or None, label)`` in a fixed order.
-        num_without_mask: how many images have no mask (they train with the classification term only).
+        num_without_mask: how many images have no mask (they train with the classification term
+            only).
         skipped: the unreadable files dropped by ``skip_corrupt``.
 
     Example:
@@ -99,10 +100,12 @@ class MaskedImageFolder(FollowsModel, Dataset):
     ) -> None:
         check_choice("mask_format", mask_format, MASK_FORMATS)
         check_positive_int("per_class", per_class, allow_none=True)
-        self.root, self.train = Path(root), bool(train)
+        self.root = Path(root)
+        self.train = bool(train)
         self.mask_format = mask_format
         self._init_preprocessing(preprocessing, img_size, mean, std, transform)
-        image_root, mask_root = self.root / "images", self.root / "masks"
+        image_root = self.root / "images"
+        mask_root = self.root / "masks"
         folders = _class_folders(image_root, "images")
         self._imagenet_folders = imagenet_wnid_folders(folders, classes)
         self.class_to_idx = class_index(folders, classes)
@@ -156,8 +159,8 @@ class MaskedImageFolder(FollowsModel, Dataset):
             mask = load_mask(mask_path, self.mask_format)
             if mask.shape != image.shape[-2:]:
                 raise ValueError(
-                    f"Expected mask {str(mask_path)!r} of its image's size {tuple(image.shape[-2:])}, "
-                    f"but got {tuple(mask.shape)}."
+                    f"Expected mask {str(mask_path)!r} of its image's size "
+                    f"{tuple(image.shape[-2:])}, but got {tuple(mask.shape)}."
                 )
         image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         return {
@@ -192,9 +195,10 @@ class OODImageFolder(FollowsModel, Dataset):
             named by class index), ``"objectnet"`` (ObjectNet's own ``mappings/`` files; only the
             folders that overlap ImageNet-1k are read), ``"si-score"`` (SI-Score's object-name
             folders); see :mod:`relreg.data.suites`.
-            None: sorted folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for splits whose
-            classes stand for several model classes (ObjectNet): a prediction of any of them is
-            right; samples then carry ``label_set`` (see :func:`relreg.metrics.accuracy_targets`).
+            None: sorted folder names. ``{name: [index, ...]}`` (or a ``.json`` file of it) for
+            splits whose classes stand for several model classes (ObjectNet): a prediction of any
+            of them is right; samples then carry ``label_set`` (see
+            :func:`relreg.metrics.accuracy_targets`).
         img_size, mean, std: override the preprocessing's crop size and normalisation.
         transform: replaces the preprocessing (called on ``tv_tensors.Image``).
         scoring: ``"argmax"`` (RobustViT: argmax over all the model's classes) or ``"restricted"``
@@ -228,7 +232,8 @@ class OODImageFolder(FollowsModel, Dataset):
         preprocessing: str | Preprocessing = "model",
     ) -> None:
         check_choice("scoring", scoring, SCORINGS)
-        self.root, self.scoring = Path(root), scoring
+        self.root = Path(root)
+        self.scoring = scoring
         self._init_preprocessing(preprocessing, img_size, mean, std, transform)
         folders = _class_folders(self.root, "OOD split")
         # ObjectNet / SI-Score by name: their own mapping files or class names
@@ -282,7 +287,8 @@ class OODImageFolder(FollowsModel, Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         path, label = self.samples[index]
-        image, b = load_rgb(path), self.crop_border
+        image = load_rgb(path)
+        b = self.crop_border
         image = image[:, b:-b, b:-b] if b else image
         image = self.transform(tv_tensors.Image(image)).as_subclass(Tensor)
         sample = {

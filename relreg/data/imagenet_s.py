@@ -1,4 +1,4 @@
-"""RobustViT's ImageNet-S training and validation subsets, reproducibly, as a MaskedImageFolder tree.
+"""RobustViT's ImageNet-S train and validation subsets, reproducibly, as a MaskedImageFolder tree.
 
 ImageNet-S (Gao et al., "Large-scale Unsupervised Semantic Segmentation", TPAMI 2022) ships masks as
 ``<split>/<wnid>/<name>.png`` (``train-semi-segmentation``: 10 masked images per class of the 919);
@@ -185,7 +185,8 @@ def write_imagenet_s_subset(
         FileExistsError: when ``out`` exists.
         FileNotFoundError: an image missing for a selected mask (named).
     """
-    out, images = Path(out), Path(images)
+    out = Path(out)
+    images = Path(images)
     if out.exists():
         raise FileExistsError(f"Expected a new output folder, but {str(out)!r} exists.")
     if files is None:
@@ -194,12 +195,17 @@ def write_imagenet_s_subset(
     several = [f"{w}/{m.stem}" for m, _, w, found in files if len(found) > 1]
     empty = [f"{w}/{m.stem}" for m, _, w, found in files if not found]
     report = {
-        "masks": str(Path(masks).resolve()), "images": str(images.resolve()), "partition": partition,
+        "masks": str(Path(masks).resolve()),
+        "images": str(images.resolve()),
+        "partition": partition,
         "num_samples": num_samples or (3 if partition == "train" else 1),
-        "train_classes": train_classes, "class_seed": class_seed,
-        "classes": len({w for w, _ in pairs}), "pairs": [f"{w}/{s}" for w, s in pairs],
-        "masks_with_several_ids": several, "masks_without_foreground": empty,
-    }  # fmt: skip
+        "train_classes": train_classes,
+        "class_seed": class_seed,
+        "classes": len({w for w, _ in pairs}),
+        "pairs": [f"{w}/{s}" for w, s in pairs],
+        "masks_with_several_ids": several,
+        "masks_without_foreground": empty,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
@@ -207,9 +213,15 @@ def write_imagenet_s_subset(
     tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is owner-only; give it a plain mkdir's mode
     try:
         for mask, image, wnid, _ in files:
-            for src, dst in ((mask, tmp / "masks" / wnid / mask.name), (image, tmp / "images" / wnid / image.name)):  # fmt: skip
+            for src, dst in (
+                (mask, tmp / "masks" / wnid / mask.name),
+                (image, tmp / "images" / wnid / image.name),
+            ):
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst) if copy else dst.symlink_to(src.resolve())
+                if copy:
+                    shutil.copyfile(src, dst)
+                else:
+                    dst.symlink_to(src.resolve())
         (tmp / "selection.json").write_text(json.dumps(report, indent=2))
         tmp.rename(out)
     except BaseException:
@@ -234,7 +246,8 @@ def prepare_imagenet_s(
         ``{"train": selection, "val": selection}``.
     """
     check_positive_int("--per-class", num_samples, allow_none=True)
-    out, planned = Path(out), {}
+    out = Path(out)
+    planned = {}
     for part in ("train", "val"):
         if (out / part).exists():
             raise FileExistsError(f"Expected a new output folder, but {out / part} exists.")

@@ -148,7 +148,8 @@ class FollowsModel:
         }
         self.awaiting_model = preprocessing == "model" and transform is None
         if transform is not None:
-            self.preprocessing, self.transform = None, transform
+            self.preprocessing = None
+            self.transform = transform
             return
         base = (
             preprocessing
@@ -177,7 +178,8 @@ class FollowsModel:
         changed = False
         if self.awaiting_model:
             self._use(Preprocessing.from_model(model))
-            self.awaiting_model, changed = False, True
+            self.awaiting_model = False
+            changed = True
         if getattr(model, "num_classes", None) == 1000 and self._relabel_imagenet():
             changed = True
         return changed

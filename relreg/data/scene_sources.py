@@ -63,7 +63,11 @@ _EXTRA = "pip install 'relreg[scenes]'"
 
 
 def _import(module: str) -> ModuleType:
-    """Import ``module`` (scikit-image or scikit-learn), naming the ``relreg[scenes]`` extra if absent."""
+    """Import ``module`` (scikit-image or scikit-learn).
+
+    Raises:
+        ImportError: when it is absent, naming the ``relreg[scenes]`` extra and how to install it.
+    """
     import importlib
 
     try:

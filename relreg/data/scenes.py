@@ -130,10 +130,13 @@ def _backgrounds(cues: Tensor, size: int, g: torch.Generator) -> Tensor:
         image = scene_sources.background(scene_sources.BACKGROUNDS[source], 2 * size)
         h, w = image.shape[-2:]
         side = frac[idx] * min(h, w)  # the crop's side in source pixels
-        ax, ay = side / w, side / h
+        ax = side / w
+        ay = side / h
         theta = torch.zeros(len(idx), 2, 3)
-        theta[:, 0, 0], theta[:, 1, 1] = ax * flip[idx], ay
-        theta[:, 0, 2], theta[:, 1, 2] = (2 * cx[idx] - 1) * (1 - ax), (2 * cy[idx] - 1) * (1 - ay)
+        theta[:, 0, 0] = ax * flip[idx]
+        theta[:, 1, 1] = ay
+        theta[:, 0, 2] = (2 * cx[idx] - 1) * (1 - ax)
+        theta[:, 1, 2] = (2 * cy[idx] - 1) * (1 - ay)
         grid = F.affine_grid(theta, [len(idx), 3, size, size], align_corners=False)
         crops = F.grid_sample(
             image.expand(len(idx), -1, -1, -1), grid, padding_mode="border", align_corners=False
@@ -259,7 +262,8 @@ class SpuriousScenes(GeneratedSplit):
         distractors: int = 0,
     ) -> None:
         _check_number("masked_fraction", masked_fraction, 0.0, 1.0)
-        mean, std = _per_channel("mean", mean), _per_channel("std", std)
+        mean = _per_channel("mean", mean)
+        std = _per_channel("std", std)
         check_choice("split", split, SPLITS)
         check_choice("digits", digits, ("auto", *scene_sources.DIGIT_POOLS))
         _check_args(n, size, num_classes, distractors)
@@ -272,7 +276,8 @@ class SpuriousScenes(GeneratedSplit):
         _check_number("digit_size", digit_size, 0.3, 0.9)
         _, split_seed = _split_params(split, spurious, num_classes, seed)
         pool = _DIGIT_POOL[split] if digits == "auto" else digits
-        self.split, self.classes = split, list(DIGITS[:num_classes])
+        self.split = split
+        self.classes = list(DIGITS[:num_classes])
         self.backgrounds = list(scene_sources.BACKGROUNDS[: num_classes + distractors])
         g = torch.Generator().manual_seed(split_seed)
         self.has_mask = torch.rand(n, generator=g) < masked_fraction
@@ -290,20 +295,27 @@ class SpuriousScenes(GeneratedSplit):
             )
             return
         batch = _generate(*args)
-        shift, scale = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-        self.images, self.masks = (batch.images - shift) / scale, batch.masks
-        self.labels, self.cues, self.digits, self.boxes = (
-            batch.labels,
-            batch.cues,
-            batch.digits,
-            batch.boxes,
-        )
+        shift = torch.tensor(mean).view(3, 1, 1)
+        scale = torch.tensor(std).view(3, 1, 1)
+        self.images = (batch.images - shift) / scale
+        self.masks = batch.masks
+        self.labels = batch.labels
+        self.cues = batch.cues
+        self.digits = batch.digits
+        self.boxes = batch.boxes
 
 
 def _generate(
-    split: str, n: int, size: int, num_classes: int, spurious: float, seed: int,
-    digit_size: float, digits: str, distractors: int,
-) -> ScenesBatch:  # fmt: skip
+    split: str,
+    n: int,
+    size: int,
+    num_classes: int,
+    spurious: float,
+    seed: int,
+    digit_size: float,
+    digits: str,
+    distractors: int,
+) -> ScenesBatch:
     p, split_seed = _split_params(split, spurious, num_classes, seed)
     p = 1.0 / (num_classes + distractors) if split == "unbiased" else p
     return make_scenes(n, size, num_classes, split_seed, p, digit_size, digits, distractors)

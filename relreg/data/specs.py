@@ -79,7 +79,8 @@ def load_split(
         num_classes = getattr(model, "num_classes", None)
         if not isinstance(num_classes, int) or not 2 <= num_classes <= most:
             raise ValueError(
-                f"Expected a model with 2 to {most} classes for {spec!r}, but it has {num_classes!r}."
+                f"Expected a model with 2 to {most} classes for {spec!r}, "
+                f"but it has {num_classes!r}."
             )
         return benchmark(
             parts[1], n=int(n), size=size[0], num_classes=num_classes, mean=mean, std=std

@@ -1,4 +1,4 @@
-"""``SpuriousShapes``: the built-in CPU benchmark with a spurious cue, as a Dataset or an image folder.
+"""``SpuriousShapes``: the built-in CPU benchmark with a spurious cue, as a Dataset or image folder.
 
 The class is given only by the shape of a foreground object (exact masks); the background tint
 agrees with the class with probability ``spurious`` (0.95) in the ``train``, ``val`` and ``test``
@@ -63,9 +63,13 @@ class GeneratedSplit(Dataset):
         has = self.has_mask[index]
         if self.folder is not None:
             sample = self.folder[index]
-            image, label, mask = sample["image"], sample["label"], sample["mask"]
+            image = sample["image"]
+            label = sample["label"]
+            mask = sample["mask"]
         else:
-            image, label, mask = self.images[index], self.labels[index], self.masks[index]
+            image = self.images[index]
+            label = self.labels[index]
+            mask = self.masks[index]
         return {
             "image": image,
             "label": label,
@@ -115,9 +119,11 @@ class SpuriousShapes(GeneratedSplit):
     ) -> None:
         if not 0.0 <= masked_fraction <= 1.0:
             raise ValueError(f"Expected masked_fraction in [0, 1], but got {masked_fraction!r}.")
-        mean, std = _per_channel("mean", mean), _per_channel("std", std)
+        mean = _per_channel("mean", mean)
+        std = _per_channel("std", std)
         p, split_seed = _split_params(split, spurious, num_classes, seed)
-        self.split, self.classes = split, list(SHAPES[:num_classes])
+        self.split = split
+        self.classes = list(SHAPES[:num_classes])
         g = torch.Generator().manual_seed(split_seed)
         self.has_mask = torch.rand(n, generator=g) < masked_fraction
         self.folder: MaskedImageFolder | None = None
@@ -135,14 +141,16 @@ class SpuriousShapes(GeneratedSplit):
         self.images = (batch.images - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
             3, 1, 1
         )
-        self.masks, self.labels = batch.masks, batch.labels
+        self.masks = batch.masks
+        self.labels = batch.labels
 
 
 def _per_channel(name: str, value: float | Sequence[float]) -> list[float]:
     values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
     if len(values) != 3 or (name == "std" and min(values) <= 0):
         raise ValueError(
-            f"Expected {name} a number or 3 numbers{' > 0' if name == 'std' else ''}, but got {value!r}."
+            f"Expected {name} a number or 3 numbers{' > 0' if name == 'std' else ''}, "
+            f"but got {value!r}."
         )
     return values
 
@@ -222,7 +230,8 @@ def write_split_folder(
         if found == meta:
             return root
         raise FileExistsError(
-            f"Expected {str(root)!r} to be absent or a {what} folder made with {meta}, but got {found}."
+            f"Expected {str(root)!r} to be absent or a {what} folder made with {meta}, "
+            f"but got {found}."
         )
     images, masks, labels, items = generate()
     root.parent.mkdir(parents=True, exist_ok=True)

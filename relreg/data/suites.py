@@ -117,7 +117,10 @@ def siscore_classes(folders: Sequence[str]) -> dict[str, int]:
 
 
 def _match(name: str, synonyms: list[list[str]]) -> int | None:
-    """The class whose first name is ``name``, else the one class listing it, else the singular's."""
+    """The class whose first name is ``name``, else the one class listing it.
+
+    Failing both, the same for the singular (``name`` without its final ``s``).
+    """
     for candidate in (name, name[:-1] if name.endswith("s") else None):
         if candidate is None:
             continue

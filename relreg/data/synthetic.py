@@ -1,11 +1,11 @@
 """Generated images with foreground masks: the built-in CPU benchmark.
 
 Each image shows one bright shape (the class: circle, square, triangle, cross, ...) of a random
-colour, position and size on a dim, smooth random background. With ``spurious > 0`` the background tint is
-the class's own tint with probability ``spurious`` and another class's tint otherwise: a shortcut a
-model can learn instead of the shape. ``spurious = 1 / num_classes`` makes the tint uninformative
-(unbiased data); ``spurious = 0`` makes it always point to a wrong class (an out-of-distribution
-split for the same classes).
+colour, position and size on a dim, smooth random background. With ``spurious > 0`` the background
+tint is the class's own tint with probability ``spurious`` and another class's tint otherwise: a
+shortcut a model can learn instead of the shape. ``spurious = 1 / num_classes`` makes the tint
+uninformative (unbiased data); ``spurious = 0`` makes it always point to a wrong class (an
+out-of-distribution split for the same classes).
 
 ``cue="marker"`` makes the cue local instead, as in decoy MNIST (Ross, Hughes & Doshi-Velez, IJCAI
 2017): a white square of ``size // 8`` pixels in one of the four corners (corner ``k`` for class
@@ -60,7 +60,8 @@ class ShapesBatch:
 
 
 def _shape_mask(kind: str, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
-    ax, ay = dx.abs(), dy.abs()
+    ax = dx.abs()
+    ay = dy.abs()
     if kind == "circle":
         return dx**2 + dy**2 <= r**2
     if kind == "square":

@@ -1,6 +1,7 @@
 """``relreg evaluate`` as a library: which models to evaluate (:mod:`~relreg.evaluation.models`),
-the report (:mod:`~relreg.evaluation.report`), its figures (:mod:`~relreg.evaluation.figures`)
-and the model-randomisation sanity checks (:mod:`~relreg.evaluation.sanity`).
+the report (:mod:`~relreg.evaluation.report`), how it shows each metric
+(:mod:`~relreg.evaluation.display`), its figures (:mod:`~relreg.evaluation.figures`) and the
+model-randomisation sanity checks (:mod:`~relreg.evaluation.sanity`).
 
 Example:
     >>> from pathlib import Path
@@ -10,6 +11,7 @@ Example:
     >>> report = run_evaluation(sources, settings)  # doctest: +SKIP
 """
 
+from relreg.evaluation.display import DISPLAYS, MetricDisplay, register_display
 from relreg.evaluation.figures import (
     HeatmapRows,
     displayable,
@@ -27,14 +29,17 @@ from relreg.evaluation.report import (
 from relreg.evaluation.sanity import write_sanity
 
 __all__ = [
+    "DISPLAYS",
     "EvaluationSettings",
     "HeatmapRows",
+    "MetricDisplay",
     "ModelSources",
     "displayable",
     "evaluate_models",
     "evaluation_models",
     "heatmap_grid_maps",
     "heatmap_rows",
+    "register_display",
     "report_lines",
     "run_evaluation",
     "write_figures",

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from relreg.data import label_names
+from relreg.evaluation.display import panel_titles
 from relreg.explain import explain, to_pixels
-from relreg.metrics import report_keys
 from relreg.viz import explanation_grid, save_figure
 
 __all__ = ["HeatmapRows", "displayable", "heatmap_grid_maps", "heatmap_rows", "write_figures"]
@@ -225,7 +225,7 @@ def _before_after_figure(report: Mapping) -> object:
     methods = list(report["methods"])
     colours = _colours()
     width = 0.8 / len(labels)
-    described = report_keys()
+    described = panel_titles()
     first = report["models"][labels[0]]["explainers"][methods[0]]
     keys = [k for k in described if k in first]  # the grid follows the declared metrics
     cols = min(3, len(keys))

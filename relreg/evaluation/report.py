@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from relreg.data import load_split
+from relreg.evaluation.display import curve_names, summary_columns
 from relreg.evaluation.figures import heatmap_rows, write_figures
 from relreg.evaluation.models import ModelSources, evaluation_models
 from relreg.evaluation.sanity import write_sanity
@@ -40,7 +41,8 @@ from relreg.metrics import (
     accuracy_targets,
     build_metrics,
     dataset_accuracy,
-    list_metrics,
+    keyed_result,
+    metric_keys,
     metric_spec,
     score_logits,
     scoring_classes,
@@ -63,35 +65,33 @@ class _MethodMetrics:
             "report", model=model, unit=unit, target_mode=target_mode, steps=steps
         )
         self.metrics = {name: metric.to(device) for name, metric in built.items()}
-        self.specs = [metric_spec(name) for name in self.metrics]
+        self.inputs = {name: metric_spec(name).inputs for name in self.metrics}
         self.masked = 0
 
     def update(
         self, images: Tensor, maps: Tensor, labels: Tensor, masks: Tensor, has: Tensor
     ) -> None:
-        for spec in self.specs:
-            if spec.inputs == "model":
-                self.metrics[spec.name].update(images, maps, labels)
+        for name, inputs in self.inputs.items():
+            if inputs == "model":
+                self.metrics[name].update(images, maps, labels)
         if has.any():
             pixels = to_pixels(maps, size=masks.shape[-2:], normalize=False)
-            for spec in self.specs:
-                if spec.inputs == "masks":
-                    self.metrics[spec.name].update(pixels[has], masks[has])
+            for name, inputs in self.inputs.items():
+                if inputs == "masks":
+                    self.metrics[name].update(pixels[has], masks[has])
             self.masked += int(has.sum())
 
     def compute(self) -> dict:
         out: dict = {}
-        for spec in self.specs:
-            if spec.inputs == "masks" and not self.masked:
-                out.update(dict.fromkeys(spec.outputs))
+        for name, inputs in self.inputs.items():
+            if inputs == "masks" and not self.masked:
+                out.update(dict.fromkeys(metric_keys(name)))
                 continue
-            value = self.metrics[spec.name].compute()
-            out.update(value if isinstance(value, dict) else {next(iter(spec.outputs)): value})
+            out.update(keyed_result(name, self.metrics[name].compute()))
         result = {k: None if v is None else round(float(v), 4) for k, v in out.items()}
         result["curves"] = {
-            s.curve: [round(float(v), 4) for v in self.metrics[s.name].curve()]
-            for s in self.specs
-            if s.curve is not None
+            curve: [round(float(v), 4) for v in self.metrics[name].curve()]
+            for name, curve in curve_names().items()
         }
         return result
 
@@ -363,7 +363,7 @@ def report_lines(report: Mapping) -> list[str]:
     Returns:
         list[str]: the lines of the table.
     """
-    keys = {k: v for n in list_metrics("report") for k, v in metric_spec(n).summary.items()}
+    keys = summary_columns()
     lines = [f"{'model':12s} {'method':24s} " + " ".join(f"{v:>10s}" for v in keys.values())]
     for label, entry in report["models"].items():
         for method, r in entry["explainers"].items():

@@ -123,7 +123,13 @@ def _in_channels(model: nn.Module) -> int | None:
 
 
 def check_images(model: nn.Module, images: Tensor) -> None:
-    """Raise a clear error unless ``images`` is a finite float ``(B, C, H, W)`` batch for ``model``."""
+    """Raise a clear error unless ``images`` is a finite float batch for ``model``.
+
+    Raises:
+        TypeError: for a model that is not an ``nn.Module`` or images that are not a float tensor.
+        ValueError: for images not ``(B, C, H, W)`` with the model's channels, an empty batch, or
+            NaN or infinite values.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}.")
     if not isinstance(images, Tensor):
@@ -143,7 +149,8 @@ def check_images(model: nn.Module, images: Tensor) -> None:
     if images.shape[0] == 0:
         raise ValueError("Expected a non-empty batch of images, but got B = 0.")
     if not torch.isfinite(images).all():
-        nan, inf = int(images.isnan().sum()), int(images.isinf().sum())
+        nan = int(images.isnan().sum())
+        inf = int(images.isinf().sum())
         raise ValueError(f"Expected finite images, but got {nan} NaN and {inf} Inf values.")
 
 
@@ -162,7 +169,8 @@ def _as_classes(
 ) -> Tensor:
     if isinstance(value, bool | str | bytes) or not isinstance(value, int | Sequence | Tensor):
         raise TypeError(
-            f"Expected {name} to be an int or a (B,) integer tensor, but got {type(value).__name__}."
+            f"Expected {name} to be an int or a (B,) integer tensor, "
+            f"but got {type(value).__name__}."
         )
     t = torch.as_tensor(value, device=device)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -249,13 +257,17 @@ def check_grad_mode(method: str) -> None:
     """Gradient explainers cannot run under ``torch.inference_mode()``: say how to fix it."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
-            f"Explainer {method!r} needs gradients, but torch.inference_mode() is on. Call it under "
-            "torch.no_grad() or outside inference mode (Lightning: Trainer(inference_mode=False))."
+            f"Explainer {method!r} needs gradients, but torch.inference_mode() is on. "
+            "Call it under torch.no_grad() or outside inference mode "
+            "(Lightning: Trainer(inference_mode=False))."
         )
 
 
 def check_start_layer(start_layer: int, depth: int) -> None:
-    """Raise unless ``start_layer`` is an int in ``[0, depth - 1]`` (``depth``: number of blocks)."""
+    """Raise unless ``start_layer`` is an int in ``[0, depth - 1]``.
+
+    ``depth`` is the model's number of blocks.
+    """
     if (
         isinstance(start_layer, bool)
         or not isinstance(start_layer, int)
@@ -353,7 +365,8 @@ def perturbed_scores(
             starts, desc=desc, unit="pass", disable=not show, leave=False, delay=delay
         ):
             flat = torch.arange(start, min(start + step, total), device=device)
-            b, v = flat // count, flat % count
+            b = flat // count
+            v = flat % count
             logits = check_logits(model(make(b, v)), flat.numel())
             if probability:
                 logits = logits.float().log_softmax(1).exp()

@@ -356,7 +356,7 @@ def gradcam(
     differentiable: bool = False,
     second_order: bool = False,
 ) -> Explanation:
-    """GradCAM on the last block's attention, the CVPR 2021 comparison's convention: ``(B, gh, gw)``.
+    """GradCAM on the last block's attention (CVPR 2021 comparison's convention): ``(B, gh, gw)``.
 
     Per head, weight = mean over patch columns of the read-out row of ``dy/dA``; map =
     ``ReLU(mean_h(weight * A[readout, patches]))``. (pytorch-grad-cam's token GradCAM weights
@@ -381,7 +381,10 @@ def gradcam(
 @register_explainer(
     "chefer",
     output="grid",
-    paper="Chefer, Gur & Wolf, Generic Attention-model Explainability, ICCV 2021 (RobustViT's rule, NeurIPS 2022)",
+    paper=(
+        "Chefer, Gur & Wolf, Generic Attention-model Explainability, ICCV 2021 "
+        "(RobustViT's rule, NeurIPS 2022)"
+    ),
 )
 def chefer(
     model: nn.Module,
@@ -512,7 +515,8 @@ def _chefer_dense(
         v = _dense_start(model, records, rule, second_order)
         for b in range(len(attentions) - 1, start_layer - 1, -1):
             # take each gradient out of the list so that it is freed once used
-            a, g = attentions[b], grads[b]
+            a = attentions[b]
+            g = grads[b]
             grads[b] = None
             if gradient == "logits":  # a constant in first order, like g itself
                 g = g - ((a if second_order else a.detach()) * g).sum(-1, keepdim=True)

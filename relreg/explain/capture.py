@@ -52,7 +52,12 @@ def _is_timm_attention(module: nn.Module) -> bool:
 
 # module classes of hierarchical window models (Swin v1/v2 and their kin), by name so that any
 # timm version's and a user's copies are recognised alike
-_HIERARCHICAL = ("PatchMerging", "WindowAttention", "SwinTransformerBlock", "SwinTransformerV2Block")
+_HIERARCHICAL = (
+    "PatchMerging",
+    "WindowAttention",
+    "SwinTransformerBlock",
+    "SwinTransformerV2Block",
+)
 
 
 def hierarchical_problem(model: nn.Module) -> str | None:
@@ -155,7 +160,8 @@ class _HookContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack, self._stack = self._stack, None
+        stack = self._stack
+        self._stack = None
         if stack is not None:
             stack.close()
 

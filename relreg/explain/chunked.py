@@ -10,9 +10,10 @@ This engine stores neither. The forward pass runs the model's own fused kernel w
 :class:`relreg.explain.capture.KernelCapture` records what each call of that kernel receives and
 returns (``q`` and ``k`` after rotary embedding and qk-norm, ``v``, the additive bias or mask,
 the scale and the output ``O``); one backward pass gives ``dy/dO``, and since ``O = A v``,
-``dy/dA = dy/dO v^T`` with ``A = softmax(q k^T * scale + bias)``. The relevance row vector ``r: (B, N)`` then walks the blocks from the last
-to the first, recomputing ``A`` and ``dy/dA`` for ``chunk_size`` query rows at a time:
-memory ``O(B * heads * chunk_size * N)`` per block instead of ``O(B * heads * N^2)``.
+``dy/dA = dy/dO v^T`` with ``A = softmax(q k^T * scale + bias)``. The relevance row vector
+``r: (B, N)`` then walks the blocks from the last to the first, recomputing ``A`` and ``dy/dA``
+for ``chunk_size`` query rows at a time: memory ``O(B * heads * chunk_size * N)`` per block
+instead of ``O(B * heads * N^2)``.
 
 The trainable first-order path (RobustViT's: gradients held constant) is the autograd Function
 :class:`_RowTimesAttention`, whose backward recomputes the same chunks and returns the gradients

@@ -2,7 +2,8 @@
 
 - ``saliency``: Simonyan, Vedaldi & Zisserman, "Deep Inside Convolutional Networks", ICLR-W 2014
   (max over channels of ``|dy/dx|``).
-- ``input_x_gradient``: Shrikumar et al., "Not Just a Black Box", 2016 (channel sum of ``x * dy/dx``).
+- ``input_x_gradient``: Shrikumar et al., "Not Just a Black Box", 2016 (channel sum of
+  ``x * dy/dx``).
 - ``smoothgrad``: Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017 (mean of
   ``|dy/dx|`` over noisy copies, max over channels).
 - ``integrated_gradients``: Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks",
@@ -65,7 +66,7 @@ def _repeated_gradients(
     create_graph: bool,
     chunk: int | None,
 ) -> Tensor:
-    """Gradients at ``points`` ``(S, B, C, H, W)`` (S copies of the batch), returned the same shape."""
+    """Gradients at ``points`` ``(S, B, C, H, W)`` (S copies of the batch), of the same shape."""
     s, b = points.shape[:2]
     flat = points.flatten(0, 1)
     tgt = repeat_target(target, s)
@@ -151,7 +152,7 @@ def smoothgrad(
     seed: int = 0,
     internal_batch_size: int | None = None,
 ) -> Explanation:
-    """Mean over ``n_samples`` noisy copies of ``|d score / d x|``, max over channels: ``(B, H, W)``.
+    """Mean over ``n_samples`` noisy copies of ``|d score / d x|``, channel max: ``(B, H, W)``.
 
     Noise is Gaussian with std ``noise_level * (max(x) - min(x))`` per image, drawn from a
     generator seeded with ``seed`` (deterministic, and independent of the batch's other images);

@@ -81,7 +81,8 @@ class HuggingFaceClassifier(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         if not is_huggingface_model(model):
             raise TypeError(
-                f"Expected model to be a transformers PreTrainedModel, but got {type(model).__name__}."
+                f"Expected model to be a transformers PreTrainedModel, "
+                f"but got {type(model).__name__}."
             )
         super().__init__()
         self.model = model
@@ -111,8 +112,8 @@ class HuggingFaceClassifier(nn.Module):
     def attention_modules(self) -> list[nn.Module]:
         """Refuse: this model is not a ViT-family classifier relreg reads attention from."""
         raise ValueError(
-            f"Expected a ViT-family transformers classifier (model_type one of {SUPPORTED}) for the "
-            f"attention explainers, but got model_type {self.model_type!r} "
+            f"Expected a ViT-family transformers classifier (model_type one of {SUPPORTED}) "
+            f"for the attention explainers, but got model_type {self.model_type!r} "
             f"({type(self.model).__name__}): its attention is not one sequence of patch tokens "
             f"relreg can read (e.g. Swin's shifted windows). Explainers that work on it: "
             f"{GRADIENT_EXPLAINERS}."

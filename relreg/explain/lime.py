@@ -42,7 +42,8 @@ __all__ = ["lime", "lime_kernel", "patch_features", "weighted_ridge"]
 
 def patch_features(size: tuple[int, int], patch: tuple[int, int]) -> Tensor:
     """``(H, W)`` long feature ids of a patch grid, row-major (a ViT's tokens)."""
-    (h, w), (ph, pw) = size, patch
+    h, w = size
+    ph, pw = patch
     rows = torch.arange(h) // ph
     cols = torch.arange(w) // pw
     return rows[:, None] * ((w + pw - 1) // pw) + cols[None, :]
@@ -134,9 +135,17 @@ def lime(
 
     prob = score_of == "probability"
     scores = perturbed_scores(
-        model, perturbed, images.shape[0], n_samples, tgt, fl, internal_batch_size,
-        progress, "lime", probability=prob,
-    )  # fmt: skip
+        model,
+        perturbed,
+        batch=images.shape[0],
+        count=n_samples,
+        target=tgt,
+        foil=fl,
+        internal_batch_size=internal_batch_size,
+        progress=progress,
+        desc="lime",
+        probability=prob,
+    )
     maps = torch.empty(flat_ids.shape, dtype=images.dtype, device=images.device)
     for b, n in enumerate(counts):  # fitted in float64, as the reference package does
         x = samples[:, :n].double()
@@ -147,7 +156,8 @@ def lime(
 
 def _compact(flat_ids: Tensor) -> tuple[Tensor, list[int]]:
     """Per-image contiguous feature ids ``(B, P)`` and each image's number of features."""
-    rows, counts = [], []
+    rows = []
+    counts = []
     for ids in flat_ids:
         values, inverse = torch.unique(ids, return_inverse=True)
         rows.append(inverse)
@@ -156,7 +166,8 @@ def _compact(flat_ids: Tensor) -> tuple[Tensor, list[int]]:
 
 
 def _feature_ids(model: nn.Module, images: Tensor, features: Tensor | None) -> Tensor:
-    b, (h, w) = images.shape[0], images.shape[-2:]
+    b = images.shape[0]
+    h, w = images.shape[-2:]
     if features is None:
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None) or 16
         return patch_features((h, w), pair("patch_size", patch)).to(images.device).expand(b, h, w)

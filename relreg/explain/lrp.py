@@ -1,4 +1,4 @@
-"""Layer-wise relevance propagation (LRP) for timm ViTs: full LRP, partial LRP, transformer attribution.
+"""Layer-wise relevance propagation (LRP) for timm ViTs: full, partial, transformer attribution.
 
 - ``lrp``: Bach, Binder, Montavon, Klauschen, Mueller & Samek, "On Pixel-Wise Explanations for
   Non-Linear Classifier Decisions by Layer-Wise Relevance Propagation", PLoS ONE 2015, with the
@@ -18,19 +18,19 @@ forward pass and the propagation through the blocks in :mod:`relreg.explain.lrp_
 
 Contrast (``foil``), conservative rules: the start ``one_hot(target) - one_hot(foil)`` sums to 0,
 which the normalised addition rule turns into 0 everywhere, so the target's and the foil's
-relevances are propagated separately (from their one-hot starts) and subtracted; ``transformer_attribution`` weights that
-difference with the gradient of ``y_target - y_foil``.
+relevances are propagated separately (from their one-hot starts) and subtracted;
+``transformer_attribution`` weights that difference with the gradient of ``y_target - y_foil``.
 
 ``lrp`` and ``partial_lrp`` take ``rules``: ``"conservative"`` (default, the rules above) or
 ``"cvpr2021_baseline"``, the standard LRP layers the CVPR 2021 paper computed these two baselines
 with (not conservative: see :mod:`relreg.explain.lrp_baseline`).
 
-Every sum of a normalisation is taken per sample, so a batched call equals one call per image.
-What the learned prefix tokens (CLS, distillation, registers) and the position embedding receive
-leaves the network, so under the conservative rules ``lrp``'s pixel map sums to the start relevance
-minus their share (1 minus it for one-hot starts). The model is not modified: no hooks, no flags, no mode changes. One
-forward pass serves the whole batch; one backward pass (to the attention maps only) adds the
-gradients of ``transformer_attribution``. These maps are not differentiable
+Every sum of a normalisation is taken per sample, so a batched call equals one call per image. What
+the learned prefix tokens (CLS, distillation, registers) and the position embedding receive leaves
+the network, so under the conservative rules ``lrp``'s pixel map sums to the start relevance minus
+their share (1 minus it for one-hot starts). The model is not modified: no hooks, no flags, no mode
+changes. One forward pass serves the whole batch; one backward pass (to the attention maps only)
+adds the gradients of ``transformer_attribution``. These maps are not differentiable
 (``differentiable=True`` raises).
 """
 
@@ -84,7 +84,8 @@ def _check_image_size(model: nn.Module, images: Tensor) -> None:
         )
     if not embed.dynamic_img_pad and (size[0] % ph or size[1] % pw):
         raise ValueError(
-            f"Expected image height and width divisible by the patch size {(ph, pw)}, but got {size}."
+            f"Expected image height and width divisible by the patch size {(ph, pw)}, "
+            f"but got {size}."
         )
 
 
@@ -164,7 +165,9 @@ def _prepare(
 @register_explainer(
     "transformer_attribution",
     output="grid",
-    paper="Chefer, Gur & Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021",
+    paper=(
+        "Chefer, Gur & Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021"
+    ),
     differentiable=False,
 )
 def transformer_attribution(
@@ -220,7 +223,10 @@ def transformer_attribution(
 @register_explainer(
     "partial_lrp",
     output="grid",
-    paper="Voita et al., Analyzing Multi-Head Self-Attention, ACL 2019 (as used by Chefer et al., CVPR 2021)",
+    paper=(
+        "Voita et al., Analyzing Multi-Head Self-Attention, ACL 2019 "
+        "(as used by Chefer et al., CVPR 2021)"
+    ),
     differentiable=False,
 )
 def partial_lrp(
@@ -261,7 +267,10 @@ def partial_lrp(
 @register_explainer(
     "lrp",
     output="pixel",
-    paper="Bach et al., Layer-Wise Relevance Propagation, PLoS ONE 2015 (ViT rules of Chefer et al., CVPR 2021)",
+    paper=(
+        "Bach et al., Layer-Wise Relevance Propagation, PLoS ONE 2015 "
+        "(ViT rules of Chefer et al., CVPR 2021)"
+    ),
     differentiable=False,
 )
 def lrp(

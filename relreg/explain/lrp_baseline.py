@@ -45,8 +45,8 @@ outputs). The head thus doubles a one-hot start; each attention and MLP branch p
 ``Linear`` layers. The additions, the fork, the read-outs, the halved products and ``z^B`` conserve
 (where the denominators are not 0, up to the ``1e-9`` stabiliser; an addition's two parts can be
 large and of opposite signs where ``a + b`` is small); the prefix tokens and the position embedding
-take their share out at the input. With one sign part per layer (e.g. non-negative weights) the map conserves
-the start relevance like the conservative rules.
+take their share out at the input. With one sign part per layer (e.g. non-negative weights) the map
+conserves the start relevance like the conservative rules.
 
 Every rule is linear in the relevance, so a contrast (``foil``) or weights ``(B, K)`` start from
 ``w - one_hot(foil)`` in one pass. Every sum runs within a sample: a batched call equals one call
@@ -110,8 +110,10 @@ def linear_rule(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
     Returns:
         Relevance of the input ``(..., in)``; its sum is ``sum_j R_j ([z_j^+ > 0] + [z_j^- > 0])``.
     """
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
-    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    xp = x.clamp(min=0)
+    xn = x.clamp(max=0)
+    wp = weight.clamp(min=0)
+    wn = weight.clamp(max=0)
     sp = safe_div(relevance, F.linear(xp, wp))
     sn = safe_div(relevance, F.linear(xn, wn))
     return xp * (sp @ wp) + xn * (sn @ wn)
@@ -209,7 +211,8 @@ def block_relprop(
         Relevance of the block's input ``(B, N, D)`` and of its attention probabilities
         ``(B, h, N, N)`` (the halved share of ``A v``).
     """
-    c, attn = cache, blk.attn
+    c = cache
+    attn = blk.attn
     b, heads, n, head_dim = c.v.shape
     r_skip, r_u2 = add_rule(c.x1, c.u2, relevance)
     r_g = linear_rule(c.g, blk.mlp.fc2.weight, r_u2)

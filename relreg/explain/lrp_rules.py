@@ -1,4 +1,4 @@
-"""Layer-wise relevance propagation (LRP) rules, written from the papers, not from any released code.
+"""Layer-wise relevance propagation (LRP) rules, written from the papers, not from released code.
 
 LRP: Bach, Binder, Montavon, Klauschen, Mueller & Samek, "On Pixel-Wise Explanations for
 Non-Linear Classifier Decisions by Layer-Wise Relevance Propagation", PLoS ONE 2015, with the
@@ -15,7 +15,8 @@ Visualization", CVPR 2021:
 - LayerNorm / RmsNorm, GELU, softmax, dropout, DropPath, LayerScale, the attention scale and the
   q/k norms: identity (the relevance passes unchanged).
 - The two matrix products of attention (``q k^T`` and ``A v``): gradient x input for each operand,
-  ``R_x = x * d z / d x . (R / z)``, then each operand's relevance halved, which conserves the total.
+  ``R_x = x * d z / d x . (R / z)``, then each operand's relevance halved, which conserves the
+  total.
 - Additions (the two residuals per block, the position embedding, DeiT's head average):
   gradient x input for each operand, then each part rescaled so that its sum is
   ``sum(R) * |sum R_a| / (|sum R_a| + |sum R_b|)``, which conserves the total.
@@ -78,8 +79,10 @@ def linear_alpha_beta(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
     Returns:
         Relevance of the input ``(..., in)``.
     """
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
-    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    xp = x.clamp(min=0)
+    xn = x.clamp(max=0)
+    wp = weight.clamp(min=0)
+    wn = weight.clamp(max=0)
     z = F.linear(xp, wp) + F.linear(xn, wn)
     s = safe_divide(relevance, z)
     return xp * (s @ wp) + xn * (s @ wn)
@@ -99,7 +102,8 @@ def conv_zb(x: Tensor, conv: nn.Conv2d, relevance: Tensor) -> Tensor:
     low = x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x)
     high = x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x)
     w = conv.weight
-    wp, wn = w.clamp(min=0), w.clamp(max=0)
+    wp = w.clamp(min=0)
+    wn = w.clamp(max=0)
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
     z = (
         F.conv2d(x, w, None, *args)
@@ -152,10 +156,14 @@ def add_rule(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         Relevances of ``a`` and ``b``, both of ``relevance``'s shape.
     """
-    a, b = a.expand_as(relevance), b.expand_as(relevance)
+    a = a.expand_as(relevance)
+    b = b.expand_as(relevance)
     s = safe_divide(relevance, a + b)
-    ra, rb = a * s, b * s
-    sa, sb, total = per_sample_sum(ra), per_sample_sum(rb), per_sample_sum(relevance)
+    ra = a * s
+    rb = b * s
+    sa = per_sample_sum(ra)
+    sb = per_sample_sum(rb)
+    total = per_sample_sum(relevance)
     share = sa.abs() + sb.abs()
     fa = safe_divide(sa.abs(), share) * total
     fb = safe_divide(sb.abs(), share) * total

@@ -253,13 +253,16 @@ def _layer_scale(ls: nn.Module, x: Tensor) -> Tensor:
 
 
 def _block_forward(blk: nn.Module, x: Tensor) -> tuple[Tensor, BlockCache]:
-    attn, mlp = blk.attn, blk.mlp
+    attn = blk.attn
+    mlp = blk.mlp
     b, n, _ = x.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
+    heads = attn.num_heads
+    head_dim = attn.head_dim
     h1 = blk.norm1(x)
     qkv = attn.qkv(h1).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q = attn.q_norm(q)
+    k = attn.k_norm(k)
     qs = q * attn.scale
     a = (qs @ k.transpose(-2, -1)).softmax(dim=-1)
     ad = attn.attn_drop(a)
@@ -376,7 +379,8 @@ def block_relprop(
         Relevance of the block's input ``(B, N, D)`` and of its attention probabilities
         ``(B, h, N, N)`` (what arrives at the softmax output).
     """
-    c, attn = cache, blk.attn
+    c = cache
+    attn = blk.attn
     b, heads, n, head_dim = c.v.shape
     r_x1, r_u2 = add_rule(c.x1, c.u2, relevance)
     r_g = linear_alpha_beta(c.g, blk.mlp.fc2.weight, r_u2)

@@ -39,7 +39,8 @@ def occlusion_windows(
     n_rows, n_cols = _grid(size, window, stride)
     masks = torch.zeros(n_rows * n_cols, *size)
     for p in range(n_rows * n_cols):
-        top, left = (p // n_cols) * stride[0], (p % n_cols) * stride[1]
+        top = (p // n_cols) * stride[0]
+        left = (p % n_cols) * stride[1]
         masks[p, top : top + window[0], left : left + window[1]] = 1.0
     return masks
 
@@ -48,7 +49,9 @@ def _grid(
     size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
 ) -> tuple[int, int]:
     """How many window positions fit down and across; raises for a window larger than the image."""
-    (h, w), (wh, ww), (sh, sw) = size, window, stride
+    h, w = size
+    wh, ww = window
+    sh, sw = stride
     if wh > h or ww > w:
         raise ValueError(f"Expected a window no larger than the image {size}, but got {window}.")
     return (h - wh) // sh + 1, (w - ww) // sw + 1
@@ -93,20 +96,29 @@ def occlusion(
     count = n_rows * n_cols
     base = expand_baseline(baseline, images)
     clean = score(logits, tgt, fl)
-    rows, cols = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
+    rows = torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device)
 
     def occluded(b: Tensor, v: Tensor) -> Tensor:
         # the windows of this chunk only: memory does not grow with the number of windows
-        top, left = (v // n_cols) * sh, (v % n_cols) * sw
+        top = (v // n_cols) * sh
+        left = (v % n_cols) * sw
         in_rows = (rows >= top[:, None]) & (rows < top[:, None] + wh)
         in_cols = (cols >= left[:, None]) & (cols < left[:, None] + ww)
         m = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1).to(images.dtype)
         return images[b] * (1 - m) + base[b] * m
 
     scores = perturbed_scores(
-        model, occluded, images.shape[0], count, tgt, fl, internal_batch_size, progress,
-        "occlusion",
-    )  # fmt: skip
+        model,
+        occluded,
+        batch=images.shape[0],
+        count=count,
+        target=tgt,
+        foil=fl,
+        internal_batch_size=internal_batch_size,
+        progress=progress,
+        desc="occlusion",
+    )
     drop = (clean.unsqueeze(1) - scores).to(images.dtype)  # (B, P), windows row-major
     # each window adds its drop to its pixels: a sliding-window sum, as fold computes it
     spread = drop.unsqueeze(1).expand(-1, wh * ww, -1)

@@ -150,7 +150,8 @@ def _readout(model: nn.Module, relevance: Tensor) -> Tensor:
     Returns:
         The read-out weights, expanded to ``(B, N)`` in ``relevance``'s device and dtype.
     """
-    b, n = relevance.shape[0], relevance.shape[-1]
+    b = relevance.shape[0]
+    n = relevance.shape[-1]
     return readout_weights(model, n, relevance.device, relevance.dtype).expand(b, n)
 
 

@@ -31,7 +31,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from relreg.data.classes import label_names
 from relreg.explain import explain_with_logits, to_pixels
-from relreg.metrics import build_metrics, dataset_accuracy, metric_spec, relevance_share
+from relreg.metrics import (
+    build_metrics,
+    dataset_accuracy,
+    keyed_result,
+    metric_spec,
+    relevance_share,
+)
 from relreg.validate import check_positive_int
 from relreg.viz import explanation_grid, save_figure
 
@@ -249,7 +255,7 @@ class ExplanationQuality(_KeepsLast):
             "callback", model=pl_module.model, unit="pixel", target_mode="label", steps=10
         )
         metrics = {name: metric.to(pl_module.device) for name, metric in built.items()}
-        specs = [metric_spec(name) for name in metrics]
+        inputs_of = {name: metric_spec(name).inputs for name in metrics}
         for i, batch in enumerate(loader):
             if i >= self.num_batches:
                 break
@@ -263,13 +269,13 @@ class ExplanationQuality(_KeepsLast):
             maps = _explain(pl_module, images, labels, self.method).maps.detach()
             masks = batch["mask"][has].to(pl_module.device)
             with _eval_mode(pl_module.model):
-                for spec in specs:
-                    inputs = (maps, masks) if spec.inputs == "masks" else (images, maps, labels)
-                    metrics[spec.name].update(*inputs)
+                for name, inputs in inputs_of.items():
+                    args = (maps, masks) if inputs == "masks" else (images, maps, labels)
+                    metrics[name].update(*args)
         values: dict[str, float] = {}
         for name, metric in metrics.items():
             result = metric.compute()  # syncs across processes under DDP
-            for key, value in result.items() if isinstance(result, dict) else [(name, result)]:
+            for key, value in keyed_result(name, result).items():
                 values[key] = float(value)
         self.last = values
         for key, value in values.items():

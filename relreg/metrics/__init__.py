@@ -30,9 +30,12 @@ from relreg.metrics.localization import (
     SegmentationAgreement,
 )
 from relreg.metrics.registry import (
+    METRICS,
     MetricSpec,
     build_metrics,
+    keyed_result,
     list_metrics,
+    metric_keys,
     metric_spec,
     register_metric,
     report_keys,
@@ -45,6 +48,7 @@ from relreg.metrics.sanity import (
 )
 
 __all__ = [
+    "METRICS",
     "SCORINGS",
     "DeletionInsertionAUC",
     "MetricSpec",
@@ -58,7 +62,9 @@ __all__ = [
     "build_metrics",
     "dataset_accuracy",
     "deletion_insertion_auc",
+    "keyed_result",
     "list_metrics",
+    "metric_keys",
     "metric_spec",
     "model_randomisation",
     "perturbation_auc",

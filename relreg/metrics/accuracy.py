@@ -40,12 +40,14 @@ def accuracy_targets(logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
 
     For samples with a ``label_set`` (an OOD folder standing for several model classes, as in
     ObjectNet), the prediction itself when it is one of them, else the first of them; otherwise
-    ``batch["label"]``. Feed the result to any accuracy metric (torchmetrics ``MulticlassAccuracy``).
+    ``batch["label"]``. Feed the result to any accuracy metric (torchmetrics'
+    ``MulticlassAccuracy``).
 
     Example:
         >>> import torch
         >>> logits = torch.tensor([[0.0, 2.0, 1.0]])
-        >>> accuracy_targets(logits, {"label": torch.tensor([2]), "label_set": torch.tensor([[2, 1]])})
+        >>> batch = {"label": torch.tensor([2]), "label_set": torch.tensor([[2, 1]])}
+        >>> accuracy_targets(logits, batch)
         tensor([1])
     """
     labels = batch["label"].to(logits.device)
@@ -58,7 +60,10 @@ def accuracy_targets(logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
 
 
 def restrict_logits(logits: Tensor, classes: Tensor) -> Tensor:
-    """Logits ``(B, K)`` with every class outside ``classes`` ``(C,)`` set to -inf (restricted scoring)."""
+    """Logits ``(B, K)`` with every class outside ``classes`` ``(C,)`` set to -inf.
+
+    An argmax of the result is restricted scoring: over the split's own classes only.
+    """
     keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     keep[classes.to(logits.device)] = True
     return logits.masked_fill(~keep, float("-inf"))
@@ -80,7 +85,7 @@ def scoring_classes(dataset: object) -> Tensor | None:
 
 
 def score_logits(logits: Tensor, classes: Tensor | None) -> Tensor:
-    """``logits (B, K)`` restricted to ``classes`` (see :func:`scoring_classes`); unchanged if None."""
+    """``logits (B, K)`` restricted to ``classes`` (:func:`scoring_classes`); unchanged for None."""
     return logits if classes is None else restrict_logits(logits, classes)
 
 

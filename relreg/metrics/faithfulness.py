@@ -56,7 +56,9 @@ class _ModelMetric(Metric):
         super().__init__(**kwargs)
         # a plain attribute, not a submodule: the metric's state_dict holds no weights
         object.__setattr__(self, "_p", _perturber(model, unit, fill, target_mode, chunk_size))
-        self.unit, self.target_mode, self.chunk_size = unit, target_mode, chunk_size
+        self.unit = unit
+        self.target_mode = target_mode
+        self.chunk_size = chunk_size
 
 
 class PerturbationAUC(_ModelMetric):
@@ -99,7 +101,8 @@ class PerturbationAUC(_ModelMetric):
         super().__init__(model, unit, fill, target_mode, chunk_size, **kwargs)
         _check_mode(mode, ("positive", "negative"))
         fr = _check_fractions(fractions)
-        self.mode, self.fractions = mode, fr
+        self.mode = mode
+        self.fractions = fr
         # torchmetrics guards this class constant; here it depends on the mode
         object.__setattr__(self, "higher_is_better", mode == "negative")
         self.add_state(
@@ -154,7 +157,8 @@ class DeletionInsertionAUC(_ModelMetric):
         super().__init__(model, unit, fill, target_mode, chunk_size, **kwargs)
         _check_mode(mode, ("deletion", "insertion"))
         check_positive_int("steps", steps)
-        self.mode, self.steps = mode, steps
+        self.mode = mode
+        self.steps = steps
         object.__setattr__(self, "higher_is_better", mode == "insertion")
         self.add_state(
             "prob_sum", default=torch.zeros(steps + 1, dtype=torch.float64), dist_reduce_fx="sum"

@@ -45,7 +45,8 @@ class _PerImageMean(Metric):
         """Add a batch; images whose ``has_mask`` ``(B,)`` is False are skipped."""
         if has_mask is not None:
             keep = has_mask.bool().to(maps.device)
-            maps, masks = maps[keep], masks[keep.to(masks.device)]
+            maps = maps[keep]
+            masks = masks[keep.to(masks.device)]
             if maps.shape[0] == 0:
                 return
         scores = self._per_image(maps, masks)
@@ -121,7 +122,8 @@ class SegmentationAgreement(Metric):
     Example:
         >>> import torch
         >>> metric = SegmentationAgreement()
-        >>> metric.update(torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]), torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]))
+        >>> maps = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+        >>> metric.update(maps, masks=maps.clone())
         >>> {k: v.item() for k, v in metric.compute().items()}
         {'pixel_accuracy': 1.0, 'miou': 1.0, 'map': 1.0}
     """

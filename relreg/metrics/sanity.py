@@ -97,11 +97,16 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+# parameters outside a step's own module that belong to it
+_PART_EXTRAS = {
+    "head": ("head_dist", "attn_pool"),
+    "patch_embed": ("pos_embed", "cls_token", "reg_token", "dist_token", "norm_pre"),
+}
+
+
 def _part(step: str) -> tuple[str, ...]:
     """Parameter-name prefixes a step randomises."""
-    extra = {"head": ("head_dist", "attn_pool"), "patch_embed": ("pos_embed", "cls_token",
-             "reg_token", "dist_token", "norm_pre")}  # fmt: skip
-    return (step, *extra.get(step, ()))
+    return (step, *_PART_EXTRAS.get(step, ()))
 
 
 def _randomise(model: nn.Module, step: str, gen: torch.Generator) -> None:
@@ -146,9 +151,12 @@ def _similarities(ref_raw: Tensor, raw: Tensor, ref_pix: Tensor, pix: Tensor) ->
     spear = spearman_corrcoef(b.T.contiguous(), a.T.contiguous())
     spear_abs = spearman_corrcoef(b.abs().T.contiguous(), a.abs().T.contiguous())
     ssim = structural_similarity_index_measure(
-        pix.unsqueeze(1).double(), ref_pix.unsqueeze(1).double(), data_range=1.0,
-        reduction="none", kernel_size=min(11, *pix.shape[-2:]) // 2 * 2 + 1,
-    )  # fmt: skip
+        pix.unsqueeze(1).double(),
+        ref_pix.unsqueeze(1).double(),
+        data_range=1.0,
+        reduction="none",
+        kernel_size=min(11, *pix.shape[-2:]) // 2 * 2 + 1,
+    )
     hog = _pearson(_hog(pix.double()), _hog(ref_pix.double()))
     return {"spearman": spear, "spearman_abs": spear_abs, "ssim": ssim, "hog": hog}
 

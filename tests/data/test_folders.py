@@ -76,7 +76,8 @@ def test_joint_transform_keeps_mask_aligned(folder):
     torch.manual_seed(0)
     for _ in range(5):
         s = ds[idx]
-        # the image is resized bilinearly and the mask by nearest neighbour: edges may differ by a pixel
+        # the image is resized bilinearly and the mask by nearest neighbour: edges may differ by a
+        # pixel
         mismatch = ((s["image"][0] > 0.5).float() != s["mask"]).float().mean().item()
         assert mismatch < 0.08 and s["mask"].sum() > 0
 

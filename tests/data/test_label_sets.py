@@ -102,16 +102,25 @@ def test_evaluate_module_and_callback_count_any_class_of_the_set(tmp_path):
     )
     assert expected != pytest.approx(_naive_accuracy_single(model, single))  # the sets matter here
     report = evaluate_models(
-        {"m": model}, SpuriousShapes("val", n=2), ["raw_attention"], ood={"objnet": ds},
-        steps=1, progress=False,
-    )  # fmt: skip
+        {"m": model},
+        SpuriousShapes("val", n=2),
+        ["raw_attention"],
+        ood={"objnet": ds},
+        steps=1,
+        progress=False,
+    )
     assert report["models"]["m"]["accuracy"]["objnet"] == pytest.approx(expected, abs=1e-4)
 
     module = RelRegModule(model, explainer={"evaluate": False})
     callback = OODEvaluation({"objnet_cb": ds}, batch_size=5)
     dm = RelRegDataModule(val=SpuriousShapes("val", n=4), ood={"objnet": ds}, batch_size=5)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
     connect(module, dm)
     results = {
         k: v for d in trainer.validate(module, datamodule=dm, verbose=False) for k, v in d.items()

@@ -130,8 +130,10 @@ def test_objectnet_layout_errors_name_the_file(tmp_path):
 def test_siscore_object_folders_map_to_imagenet_by_name(tmp_path):
     # spot checks against tensorflow_datasets/datasets/siscore/labels.py (IMAGENET_LABELS), the
     # authors' table: the ambiguous and irregular names included
-    expected = {"missile": 657, "jeans": 608, "kite": 21, "hedgehog": 334, "ipod": 605,
-                "pig": 341, "taxi": 468, "racket": 752, "flowerpot": 738, "banana": 954}  # fmt: skip
+    expected = {
+        "missile": 657, "jeans": 608, "kite": 21, "hedgehog": 334, "ipod": 605,
+        "pig": 341, "taxi": 468, "racket": 752, "flowerpot": 738, "banana": 954,
+    }  # fmt: skip
     root = _tree(tmp_path / "rotation", sorted(expected))
     ds = OODImageFolder(root, classes="si-score", img_size=8)
     assert ds.class_to_idx == expected and ds.crop_border == 0

@@ -57,9 +57,12 @@ def tree(tmp_path):
 def _deit(num_classes: int = 1000) -> torch.nn.Module:
     """DeiT-tiny's architecture and pretrained_cfg (ImageNet mean/std, bicubic) at 32 px."""
     return timm.create_model(
-        "deit_tiny_patch16_224.fb_in1k", pretrained=False, img_size=32, depth=1,
+        "deit_tiny_patch16_224.fb_in1k",
+        pretrained=False,
+        img_size=32,
+        depth=1,
         num_classes=num_classes,
-    )  # fmt: skip
+    )
 
 
 def test_from_model_reads_timms_config():
@@ -152,9 +155,15 @@ def test_datamodule_resolves_and_logs_the_preprocessing(tree):
     )
     logger = CSVLogger(tree / "logs")
     trainer = Trainer(
-        max_steps=1, limit_val_batches=1, inference_mode=False, logger=logger, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-    )  # fmt: skip
+        max_steps=1,
+        limit_val_batches=1,
+        inference_mode=False,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     connect(module, data)
     trainer.validate(module, data)
     expected = Preprocessing.from_model(module.model)

@@ -26,14 +26,13 @@ def _within_binomial(k: int, n: int, p: float) -> bool:
 
 
 def test_deterministic_and_seed_dependent():
-    a, b = make_scenes(8, size=16, seed=3), make_scenes(8, size=16, seed=3)
+    a = make_scenes(8, size=16, seed=3)
+    b = make_scenes(8, size=16, seed=3)
     for key in ("images", "masks", "labels", "cues", "digits", "boxes"):
         assert torch.equal(getattr(a, key), getattr(b, key)), key
     assert not torch.equal(a.images, make_scenes(8, size=16, seed=4).images)
-    x, y = (
-        SpuriousScenes("train", n=6, size=16, seed=1),
-        SpuriousScenes("train", n=6, size=16, seed=1),
-    )
+    x = SpuriousScenes("train", n=6, size=16, seed=1)
+    y = SpuriousScenes("train", n=6, size=16, seed=1)
     assert all(torch.equal(x[i]["image"], y[i]["image"]) for i in range(6))
     z = SpuriousScenes("train", n=6, size=16, seed=2)
     assert not torch.equal(torch.stack([x[i]["image"] for i in range(6)]), z.images)
@@ -57,7 +56,8 @@ def test_masks_are_the_pasted_strokes():
         expected[top : top + side, left : left + side] = (up > STROKE_THRESHOLD).float()
         assert torch.equal(batch.masks[i], expected), i
     # the mask is exactly where the digit changed the picture: a bright stroke on a dimmed photo
-    low, high = batch.images.min(1).values, batch.images.max(1).values
+    low = batch.images.min(1).values
+    high = batch.images.max(1).values
     assert low[batch.masks == 1].min() >= 0.75 - 1e-6
     assert high[batch.masks == 0].max() <= 0.6 + 1e-6
     frac = batch.masks.flatten(1).mean(1)
@@ -101,7 +101,8 @@ def test_distractors_only_in_unbiased():
 def test_background_follows_the_cue():
     """Grey sources (grass, brick) give grey crops up to the colour jitter; colour ones do not."""
     batch = make_scenes(200, size=16, num_classes=4, seed=3, spurious=0.25)
-    low, high = batch.images.min(1).values, batch.images.max(1).values  # (N, H, W)
+    low = batch.images.min(1).values  # (N, H, W)
+    high = batch.images.max(1).values
     # background pixels away from the clamps: the largest channel ratio of each image
     usable = (batch.masks == 0) & (low > 0.05) & (high < 0.59)
     spread = torch.where(usable, high / low.clamp(min=0.05), 1.0).flatten(1).max(1).values
@@ -154,9 +155,14 @@ def test_load_split_scenes_spec():
 
     torch.manual_seed(0)
     model = timm.create_model(
-        "vit_tiny_patch16_224", num_classes=5, img_size=16, patch_size=8, embed_dim=24, depth=1,
+        "vit_tiny_patch16_224",
+        num_classes=5,
+        img_size=16,
+        patch_size=8,
+        embed_dim=24,
+        depth=1,
         num_heads=2,
-    )  # fmt: skip
+    )
     ds = load_split("scenes:ood:6", model)
     assert isinstance(ds, SpuriousScenes) and len(ds) == 6 and ds[0]["image"].shape == (3, 16, 16)
     assert len(ds.classes) == 5 and torch.all(ds.cues != ds.labels)

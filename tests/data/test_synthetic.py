@@ -10,7 +10,8 @@ from relreg.data.synthetic import _TINTS
 
 
 def test_deterministic_and_seed_dependent():
-    a, b = make_shapes(8, seed=3), make_shapes(8, seed=3)
+    a = make_shapes(8, seed=3)
+    b = make_shapes(8, seed=3)
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
     assert not torch.equal(a.images, make_shapes(8, seed=4).images)
 
@@ -28,7 +29,8 @@ def test_shapes_masks_and_labels():
 def test_mask_marks_the_bright_shape():
     batch = make_shapes(16, size=32)
     brightness = batch.images.min(dim=1).values  # shape pixels have every channel >= 0.7
-    on, off = brightness[batch.masks == 1], brightness[batch.masks == 0]
+    on = brightness[batch.masks == 1]
+    off = brightness[batch.masks == 0]
     assert on.min() >= 0.7 - 1e-6 and off.max() <= 0.6 + 1e-6
 
 

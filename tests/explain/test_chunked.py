@@ -226,8 +226,9 @@ def test_active_attention_dropout_falls_back_and_every_kernel_call_is_judged():
     def attend(**kw):
         return lambda: block.attn(block.norm1(tokens), **kw)
 
+    rest = [lambda b=b: b(tokens) for b in model.blocks[1:]]
     bias = torch.randn(17, 17)
-    cap = run(lambda: block(tokens, attn_mask=bias), *[lambda b=b: b(tokens) for b in model.blocks[1:]])
+    cap = run(lambda: block(tokens, attn_mask=bias), *rest)
     assert [c.block for c in cap.calls] == list(range(len(model.blocks)))
     assert cap.calls[0].mask is bias and cap.calls[1].mask is None
     assert auto.after_forward(cap) is auto and chunked.after_forward(cap) is chunked
@@ -239,10 +240,10 @@ def test_active_attention_dropout_falls_back_and_every_kernel_call_is_judged():
     assert late.kind == "dense" and "block 0: called the attention kernel 2 times" in late.reason
     with pytest.raises(ValueError, match=r"engine='chunked'.*block 0: called the attention"):
         chunked.after_forward(cap)
-    causal = timm.layers.Attention(24, num_heads=3)
-    model.blocks[0].attn = causal
-    cap = run(lambda: model.blocks[0].attn(tokens, is_causal=True), *[lambda b=b: b(tokens) for b in model.blocks[1:]])
-    assert cap.calls[0].block is None  # a call from outside the blocks' forward: not attributed
+    cap = run(lambda: block(tokens, is_causal=True), *rest)
+    assert cap.calls[0].is_causal and "block 0: the attention kernel got is_causal=True" in (
+        auto.after_forward(cap).reason
+    )
     assert model_state(make_tiny_vit())["hooks"] == model_state(model)["hooks"]
 
 

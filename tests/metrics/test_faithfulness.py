@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from relreg.metrics import DeletionInsertionAUC, PerturbationAUC
 from relreg.metrics.functional import PAPER_FRACTIONS, black_fill
 from tests.conftest import images_for, make_tiny_vit
+from tests.numerics import U32, U64, assert_within, in_float64, sum_bound, twin_bound
 
 
 def _naive_pixel_scores(m, size):
@@ -52,8 +55,10 @@ def test_perturbation_auc_equals_naive_loop(mode, target_mode):
     metric.update(x[:2], maps[:2], labels[:2])
     metric.update(x[2:], maps[2:], labels[2:])
     auc, acc = _naive_perturbation(model, x, maps, labels, mode, black_fill(model), target_mode)
-    assert metric.compute().item() == pytest.approx(auc, abs=1e-4)
-    np.testing.assert_allclose(metric.curve().numpy(), acc, atol=1e-6)
+    # float64 accuracies and trapezoid (the reference's too), rounded once to float32
+    acc, auc = torch.as_tensor(acc), torch.as_tensor(auc)
+    assert_within(metric.compute(), auc, U32 * auc + 2 * 100 * sum_bound(acc, u=U64), "auc")
+    assert_within(metric.curve(), acc, U32 * acc + 2 * U64 * acc, "curve")
 
 
 def test_black_fill_is_normalised_zero():
@@ -77,7 +82,8 @@ def test_patch_unit_removes_whole_patches():
 
 
 def test_perfect_map_beats_inverted_on_a_model_that_reads_one_region():
-    # a "model" whose class-1 logit is the mean of the top-left quadrant: removing it flips the decision
+    # a "model" whose class-1 logit is the mean of the top-left quadrant: removing it flips the
+    # decision
     class Quadrant(torch.nn.Module):
         def forward(self, x):
             s = x[:, :, :8, :8].mean((1, 2, 3))
@@ -100,15 +106,31 @@ def test_perfect_map_beats_inverted_on_a_model_that_reads_one_region():
     assert deletion.compute() < insertion.compute()
 
 
+def _rise_bound(model64, bases, targets, ref, steps=5):
+    """Bound on the RISE AUC's float32 error: each image's probability from float32 forward passes
+    batched two ways (:func:`twin_bound`), their float64 mean and trapezoid (weights ``1 / steps``,
+    halved at the ends), rounded once to float32."""
+    w = torch.ones(steps + 1, dtype=torch.float64) / steps
+    w[[0, -1]] /= 2
+
+    def probs():
+        with torch.no_grad():
+            out = model64(bases.double()).softmax(1)
+        return out[torch.arange(len(targets)), targets].view(-1, steps + 1)
+
+    return (w * twin_bound(probs).mean(0)).sum() + U32 * abs(ref)
+
+
 def test_deletion_insertion_equal_naive_loop():
     model = make_tiny_vit(num_classes=3)
     x = images_for(model, batch=3)
     maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(4))
     fill = black_fill(model)
+    model64 = in_float64(model)[0]
     for mode in ("deletion", "insertion"):
         metric = DeletionInsertionAUC(model, mode=mode, steps=5)
         metric.update(x, maps)
-        rows = []
+        rows, bases, targets = [], [], []
         for xi, m in zip(x, maps, strict=True):
             with torch.no_grad():
                 t = model(xi[None]).argmax(1).item()
@@ -122,9 +144,13 @@ def test_deletion_insertion_equal_naive_loop():
                 base[:, idx] = fill.view(3, 1) if mode == "deletion" else xi.view(3, -1)[:, idx]
                 with torch.no_grad():
                     row.append(model(base.view(1, 3, 16, 16)).softmax(1)[0, t].item())
+                bases.append(base.view(3, 16, 16))
+                targets.append(t)
             rows.append(row)
         ref = np.trapezoid(np.mean(rows, 0), np.linspace(0, 1, 6))
-        assert metric.compute().item() == pytest.approx(ref, abs=1e-5)
+
+        bound = partial(_rise_bound, model64, torch.stack(bases), torch.tensor(targets), ref)
+        assert_within(metric.compute(), torch.as_tensor(ref), bound, mode)
 
 
 def test_merge_state_and_no_weights_in_state_dict():
@@ -183,12 +209,12 @@ def test_functional_twins_equal_the_metric_classes_on_one_batch(unit):
         metric = PerturbationAUC(model, mode=mode, unit=unit, target_mode="label")
         metric.update(x, maps, labels)
         twin = perturbation_auc(model, x, maps, labels, mode=mode, unit=unit, target_mode="label")
-        assert twin.item() == pytest.approx(metric.compute().item(), abs=1e-6)
+        assert twin.item() == metric.compute().item()  # the same computation on the same batch
     for mode in ("deletion", "insertion"):
         metric = DeletionInsertionAUC(model, mode=mode, unit=unit, steps=4)
         metric.update(x, maps)
         twin = deletion_insertion_auc(model, x, maps, mode=mode, unit=unit, steps=4)
-        assert twin.item() == pytest.approx(metric.compute().item(), abs=1e-6)
+        assert twin.item() == metric.compute().item()  # the same computation on the same batch
 
 
 def test_functional_twins_check_their_arguments():
@@ -196,7 +222,9 @@ def test_functional_twins_check_their_arguments():
 
     model = make_tiny_vit(num_classes=3)
     x, maps = images_for(model, batch=2), torch.rand(2, 4, 4)
-    with pytest.raises(ValueError, match="Expected mode 'positive' or 'negative', but got 'deletion'"):
+    with pytest.raises(
+        ValueError, match="Expected mode 'positive' or 'negative', but got 'deletion'"
+    ):
         perturbation_auc(model, x, maps, mode="deletion")
     with pytest.raises(ValueError, match="Expected steps an int >= 1, but got 0"):
         deletion_insertion_auc(model, x, maps, steps=0)

@@ -7,10 +7,29 @@ import torch
 
 from relreg.metrics.sanity import _hog, _similarities, model_randomisation, randomisation_steps
 from tests.conftest import images_for, make_tiny_vit, model_state
+from tests.numerics import U32, U64, assert_within, probable_sum_bound
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     return x.argsort().argsort().double()
+
+
+EPS = 1e-6  # torchmetrics' spearman_corrcoef: cov / (std_a std_b + 1e-6)
+
+
+def _spearman_bound(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+    """Bound on the error of torchmetrics' float32 Spearman correlation of ranks ``ra``, ``rb``
+    against the float64 Pearson correlation of the ranks."""
+    da, db = ra - ra.mean(), rb - rb.mean()
+    n = len(ra)
+    cov, va, vb = (da * db).mean(), (da * da).mean(), (db * db).mean()
+    std = (va * vb).sqrt()
+    rho = (cov / std).abs()
+    # the float32 means of the centred products and squares (a variance's error halves in its
+    # root), then the roots, their product and the division (3 roundings), and the 1e-6
+    e_cov, e_va, e_vb = (probable_sum_bound(t) / n for t in (da * db, da * da, db * db))
+    float32 = e_cov / std + rho * (e_va / (2 * va) + e_vb / (2 * vb) + 3 * U32 + EPS / std)
+    return float32 + probable_sum_bound(da * db, u=U64) / n / std  # the float64 reference's
 
 
 def test_steps_run_from_the_head_down_and_the_model_is_left_alone():
@@ -60,13 +79,17 @@ def test_similarities_equal_naive_formulas():
     for i in range(3):
         ra, rb = _ranks(a[i].flatten()), _ranks(b[i].flatten())
         pearson = torch.corrcoef(torch.stack([ra, rb]))[0, 1]
-        torch.testing.assert_close(sims["spearman"][i].double(), pearson, atol=1e-6, rtol=1e-6)
+        assert_within(sims["spearman"][i], pearson, _spearman_bound(ra, rb), f"spearman {i}")
+    # a map against itself: cov = var exactly, var / (sqrt(var)^2 + 1e-6) off 1 by the root, the
+    # product, the division and the 1e-6 (ranks of 256 values: var = (256^2 - 1) / 12); SSIM and
+    # HOG's correlation, float64, only by the cast to float32
+    one = 3 * U32 + EPS / ((256**2 - 1) / 12)
     same = _similarities(a, a, a, a)
     for name in ("spearman", "spearman_abs", "ssim", "hog"):
-        torch.testing.assert_close(same[name].float(), torch.ones(3), atol=1e-5, rtol=0)
+        assert_within(same[name].float(), torch.ones(3), one, name)
     flipped = _similarities(a, -a, a, a)
-    torch.testing.assert_close(flipped["spearman"].float(), -torch.ones(3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(flipped["spearman_abs"].float(), torch.ones(3), atol=1e-5, rtol=0)
+    assert_within(flipped["spearman"].float(), -torch.ones(3), one, "flipped")
+    assert_within(flipped["spearman_abs"].float(), torch.ones(3), one, "flipped abs")
     # HOG: a vertical edge and a horizontal edge have orthogonal orientation histograms
     v = torch.zeros(1, 16, 16)
     v[:, :, 8:] = 1

@@ -99,7 +99,10 @@ def _unit_scores(maps: Tensor, size: tuple[int, int], unit: str, patch: tuple[in
 
 
 def _removal_ranks(scores: Tensor, most_relevant_first: bool) -> Tensor:
-    """Rank ``(B, U)`` of each unit in the removal order (0 = removed first); ties keep index order."""
+    """Rank ``(B, U)`` of each unit in the removal order (0 = removed first).
+
+    Ties keep index order.
+    """
     order = scores.argsort(dim=1, descending=most_relevant_first, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -124,14 +127,16 @@ def _check(p: _Perturber, images: Tensor, maps: Tensor, target: Tensor | None) -
         )
     if not isinstance(maps, Tensor) or maps.ndim != 3 or maps.shape[0] != images.shape[0]:
         raise ValueError(
-            f"Expected maps (B, h, w) for {images.shape[0]} images, but got {getattr(maps, 'shape', None)}."
+            f"Expected maps (B, h, w) for {images.shape[0]} images, but got "
+            f"{getattr(maps, 'shape', None)}."
         )
     for name, t in (("images", images), ("maps", maps)):
         if not torch.isfinite(t).all():
             raise ValueError(f"Expected finite {name}, but got NaN or Inf values.")
     if p.target_mode == "label" and (target is None or target.shape != (images.shape[0],)):
         raise ValueError(
-            f"Expected target (B,) labels for target_mode='label', but got {getattr(target, 'shape', None)}."
+            "Expected target (B,) labels for target_mode='label', but got "
+            f"{getattr(target, 'shape', None)}."
         )
 
 

@@ -40,11 +40,13 @@ def _pixels(maps: Tensor, masks: Tensor, normalize: bool = True) -> tuple[Tensor
     """Validate; return (normalised) pixel maps and float masks, both ``(B, H, W)``."""
     if not isinstance(maps, Tensor) or not isinstance(masks, Tensor):
         raise TypeError(
-            f"Expected maps and masks to be torch.Tensors, but got {type(maps).__name__} and {type(masks).__name__}."
+            "Expected maps and masks to be torch.Tensors, but got "
+            f"{type(maps).__name__} and {type(masks).__name__}."
         )
     if maps.ndim != 3 or masks.ndim != 3 or maps.shape[0] != masks.shape[0]:
         raise ValueError(
-            f"Expected maps (B, h, w) and masks (B, H, W) with the same B, but got {tuple(maps.shape)} and {tuple(masks.shape)}."
+            "Expected maps (B, h, w) and masks (B, H, W) with the same B, but got "
+            f"{tuple(maps.shape)} and {tuple(masks.shape)}."
         )
     if not torch.isfinite(maps).all():
         raise ValueError("Expected finite maps, but got NaN or Inf values.")
@@ -69,7 +71,7 @@ def check_convention(convention: object) -> str:
 def _relevance_mass_update(
     maps: Tensor, masks: Tensor, convention: str = "positive", eps: float = 1e-12
 ) -> Tensor:
-    """Per-image fraction ``(B,)`` of the relevance inside the mask (see :func:`relevance_share`)."""
+    """Per-image fraction ``(B,)`` of the relevance inside the mask (:func:`relevance_share`)."""
     check_convention(convention)
     pix, masks = _pixels(maps, masks, normalize=convention == "minmax")
     pix = pix.clamp_min(0)
@@ -193,7 +195,10 @@ def relevance_mass(maps: Tensor, masks: Tensor, convention: str = "positive") ->
 
 
 def relevance_rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
-    """Mean fraction of the K most relevant pixels that lie in the mask (K = mask size), in [0, 1]."""
+    """Mean fraction of the K most relevant pixels that lie in the mask, in [0, 1].
+
+    K is the mask's size: the relevance rank accuracy of Arras et al. (2022).
+    """
     return _relevance_rank_update(maps, masks).mean()
 
 
