@@ -255,7 +255,8 @@ def run_explain(args: argparse.Namespace) -> list[Path]:
         shown = (x.cpu() * std + mean).clamp(0, 1)
         for i, stem in enumerate(stems[start : start + len(x)]):
             raw = maps[i].cpu().numpy()
-            npy, png = args.out / f"{stem}.npy", args.out / f"{stem}.png"
+            npy = args.out / f"{stem}.npy"
+            png = args.out / f"{stem}.png"
             atomic_write(npy, lambda tmp, raw=raw: np.save(tmp, raw))
             title = explanation_title(
                 f"{stem} ({args.method})", probs[i], names, args.target, args.foil

@@ -12,12 +12,12 @@ Every stage is a LightningCLI run of the YAML files in ``configs/demo``:
    ``relreg_mass``: the relevance-mass loss).
 
 Each stage leaves ``<stage>/final.ckpt`` (the model exactly as trained and tested; the next stage
-starts from it) for ``relreg evaluate``. Writes ``results/demo.json`` (``{"seeds", "arms", "baseline", <arm>...}``, each arm with the mean
-and per-seed ``id_acc``, ``ood_acc`` and ``relevance_mass`` (the published relevance mass: share of
-the positive Chefer relevance inside the masks), fractions in [0, 1]),
-``results/ood_heatmaps.png`` (Chefer maps of OOD images: baseline and each arm, seed 0) and
-``results/explainers.png`` (every explainer on the relreg model, else on the last arm's), all under
-``--out``.
+starts from it) for ``relreg evaluate``. Writes ``results/demo.json``
+(``{"seeds", "arms", "baseline", <arm>...}``, each arm with the mean and per-seed ``id_acc``,
+``ood_acc`` and ``relevance_mass`` (the published relevance mass: share of the positive Chefer
+relevance inside the masks), fractions in [0, 1]), ``results/ood_heatmaps.png`` (Chefer maps of OOD
+images: baseline and each arm, seed 0) and ``results/explainers.png`` (every explainer on the relreg
+model, else on the last arm's), all under ``--out``.
 """
 
 from __future__ import annotations
@@ -44,18 +44,17 @@ _FAST = {"smoothgrad": {"n_samples": 8}, "integrated_gradients": {"steps": 16}}
 def _stage(
     configs: Path, out: Path, name: str, extra: list[str], config: str | None = None
 ) -> tuple[object, dict[str, float]]:
-    """Fit one stage (``<config or name>.yaml`` over ``base.yaml``), then test it; returns the CLI
-    object and the test metrics."""
-    args = [
-        "fit",
-        "--config", str(configs / "base.yaml"),
-        "--config", str(configs / f"{config or name}.yaml"),
-        "--trainer.default_root_dir", str(out / name),
-        "--trainer.logger.init_args.save_dir", str(out / name),
-        "--trainer.logger.init_args.name", name,
-        "--trainer.enable_progress_bar", "false",
-        *extra,
-    ]  # fmt: skip
+    """Fit one stage (``<config or name>.yaml`` over ``base.yaml``), then test it.
+
+    Returns:
+        The CLI object and the test metrics.
+    """
+    args = ["fit", "--config", str(configs / "base.yaml")]
+    args += ["--config", str(configs / f"{config or name}.yaml")]
+    args += ["--trainer.default_root_dir", str(out / name)]
+    args += ["--trainer.logger.init_args.save_dir", str(out / name)]
+    args += ["--trainer.logger.init_args.name", name]
+    args += ["--trainer.enable_progress_bar", "false", *extra]
     cli = run_cli(args)
     # the model as trained, whatever step ModelCheckpoint's last.ckpt was saved at
     cli.trainer.save_checkpoint(out / name / "final.ckpt", weights_only=True)
@@ -66,7 +65,7 @@ def _stage(
 
 
 def _finish_wandb() -> None:
-    """Close the stage's W&B run: Lightning's WandbLogger would otherwise log the next stage into it."""
+    """Close the stage's W&B run (Lightning's WandbLogger would log the next stage into it)."""
     import wandb
 
     if wandb.run is not None:
@@ -99,7 +98,8 @@ def run_demo(
         quick: 3 steps per stage (a smoke test, not a result).
         arms: fine-tuning arms, each a ``<arm>.yaml`` in ``configs`` (``control`` first).
     """
-    out, configs = Path(out), Path(configs)
+    out = Path(out)
+    configs = Path(configs)
     if not (configs / "base.yaml").is_file():
         raise FileNotFoundError(
             f"Expected the demo configs in {str(configs)!r} (run from the repository root)."
@@ -109,8 +109,8 @@ def run_demo(
     ]
     if not arms or missing:
         raise ValueError(
-            f"Expected arms among the fine-tuning configs of {str(configs)!r}, but got {list(arms)} "
-            f"(not arms: {missing})."
+            f"Expected arms among the fine-tuning configs of {str(configs)!r}, "
+            f"but got {list(arms)} (not arms: {missing})."
         )
     common = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1"] if quick else []
     t0 = time.perf_counter()
@@ -177,10 +177,12 @@ def _figures(models: dict[str, torch.nn.Module], results: Path) -> None:
 
 def _print_table(result: dict) -> None:
     print(
-        f"\n{'arm':14s} {'id_acc':>8s} {'ood_acc':>8s} {'relevance_mass':>15s}   (mean over seeds {result['seeds']})"
+        f"\n{'arm':14s} {'id_acc':>8s} {'ood_acc':>8s} {'relevance_mass':>15s}   "
+        f"(mean over seeds {result['seeds']})"
     )
     for arm in ("baseline", *result["arms"]):
         row = result[arm]
         print(
-            f"{arm:14s} {row['id_acc']['mean']:8.3f} {row['ood_acc']['mean']:8.3f} {row['relevance_mass']['mean']:15.3f}"
+            f"{arm:14s} {row['id_acc']['mean']:8.3f} {row['ood_acc']['mean']:8.3f} "
+            f"{row['relevance_mass']['mean']:15.3f}"
         )

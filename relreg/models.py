@@ -1,4 +1,4 @@
-"""Build a timm model from a name, with timm weights or a local checkpoint, never running code from a file.
+"""Build a timm model from a name, with timm weights or a local checkpoint, never running its code.
 
 Checkpoints are read with timm's loader with ``weights_only=True`` (plain ``state_dict`` files,
 ``.safetensors``, timm training checkpoints, and Lightning checkpoints whose ``state_dict`` keys
@@ -73,9 +73,9 @@ def build_model(
         raise RuntimeError(
             f"Could not fetch pretrained weights for {name!r} ({type(err).__name__}: {err}). "
             "Without network access, pass a local weights file instead: --checkpoint PATH "
-            "(Python: checkpoint=PATH), e.g. a file saved with torch.save(model.state_dict(), PATH) "
-            "or a .safetensors file from the model's Hugging Face page. Offline, set HF_HUB_OFFLINE=1 "
-            "to fail at once instead of retrying."
+            "(Python: checkpoint=PATH), e.g. a file saved with "
+            "torch.save(model.state_dict(), PATH) or a .safetensors file from the model's "
+            "Hugging Face page. Offline, set HF_HUB_OFFLINE=1 to fail at once instead of retrying."
         ) from err
     if checkpoint is not None:
         load_weights(model, checkpoint)
@@ -194,10 +194,12 @@ def model_from_checkpoint(checkpoint: str | os.PathLike) -> nn.Module:
     spec = lightning_model_args(checkpoint)
     if spec is None:
         raise ValueError(
-            f"Expected a relreg fit checkpoint that names its architecture, but {str(checkpoint)!r} "
-            "is not one; use build_model(name, checkpoint=...) for plain weights."
+            "Expected a relreg fit checkpoint that names its architecture, "
+            f"but {str(checkpoint)!r} is not one; use build_model(name, checkpoint=...) for plain "
+            "weights."
         )
-    name, num_classes = spec.pop("name"), spec.pop("num_classes")
+    name = spec.pop("name")
+    num_classes = spec.pop("num_classes")
     return build_model(name, checkpoint=checkpoint, num_classes=num_classes, **spec).eval()
 
 

@@ -12,7 +12,7 @@ __all__ = ["check_choice", "check_positive_int"]
 
 
 def check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int >= 1 (``bool`` is refused), or None if allowed.
+    """Raise ``ValueError`` unless ``value`` is an int >= 1 (not a ``bool``), or None if allowed.
 
     Example:
         >>> check_positive_int("steps", 4)

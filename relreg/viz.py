@@ -90,7 +90,7 @@ def explanation_grid(
     row_titles: Sequence[str] | None = None,
     alpha: float = 0.55,
 ) -> Figure:
-    """One row per image, one column per method: overlays of ``(B, H, W)`` maps on ``(B, 3, H, W)`` images.
+    """One row per image, one column per method: ``(B, H, W)`` maps over ``(B, 3, H, W)`` images.
 
     Row captions (``row_titles``, e.g. ``"#12 pred 3 label 3 mass 0.45"``) are written
     horizontally left of each row and wrapped to a few words per line, so a long caption grows

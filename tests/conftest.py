@@ -28,7 +28,7 @@ def make_tiny_vit(
     dtype: torch.dtype = torch.float32,
     **overrides,
 ) -> nn.Module:
-    """A 2-block, 2-head, 24-dim timm ViT on 16x16 images with 4x4 patches and 5 classes, in eval mode."""
+    """A 2-block, 2-head, 24-dim timm ViT for 16x16 images, 4x4 patches, 5 classes, in eval mode."""
     kwargs = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=5)
     kwargs.update(overrides)
     torch.manual_seed(seed)

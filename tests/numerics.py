@@ -32,9 +32,10 @@ The helpers:
   takes the largest deviation over a few trials times a safety factor.
 
 :func:`twin_bound` doubles a :func:`rounding_bound` for two float32 evaluations of one exact
-quantity (batched and looped, chunked and whole), :func:`in_float64` makes the float64 copy of a
-float32 model that the bounds run, and :func:`assert_within` compares against a bound (computing
-it only when the two sides differ).
+quantity (batched and looped, chunked and whole), :func:`fused_unfused_bound` adds the two
+attention paths' bounds, :func:`in_float64` makes the float64 copy of a float32 model that the
+bounds run, and :func:`assert_within` compares against a bound (computing it only when the two
+sides differ).
 
 A bound from these helpers scales with the data (a bug that moves an output by more than a few
 rounding errors of its own terms still fails) and with nothing else.
@@ -81,14 +82,7 @@ _LINEAR_BACKWARD = {
     ),
 }
 # normalisations: an internal sum over the normalised dimension(s), then elementwise work
-_NORMS = {
-    "_softmax",
-    "_log_softmax",
-    "native_layer_norm",
-    "native_layer_norm_backward",
-    "linalg_vector_norm",
-    "logsumexp",
-}
+_NORMS = {"_softmax", "_log_softmax", "native_layer_norm", "linalg_vector_norm", "logsumexp"}
 # elementwise arithmetic: each result rounded once
 _ELEMENTWISE = set(
     "add sub rsub mul div exp log sqrt rsqrt pow erf tanh sigmoid reciprocal gelu silu addcmul"
@@ -130,6 +124,52 @@ class MonteCarloRounding(TorchDispatchMode):
         r = torch.rand(like.shape, generator=self.generator, dtype=torch.float64)
         return (2 * r - 1).to(like.device)
 
+    def _layer_norm_backward(self, out, g, x, shape, mean, rstd, weight, bias):
+        """LayerNorm's gradients, sums that cancel: ``rstd (gw - mean(gw) - xh mean(gw xh))`` for
+        the input (``gw = g * weight``, ``xh`` the normalised input), sums over the rows of
+        ``g xh`` and ``g`` for the weight and bias; each sized by the same sums of ``|terms|``."""
+        dims = tuple(range(x.dim() - len(shape), x.dim()))
+        n_in, n_rows = math.prod(shape), max(1, x.numel() // math.prod(shape))
+        xh = (x - mean) * rstd
+        gw = (g * weight if weight is not None else g).abs()
+        sizes = (
+            rstd * (gw + gw.mean(dims, keepdim=True) + xh.abs() * (gw * xh).abs().mean(dims, True)),
+            (g * xh).abs().flatten(0, -len(shape) - 1).sum(0) if out[1] is not None else None,
+            g.abs().flatten(0, -len(shape) - 1).sum(0) if out[2] is not None else None,
+        )
+        return tuple(
+            o + self.u * math.sqrt(n) * z * self._noise(o) if o is not None else o
+            for o, z, n in zip(out, sizes, (n_in, n_rows, n_rows), strict=True)
+        )
+
+    def _attention(self, q, k, v, scale):
+        """``A = softmax(q k^T scale)`` and the magnitudes ``|q| |k|^T scale`` of its logits."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        s = q @ k.transpose(-2, -1) * scale
+        return s.softmax(-1), q.abs() @ k.abs().transpose(-2, -1) * scale
+
+    def _sdpa(self, out, q, k, v, scale=None):
+        """Fused attention ``A v``: its sums over the keys, sized ``A |v|``, and the logits' sums
+        over the head dimension, whose errors move the output by ``A (|q| |k|^T) (|v| + |o|)``."""
+        a, s_abs = self._attention(q, k, v, scale)
+        o, n = out[0], k.shape[-2] + q.shape[-1]
+        size = a @ v.abs() + (a * s_abs) @ v.abs() + (a * s_abs).sum(-1, keepdim=True) * o.abs()
+        return (o + self.u * math.sqrt(n) * size * self._noise(o), *out[1:])
+
+    def _sdpa_backward(self, out, g, q, k, v, o, scale=None):
+        """Fused attention's gradients: ``dv = A^T g``, ``dS = A (g v^T - rowsum(g o))``,
+        ``dq = dS k scale``, ``dk = dS^T q scale``, each sized by the same sums of |terms|."""
+        a, _ = self._attention(q, k, v, scale)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        ds = a * (g.abs() @ v.abs().transpose(-2, -1) + (g * o).abs().sum(-1, keepdim=True))
+        sizes = (ds @ k.abs() * scale, ds.transpose(-2, -1) @ q.abs() * scale)
+        sizes = (*sizes, a.transpose(-2, -1) @ g.abs())
+        n = k.shape[-2] + q.shape[-1]
+        return tuple(
+            d + self.u * math.sqrt(n) * z * self._noise(d) if d is not None else d
+            for d, z in zip(out[:3], sizes, strict=True)
+        ) + tuple(out[3:])
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -153,6 +193,12 @@ class MonteCarloRounding(TorchDispatchMode):
                 o + self.u * math.sqrt(n) * z.abs() * self._noise(o) if _is_float(o) else o
                 for o, z, n in zip(out, sizes, counts, strict=True)
             )
+        if base == "_scaled_dot_product_flash_attention_for_cpu":
+            return self._sdpa(out, *args[:3], scale=kwargs.get("scale"))
+        if base == "_scaled_dot_product_flash_attention_for_cpu_backward":
+            return self._sdpa_backward(out, *args[:5], scale=kwargs.get("scale"))
+        if base == "native_layer_norm_backward":
+            return self._layer_norm_backward(out, *args[:7])
         if base == "_softmax_backward_data":  # o * (g - sum(o * g)) over the softmax's dim
             g, o, dim = args[:3]
             size = o.abs() * (g.abs() + (o * g).abs().sum(dim, keepdim=True))
@@ -173,9 +219,12 @@ class MonteCarloRounding(TorchDispatchMode):
 
 
 def rounding_bound(
-    fn: Callable[[], Tensor], trials: int = 8, k: float = 4.0, u: float = U32
-) -> Tensor:
+    fn: Callable[[], Tensor | tuple[Tensor, ...]], trials: int = 8, k: float = 4.0, u: float = U32
+) -> Tensor | tuple[Tensor, ...]:
     """Elementwise bound on the float32 rounding error of ``fn()`` (a float64 computation).
+
+    ``fn`` may return a tuple of tensors (maps and gradients): a tuple of bounds comes back, one
+    per tensor, each with its own floor.
 
     ``fn`` is run once exactly and ``trials`` times under :class:`MonteCarloRounding`; the bound is
     ``k`` times the largest deviation from the exact result, per element, plus ``k * u`` times the
@@ -191,36 +240,56 @@ def rounding_bound(
     rounding of the float64 arithmetic that emulates them.
     """
     emulated = max(u, U32)
-    exact = fn().detach()
-    dev = torch.zeros_like(exact)
+    first = fn()
+    single = isinstance(first, Tensor)
+    exact = [t.detach() for t in ((first,) if single else first)]
+    dev = [torch.zeros_like(t) for t in exact]
     for seed in range(trials):
         with MonteCarloRounding(seed, emulated):
-            dev = torch.maximum(dev, (fn().detach() - exact).abs())
-    return k * (u / emulated) * dev + k * u * exact.abs().max()
+            out = fn()
+        for i, t in enumerate((out,) if single else out):
+            dev[i] = torch.maximum(dev[i], (t.detach() - exact[i]).abs())
+    bounds = tuple(
+        k * (u / emulated) * d + k * u * e.abs().max() for d, e in zip(dev, exact, strict=True)
+    )
+    return bounds[0] if single else bounds
 
 
-def twin_bound(fn: Callable[[], Tensor], **kwargs) -> Tensor:
+def twin_bound(fn: Callable[[], Tensor | tuple[Tensor, ...]], **kwargs):
     """Bound on the difference of two float32 evaluations of the one exact quantity ``fn()``.
 
     Batched and looped, chunked and whole, fused and unfused: the two differ only in how their
     sums are blocked, each lies within :func:`rounding_bound` of the exact result, so their
     difference lies within twice that (the triangle inequality).
     """
-    return 2 * rounding_bound(fn, **kwargs)
+    bound = rounding_bound(fn, **kwargs)
+    return 2 * bound if isinstance(bound, Tensor) else tuple(2 * b for b in bound)
 
 
-def in_float64(model: torch.nn.Module, *tensors: Tensor):
+def fused_unfused_bound(model: torch.nn.Module, x: Tensor) -> Tensor:
+    """Bound on the difference of two float32 forward passes of ``model`` on ``x``, one through
+    timm's fused attention kernel and one unfused (or a functional re-implementation of it): the
+    same sums in two orders, within the sum of both paths' :func:`rounding_bound`."""
+    unfused, x64 = in_float64(model, x, fused=False)
+    fused = in_float64(model, fused=True)[0]
+    with torch.no_grad():
+        return rounding_bound(lambda: unfused(x64)) + rounding_bound(lambda: fused(x64))
+
+
+def in_float64(model: torch.nn.Module, *tensors: Tensor, fused: bool | None = None):
     """A float64 copy of a float32 model (holding its weights exactly) and of its inputs.
 
-    Attention runs unfused in the copy: the fused kernel computes the same sums as one operation,
-    which :class:`MonteCarloRounding` would not see (``q k^T``, the softmax and ``A v`` it does).
+    Attention runs as in ``model`` (timm's ``fused_attn``), or fused / unfused as ``fused`` says.
+    Unfused, :class:`MonteCarloRounding` perturbs its sums (``q k^T``, the softmax, ``A v``) one
+    by one; the fused CPU kernel (which the chunked engine needs) it sizes as a whole.
     """
     import copy
 
     twin = copy.deepcopy(model).double()
-    for m in twin.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
+    if fused is not None:
+        for m in twin.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = fused
     return (twin, *(t.double() for t in tensors))
 
 
@@ -239,7 +308,7 @@ def sum_bound(terms: Tensor, dim=None, k: float = 4.0, u: float = U32) -> Tensor
 
 
 def probable_sum_bound(terms: Tensor, dim=None, lam: float = 6.0, u: float = U32) -> Tensor:
-    """Probabilistic bound on the float32 error of ``terms.sum(dim)``: ``lam sqrt(n) u sum(|terms|)``
+    """Probable bound on the float32 error of ``terms.sum(dim)``: ``lam sqrt(n) u sum(|terms|)``,
     plus ``2 u sum(|terms|)`` for the roundings forming the terms and after the sum.
 
     Rounding errors of random sign add like a random walk: with independent, mean-zero roundings

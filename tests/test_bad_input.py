@@ -224,7 +224,8 @@ def test_06_grey_and_rgba_images_load_as_rgb(tmp_path):
     write_png(tmp_path / "d" / "images" / "a" / "grey.png", grey, "L")
     write_png(tmp_path / "d" / "images" / "a" / "rgba.png", rgba, "RGBA")
     ds = MaskedImageFolder(tmp_path / "d", transform=RAW)
-    grey_rgb, rgba_rgb = ds[0]["image"], ds[1]["image"]
+    grey_rgb = ds[0]["image"]
+    rgba_rgb = ds[1]["image"]
     assert grey_rgb.shape == rgba_rgb.shape == (3, 6, 8)
     torch.testing.assert_close(grey_rgb, torch.full((3, 6, 8), 100 / 255))
     expected = torch.tensor([10, 200, 30], dtype=torch.float32).view(3, 1, 1) / 255
@@ -234,7 +235,8 @@ def test_06_grey_and_rgba_images_load_as_rgb(tmp_path):
 # ------------------------------------------------------- 7. NaN / Inf and targets out of range
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_07_non_finite_images(bad):
-    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
     x[1, 0, 3, 3] = bad
     before = model_state(model)
     with pytest.raises(ValueError, match=r"Expected finite images, but got \d NaN and \d Inf"):
@@ -249,7 +251,8 @@ METRICS = [relevance_mass, pointing_game, lambda m, s: RelevanceMass()(m, s)]
 @pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_07_non_finite_relevance_in_losses(fn, bad):
-    relevance, masks = torch.rand(2, 8, 8), (torch.rand(2, 8, 8) > 0.5).float()
+    relevance = torch.rand(2, 8, 8)
+    masks = (torch.rand(2, 8, 8) > 0.5).float()
     relevance[0, 1, 1] = bad
     with pytest.raises(ValueError, match="Expected finite relevance, but got NaN or Inf"):
         fn(relevance, masks)
@@ -260,14 +263,16 @@ def test_07_non_finite_relevance_in_losses(fn, bad):
 
 @pytest.mark.parametrize("fn", METRICS, ids=["relevance_mass", "pointing_game", "RelevanceMass"])
 def test_07_non_finite_relevance_in_metrics(fn):
-    maps, masks = torch.rand(2, 4, 4), (torch.rand(2, 32, 32) > 0.5).float()
+    maps = torch.rand(2, 4, 4)
+    masks = (torch.rand(2, 32, 32) > 0.5).float()
     maps[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="Expected finite maps, but got NaN or Inf"):
         fn(maps, masks)
 
 
 def test_07_non_finite_relevance_in_faithfulness_metrics():
-    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
     maps = torch.rand(2, 4, 4)
     maps[1, 2, 2] = float("inf")
     with pytest.raises(ValueError, match="Expected finite maps, but got NaN or Inf"):
@@ -280,7 +285,8 @@ def test_07_target_out_of_range(target):
     before = model_state(model)
     with pytest.raises(
         ValueError,
-        match=rf"Expected target classes in \[0, 3\] \(the model has 4 classes\), but got \[{target}\]",
+        match=rf"Expected target classes in \[0, 3\] \(the model has 4 classes\), "
+        rf"but got \[{target}\]",
     ):
         explain(model, torch.randn(2, 3, 32, 32), "chefer", target=target)
     assert model_state(model) == before
@@ -290,7 +296,8 @@ def test_07_target_out_of_range(target):
 @pytest.fixture
 def foreign_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     """A 10-class ViT checkpoint and a ResNet checkpoint, with what their error names."""
-    vit10, resnet = tmp_path / "vit10.pt", tmp_path / "resnet.pt"
+    vit10 = tmp_path / "vit10.pt"
+    resnet = tmp_path / "resnet.pt"
     torch.save(tiny_vit(num_classes=10).state_dict(), vit10)
     torch.save(timm.create_model("resnet18", num_classes=4).state_dict(), resnet)
     return {

@@ -34,9 +34,10 @@ def test_demo_quick_writes_results(tmp_path):
     assert ckpt["hyper_parameters"]["checkpoint"] == str(tmp_path / "bias" / "final.ckpt")
     # relreg evaluate on the stage's final.ckpt reproduces the accuracy the demo reported
     out = tmp_path / "evaluate"
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "bias" / "final.ckpt"),
-                 "--data", "shapes:test", "--ood", "ood=shapes:ood", "--methods", "raw_attention",
-                 "--steps", "1", "--num-heatmaps", "0", "--out", str(out)]) == 0  # fmt: skip
+    args = ["evaluate", "--checkpoint", str(tmp_path / "bias" / "final.ckpt")]
+    args += ["--data", "shapes:test", "--ood", "ood=shapes:ood", "--methods", "raw_attention"]
+    args += ["--steps", "1", "--num-heatmaps", "0", "--out", str(out)]
+    assert main(args) == 0
     accuracy = json.loads((out / "report.json").read_text())["models"]["final"]["accuracy"]
     assert accuracy["data"] == result["baseline"]["id_acc"]["mean"]
     assert accuracy["ood"] == result["baseline"]["ood_acc"]["mean"]

@@ -40,15 +40,14 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 
 def test_report_equals_the_metrics_on_the_whole_set_and_not_the_batch_size():
-    model, data = _model(), SpuriousShapes("test", n=10, masked_fraction=0.6)
+    model = _model()
+    data = SpuriousShapes("test", n=10, masked_fraction=0.6)
     kw = dict(methods=["chefer", "rollout"], steps=4, progress=False)
     small = evaluate_models({"m": model}, data, batch_size=3, **kw)
     whole = evaluate_models({"m": model}, data, batch_size=10, **kw)
     for method in kw["methods"]:
-        a, b = (
-            small["models"]["m"]["explainers"][method],
-            whole["models"]["m"]["explainers"][method],
-        )
+        a = small["models"]["m"]["explainers"][method]
+        b = whole["models"]["m"]["explainers"][method]
         for key in report_keys():
             assert a[key] == pytest.approx(b[key], abs=2e-4), (method, key)
     # naive reference: all images at once, straight from the metric functions
@@ -364,7 +363,8 @@ def test_model_from_checkpoint_builds_the_stored_architecture(tmp_path):
 def test_model_sources_label_the_models_and_refuse_bad_combinations(tmp_path):
     from relreg.evaluation import ModelSources
 
-    a, b = tmp_path / "bias" / "final.ckpt", tmp_path / "relreg" / "final.ckpt"
+    a = tmp_path / "bias" / "final.ckpt"
+    b = tmp_path / "relreg" / "final.ckpt"
     assert ModelSources([tmp_path / "x.ckpt"]).sources() == {"x": tmp_path / "x.ckpt"}
     assert ModelSources([a, b]).sources() == {"bias": a, "relreg": b}  # stems clash: folders
     both = ModelSources([a], pretrained=True, model="vit_tiny_patch16_224", labels=("m", "t"))

@@ -45,7 +45,9 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_file(tmp_path):
             f.write("x" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match=r"No space left on device while writing .*report.json.* more than 100 bytes") as info:
+    message = r"No space left on device while writing .*report.json.* more than 100 bytes"
+    with pytest.raises(OSError, match=message) as info:
         atomic_write(out, fill_the_disk)
     assert info.value.errno == errno.ENOSPC and "the previous file is intact" in str(info.value)
-    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    assert out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

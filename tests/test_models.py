@@ -1,4 +1,4 @@
-"""build_model / load_weights: local checkpoints (weights_only), Lightning prefixes, clear errors."""
+"""build_model / load_weights: local checkpoints (weights_only), Lightning prefixes, errors."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def test_wrong_num_classes_is_a_clear_error(tmp_path):
     torch.save(_tiny(num_classes=5).state_dict(), tmp_path / "w.pt")
     with pytest.raises(
         ValueError,
-        match=r"(?s)does not fit VisionTransformer \(another architecture or another num_classes\?\).*head.weight",
+        match=r"(?s)does not fit VisionTransformer "
+        r"\(another architecture or another num_classes\?\).*head.weight",
     ):
         build_model("vit_tiny_patch16_224", checkpoint=tmp_path / "w.pt", num_classes=7, **TINY)
 

@@ -33,7 +33,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
 def _ood_trees(root: Path) -> dict[str, Path]:
     """One tiny split per OOD suite of base.yaml, keyed by its name there."""
-    r, a = list(label_space("imagenet-r"))[:2], list(label_space("imagenet-a"))[:2]
+    r = list(label_space("imagenet-r"))[:2]
+    a = list(label_space("imagenet-a"))[:2]
     trees = {
         "imagenet_r": folder_tree(root / "imagenet-r", r),
         "imagenet_a": folder_tree(root / "imagenet-a", a),
@@ -61,13 +62,16 @@ def test_paper_protocol_dry_run(tmp_path, capsys):
     wnids = sorted(label_space("imagenet"))[100:104]
     masks, images = imagenet_s_tree(tmp_path / "imagenet-s", wnids, files_per_class=4, size=32)
     subsets = tmp_path / "subsets"
-    assert main(["prepare", "imagenet-s", "--masks", str(masks), "--images", str(images),
-                 "--out", str(subsets), "--train-classes", "2"]) == 0  # fmt: skip
+    prepare = ["prepare", "imagenet-s", "--masks", str(masks), "--images", str(images)]
+    prepare += ["--out", str(subsets), "--train-classes", "2"]
+    assert main(prepare) == 0
     ood = _ood_trees(tmp_path / "ood")
     base = yaml.safe_load((CONFIGS / "base.yaml").read_text())
     assert set(base["data"]["ood"]) == set(ood)  # every suite of the config has a tree here
-    roots = [f"--data.train.init_args.root={subsets / 'train'}",
-             f"--data.val.init_args.root={subsets / 'val'}"]  # fmt: skip
+    roots = [
+        f"--data.train.init_args.root={subsets / 'train'}",
+        f"--data.val.init_args.root={subsets / 'val'}",
+    ]
     roots += [f"--data.ood.{name}.init_args.root={path}" for name, path in ood.items()]
     runs = tmp_path / "runs"
     # base.yaml's callbacks, due every epoch instead of every second one: one epoch suffices
@@ -77,13 +81,19 @@ def test_paper_protocol_dry_run(tmp_path, capsys):
             cb["init_args"]["every_n_epochs"] = 1
     every_epoch = tmp_path / "every_epoch.yaml"
     every_epoch.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    argv = ["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "vit_b16.yaml"),
-            "--config", str(every_epoch), *roots, "--model.pretrained=false",
-            "--model.model_kwargs={img_size: 64}", f"--trainer.logger.init_args.save_dir={runs}",
-            "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-            "--trainer.accelerator=cpu", "--trainer.devices=1",
-            "--data.batch_size=2", "--data.eval_batch_size=2", "--data.num_workers=0"]  # fmt: skip
+    argv = [
+        "fit",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "vit_b16.yaml"),
+    ]
+    argv += ["--config", str(every_epoch), *roots]
+    argv += ["--model.pretrained=false", "--model.model_kwargs={img_size: 64}"]
+    argv += [f"--trainer.logger.init_args.save_dir={runs}", "--trainer.max_epochs=1"]
+    argv += ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    argv += ["--trainer.num_sanity_val_steps=0", "--trainer.accelerator=cpu", "--trainer.devices=1"]
+    argv += ["--data.batch_size=2", "--data.eval_batch_size=2", "--data.num_workers=0"]
     t0 = time.perf_counter()
     try:
         assert main(argv) == 0
@@ -99,9 +109,9 @@ def test_paper_protocol_dry_run(tmp_path, capsys):
     assert list(runs.rglob("media/images/val/xai/heatmaps*.png")), "no heatmap was logged"
     out = tmp_path / "eval"
     specs = [f"{name}={path}" for name, path in ood.items()]
-    argv = ["evaluate", "--checkpoint", str(checkpoints[-1]), "--data", str(subsets / "val"),
-            "--ood", *specs, "--methods", "chefer", "--steps", "2", "--limit", "2", "--batch-size", "2",
-            "--num-heatmaps", "2", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    argv = ["evaluate", "--checkpoint", str(checkpoints[-1]), "--data", str(subsets / "val")]
+    argv += ["--ood", *specs, "--methods", "chefer", "--steps", "2", "--limit", "2"]
+    argv += ["--batch-size", "2", "--num-heatmaps", "2", "--out", str(out), "--device", "cpu"]
     t0 = time.perf_counter()
     assert main(argv) == 0, capsys.readouterr().err
     print(f"evaluate {time.perf_counter() - t0:.1f} s")

@@ -1,4 +1,4 @@
-"""Entry points hide known dependency noise; the library and everything outside the block are untouched."""
+"""Entry points hide known dependency noise; the library and all outside the block are untouched."""
 
 from __future__ import annotations
 

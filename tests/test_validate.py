@@ -26,5 +26,6 @@ def test_none_only_when_allowed():
 
 def test_choices():
     check_choice("mode", "self", ("self", "label"))
-    with pytest.raises(ValueError, match=r"Expected mode one of \('self', 'label'\), but got 'x'\."):
+    message = r"Expected mode one of \('self', 'label'\), but got 'x'\."
+    with pytest.raises(ValueError, match=message):
         check_choice("mode", "x", ("self", "label"))

@@ -17,7 +17,8 @@ def _boxes(fig, texts):
 
 def test_row_captions_of_a_heatmap_grid_do_not_run_into_each_other():
     torch.manual_seed(0)
-    images, maps = torch.rand(6, 3, 32, 32), {"chefer (epoch 3)": torch.rand(6, 32, 32)}
+    images = torch.rand(6, 3, 32, 32)
+    maps = {"chefer (epoch 3)": torch.rand(6, 32, 32)}
     captions = [f"#{100 + i} pred {i % 4} label {(i + 1) % 4} mass 0.{i}5" for i in range(6)]
     fig = explanation_grid(images, maps, captions)
     labels = [ax.yaxis.label for ax in fig.axes[:: len(maps) + 1]]

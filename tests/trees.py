@@ -33,8 +33,10 @@ def imagenet_s_tree(
     """An ImageNet-S mask split ``root/seg/<wnid>/<stem>.png`` (class id = R + 256 * G, 1000 =
     ignore) and the matching ImageNet images ``root/train/<wnid>/<stem>.JPEG``. Files are created
     in reverse order, so a directory listing need not be sorted."""
-    masks, images = root / "seg", root / "train"
-    lo, hi = size // 4, size - size // 4
+    masks = root / "seg"
+    images = root / "train"
+    lo = size // 4
+    hi = size - size // 4
     for k, wnid in enumerate(wnids):
         (masks / wnid).mkdir(parents=True)
         (images / wnid).mkdir(parents=True)

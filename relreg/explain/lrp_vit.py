@@ -215,37 +215,66 @@ def _check_no_training_behaviour(model: nn.Module) -> None:
 
 @dataclass
 class BlockCache:
-    """Activations of one block that the rules need (all ``(B, N, D)`` unless noted)."""
+    """Activations of one block that the rules need (all ``(B, N, D)`` unless noted).
 
-    x: Tensor  # block input (skip operand of the first residual)
-    h1: Tensor  # norm1 output = qkv input
-    qs: Tensor  # scaled queries (B, h, N, d)
-    k: Tensor  # keys (B, h, N, d)
-    v: Tensor  # values (B, h, N, d)
-    attn: Tensor  # softmax output (B, h, N, N), the tensor the gradients are taken of
-    attn_drop: Tensor  # attn_drop output, the operand of attn @ v (B, h, N, N)
-    o: Tensor  # proj input (B, N, A)
-    u1: Tensor  # attention branch at the residual
-    x1: Tensor  # after the first residual
-    h2: Tensor  # norm2 output = fc1 input
-    g: Tensor  # fc2 input (B, N, hidden)
-    u2: Tensor  # MLP branch at the residual
+    Attributes:
+        x: block input (skip operand of the first residual).
+        h1: norm1 output = qkv input.
+        qs: scaled queries ``(B, h, N, d)``.
+        k: keys ``(B, h, N, d)``.
+        v: values ``(B, h, N, d)``.
+        attn: softmax output ``(B, h, N, N)``, the tensor the gradients are taken of.
+        attn_drop: attn_drop output, the operand of ``attn @ v`` ``(B, h, N, N)``.
+        o: proj input ``(B, N, A)``.
+        u1: attention branch at the residual.
+        x1: after the first residual.
+        h2: norm2 output = fc1 input.
+        g: fc2 input ``(B, N, hidden)``.
+        u2: MLP branch at the residual.
+    """
+
+    x: Tensor
+    h1: Tensor
+    qs: Tensor
+    k: Tensor
+    v: Tensor
+    attn: Tensor
+    attn_drop: Tensor
+    o: Tensor
+    u1: Tensor
+    x1: Tensor
+    h2: Tensor
+    g: Tensor
+    u2: Tensor
 
 
 @dataclass
 class ViTForward:
-    """Everything the backward rules need from one functional forward pass."""
+    """Everything the backward rules need from one functional forward pass.
 
-    pixels: Tensor  # conv input (B, C, H', W') (padded if dynamic_img_pad)
-    grid: tuple[int, int]  # conv output grid (gh, gw)
-    patches: Tensor  # patch tokens before the position embedding (B, P, D)
-    pos: Tensor | None  # position embedding as added (1, P or N, D)
-    pos_on_prefix: bool  # True: pos added after concatenating the prefix tokens
+    Attributes:
+        pixels: conv input ``(B, C, H', W')`` (padded if ``dynamic_img_pad``).
+        grid: conv output grid ``(gh, gw)``.
+        patches: patch tokens before the position embedding ``(B, P, D)``.
+        pos: position embedding as added ``(1, P or N, D)``.
+        pos_on_prefix: True: ``pos`` added after concatenating the prefix tokens.
+        blocks: the activations of every block.
+        tokens: final-norm output ``(B, N, D)``.
+        head_inputs: ``(B, D)`` input(s) of head (and head_dist).
+        head_outputs: ``(B, K)`` output(s) of head (and head_dist).
+        logits: ``(B, K)``.
+    """
+
+    pixels: Tensor
+    grid: tuple[int, int]
+    patches: Tensor
+    pos: Tensor | None
+    pos_on_prefix: bool
     blocks: list[BlockCache]
-    tokens: Tensor  # final-norm output (B, N, D)
-    head_inputs: list[Tensor]  # (B, D) input(s) of head (and head_dist)
-    head_outputs: list[Tensor]  # (B, K) output(s) of head (and head_dist)
-    logits: Tensor  # (B, K)
+    tokens: Tensor
+    head_inputs: list[Tensor]
+    head_outputs: list[Tensor]
+    logits: Tensor
 
 
 def _layer_scale(ls: nn.Module, x: Tensor) -> Tensor:

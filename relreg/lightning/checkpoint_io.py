@@ -76,7 +76,9 @@ class _HashingWriter:
     """Writes through to ``stream`` and keeps the SHA-256 and size of what was written."""
 
     def __init__(self, stream: Any) -> None:
-        self.stream, self.sha, self.size = stream, hashlib.sha256(), 0
+        self.stream = stream
+        self.sha = hashlib.sha256()
+        self.size = 0
 
     def write(self, data: bytes) -> int:
         written = self.stream.write(data)
@@ -109,7 +111,8 @@ def read_digest(path: str | os.PathLike) -> tuple[str, int] | None:
 
 def file_digest(path: str | os.PathLike) -> tuple[str, int]:
     """``(sha256 hex, size)`` of a file, read in 1 MiB chunks."""
-    sha, size = hashlib.sha256(), 0
+    sha = hashlib.sha256()
+    size = 0
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)
@@ -152,7 +155,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
-            raise TypeError(f"Expected no storage_options for a local path, but got {storage_options!r}.")
+            raise TypeError(
+                f"Expected no storage_options for a local path, but got {storage_options!r}."
+            )
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         if str(target.parent) not in self._cleaned:
@@ -214,7 +219,8 @@ def _write_error(err: OSError, target: Path, checkpoint: dict[str, Any]) -> Chec
     needed = checkpoint_bytes(checkpoint)
     free = shutil.disk_usage(target.parent).free
     kept = "the previous file is intact" if target.exists() else "no file was written"
-    reason = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror
+    disk_full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "no space left on device" if disk_full else err.strerror
     return CheckpointWriteError(
         err.errno,
         f"Could not write checkpoint {str(target)!r}: {reason} (it needs {needed:,} bytes; "

@@ -1,14 +1,14 @@
 """What a training step does with a non-finite loss or relevance map: stop clearly, or skip.
 
-``RelRegModule(faults={"nonfinite": "error"})`` (the default) stops at the first non-finite term with a
-:class:`NonFiniteError` that names the step, the batch, the samples (their ``path`` or ``index``
-where the dataset gives them), the term and the last checkpoint written. ``"skip"``
-skips that optimiser step instead (``training_step`` returns None: no backward pass, no weight
-update), counts it as ``train/skipped_steps`` and still stops after ``max_skipped`` skips in a
-row; it needs a single process (Lightning refuses to skip a step under distributed training, and
-``RelRegModule`` says so at set-up). Under DDP the ranks agree on every step, so with ``error``
-all of them stop at the same step, whichever rank saw the non-finite term. Neither path writes a
-checkpoint, so none holds non-finite weights from such a step.
+``RelRegModule(faults={"nonfinite": "error"})`` (the default) stops at the first non-finite term
+with a :class:`NonFiniteError` that names the step, the batch, the samples (their ``path`` or
+``index`` where the dataset gives them), the term and the last checkpoint written. ``"skip"`` skips
+that optimiser step instead (``training_step`` returns None: no backward pass, no weight update),
+counts it as ``train/skipped_steps`` and still stops after ``max_skipped`` skips in a row; it needs
+a single process (Lightning refuses to skip a step under distributed training, and ``RelRegModule``
+says so at set-up). Under DDP the ranks agree on every step, so with ``error`` all of them stop at
+the same step, whichever rank saw the non-finite term. Neither path writes a checkpoint, so none
+holds non-finite weights from such a step.
 """
 
 from __future__ import annotations
@@ -74,9 +74,14 @@ def last_checkpoint(trainer: object) -> str | None:
 
 
 def nonfinite_message(
-    terms: Sequence[str], step: int, epoch: int, batch_idx: int, batch: Mapping[str, object],
-    trainer: object, skipped_in_row: int = 0,
-) -> str:  # fmt: skip
+    terms: Sequence[str],
+    step: int,
+    epoch: int,
+    batch_idx: int,
+    batch: Mapping[str, object],
+    trainer: object,
+    skipped_in_row: int = 0,
+) -> str:
     """One line: which terms, where, the last good checkpoint and what to do."""
     last = last_checkpoint(trainer)
     where = f"training step {step} (epoch {epoch}, batch {batch_idx}{_samples(batch)})"
@@ -99,15 +104,17 @@ class NonFiniteGuard:
     def __init__(self, policy: str = "error", max_skipped: int = 3) -> None:
         check_choice("nonfinite", policy, NONFINITE_POLICIES)
         check_positive_int("max_skipped", max_skipped)
-        self.policy, self.max_skipped = policy, max_skipped
-        self.skipped = self.in_row = 0
+        self.policy = policy
+        self.max_skipped = max_skipped
+        self.skipped = 0
+        self.in_row = 0
 
     def check_world_size(self, world_size: int) -> None:
         """Refuse ``skip`` with more than one process: Lightning cannot skip a step under DDP."""
         if self.policy == "skip" and world_size > 1:
             raise ValueError(
-                "Expected model.faults.nonfinite 'error' with more than one process, but got 'skip': "
-                "Lightning cannot skip a step under distributed training."
+                "Expected model.faults.nonfinite 'error' with more than one process, "
+                "but got 'skip': Lightning cannot skip a step under distributed training."
             )
 
     def skip(
@@ -133,7 +140,7 @@ class NonFiniteGuard:
                     batch,
                     module._trainer,
                     self.in_row,
-                )  # fmt: skip
+                )
             )
         self.in_row = self.in_row + 1 if bad else 0
         self.skipped += int(bad)

@@ -1,10 +1,11 @@
 """Resume that never dead-ends: ``--ckpt_path FILE|last`` is checked before any work.
 
 A checkpoint must match the digest :class:`relreg.lightning.AtomicCheckpointIO` recorded beside it
-(when there is one), load with ``weights_only=True``, hold Lightning's keys (``state_dict``, ``epoch``,
-``global_step``) and match the module's parameters by name and shape. A damaged ``FILE`` is a
-one-line :class:`CheckpointError` naming it and the newest readable checkpoint in its directory;
-a damaged ``last`` falls back to that newest readable checkpoint with a warning. Nothing is deleted.
+(when there is one), load with ``weights_only=True``, hold Lightning's keys (``state_dict``,
+``epoch``, ``global_step``) and match the module's parameters by name and shape. A damaged ``FILE``
+is a one-line :class:`CheckpointError` naming it and the newest readable checkpoint in its
+directory; a damaged ``last`` falls back to that newest readable checkpoint with a warning. Nothing
+is deleted.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def check_checkpoint(path: str | os.PathLike, module: LightningModule) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({detail[:160]})") from err
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (no {missing})")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a Lightning checkpoint (no {missing})"
+        )
     own = module.state_dict()
     theirs = state["state_dict"]
     for name, tensor in own.items():
@@ -62,7 +65,7 @@ def check_checkpoint(path: str | os.PathLike, module: LightningModule) -> None:
 def newest_readable(
     directory: str | os.PathLike, module: LightningModule, exclude: Path | None = None
 ) -> Path | None:
-    """The most recently written ``*.ckpt`` in ``directory`` that passes :func:`check_checkpoint`."""
+    """The most recently written ``*.ckpt`` in ``directory`` passing :func:`check_checkpoint`."""
     candidates = sorted(
         (p for p in Path(directory).glob("*.ckpt") if p.is_file() and p != exclude),
         key=lambda p: p.stat().st_mtime,
@@ -97,7 +100,8 @@ def resolve_ckpt_path(
         starts from scratch and says so); otherwise the path of the checkpoint to use.
 
     Raises:
-        CheckpointError: a damaged file, or a damaged ``last`` with no readable checkpoint beside it.
+        CheckpointError: a damaged file, or a damaged ``last`` with no readable checkpoint beside
+            it.
     """
     if ckpt_path is None or str(ckpt_path) in ("best", "hpc") or "://" in str(ckpt_path):
         return ckpt_path

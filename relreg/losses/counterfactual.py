@@ -54,7 +54,8 @@ def swap_backgrounds(images: Tensor, masks: Tensor, shift: int = 1) -> Tensor:
     if not ((masks >= 0) & (masks <= 1)).all():
         raise ValueError("Expected mask values in [0, 1]; divide 0/255 masks by 255.")
     m = masks.to(images.dtype).unsqueeze(1)
-    other, other_m = images.roll(shift, 0), m.roll(shift, 0)
+    other = images.roll(shift, 0)
+    other_m = m.roll(shift, 0)
     bg = 1 - other_m
     fill = (other * bg).sum((-2, -1), keepdim=True) / bg.sum((-2, -1), keepdim=True).clamp_min(1)
     background = other * bg + fill * other_m

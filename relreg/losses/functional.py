@@ -50,14 +50,16 @@ def _check(relevance: Tensor, masks: Tensor, has_mask: Tensor | None) -> Tensor:
         )
     if masks.shape != relevance.shape:
         raise ValueError(
-            f"Expected masks of the relevance's shape {tuple(relevance.shape)}, but got {tuple(masks.shape)}; "
+            f"Expected masks of the relevance's shape {tuple(relevance.shape)}, "
+            f"but got {tuple(masks.shape)}; "
             "resize masks to the image with nearest-neighbour interpolation first."
         )
     if not torch.isfinite(relevance).all():
         raise ValueError("Expected finite relevance, but got NaN or Inf values.")
     if not ((masks >= 0) & (masks <= 1)).all():  # written so that NaN fails too
         raise ValueError(
-            f"Expected mask values in [0, 1], but got values in [{masks.min().item():g}, {masks.max().item():g}]; "
+            "Expected mask values in [0, 1], "
+            f"but got values in [{masks.min().item():g}, {masks.max().item():g}]; "
             "divide 0/255 masks by 255."
         )
     b = relevance.shape[0]
@@ -157,7 +159,8 @@ def classification_loss(
     Args:
         logits: ``(B, K)`` the model's logits.
         mode: ``"self"``: ``CE(logits / T, argmax(logits))`` (RobustViT); ``"label"``:
-            ``CE(logits, labels)``; ``"teacher"``: ``T^2 * KL(softmax(t / T) || softmax(logits / T))``.
+            ``CE(logits, labels)``; ``"teacher"``:
+            ``T^2 * KL(softmax(t / T) || softmax(logits / T))``.
         labels: ``(B,)`` ground truth, for ``"label"``.
         teacher_logits: ``(B, K)`` a frozen model's logits, for ``"teacher"``.
         temperature: T > 0 (RobustViT: 1; 0.65 for DeiT-B, 0.55 for DeiT-S).
@@ -183,7 +186,8 @@ def classification_loss(
     if teacher_logits is None or teacher_logits.shape != logits.shape:
         got = None if teacher_logits is None else tuple(teacher_logits.shape)
         raise ValueError(
-            f"Expected teacher_logits of shape {tuple(logits.shape)} for mode 'teacher', but got {got}."
+            f"Expected teacher_logits of shape {tuple(logits.shape)} for mode 'teacher', "
+            f"but got {got}."
         )
     target = F.softmax(teacher_logits.detach() / temperature, dim=1)
     return (

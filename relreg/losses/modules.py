@@ -37,7 +37,8 @@ class RobustViTLoss(nn.Module):
 
     def __init__(self, lambda_bg: float = 2.0, lambda_fg: float = 0.3) -> None:
         super().__init__()
-        self.lambda_bg, self.lambda_fg = lambda_bg, lambda_fg
+        self.lambda_bg = lambda_bg
+        self.lambda_fg = lambda_fg
 
     def forward(
         self, relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None
@@ -60,7 +61,10 @@ class RelevanceMassLoss(nn.Module):
 
 
 class RRRLoss(nn.Module):
-    """Right for the Right Reasons (Ross et al., IJCAI 2017): squared input gradient outside the mask."""
+    """Right for the Right Reasons (Ross et al., IJCAI 2017).
+
+    The squared input gradient outside the mask; see :func:`relreg.losses.rrr_loss`.
+    """
 
     def forward(
         self, relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None
@@ -76,7 +80,8 @@ class ClassificationLoss(nn.Module):
     def __init__(self, mode: str = "self", temperature: float = 1.0) -> None:
         super().__init__()
         check_choice("mode", mode, CLASSIFICATION_MODES)
-        self.mode, self.temperature = mode, temperature
+        self.mode = mode
+        self.temperature = temperature
 
     def forward(
         self, logits: Tensor, labels: Tensor | None = None, teacher_logits: Tensor | None = None

@@ -7,7 +7,7 @@ import torch
 
 from relreg.explain import create_explainer, explain, explainer_info, list_explainers, patch_grid
 from tests.conftest import images_for, make_tiny_vit, model_state
-from tests.numerics import assert_within, in_float64, twin_bound
+from tests.numerics import assert_within, fused_unfused_bound, in_float64, twin_bound
 
 ALL = list_explainers()
 FAST_OPTIONS = {
@@ -125,9 +125,8 @@ def test_explain_with_logits_returns_the_models_logits(vit, name):
 
     x = images_for(vit)
     out = explain_with_logits(vit, x, name, **FAST_OPTIONS.get(name, {}))
-    model64, x64 = in_float64(vit, x)
-    # the explainer's own forward pass (unfused, or functional) against timm's: two roundings
-    assert_within(out.logits, vit(x), lambda: twin_bound(lambda: model64(x64)), "logits")
+    # the explainer's own forward pass (unfused, or functional) against timm's fused one
+    assert_within(out.logits, vit(x), lambda: fused_unfused_bound(vit, x), "logits")
     torch.testing.assert_close(out.maps, _explain(vit, x, name))
 
 

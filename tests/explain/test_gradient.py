@@ -7,6 +7,7 @@ import torch
 
 from relreg.explain import explain
 from tests.conftest import images_for, make_tiny_vit
+from tests.numerics import assert_within, in_float64, twin_bound
 
 
 def _manual_gradient(model, x, target):
@@ -42,7 +43,11 @@ def test_integrated_gradients_chunking_does_not_change_result():
     x = images_for(model)
     a = explain(model, x, "integrated_gradients", steps=4)
     b = explain(model, x, "integrated_gradients", steps=4, internal_batch_size=5)
-    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    model64, x64 = in_float64(model, x)
+    # chunking the path's images only reblocks the float32 sums: twice their rounding
+    assert_within(
+        a, b, lambda: twin_bound(lambda: explain(model64, x64, "integrated_gradients", steps=4))
+    )
 
 
 def test_smoothgrad_seed_controls_noise():

@@ -10,6 +10,7 @@ and ``relreg.explain.lrp_vit``. The transformer-attribution gradients come from 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from unittest import mock
 
 import pytest
@@ -31,7 +32,14 @@ from relreg.explain import lrp_rules as R
 from relreg.explain import lrp_vit as V
 from tests.conftest import images_for, make_tiny_vit, model_state
 from tests.explain.reference import _record_one
-from tests.numerics import U64, assert_within, in_float64, rounding_bound, twin_bound
+from tests.numerics import (
+    U64,
+    assert_within,
+    fused_unfused_bound,
+    in_float64,
+    rounding_bound,
+    twin_bound,
+)
 
 METHODS = ["transformer_attribution", "partial_lrp", "lrp"]
 
@@ -373,17 +381,15 @@ def test_safe_divide_is_zero_where_the_denominator_is_zero():
 def test_functional_forward_logits_equal_model(layout):
     model = _model(layout, dtype=torch.float32)
     x = images_for(model, batch=3)
-    model64, x64 = in_float64(model, x)
-    # the functional forward pass and timm's block the same float32 sums differently
-    assert_within(V.functional_forward(model, x).logits, model(x), twin_bound(lambda: model64(x64)))
+    # the functional forward pass and timm's (fused) one: the same float32 sums in two orders
+    assert_within(V.functional_forward(model, x).logits, model(x), fused_unfused_bound(model, x))
 
 
 def test_functional_forward_dynamic_img_size():
     model = make_tiny_vit(dynamic_img_size=True)
     x = torch.randn(2, 3, 20, 12)
-    model64, x64 = in_float64(model, x)
-    # the functional forward pass and timm's block the same float32 sums differently
-    assert_within(V.functional_forward(model, x).logits, model(x), twin_bound(lambda: model64(x64)))
+    # the functional forward pass and timm's (fused) one: the same float32 sums in two orders
+    assert_within(V.functional_forward(model, x).logits, model(x), fused_unfused_bound(model, x))
     maps = explain(model, x, "transformer_attribution")
     assert maps.shape == (2, 5, 3)
     assert explain(model, x, "lrp").shape == (2, 20, 12)
@@ -458,20 +464,25 @@ def test_lrp_conserves_everything_without_prefix_tokens_or_pos_embed():
 # -------------------------------------------------------------------------- against reference
 
 
+def _reference_bound(model, x, method, **kw):
+    """Bound on the implementation (``explain(model, x, method, **kw)``, float64, attention as the
+    model runs it) against a reference of the same float64 sums (stabilisers matched) in another
+    order, unfused: the rounding of the unfused path and of the fused one."""
+    paths = in_float64(model, fused=False)[0], in_float64(model, fused=True)[0]
+    return sum(
+        rounding_bound(lambda m=m: explain(m, x, method, **kw).flatten(1), u=U64) for m in paths
+    )
+
+
 def test_equals_per_image_autograd_reference(model):
     x = images_for(model, batch=2)
     target = torch.tensor([1, 2])
     refs = _reference_maps(model, x, target)
-    model64, x64 = in_float64(model, x)
     for method in METHODS:
         maps = explain(model, x, method, target=target)
         assert refs[method].abs().max() > 0
-
-        def f64(m=method):
-            return explain(model64, x64, m, target=target).flatten(1)
-
-        # the same float64 sums (stabilisers matched) in two orders: twice their rounding
-        assert_within(maps.flatten(1), refs[method], lambda: twin_bound(f64, u=U64), method)
+        bound = partial(_reference_bound, model, x, method, target=target)
+        assert_within(maps.flatten(1), refs[method], bound, method)
 
 
 def test_transformer_attribution_start_layer_equals_reference():
@@ -480,14 +491,9 @@ def test_transformer_attribution_start_layer_equals_reference():
     target = torch.tensor([4, 0])
     maps = explain(model, x, "transformer_attribution", target=target, start_layer=1)
     ref = _reference_maps(model, x, target, start_layer=1)["transformer_attribution"]
-    model64, x64 = in_float64(model, x)
-
-    def f64():
-        kw = {"target": target, "start_layer": 1}
-        return explain(model64, x64, "transformer_attribution", **kw).flatten(1)
-
-    # the same float64 sums in two orders: twice their rounding
-    assert_within(maps.flatten(1), ref, lambda: twin_bound(f64, u=U64))
+    kw = {"target": target, "start_layer": 1}
+    bound = partial(_reference_bound, model, x, "transformer_attribution", **kw)
+    assert_within(maps.flatten(1), ref, bound)
     assert not torch.allclose(maps, explain(model, x, "transformer_attribution", target=target))
 
 
@@ -497,15 +503,10 @@ def test_foil_is_the_target_relevance_minus_the_foils(layout):
     x = images_for(model, batch=2)
     target, foil = torch.tensor([1, 2]), torch.tensor([3, 0])
     ref = _reference_maps(model, x, target, foils=foil)
-    model64, x64 = in_float64(model, x)
     for method in METHODS:
         maps = explain(model, x, method, target=target, foil=foil)
-
-        def f64(m=method):
-            return explain(model64, x64, m, target=target, foil=foil).flatten(1)
-
-        # the same float64 sums (stabilisers matched) in two orders: twice their rounding
-        assert_within(maps.flatten(1), ref[method], lambda: twin_bound(f64, u=U64), method)
+        bound = partial(_reference_bound, model, x, method, target=target, foil=foil)
+        assert_within(maps.flatten(1), ref[method], bound, method)
         assert not torch.allclose(maps, explain(model, x, method, target=target))
 
 
@@ -674,9 +675,8 @@ def test_registry_explain_create_explainer_and_to_pixels():
     pixels = to_pixels(maps, size=x.shape[-2:])
     assert pixels.shape == (3, 16, 16) and pixels.min() >= 0 and pixels.max() <= 1
     out = explain_with_logits(model, x, "lrp")
-    model64, x64 = in_float64(model, x)
-    # the functional forward pass and timm's block the same float32 sums differently
-    assert_within(out.logits, model(x), lambda: twin_bound(lambda: model64(x64)), "logits")
+    # the functional forward pass and timm's (fused) one: the same float32 sums in two orders
+    assert_within(out.logits, model(x), lambda: fused_unfused_bound(model, x), "logits")
     assert out.maps.shape == (3, 16, 16)
 
 

@@ -1,4 +1,4 @@
-"""Callbacks with real loggers: offline W&B (images land in the run directory), CSV; resume state."""
+"""Callbacks with real loggers: offline W&B (images in the run directory), CSV; resume state."""
 
 from __future__ import annotations
 
@@ -23,10 +23,18 @@ def _fit(tmp_path, logger, callbacks, inference_mode=False, steps=2):
     )
     dm = RelRegDataModule(SpuriousShapes("train", n=8), SpuriousShapes("val", n=12), batch_size=4)
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, logger=logger, callbacks=callbacks, default_root_dir=tmp_path,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), enable_progress_bar=False, inference_mode=inference_mode, limit_val_batches=3,
-        num_sanity_val_steps=1, log_every_n_steps=1,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=steps,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        inference_mode=inference_mode,
+        limit_val_batches=3,
+        num_sanity_val_steps=1,
+        log_every_n_steps=1,
+    )
     trainer.fit(module, datamodule=dm)
     return trainer, module
 
@@ -120,7 +128,7 @@ def test_ood_evaluation_logs_accuracy_and_mean_and_can_be_monitored(tmp_path):
 
 
 def _tensorboard_events(folder) -> list:
-    """Every ``Event`` in the TensorBoard files under ``folder`` (TFRecord framing, read by hand)."""
+    """Every ``Event`` in the TensorBoard files under ``folder`` (TFRecord framing read by hand)."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event

@@ -48,10 +48,18 @@ def _fit(root: Path, epochs: int = 3, ckpt_path: str | None = None, module=None,
     dm = RelRegDataModule(SpuriousShapes("train", n=16), batch_size=8, seed=0)
     checkpoints = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1)
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=epochs, logger=False, callbacks=[checkpoints],
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, deterministic=True, default_root_dir=root, **kw,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        callbacks=[checkpoints],
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        deterministic=True,
+        default_root_dir=root,
+        **kw,
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module
 
@@ -80,7 +88,8 @@ class _FailingStream:
     """A file that raises ENOSPC once ``budget`` bytes have been written."""
 
     def __init__(self, path: str, budget: int) -> None:
-        self.f, self.budget = open(path, "wb"), budget
+        self.f = open(path, "wb")
+        self.budget = budget
 
     def write(self, data: bytes) -> int:
         if self.f.tell() + len(data) > self.budget:
@@ -101,7 +110,9 @@ class _FailingStream:
         self.f.close()
 
 
-def test_full_disk_keeps_the_previous_checkpoint_and_a_resume_matches(tmp_path, monkeypatch, uninterrupted):
+def test_full_disk_keeps_the_previous_checkpoint_and_a_resume_matches(
+    tmp_path, monkeypatch, uninterrupted
+):
     writes = []
 
     def open_for_write(path):
@@ -154,10 +165,16 @@ _fit(Path({out!r}))
 """
 
 
-def test_kill_during_a_checkpoint_write_keeps_the_previous_one_and_a_resume_matches(tmp_path, uninterrupted):
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one_and_a_resume_matches(
+    tmp_path, uninterrupted
+):
     script = tmp_path / "killed.py"
-    script.write_text(textwrap.dedent(KILLED_RUN.format(root=str(ROOT), out=str(tmp_path / "ckpt"))))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    script.write_text(
+        textwrap.dedent(KILLED_RUN.format(root=str(ROOT), out=str(tmp_path / "ckpt")))
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     stale = list((tmp_path / "ckpt").glob(f".*{checkpoint_io.TMP_MARK}*"))
     assert len(stale) == 1  # the half-written temporary file; the target was never touched
@@ -201,12 +218,18 @@ def test_damaged_checkpoints_are_named_and_last_falls_back(checkpoints, how):
     _damage(older, how)
     with pytest.raises(CheckpointError, match="no other checkpoint .* is readable"):
         resolve_ckpt_path("last", trainer, module)
-    assert sorted(p.name for p in root.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in root.glob("*.ckpt")) == [
+        "epoch=0-step=2.ckpt",
+        "epoch=1-step=4.ckpt",
+        "last.ckpt",
+    ]
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(checkpoints):
     root, _ = checkpoints
-    wider = RelRegModule("vit_tiny_patch16_224", num_classes=4, model_kwargs={**TINY, "embed_dim": 48})
+    wider = RelRegModule(
+        "vit_tiny_patch16_224", num_classes=4, model_kwargs={**TINY, "embed_dim": 48}
+    )
     with pytest.raises(CheckpointError, match="another architecture"):
         check_checkpoint(root / "last.ckpt", wider)
 
@@ -216,11 +239,13 @@ def test_cli_resume_from_a_damaged_file_is_one_line(checkpoints, capsys):
 
     root, _ = checkpoints
     _damage(root / "last.ckpt", "truncated")
-    args = ["fit", "--model.model", "vit_tiny_patch16_224", "--model.num_classes", "4",
-            "--model.model_kwargs", str(TINY), "--data.train", "relreg.data.SpuriousShapes",
-            "--data.train.split", "train", "--data.train.n", "16", "--trainer.logger", "false",
-            "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(root / "run"),
-            "--ckpt_path", str(root / "last.ckpt")]  # fmt: skip
+    args = ["fit", "--model.model", "vit_tiny_patch16_224", "--model.num_classes", "4"]
+    args += ["--model.model_kwargs", str(TINY)]
+    args += ["--data.train", "relreg.data.SpuriousShapes", "--data.train.split", "train"]
+    args += ["--data.train.n", "16"]
+    args += ["--trainer.logger", "false", "--trainer.max_epochs", "3"]
+    args += ["--trainer.default_root_dir", str(root / "run")]
+    args += ["--ckpt_path", str(root / "last.ckpt")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "last.ckpt" in err[0] and "cannot be read" in err[0]
@@ -231,7 +256,8 @@ class _Watch(pl.Callback):
     """The model's weights at the start and end of every training batch."""
 
     def __init__(self) -> None:
-        self.start, self.end = [], []
+        self.start = []
+        self.end = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.start.append({k: v.clone() for k, v in pl_module.model.state_dict().items()})
@@ -242,9 +268,16 @@ class _Watch(pl.Callback):
 
 def _train(module, callbacks, **kw) -> pl.Trainer:
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=checkpointing,
-                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, **kw)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=checkpointing,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **kw,
+    )
     trainer.fit(module, datamodule=RelRegDataModule(SpuriousShapes("train", n=16), batch_size=8))
     return trainer
 
@@ -268,12 +301,16 @@ def test_nonfinite_error_names_the_last_checkpoint_written(tmp_path):
 
 
 def test_nonfinite_skip_makes_no_update_and_counts():
-    module, watch = _module(faults={"nonfinite": "skip"}), _Watch()
+    module = _module(faults={"nonfinite": "skip"})
+    watch = _Watch()
     trainer = _train(module, [NaNHead([1]), watch], max_epochs=2)
     assert module.nonfinite_guard.skipped == 1
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
     kept = [k for k in watch.start[0] if k != "head.weight"]  # the one the test sets to NaN
-    same = [all(torch.equal(a[k], b[k]) for k in kept) for a, b in zip(watch.start, watch.end, strict=True)]
+    same = [
+        all(torch.equal(a[k], b[k]) for k in kept)
+        for a, b in zip(watch.start, watch.end, strict=True)
+    ]
     assert same == [False, True, False, False]  # only the skipped batch left the weights alone
     assert all(torch.isfinite(v).all() for v in module.model.state_dict().values())
 
@@ -292,10 +329,15 @@ def small_filesystem(tmp_path, uninterrupted_run):
     mount = tmp_path / "small"
     mount.mkdir()
     kib = (size * 5 // 2) // 1024
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here: {proc.stderr.strip() or proc.returncode}")
+        pytest.skip(
+            f"cannot mount a size-limited tmpfs here: {proc.stderr.strip() or proc.returncode}"
+        )
     try:
         yield mount
     finally:

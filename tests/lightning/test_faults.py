@@ -40,33 +40,62 @@ def _config(root: Path, callbacks: list[dict], **trainer) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": 3, "deterministic": True,
-            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-            "log_every_n_steps": 1, "default_root_dir": str(root),
-            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(root), "name": "logs"}},
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 3,
+            "deterministic": True,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "default_root_dir": str(root),
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.CSVLogger",
+                "init_args": {"save_dir": str(root), "name": "logs"},
+            },
             "callbacks": [
-                {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True}},
-                {"class_path": "relreg.lightning.RelevanceHeatmapLogger",
-                 "init_args": {"num_images": 3, "seed": 0}},
-                {"class_path": "relreg.lightning.ExplanationQuality",
-                 "init_args": {"num_batches": 100}},
+                {
+                    "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True},
+                },
+                {
+                    "class_path": "relreg.lightning.RelevanceHeatmapLogger",
+                    "init_args": {"num_images": 3, "seed": 0},
+                },
+                {
+                    "class_path": "relreg.lightning.ExplanationQuality",
+                    "init_args": {"num_batches": 100},
+                },
                 *callbacks,
             ],
             **trainer,
         },
-        "model": {"model": "vit_tiny_patch16_224", "num_classes": 4, "model_kwargs": TINY,
-                  "objective": [{"term": "robustvit", "weight": 0.8},
-                                {"term": "classification", "weight": 0.2}],
-                  "optimizer": {"class_path": "torch.optim.AdamW",
-                                "init_args": {"lr": 1e-3, "weight_decay": 1e-4}}},
-        "data": {"batch_size": 8, "eval_batch_size": 8,
-                 "train": {"class_path": "relreg.data.SpuriousShapes",
-                           "init_args": {"split": "train", "n": 48}},
-                 "val": {"class_path": "relreg.data.SpuriousShapes",
-                         "init_args": {"split": "val", "n": 32}}},
-    }  # fmt: skip
+        "model": {
+            "model": "vit_tiny_patch16_224",
+            "num_classes": 4,
+            "model_kwargs": TINY,
+            "objective": [
+                {"term": "robustvit", "weight": 0.8},
+                {"term": "classification", "weight": 0.2},
+            ],
+            "optimizer": {
+                "class_path": "torch.optim.AdamW",
+                "init_args": {"lr": 1e-3, "weight_decay": 1e-4},
+            },
+        },
+        "data": {
+            "batch_size": 8,
+            "eval_batch_size": 8,
+            "train": {
+                "class_path": "relreg.data.SpuriousShapes",
+                "init_args": {"split": "train", "n": 48},
+            },
+            "val": {
+                "class_path": "relreg.data.SpuriousShapes",
+                "init_args": {"split": "val", "n": 32},
+            },
+        },
+    }
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -96,7 +125,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert _last(tmp_path / "b")["global_step"] == 6  # the end of epoch 0; step 9 was mid-epoch 1
     _relreg("fit", "--config", str(_config(tmp_path / "b", [])), "--ckpt_path", "last")
-    a, b = _last(tmp_path / "a"), _last(tmp_path / "b")
+    a = _last(tmp_path / "a")
+    b = _last(tmp_path / "b")
     assert a["global_step"] == b["global_step"] == 18
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
@@ -129,8 +159,9 @@ def test_ddp_two_processes_log_the_metrics_of_one_process(tmp_path):
     assert len(heatmaps) == 1  # rank zero only
     logged = _metrics(ddp)
     single = tmp_path / "single"
-    _relreg("validate", "--config", str(_config(single, [])),
-            "--ckpt_path", str(ddp / "checkpoints" / "last.ckpt"))  # fmt: skip
+    config = _config(single, [])
+    last = ddp / "checkpoints" / "last.ckpt"
+    _relreg("validate", "--config", str(config), "--ckpt_path", str(last))
     expected = _metrics(single)
     keys = [k for k in expected if k.startswith("val/")]
     assert {"val/acc", "val/loss", "val/relevance_mass", "val/xai/relevance_mass"} <= set(keys)
@@ -139,11 +170,17 @@ def test_ddp_two_processes_log_the_metrics_of_one_process(tmp_path):
 
 
 class NaNHead(pl.Callback):
-    """Test-only callback: the classifier head is NaN for the given training batches (counted from
-    0 over the run; -1: every batch), on every rank or on ``rank`` only; restored after each."""
+    """Test-only callback: the classifier head is NaN for the given training batches.
+
+    Batches are counted from 0 over the run (-1: every batch), on every rank or on ``rank`` only;
+    the head is restored after each.
+    """
 
     def __init__(self, batches: list[int], rank: int | None = None) -> None:
-        self.batches, self.rank, self.calls, self.saved = set(batches), rank, -1, None
+        self.batches = set(batches)
+        self.rank = rank
+        self.calls = -1
+        self.saved = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.calls += 1
@@ -166,11 +203,15 @@ def test_ddp_ranks_stop_together_at_a_nonfinite_step_and_skip_is_refused(tmp_pat
     """A NaN on rank 1 only: both ranks stop at that step with relreg's one-line error, no hang;
     ``faults: {nonfinite: skip}`` is refused at set-up under DDP (Lightning cannot skip a step
     there)."""
-    nan = {"class_path": "tests.lightning.test_faults.NaNHead", "init_args": {"batches": [1], "rank": 1}}
+    nan = {
+        "class_path": "tests.lightning.test_faults.NaNHead",
+        "init_args": {"batches": [1], "rank": 1},
+    }
     path = _config(tmp_path, [nan], strategy="ddp", devices=2, max_epochs=1)
     proc = _relreg("fit", "--config", str(path), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "relreg fit: error: Non-finite loss (on another process) at training step 1" in proc.stderr
+    expected = "relreg fit: error: Non-finite loss (on another process) at training step 1"
+    assert expected in proc.stderr
     config = yaml.safe_load(path.read_text())
     config["model"]["faults"] = {"nonfinite": "skip"}
     path.write_text(yaml.safe_dump(config))

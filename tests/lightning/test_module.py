@@ -148,7 +148,8 @@ def test_freeze_patterns():
 
 def test_default_optimiser_is_the_papers():
     conf = _module().configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    opt = conf["optimizer"]
+    sched = conf["lr_scheduler"]["scheduler"]
     assert (
         isinstance(opt, torch.optim.AdamW)
         and opt.defaults["weight_decay"] == 1e-4
@@ -337,7 +338,9 @@ def test_faithfulness_anchor_equals_its_reference_and_trains():
     batch = _batch(masked_fraction=0.5, seed=3)
     out = module.model_step(batch, training=True)
     m = batch["has_mask"]
-    x, masks, labels = batch["image"][m], batch["mask"][m], batch["label"][m]
+    x = batch["image"][m]
+    masks = batch["mask"][m]
+    labels = batch["label"][m]
     maps = explain(module.model, x, "chefer", target=labels)
     share = background_effect_share(module.model, x, masks, labels, module.model(x))
     ref = faithfulness_loss(to_pixels(maps, size=masks.shape[-2:]), masks, share)

@@ -27,12 +27,20 @@ def test_bf16_mixed_with_gradient_accumulation_trains_and_logs(tmp_path):
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     dm = RelRegDataModule(SpuriousShapes("train", n=16), SpuriousShapes("val", n=8), batch_size=4)
     trainer = pl.Trainer(
-        accelerator="cpu", precision="bf16-mixed", accumulate_grad_batches=2, max_steps=2,
-        logger=CSVLogger(tmp_path), callbacks=[RelevanceHeatmapLogger(num_images=2),
-        ExplanationQuality(num_batches=1)], inference_mode=False, enable_progress_bar=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1, val_check_interval=4,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+        max_steps=2,
+        logger=CSVLogger(tmp_path),
+        callbacks=[RelevanceHeatmapLogger(num_images=2), ExplanationQuality(num_batches=1)],
+        inference_mode=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        val_check_interval=4,
         default_root_dir=tmp_path,
-    )  # fmt: skip
+    )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2  # 4 batches, accumulated by 2
     changed = [k for k, v in module.model.state_dict().items() if not torch.equal(v, before[k])]
@@ -48,7 +56,8 @@ def test_relevance_loss_under_bf16_autocast_is_close_to_float32():
     torch.manual_seed(0)
     model = RelRegModule("vit_tiny_patch16_224", num_classes=4, model_kwargs=TINY).model.eval()
     data = SpuriousShapes("val", n=6)
-    images, masks = data.images, data.masks
+    images = data.images
+    masks = data.masks
 
     def loss_and_grad(autocast: bool):
         model.zero_grad()
