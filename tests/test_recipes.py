@@ -68,10 +68,15 @@ def test_toy_term_trains_by_name_with_the_yaml_options(recipes):
     term = module.objective.terms[0]
     assert type(term.loss).__name__ == "OutsideL1" and term.loss.weight == 0.5
     data = SpuriousShapes("train", n=4, masked_fraction=1.0)
-    batch = {k: torch.stack([torch.as_tensor(data[i][k]) for i in range(4)]) for k in ("image", "label", "mask", "has_mask")}
+    batch = {
+        k: torch.stack([torch.as_tensor(data[i][k]) for i in range(4)])
+        for k in ("image", "label", "mask", "has_mask")
+    }
     out = module.model_step(batch, training=True)
     pix = to_pixels(out.maps.detach(), size=(32, 32))
-    naive = torch.stack([(p * (1 - m)).abs().mean() for p, m in zip(pix, batch["mask"], strict=True)]).mean()
+    naive = torch.stack(
+        [(p * (1 - m)).abs().mean() for p, m in zip(pix, batch["mask"], strict=True)]
+    ).mean()
     torch.testing.assert_close(out.terms["loss_bg"].detach(), naive)
     out.loss.backward()
     assert module.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
@@ -90,7 +95,10 @@ def test_toy_metric_reaches_the_report_the_summary_and_the_callback(recipes, tmp
     images = torch.stack([data[i]["image"] for i in range(6)])
     masks = torch.stack([data[i]["mask"] for i in range(6)])
     pix = to_pixels(explain(model, images, "chefer"), size=(32, 32))
-    naive = sum(float(1 - m.flatten()[p.flatten().argmax()]) for p, m in zip(pix, masks, strict=True)) / 6
+    naive = (
+        sum(float(1 - m.flatten()[p.flatten().argmax()]) for p, m in zip(pix, masks, strict=True))
+        / 6
+    )
     assert value == pytest.approx(naive, abs=1e-4)
     _print_report(report)
     assert "out (lo)" in capsys.readouterr().out
@@ -98,9 +106,18 @@ def test_toy_metric_reaches_the_report_the_summary_and_the_callback(recipes, tmp
     callback = ExplanationQuality(num_batches=1)
     module = RelRegModule(_vit(), objective=[{"term": "classification"}])
     dm = RelRegDataModule(SpuriousShapes("train", n=4), SpuriousShapes("val", n=4), batch_size=4)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[callback],
-                         default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=dm)
     assert "outside_peak" in callback.last and "relevance_mass" in callback.last
 

@@ -108,7 +108,11 @@ def find_attention_modules(model: nn.Module) -> list[nn.Module]:
 
 def kernel_blocks(model: nn.Module) -> list[nn.Module] | None:
     """The residual blocks whose attention-kernel calls the chunked engine reads, in forward
-    order: timm's ``model.blocks``; None for a model without such a list."""
+    order: timm's ``model.blocks``, or what a model lists itself (``model.kernel_blocks()``, e.g.
+    :class:`relreg.explain.HuggingFaceViT`); None for a model without such a list."""
+    own = getattr(model, "kernel_blocks", None)
+    if callable(own):
+        return list(own())
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) > 0:
         return list(blocks)
@@ -361,6 +365,9 @@ class KernelCapture(_HookContext):
         self.calls = []
         self.grad_enabled = torch.is_grad_enabled()
         with ExitStack() as stack:
+            kernel_attention = getattr(self.model, "kernel_attention", None)
+            if self.read_blocks and callable(kernel_attention):
+                stack.enter_context(kernel_attention())  # e.g. transformers' "sdpa"
             readers = [*self.blocks, *([self.pool] if self.pool is not None else [])]
             for module in readers:
                 stack.enter_context(_fused_attention(module))

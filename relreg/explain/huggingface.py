@@ -198,6 +198,23 @@ class HuggingFaceViT(HuggingFaceClassifier):
             self._sink(a)
         return out.logits
 
+    def kernel_blocks(self) -> list[nn.Module]:
+        """The encoder layers whose attention-kernel calls the chunked engine reads."""
+        return list(self._layers)
+
+    @contextmanager
+    def kernel_attention(self) -> Iterator[None]:
+        """Within the block, the model calls ``F.scaled_dot_product_attention`` (its attention
+        implementation set to ``"sdpa"``), for :class:`relreg.explain.capture.KernelCapture`;
+        restored on exit, also after an error."""
+        before = getattr(self.model.config, "_attn_implementation", None)
+        _set_attention(self.model, "sdpa")
+        try:
+            yield
+        finally:
+            if before is not None:
+                _set_attention(self.model, before)
+
     @contextmanager
     def record_attention(self, sink: Callable[[Tensor], None]) -> Iterator[None]:
         """Within the block, forward passes hand each attention map to ``sink``.

@@ -69,6 +69,25 @@ def test_bench_train_token_sweep_schema(tmp_path):
     assert (tmp_path / "bench_tokens.png").stat().st_size > 10_000
 
 
+def test_bench_train_families_schema(tmp_path):
+    # two ViT-S-sized families at 32 px (patch 14: rounded up to 42), checkpointing on
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench_train.py"), "--families", "vit", "eva02",
+           "--img-size", "32", "--grad-checkpointing", "--repeats", "1", "--same-process", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads((tmp_path / "bench_families_32_ckpt.json").read_text())
+    assert result["batch"] == 2 and result["grad_checkpointing"] is True
+    assert result["memory_ratio_target"] == 1.3
+    rows = result["families"]
+    assert (rows["vit"]["img_size"], rows["vit"]["tokens"]) == (32, 5)
+    assert (rows["eva02"]["img_size"], rows["eva02"]["tokens"]) == (42, 10)
+    for row in rows.values():
+        assert row["engine"] == "chunked" and set(row["cases"]) == {"plain", "first_order"}
+        assert row["cases"]["first_order"]["phases_s"]["relevance_backward"] > 0
+        assert row["ratios"]["plain"]["memory_ratio"] == 1.0
+    assert (tmp_path / "bench_families_32_ckpt.png").stat().st_size > 10_000
+
+
 def _tiny_fit_checkpoint(path: Path) -> Path:
     """A relreg-fit-style checkpoint of a 2-block ViT on 32 px images with 4 classes."""
     import timm

@@ -164,3 +164,22 @@ def test_a_size_that_is_not_a_multiple_of_the_patch_is_floored_as_the_convolutio
     x = torch.randn(2, 3, 36, 44, dtype=torch.float64)  # 4 x 5 patches of 8, remainder dropped
     assert explain(model, x, "chefer").shape == (2, 4, 5)
     assert explain(model, x, "rollout").shape == (2, 4, 5)
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit", "beit"])
+def test_transformers_models_run_on_the_chunked_engine_with_the_dense_maps(kind):
+    from relreg.explain.capture import KernelCapture
+    from tests.numerics import rounding_bound
+
+    model = as_explainable(_model(kind))
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with KernelCapture(model) as cap:
+        model(images)
+    assert [c.block for c in cap.calls] == list(range(TINY["num_hidden_layers"]))
+    dense = explain(model, images, "chefer", engine="dense")
+    chunked = explain(model, images, "chefer", engine="chunked", chunk_size=5)
+    # the dense engine reads transformers' eager attention, whose softmax runs in float32; the
+    # chunked engine recomputes it in float64: they differ by float32 rounding
+    bound = rounding_bound(lambda: explain(model, images, "chefer", engine="dense"))
+    assert ((chunked - dense).abs() <= bound).all()
+    assert dense.abs().max() > 0
