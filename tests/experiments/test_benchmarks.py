@@ -1,4 +1,4 @@
-"""The benchmark scripts run and write the promised schema (tiny settings: a smoke test, no timing)."""
+"""The benchmark scripts run and write the promised schema (tiny smoke-test settings, no timing)."""
 
 from __future__ import annotations
 
@@ -59,8 +59,9 @@ def test_bench_train_schema(tmp_path):
 
 def test_bench_train_token_sweep_schema(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "experiments" / "bench_train.py"), "--sweep", "--models",
-           "vit_tiny_32", "--batch", "2", "--repeats", "1", "--cases", "first_order", "--same-process", "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench_train.py"), "--sweep"]
+    cmd += ["--models", "vit_tiny_32", "--batch", "2", "--repeats", "1", "--cases", "first_order"]
+    cmd += ["--same-process", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     result = json.loads((tmp_path / "bench_tokens.json").read_text())
     row = result["sweep"]["vit_tiny_32"]
@@ -106,8 +107,9 @@ def test_compare_explainers_schema(tmp_path):
 
     ckpt = _tiny_fit_checkpoint(tmp_path / "final.ckpt")
     out = tmp_path / "compare.json"
-    cmd = [sys.executable, str(ROOT / "experiments" / "compare_explainers.py"), "--checkpoint",
-           str(ckpt), "--n", "4", "--methods", "chefer", "lrp", "rollout", "--quiet", "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "experiments" / "compare_explainers.py")]
+    cmd += ["--checkpoint", str(ckpt), "--n", "4", "--methods", "chefer", "lrp", "rollout"]
+    cmd += ["--quiet", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert set(result["table"]) == {"chefer", "lrp", "rollout"}
@@ -194,7 +196,8 @@ def test_robustness_baselines_reuse_the_study_and_summarise(tmp_path):
     # baseline seed 0 is the study's own run (same quick protocol); seed 1 is trained here
     assert f"baseline seed 0: from {study}" in done.stdout
     assert "baseline seed 1: from" not in done.stdout
-    result, first = json.loads(out.read_text()), json.loads(study.read_text())
+    result = json.loads(out.read_text())
+    first = json.loads(study.read_text())
     assert result["per_baseline"]["0"]["gains"] == first["gains"]
     assert result["per_baseline"]["0"]["baselines"] == first["baselines"]
     assert result["per_baseline"]["1"]["baselines"] != first["baselines"]
@@ -272,7 +275,8 @@ def test_patching_every_token_gives_the_counterfactual_prediction(monkeypatch):
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, num_classes=5
     ).eval()
-    x, x_cf = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    x = torch.randn(6, 3, 16, 16)
+    x_cf = torch.randn(6, 3, 16, 16)
     everyone = torch.ones(6, 17, dtype=torch.bool)
     everyone[:, 0] = False
     preds = patch_keys_values(model, x, x_cf, everyone)
@@ -357,8 +361,9 @@ def test_sanity_checks_schema(tmp_path):
         sys.path.remove(str(ROOT / "experiments"))
     ckpt = _tiny_fit_checkpoint(tmp_path / "final.ckpt")
     out = tmp_path / "sanity.json"
-    args = argparse.Namespace(checkpoint=ckpt, split="ood", n=3, methods=["rollout", "saliency"],
-                              out=out)  # fmt: skip
+    args = argparse.Namespace(
+        checkpoint=ckpt, split="ood", n=3, methods=["rollout", "saliency"], out=out
+    )
     sanity_checks.run(args)
     result = json.loads(out.read_text())
     rollout = result["table"]["rollout"]["cascading"]
@@ -378,18 +383,37 @@ def test_bench_explain_chunking_case_and_plot(tmp_path, capsys):
     finally:
         sys.path.remove(str(ROOT / "experiments"))
     for size in (0, 5):
-        args = argparse.Namespace(model="vit_tiny_patch16_224", img_size=32, batch=2,
-                                  chunk_case="occlusion", chunk_size=size,
-                                  out=tmp_path / f"m{size}.npy")  # fmt: skip
+        args = argparse.Namespace(
+            model="vit_tiny_patch16_224",
+            img_size=32,
+            batch=2,
+            chunk_case="occlusion",
+            chunk_size=size,
+            out=tmp_path / f"m{size}.npy",
+        )
         bench_explain.chunk_case(args)
         row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert row["peak_rss_mb"] > 0 and row["seconds"] >= 0
     np.testing.assert_allclose(
         np.load(tmp_path / "m5.npy"), np.load(tmp_path / "m0.npy"), atol=1e-5
     )
-    rows = [{"method": m, "internal_batch_size": s, "peak_rss_mb": 100.0 + (s or 50), "seconds": 1.0,
-             "max_rel_diff": 0.0} for m in bench_explain.CHUNK_METHODS for s in (None, 8)]  # fmt: skip
-    result = {"model": "m", "img_size": 32, "batch": 2, "options": bench_explain.CHUNK_METHODS,
-              "rows": rows}  # fmt: skip
+    rows = [
+        {
+            "method": m,
+            "internal_batch_size": s,
+            "peak_rss_mb": 100.0 + (s or 50),
+            "seconds": 1.0,
+            "max_rel_diff": 0.0,
+        }
+        for m in bench_explain.CHUNK_METHODS
+        for s in (None, 8)
+    ]
+    result = {
+        "model": "m",
+        "img_size": 32,
+        "batch": 2,
+        "options": bench_explain.CHUNK_METHODS,
+        "rows": rows,
+    }
     bench_explain.plot_chunking(result, tmp_path / "chunking.png")
     assert (tmp_path / "chunking.png").stat().st_size > 10_000

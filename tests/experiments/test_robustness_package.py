@@ -90,7 +90,8 @@ def test_the_study_relevance_shares_equal_a_per_image_loop(robustness, kind):
     assert cue.sum() > 0
     maps = explain(model.eval(), ood["image"], "chefer", target=ood["label"])
     assert maps.std() > 0  # not a trivially constant map
-    mass, on_cue = naive_share(maps, ood["mask"]), naive_share(maps, cue)
+    mass = naive_share(maps, ood["mask"])
+    on_cue = naive_share(maps, cue)
     assert out["relevance_mass"] == pytest.approx(mass.mean().item(), abs=1e-5)
     assert out["cue_relevance"] == pytest.approx(on_cue.mean().item(), abs=1e-5)
     if kind != "marker":  # the cue's region is the background: the two shares add up to 1
