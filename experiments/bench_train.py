@@ -24,10 +24,19 @@ loss, maps). Reports the median of the repetitions after one warm-up step (the m
 ``--relevance-every`` k > 1), and ratios to ``plain`` from the same run. Writes JSON and a figure.
 ``--sweep`` instead runs plain, dense and chunked steps of ViT-S/16 at 224, 384 and 512 px
 (N = 197, 577, 1025 tokens), batch 4, and writes ``*_tokens.json`` / ``.png``.
+``--families`` instead runs the plain and the chunked first-order step of every timm ViT family the
+chunked engine reads (:data:`FAMILIES`: ViT, EVA-02, DINOv2 with registers, RoPE-ViT, SigLIP, BEiT
+v2; random weights), batch 2, at ``--img-size`` (default 384, rounded up to a multiple of each
+model's patch size: 392 for patch 14), with ``--grad-checkpointing`` both steps under timm's
+non-reentrant gradient checkpointing; it writes ``*_families.json`` / ``.png`` (another size or
+checkpointing: ``*_families_<size>[_ckpt].json``). Its relevance step is asserted to run on the
+chunked engine (``engine="chunked"``: no fall-back to the dense one).
 
     python experiments/bench_train.py --out experiments/results/bench_train.json
     python experiments/bench_train.py --sweep --out experiments/results/bench_train.json
     python experiments/bench_train.py --quick --out /tmp/bench_train.json    # ViT-S only, < 3 min
+    python experiments/bench_train.py --families --repeats 2    # writes *_families.json
+    python experiments/bench_train.py --families --grad-checkpointing --repeats 2    # *_384_ckpt
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench_train_plots import PHASES, plot, plot_sweep  # this script's folder
+from bench_train_plots import PHASES, plot, plot_families, plot_sweep  # this script's folder
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
 
 if TYPE_CHECKING:
@@ -61,6 +70,35 @@ MODELS = {
     "vit_small_512": ("vit_small_patch16_224", {"img_size": 512}, 512),
 }
 SWEEP_MODELS = ("vit_small_224", "vit_small_384", "vit_small_512")
+# --families: the ViT-S-sized variant of each family (ViT-B where timm has no smaller one) and
+# its patch size; built at --img-size (rounded up to a multiple of the patch size)
+FAMILIES = {
+    "vit": ("vit_small_patch16_224", 16),
+    "eva02": ("eva02_small_patch14_224", 14),  # rotary (EvaAttention)
+    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", 14),  # 4 register tokens
+    "rope_vit": ("vit_small_patch16_rope_224", 16),  # rotary (EvaAttention)
+    "siglip": ("vit_base_patch16_siglip_224", 16),  # attention-pool read-out (global_pool="map")
+    "beitv2": ("beitv2_base_patch16_224", 16),  # relative position bias
+}
+FAMILY_CASES = ("plain", "first_order")
+FAMILY_IMG_SIZE = 384
+FAMILY_BATCH = 2
+# the targets for the relevance step's step peak memory over the plain step's
+FAMILY_TARGETS = {False: 1.15, True: 1.3}  # keyed by --grad-checkpointing
+
+
+def family_size(img_size: int, patch: int) -> int:
+    """``img_size`` rounded up to a multiple of ``patch`` (384 -> 392 for patch 14)."""
+    return -(-img_size // patch) * patch
+
+
+def _model_spec(model_key: str, img_size: int | None) -> tuple[str, dict, int]:
+    """The timm name, ``create_model`` arguments and image size of a model key."""
+    if model_key in FAMILIES:
+        name, patch = FAMILIES[model_key]
+        size = family_size(img_size or FAMILY_IMG_SIZE, patch)
+        return name, {"img_size": size}, size
+    return MODELS[model_key]
 
 
 def _rss_mb() -> float:
@@ -120,15 +158,24 @@ def _install_timers(model, sync):  # noqa: ANN001, ANN202
 
 
 def worker(
-    model_key: str, case: str, batch: int, repeats: int, device: str, relevance_every: int
+    model_key: str,
+    case: str,
+    batch: int,
+    repeats: int,
+    device: str,
+    relevance_every: int,
+    img_size: int | None = None,
+    grad_checkpointing: bool = False,
 ) -> dict:
     """Run one case in this process; returns its timings and memory."""
     import torch
 
     torch.manual_seed(0)
-    module = _build_module(model_key, case, device)
+    module = _build_module(model_key, case, device, img_size, grad_checkpointing)
     optimizer = module.configure_optimizers()["optimizer"]
-    data = _batch(batch, MODELS[model_key][2], device)
+    size = _model_spec(model_key, img_size)[2]
+    data = _batch(batch, size, device)
+    engine = _check_engine(module, model_key, case)
 
     def forward_loss(relevance: bool) -> Tensor:
         return _forward_loss(module, data, case, relevance)
@@ -150,10 +197,38 @@ def worker(
     result["phases_s"] = {k: round(middle([p[k] for p in phases]), 4) for k in PHASES}
     result["graph_mb"] = _graph_mb(module, lambda: forward_loss(case != "plain"))
     result.update(_peak_memory(device, base_rss))
+    if model_key in FAMILIES:
+        if engine == "chunked":  # the chunked engine's propagation ran in every timed step
+            assert all(p["relevance_backward"] > 0 for p in phases), "no chunked relevance ran"
+        model = module.model
+        result["img_size"] = size
+        result["tokens"] = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+        result["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+        result["engine"] = engine
+        result["grad_checkpointing"] = grad_checkpointing
     return result
 
 
-def _build_module(model_key: str, case: str, device: str) -> RelRegModule:
+def _check_engine(module: RelRegModule, model_key: str, case: str) -> str | None:
+    """``--families``: the engine the relevance step runs on, asserted chunked (None: plain)."""
+    from relreg.explain import select_engine
+
+    if model_key not in FAMILIES or case == "plain":
+        return None
+    kind = select_engine(module.model, "chefer", "auto").kind
+    assert kind == "chunked", f"{model_key}: the relevance step would run on the {kind} engine"
+    # engine="chunked" in the module's explainer options: a fall-back would raise, not run
+    assert module.explainer.options.get("engine") == "chunked", module.explainer.options
+    return kind
+
+
+def _build_module(
+    model_key: str,
+    case: str,
+    device: str,
+    img_size: int | None = None,
+    grad_checkpointing: bool = False,
+) -> RelRegModule:
     """The case's module: its explainer settings and objective, on ``device``."""
     import functools
 
@@ -162,10 +237,12 @@ def _build_module(model_key: str, case: str, device: str) -> RelRegModule:
     from relreg.lightning import RelRegModule
     from relreg.objective import ROBUSTVIT
 
-    name, kwargs, _ = MODELS[model_key]
+    name, kwargs, _ = _model_spec(model_key, img_size)
     explainer = {"second_order": case == "second_order"}
     if case == "first_order_dense":
         explainer["engine"] = "dense"
+    if model_key in FAMILIES and case == "first_order":
+        explainer["engine"] = "chunked"  # raises rather than falling back to the dense engine
     # plain: the classification term only (RobustViT's 0.2); the others: RobustViT's objective
     objective = [{"term": "classification", "weight": 0.2}] if case == "plain" else list(ROBUSTVIT)
     module = RelRegModule(
@@ -176,6 +253,8 @@ def _build_module(model_key: str, case: str, device: str) -> RelRegModule:
         objective=objective,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=1e-4),
     )
+    if grad_checkpointing:
+        module.model.set_grad_checkpointing(True)  # timm's, non-reentrant by default
     return module.to(device)
 
 
@@ -322,10 +401,20 @@ def _peak_memory(device: str, base_rss: float) -> dict[str, float]:
 
 def run_case(model_key: str, case: str, args: argparse.Namespace) -> dict:
     if args.same_process:  # smoke tests: one import for all cases, memory not isolated
-        return worker(model_key, case, args.batch, args.repeats, args.device, args.relevance_every)
+        return worker(
+            model_key,
+            case,
+            args.batch,
+            args.repeats,
+            args.device,
+            args.relevance_every,
+            args.img_size,
+            args.grad_checkpointing,
+        )
     cmd = [sys.executable, __file__, "--worker", "--model", model_key, "--case", case]
     cmd += ["--batch", str(args.batch), "--repeats", str(args.repeats), "--device", args.device]
-    cmd += ["--relevance-every", str(args.relevance_every)]
+    cmd += ["--relevance-every", str(args.relevance_every), "--img-size", str(args.img_size)]
+    cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -363,6 +452,40 @@ def _run_all(models: list[str], cases: tuple[str, ...], args: argparse.Namespace
     return out
 
 
+def families_path(out: Path, img_size: int, grad_checkpointing: bool) -> Path:
+    """``<out stem>_families.json``; another size or checkpointing: ``_families_<size>[_ckpt]``."""
+    suffix = "" if img_size == FAMILY_IMG_SIZE and not grad_checkpointing else f"_{img_size}"
+    suffix += "_ckpt" if grad_checkpointing else ""
+    return out.with_name(f"{out.stem}_families{suffix}.json")
+
+
+def _run_families(result: dict, args: argparse.Namespace) -> None:
+    """``--families``: plain and chunked first-order steps of each family; JSON and figure."""
+    keys = args.families or list(FAMILIES)
+    target = FAMILY_TARGETS[args.grad_checkpointing]
+    result.update(
+        img_size_asked=args.img_size,
+        grad_checkpointing=args.grad_checkpointing,
+        memory_ratio_target=target,
+    )
+    result["families"] = _run_all(keys, FAMILY_CASES, args)
+    for key, row in result["families"].items():
+        name, patch = FAMILIES[key]
+        relevance = row["cases"]["first_order"]
+        row.update(timm_name=name, patch_size=patch, img_size=relevance["img_size"])
+        row.update(tokens=relevance["tokens"], engine=relevance["engine"])
+        row["meets_memory_target"] = row["ratios"]["first_order"]["memory_ratio"] <= target
+    out = families_path(args.out, args.img_size, args.grad_checkpointing)
+    out.write_text(json.dumps(result, indent=2))
+    plot_families(result, out.with_suffix(".png"))
+    summary = {
+        k: {x: r["ratios"]["first_order"][x] for x in ("memory_ratio", "time_ratio")}
+        | {"meets_memory_target": r["meets_memory_target"]}
+        for k, r in result["families"].items()
+    }
+    print(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -380,6 +503,24 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="ViT-S only, batch 8, 2 repeats")
     parser.add_argument("--sweep", action="store_true", help="the token-count sweep instead")
+    parser.add_argument(
+        "--families",
+        nargs="*",
+        default=None,
+        choices=list(FAMILIES),
+        help="plain and chunked steps of every timm ViT family instead (or of those named)",
+    )
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        default=FAMILY_IMG_SIZE,
+        help="--families: image size, rounded up to a multiple of the patch size (default 384)",
+    )
+    parser.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="--families: timm's gradient checkpointing on (model.set_grad_checkpointing(True))",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_train.json"))
     parser.add_argument(
@@ -396,10 +537,17 @@ def main() -> None:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.batch is None:
-        args.batch = 4 if args.sweep else 16
+        args.batch = 4 if args.sweep else FAMILY_BATCH if args.families is not None else 16
     if args.worker:
         result = worker(
-            args.model, args.case, args.batch, args.repeats, args.device, args.relevance_every
+            args.model,
+            args.case,
+            args.batch,
+            args.repeats,
+            args.device,
+            args.relevance_every,
+            args.img_size,
+            args.grad_checkpointing,
         )
         print(json.dumps(result))
         return
@@ -415,6 +563,9 @@ def main() -> None:
         "machine": machine(args.device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.families is not None:
+        _run_families(result, args)
+        return
     if args.sweep:
         models = args.models or list(SWEEP_MODELS)
         cases = tuple(c for c in SWEEP_CASES[1:] if c in (args.cases or SWEEP_CASES))

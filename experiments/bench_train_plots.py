@@ -1,4 +1,4 @@
-"""Figures of ``experiments/bench_train.py``: the cases' ratios and phases, and the token sweep."""
+"""Figures of ``experiments/bench_train.py``: cases' ratios and phases, token sweep, families."""
 
 from __future__ import annotations
 
@@ -96,5 +96,33 @@ def plot_sweep(result: dict, path: Path) -> None:
         ax.set_xticks(tokens)
         ax.legend(fontsize=7)
     fig.suptitle(_title(result, "memory and time versus tokens"), fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_families(result: dict, path: Path) -> None:
+    """``--families``: the relevance step's memory ratio per family (with the target) and time."""
+    plt = _pyplot()
+    rows = result["families"]
+    names = [f"{k}\n{r['img_size']} px, N={r['tokens']}" for k, r in rows.items()]
+    target = result["memory_ratio_target"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), constrained_layout=True)
+    memory = [r["ratios"]["first_order"]["memory_ratio"] for r in rows.values()]
+    colors = ["tab:green" if m <= target else "tab:red" for m in memory]
+    bars = axes[0].bar(range(len(rows)), memory, 0.6, color=colors)
+    axes[0].bar_label(bars, fmt="%.2f", fontsize=8)
+    axes[0].axhline(target, color="black", ls="--", lw=1, label=f"target {target}x")
+    axes[0].set_ylabel("step peak memory, relevance step / plain step")
+    times = [r["ratios"]["first_order"]["time_ratio"] for r in rows.values()]
+    bars = axes[1].bar(range(len(rows)), times, 0.6, color="tab:blue")
+    axes[1].bar_label(bars, fmt="%.2f", fontsize=8)
+    axes[1].set_ylabel("median step time, relevance step / plain step")
+    for ax in axes:
+        ax.axhline(1.0, color="gray", ls=":", lw=0.8)
+        ax.set_xticks(range(len(rows)), names, fontsize=7)
+    axes[0].legend(fontsize=8)
+    ckpt = ", gradient checkpointing" if result["grad_checkpointing"] else ""
+    what = f"chunked relevance step against plain step, every ViT family{ckpt}"
+    fig.suptitle(_title(result, what), fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
