@@ -129,7 +129,8 @@ class MonteCarloRounding(TorchDispatchMode):
         the input (``gw = g * weight``, ``xh`` the normalised input), sums over the rows of
         ``g xh`` and ``g`` for the weight and bias; each sized by the same sums of ``|terms|``."""
         dims = tuple(range(x.dim() - len(shape), x.dim()))
-        n_in, n_rows = math.prod(shape), max(1, x.numel() // math.prod(shape))
+        n_in = math.prod(shape)
+        n_rows = max(1, x.numel() // math.prod(shape))
         xh = (x - mean) * rstd
         gw = (g * weight if weight is not None else g).abs()
         sizes = (
@@ -152,7 +153,8 @@ class MonteCarloRounding(TorchDispatchMode):
         """Fused attention ``A v``: its sums over the keys, sized ``A |v|``, and the logits' sums
         over the head dimension, whose errors move the output by ``A (|q| |k|^T) (|v| + |o|)``."""
         a, s_abs = self._attention(q, k, v, scale)
-        o, n = out[0], k.shape[-2] + q.shape[-1]
+        o = out[0]
+        n = k.shape[-2] + q.shape[-1]
         size = a @ v.abs() + (a * s_abs) @ v.abs() + (a * s_abs).sum(-1, keepdim=True) * o.abs()
         return (o + self.u * math.sqrt(n) * size * self._noise(o), *out[1:])
 

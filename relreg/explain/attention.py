@@ -329,9 +329,7 @@ def _rollout_dense(
     start_layer: int,
 ) -> Explanation:
     """:func:`rollout` on stored ``(B, h, N, N)`` attention."""
-    records = _attention_pass(
-        model, images, target, foil, False, differentiable, False, "rollout"
-    )
+    records = _attention_pass(model, images, target, foil, False, differentiable, False, "rollout")
     attentions = records.attentions
     logits = records.logits
     check_start_layer(start_layer, len(attentions))

@@ -238,8 +238,7 @@ def _block_problem(calls: list, grad_enabled: bool) -> str | None:
     """Why one block's kernel calls cannot be used, or None."""
     if not calls:
         return (
-            "made no call of F.scaled_dot_product_attention (its attention is computed another "
-            "way)"
+            "made no call of F.scaled_dot_product_attention (its attention is computed another way)"
         )
     if len(calls) > 1:
         return f"called the attention kernel {len(calls)} times in one forward pass"

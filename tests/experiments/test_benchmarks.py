@@ -73,9 +73,9 @@ def test_bench_train_token_sweep_schema(tmp_path):
 def test_bench_train_families_schema(tmp_path):
     # two ViT-S-sized families at 32 px (patch 14: rounded up to 42), checkpointing on
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "experiments" / "bench_train.py"), "--families", "vit"]
-    cmd += ["eva02", "--img-size", "32", "--grad-checkpointing", "--repeats", "1"]
-    cmd += ["--same-process", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench_train.py")]
+    cmd += ["--families", "vit", "eva02", "--img-size", "32", "--grad-checkpointing"]
+    cmd += ["--repeats", "1", "--same-process", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     result = json.loads((tmp_path / "bench_families_32_ckpt.json").read_text())
     assert result["batch"] == 2 and result["grad_checkpointing"] is True

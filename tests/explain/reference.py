@@ -85,7 +85,10 @@ def dense_rollout(model: nn.Module, images: Tensor, prefix: int, start_layer: in
 
 
 def dense_gradcam(model: nn.Module, images: Tensor, classes: Tensor, prefix: int) -> Tensor:
-    """CVPR 2021 GradCAM: last block, per-head mean gradient of the CLS row times attention; (B, P)."""
+    """CVPR 2021 GradCAM: last block, per-head mean gradient of the CLS row times attention.
+
+    Returns ``(B, P)``.
+    """
     rows = []
     for image, cls in zip(images, classes.tolist(), strict=True):
         attns, grads = _record_one(model, image, cls)

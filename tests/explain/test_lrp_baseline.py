@@ -1,4 +1,5 @@
-"""``lrp`` / ``partial_lrp`` with ``rules="cvpr2021_baseline"`` against a dense, per-image reference.
+"""``lrp`` / ``partial_lrp`` with ``rules="cvpr2021_baseline"`` against a dense, per-image
+reference.
 
 The reference re-derives the CVPR 2021 paper's baseline rule set (see
 :mod:`relreg.explain.lrp_baseline`) one image and one token at a time: explicit contribution

@@ -28,7 +28,9 @@ class _Split(Dataset):
         return sample
 
 
-@pytest.mark.parametrize("scoring, sets", [("argmax", False), ("restricted", False), ("argmax", True)])
+@pytest.mark.parametrize(
+    "scoring, sets", [("argmax", False), ("restricted", False), ("argmax", True)]
+)
 def test_dataset_accuracy_equals_a_per_image_loop(scoring, sets):
     model, split = make_tiny_vit(), _Split(11, scoring, sets)
     right = 0
