@@ -22,6 +22,20 @@ TINY_VITS: dict[str, tuple[str, dict]] = {
 }
 
 
+class ManualAttention(timm.layers.Attention):
+    """timm's Attention computed without the fused kernel, whatever ``fused_attn`` says: readable
+    by the dense engine (through ``attn_drop``), and only the forward pass shows the chunked engine
+    that the block never calls the kernel."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        fused = self.fused_attn
+        self.fused_attn = False
+        try:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        finally:
+            self.fused_attn = fused
+
+
 def make_tiny_vit(
     name: str = "vit_tiny_patch16_224",
     seed: int = 0,

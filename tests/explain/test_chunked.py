@@ -12,7 +12,6 @@ import functools
 import logging
 
 import pytest
-import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -20,7 +19,7 @@ from relreg.explain import explain, find_attention_modules, select_engine, to_pi
 from relreg.explain.capture import KernelCapture
 from relreg.explain.chunked import propagate
 from relreg.lightning import RelRegModule
-from tests.conftest import images_for, make_tiny_vit, model_state
+from tests.conftest import ManualAttention, images_for, make_tiny_vit, model_state
 from tests.numerics import U64, assert_within, in_float64, rounding_bound
 
 LAYOUTS = {
@@ -208,21 +207,9 @@ def test_hooks_and_flags_are_restored_after_an_error():
     assert model_state(model) == before
 
 
-class _ManualAttention(timm.layers.Attention):
-    """Attention computed without the fused kernel, whatever ``fused_attn`` says."""
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        fused = self.fused_attn
-        self.fused_attn = False
-        try:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        finally:
-            self.fused_attn = fused
-
-
 def test_attention_without_a_kernel_call_falls_back_to_the_dense_engine_with_a_debug_line(caplog):
     model = make_tiny_vit(dtype=torch.float64)
-    model.blocks[1].attn.__class__ = _ManualAttention
+    model.blocks[1].attn.__class__ = ManualAttention
     x = images_for(model)
     with caplog.at_level(logging.DEBUG, logger="relreg.explain.engine"):
         maps = explain(model, x, "chefer", engine="auto")

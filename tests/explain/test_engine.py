@@ -9,12 +9,11 @@ import logging
 import warnings
 
 import pytest
-import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from relreg.explain import EngineChoice, explain, select_engine
-from tests.conftest import images_for, make_tiny_vit
+from tests.conftest import ManualAttention, images_for, make_tiny_vit
 from tests.numerics import assert_within, in_float64, rounding_bound
 
 LOGGER = "relreg.explain.engine"
@@ -42,23 +41,9 @@ def _no_blocks(dtype: torch.dtype = torch.float64):
     return _Wrapped(make_tiny_vit(dtype=dtype))
 
 
-class _ManualAttention(timm.layers.Attention):
-    """Attention computed without the fused kernel, whatever ``fused_attn`` says: readable by
-    the dense engine (through ``attn_drop``), and only the forward pass shows the chunked engine
-    that the block never calls the kernel."""
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        fused = self.fused_attn
-        self.fused_attn = False
-        try:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        finally:
-            self.fused_attn = fused
-
-
 def _manual(dtype: torch.dtype = torch.float64):
     model = make_tiny_vit(dtype=dtype)
-    model.blocks[1].attn.__class__ = _ManualAttention
+    model.blocks[1].attn.__class__ = ManualAttention
     return model
 
 
