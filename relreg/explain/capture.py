@@ -140,11 +140,19 @@ def unfused_attention(model: nn.Module) -> Iterator[list[nn.Module]]:
     Yields:
         The modules whose flag was switched (possibly none).
     """
-    modules = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    with _fused_attn_flags(model, False) as modules:
+        yield modules
+
+
+@contextmanager
+def _fused_attn_flags(root: nn.Module, value: bool) -> Iterator[list[nn.Module]]:
+    """Every ``fused_attn`` flag inside ``root`` set to ``value`` for the block, then restored
+    (also after an error); yields the modules that have the flag."""
+    modules = [m for m in root.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
     flags = [m.fused_attn for m in modules]
     try:
         for m in modules:
-            m.fused_attn = False
+            m.fused_attn = value
         yield modules
     finally:
         for m, flag in zip(modules, flags, strict=True):
@@ -370,7 +378,7 @@ class KernelCapture(_HookContext):
                 stack.enter_context(kernel_attention())  # e.g. transformers' "sdpa"
             readers = [*self.blocks, *([self.pool] if self.pool is not None else [])]
             for module in readers:
-                stack.enter_context(_fused_attention(module))
+                stack.enter_context(_fused_attn_flags(module, True))
             for i, block in enumerate(self.blocks):
                 stack.callback(block.register_forward_pre_hook(self._enter_block(i)).remove)
                 stack.callback(block.register_forward_hook(self._leave_block).remove)
@@ -427,17 +435,3 @@ class KernelCapture(_HookContext):
         )
         self.calls.append(record)
         return out
-
-
-@contextmanager
-def _fused_attention(module: nn.Module) -> Iterator[None]:
-    """Every ``fused_attn`` flag inside ``module`` switched on for the block, then restored."""
-    flagged = [m for m in module.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
-    flags = [m.fused_attn for m in flagged]
-    try:
-        for m in flagged:
-            m.fused_attn = True
-        yield
-    finally:
-        for m, flag in zip(flagged, flags, strict=True):
-            m.fused_attn = flag
