@@ -185,13 +185,46 @@ def test_hierarchical_window_models_are_refused_before_the_forward_pass(method):
 def test_gradient_checkpointing_keeps_the_chunked_engine_and_its_results(family):
     model = build_family(family, dtype=torch.float64)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    plain_maps, plain_grads = _maps_and_grads(model, x, "chefer", "chunked")
+
+    def flat() -> torch.Tensor:
+        maps, grads = _maps_and_grads(model, x, "chefer", "chunked")
+        return torch.cat([maps.flatten(), grads])
+
+    plain = flat()
+    bound = twin_bound(flat, u=U64)  # the same sums, in the recomputation's order
     model.set_grad_checkpointing(True)
-    assert select_engine(model, "chefer", "auto").kind == "chunked"
+    choice = select_engine(model, "chefer", "auto")
+    assert (choice.kind, choice.keep) == ("chunked", "inputs")
     # engine="chunked" raises if a block's kernel call were recorded twice (the recomputation)
-    maps, grads = _maps_and_grads(model, x, "chefer", "chunked")
-    torch.testing.assert_close(maps, plain_maps, rtol=0, atol=0)  # the same operations, rerun
-    torch.testing.assert_close(grads, plain_grads, rtol=0, atol=0)
+    assert ((flat() - plain).abs() <= bound).all()
+    for method in ("rollout", "raw_attention"):
+        model.set_grad_checkpointing(False)
+        expected = explain(model, x, method, engine="chunked")
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(explain(model, x, method), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_under_checkpointing_the_relevance_walk_saves_nothing_per_block(checkpointing):
+    """Outside checkpointed regions, the trainable walk saves (for its backward pass) q, k, v and
+    dy/dO per block; under checkpointing its steps are checkpointed too, and recompute them."""
+    model = build_family("vit")
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 32, 32)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4 and t.shape[-2] == 17:  # (B, heads, N, head_dim): what the walk keeps
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        explain(model, x, "chefer", differentiable=True, engine="chunked").sum().backward()
+    per_block = 2 * model.blocks[0].attn.num_heads * 17 * model.blocks[0].attn.head_dim
+    if checkpointing:
+        assert sum(saved) == 0
+    else:
+        assert sum(saved) >= 4 * len(model.blocks) * per_block
 
 
 def test_reentrant_checkpointing_is_refused_with_its_reason(monkeypatch):
