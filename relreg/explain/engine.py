@@ -153,14 +153,30 @@ def select_engine(
     reason = _model_problem(model, find_attention_modules(model))
     if reason is not None:
         return _fall_back(choice, reason)
-    if _checkpointing(model):
+    why = _recompute_reason(model)
+    if why is not None:
         return replace(
             choice,
             keep="inputs",
             reason=f"engine={engine!r}: attention read at the kernel call, recomputed from each "
-            "block's input (gradient checkpointing)",
+            f"block's input ({why})",
         )
     return replace(choice, reason=f"engine={engine!r}: attention read at the kernel call")
+
+
+def _recompute_reason(model: nn.Module) -> str | None:
+    """Why the chunked capture should keep each block's input rather than the kernel's tensors
+    (:attr:`EngineChoice.keep`), or None: under gradient checkpointing (holding ``q``, ``k``,
+    ``v`` would undo it), and where each block computes its own learned attention bias (BEiT's
+    relative position bias, ``(heads, N, N)`` per block, which the model's graph does not keep
+    and the relevance pass would)."""
+    if _checkpointing(model):
+        return "gradient checkpointing"
+    for block in kernel_blocks(model) or []:
+        for name, _ in block.named_parameters():
+            if "relative_position_bias" in name:
+                return "a relative position bias computed in every block"
+    return None
 
 
 def _fall_back(choice: EngineChoice, reason: str) -> EngineChoice:

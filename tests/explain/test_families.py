@@ -251,3 +251,47 @@ def test_a_siglip_model_fine_tunes_with_the_relevance_objective():
     out.loss.backward()
     assert module.model.attn_pool.kv.weight.grad.abs().sum() > 0
     assert module.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_a_per_block_attention_bias_is_recomputed_not_kept():
+    """BEiT computes a (1, heads, N, N) relative position bias in every block; the chunked engine
+    keeps the blocks' inputs instead, so the trainable walk saves no bias for its backward pass
+    (the tensors-keeping capture would save one per block), and trains the bias table the same."""
+    from dataclasses import replace
+
+    from relreg.explain import engine as engine_module
+
+    model = build_family("BEiT", dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    choice = select_engine(model, "chefer", "chunked")
+    assert choice.keep == "inputs" and "relative position bias" in choice.reason
+    n = 17
+    heads = model.blocks[0].attn.num_heads
+
+    def run(keep: str) -> tuple[int, torch.Tensor]:
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if tuple(t.shape) == (1, heads, n, n):
+                saved.append(t)
+            return t
+
+        original = engine_module.select_engine
+
+        def forced(*args, **kwargs):
+            return replace(original(*args, **kwargs), keep=keep)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("relreg.explain.attention.select_engine", forced)
+            model.zero_grad(set_to_none=True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                explain(model, x, "chefer", differentiable=True, engine="chunked").sum().backward()
+        table = model.blocks[0].attn.relative_position_bias_table.grad.clone()
+        return len(saved), table
+
+    kept, table_kept = run("tensors")
+    recomputed, table_recomputed = run("inputs")
+    assert kept >= len(model.blocks) and recomputed == 0
+    assert table_kept.abs().max() > 0
+    # float64, the same sums in two orders (a few hundred terms each): far inside 1e4 * U64
+    assert (table_recomputed - table_kept).abs().max() <= 1e4 * U64 * table_kept.abs().max()
