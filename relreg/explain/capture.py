@@ -36,6 +36,7 @@ __all__ = [
     "BlockInput",
     "rerun_kernel_call",
     "attention_pool",
+    "eager_modules",
     "find_attention_modules",
     "explicit_attention",
     "hierarchical_problem",
@@ -161,6 +162,28 @@ def _fused_attn_flags(root: nn.Module, value: bool) -> Iterator[list[nn.Module]]
             m.fused_attn = flag
 
 
+@contextmanager
+def eager_modules(root: nn.Module) -> Iterator[list[nn.Module]]:
+    """Run the submodules of ``root`` compiled in place (``module.compile()``) eagerly for the
+    block, then restore their compiled calls (also after an error).
+
+    A compiled call runs a graph, in which the captures' hooks and ``TorchFunctionMode`` do not
+    see the modules' own calls; eager, they do, with the same weights and the same function.
+
+    Yields:
+        The modules whose compiled call was set aside (possibly none).
+    """
+    modules = [m for m in root.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    compiled = [m._compiled_call_impl for m in modules]
+    try:
+        for m in modules:
+            m._compiled_call_impl = None
+        yield modules
+    finally:
+        for m, call in zip(modules, compiled, strict=True):
+            m._compiled_call_impl = call
+
+
 class _HookContext:
     """Context-manager plumbing shared by the captures: on entry the subclass registers its hooks
     (and flag changes) into an ``ExitStack`` kept in ``_stack``; exit, also after an error, undoes
@@ -211,6 +234,7 @@ class AttentionCapture(_HookContext):
             raise RuntimeError("AttentionCapture is not re-entrant: exit it before entering again.")
         self.attentions = []
         with ExitStack() as stack:
+            stack.enter_context(eager_modules(self.model))
             record = getattr(self.model, "record_attention", None)
             if callable(record):
                 stack.enter_context(record(self._store))
@@ -446,6 +470,7 @@ class KernelCapture(_HookContext):
         self.inputs = {}
         self.grad_enabled = torch.is_grad_enabled()
         with ExitStack() as stack:
+            stack.enter_context(eager_modules(self.model))
             if self.read_blocks:
                 stack.enter_context(_kernel_context(self.model, self.blocks))
             if self.pool is not None:
@@ -552,7 +577,7 @@ def rerun_kernel_call(model: nn.Module, recorded: BlockInput) -> KernelCall:
         calls.append(_record(arguments, None, None, False))
         raise _Stop
 
-    with _kernel_context(model, [recorded.block]), _KernelMode(stop):
+    with eager_modules(recorded.block), _kernel_context(model, [recorded.block]), _KernelMode(stop):
         try:
             recorded.block(*recorded.args, **recorded.kwargs)
         except _Stop:

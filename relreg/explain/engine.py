@@ -127,9 +127,10 @@ def select_engine(
     Raises:
         ValueError: for an unknown ``engine``, a ``chunk_size`` that is not an int >= 1, a model
             without attention modules or a hierarchical window model (Swin) (unless
-            ``engine="dense"``, whose capture then raises), reentrant gradient checkpointing
-            (any engine), and for ``engine="chunked"`` where the chunked engine cannot run
-            (``second_order=True``, an unreadable model).
+            ``engine="dense"``, whose capture then raises), reentrant gradient checkpointing or a
+            submodule compiled in place under checkpointing (any engine), and for
+            ``engine="chunked"`` where the chunked engine cannot run (``second_order=True``, an
+            unreadable model).
     """
     check_choice("engine", engine, ENGINES)
     check_positive_int("chunk_size", chunk_size, allow_none=True)
@@ -139,6 +140,15 @@ def select_engine(
             "TIMM_REENTRANT_CKPT is set: reentrant checkpointing runs the blocks' forward pass "
             "without a graph, so q, k and the attention maps have none to differentiate; unset "
             "TIMM_REENTRANT_CKPT or turn checkpointing off (model.set_grad_checkpointing(False))."
+        )
+    compiled = _compiled_in_place(model)
+    if compiled is not None and _checkpointing(model):
+        raise ValueError(
+            "Expected no submodule compiled in place (module.compile()) under gradient "
+            f"checkpointing, but {compiled} is: the explainers run it eagerly, while the "
+            "checkpoint's recomputation in the backward pass would run its compiled graph, which "
+            "saves other tensors; compile the whole model instead (torch.compile(model), "
+            "explained through its original module) or turn checkpointing off."
         )
     choice = EngineChoice("chunked", "", engine, method, type(model).__name__, chunk_size)
     if engine == "dense":
@@ -213,6 +223,15 @@ def _caller_outside_relreg() -> int:
     return level
 
 
+def _compiled_in_place(model: nn.Module) -> str | None:
+    """The class name of a submodule of ``model`` compiled in place (``module.compile()``), or
+    None."""
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            return type(m).__name__
+    return None
+
+
 def _checkpointing(model: nn.Module) -> bool:
     """Whether a module of ``model`` checkpoints its blocks (timm's ``grad_checkpointing`` flag,
     transformers' ``gradient_checkpointing``)."""
@@ -234,9 +253,6 @@ def _model_problem(model: nn.Module, modules: list[nn.Module]) -> str | None:
         model: the model.
         modules: its attention modules (:func:`find_attention_modules`).
     """
-    for m in model.modules():
-        if getattr(m, "_compiled_call_impl", None) is not None:
-            return f"a submodule ({type(m).__name__}) is compiled (hooks do not run eagerly)"
     blocks = kernel_blocks(model)
     if blocks is None:
         return (

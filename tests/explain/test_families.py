@@ -295,3 +295,32 @@ def test_a_per_block_attention_bias_is_recomputed_not_kept():
     assert table_kept.abs().max() > 0
     # float64, the same sums in two orders (a few hundred terms each): far inside 1e4 * U64
     assert (table_recomputed - table_kept).abs().max() <= 1e4 * U64 * table_kept.abs().max()
+
+
+def test_blocks_compiled_in_place_run_eagerly_on_the_chunked_engine():
+    """module.compile() (in place) keeps the chunked engine: the captures set the compiled calls
+    aside for the pass (the same function, run eagerly, where their hooks see the kernel calls)
+    and put them back after it, also after an error; under checkpointing (whose recomputation
+    would run the compiled graph) it is refused before any work."""
+    model = build_family("vit", dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    expected, expected_grads = _maps_and_grads(model, x, "chefer", "chunked")
+    for block in model.blocks:
+        block.compile()
+    compiled = [block._compiled_call_impl for block in model.blocks]
+    assert all(c is not None for c in compiled)
+    assert select_engine(model, "chefer", "auto").kind == "chunked"
+    maps, grads = _maps_and_grads(model, x, "chefer", "chunked")
+    torch.testing.assert_close(maps, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grads, expected_grads, rtol=0, atol=0)
+    assert [block._compiled_call_impl for block in model.blocks] == compiled
+    with pytest.raises(ValueError):
+        explain(model, x, "chefer", target=torch.tensor([0, 99]), engine="chunked")
+    assert [block._compiled_call_impl for block in model.blocks] == compiled
+    model.set_grad_checkpointing(True)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    for engine in ("auto", "dense"):
+        with pytest.raises(ValueError, match=r"compiled in place \(module.compile\(\)\) under"):
+            explain(model, x, "chefer", engine=engine)
+    assert not calls
