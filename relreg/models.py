@@ -34,6 +34,7 @@ def build_model(
     pretrained: bool = False,
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
+    grad_checkpointing: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Create a timm model by name, optionally with pretrained or local weights.
@@ -43,6 +44,9 @@ def build_model(
         pretrained: download timm's weights (needs the network or a filled Hugging Face cache).
         checkpoint: a local weights file, loaded after creation (overrides ``pretrained``).
         num_classes: classifier size; None keeps the model's default.
+        grad_checkpointing: switch on timm's gradient checkpointing of the blocks
+            (``model.set_grad_checkpointing()``, non-reentrant); from a fit config:
+            ``model.model_kwargs: {grad_checkpointing: true}``.
         **kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``, ...).
 
     Returns:
@@ -58,6 +62,11 @@ def build_model(
         >>> model.num_classes
         3
     """
+    if not isinstance(grad_checkpointing, bool):
+        raise TypeError(
+            "Expected grad_checkpointing to be a bool, but got "
+            f"{type(grad_checkpointing).__name__}."
+        )
     if not isinstance(name, str) or not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5] if isinstance(name, str) else []
         hint = f" Similar names: {', '.join(close)}." if close else ""
@@ -79,6 +88,8 @@ def build_model(
         ) from err
     if checkpoint is not None:
         load_weights(model, checkpoint)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return model.eval()
 
 

@@ -44,10 +44,9 @@ from relreg.explain._contract import (
 from relreg.explain.capture import AttentionCapture, KernelCapture
 from relreg.explain.chunked import (
     Captured,
+    block_step,
     capture_blocks,
-    propagate,
     record_blocks,
-    relevance_dtype,
 )
 from relreg.explain.engine import EngineChoice, select_engine
 from relreg.explain.registry import register_explainer
@@ -163,7 +162,9 @@ def _run(
         The implementation's explanation: maps ``(B, gh, gw)`` and logits ``(B, K)``.
     """
     if choice.kind == "chunked":
-        capture, logits = record_blocks(model, images, need_grad, differentiable, choice.method)
+        capture, logits = record_blocks(
+            model, images, need_grad, differentiable, choice.method, choice.keep
+        )
         choice = choice.after_forward(capture)
         if choice.kind == "chunked":
             cap = capture_blocks(capture, logits, target, foil, need_grad, differentiable)
@@ -178,13 +179,11 @@ def _start(model: nn.Module, cap: Captured, rule: str) -> tuple[Tensor, Tensor |
 
     A fixed token mix (:func:`readout_weights`) for CLS and average pooling; for attention
     pooling, the pool's own ``rule``-weighted attention (:func:`pool_readout`)."""
-    q = cap.q[-1]
-    dtype = relevance_dtype(q)
     if cap.pool is not None:
-        return pool_readout(cap.pool, cap.d_pool, rule, q.shape[2]).to(dtype), None
-    w = readout_weights(model, q.shape[2], q.device, dtype)
+        return pool_readout(cap.pool, cap.d_pool, rule, cap.tokens).to(cap.dtype), None
+    w = readout_weights(model, cap.tokens, cap.logits.device, cap.dtype)
     rows = w.nonzero().flatten()
-    return w.expand(q.shape[0], -1), rows if rows.numel() < w.numel() else None
+    return w.expand(cap.logits.shape[0], -1), rows if rows.numel() < w.numel() else None
 
 
 @register_explainer(
@@ -227,18 +226,7 @@ def _raw_attention_chunked(
     """:func:`raw_attention` on the chunked engine's records: the last block's read-out row."""
     with torch.set_grad_enabled(differentiable):
         r, rows = _start(model, cap, "attention")
-        row = propagate(
-            r,
-            cap.q[-1],
-            cap.k[-1],
-            None,
-            None,
-            cap.scale[-1],
-            "attention",
-            chunk_size,
-            rows,
-            cap.bias[-1],
-        )
+        row = block_step(cap, cap.depth - 1, r, "attention", chunk_size, rows)
     return finish(_to_grid(model, images, row), cap.logits, differentiable)
 
 
@@ -299,23 +287,11 @@ def _rollout_chunked(
     cap: Captured,
 ) -> Explanation:
     """:func:`rollout` on the chunked engine's records: ``r <- (r + r @ mean_h A) / 2``."""
-    check_start_layer(start_layer, len(cap.q))
+    check_start_layer(start_layer, cap.depth)
     with torch.set_grad_enabled(differentiable):
         r, rows = _start(model, cap, "attention")
-        for b in range(len(cap.q) - 1, start_layer - 1, -1):
-            step = propagate(
-                r,
-                cap.q[b],
-                cap.k[b],
-                None,
-                None,
-                cap.scale[b],
-                "attention",
-                chunk_size,
-                rows,
-                cap.bias[b],
-            )
-            r = (r + step) / 2
+        for b in range(cap.depth - 1, start_layer - 1, -1):
+            r = (r + block_step(cap, b, r, "attention", chunk_size, rows)) / 2
             rows = None
     return finish(_to_grid(model, images, r), cap.logits, differentiable)
 
@@ -466,26 +442,12 @@ def _chefer_chunked(
 ) -> Explanation:
     """:func:`chefer` on the chunked engine's records: ``r <- r + r @ Abar_b``, ``Abar_b``
     recomputed by chunks of query rows (first order: gradients held constant)."""
-    check_start_layer(start_layer, len(cap.q))
+    check_start_layer(start_layer, cap.depth)
     rule = "chefer" if gradient == "attention" else "chefer_logits"
     with torch.set_grad_enabled(differentiable):
         r, rows = _start(model, cap, rule)
-        for b in range(len(cap.q) - 1, start_layer - 1, -1):
-            d_out = cap.d_out[b]
-            cap.d_out[b] = None  # freed once used
-            step = propagate(
-                r,
-                cap.q[b],
-                cap.k[b],
-                cap.v[b],
-                d_out,
-                cap.scale[b],
-                rule,
-                chunk_size,
-                rows,
-                cap.bias[b],
-            )
-            r = r + step
+        for b in range(cap.depth - 1, start_layer - 1, -1):
+            r = r + block_step(cap, b, r, rule, chunk_size, rows)
             rows = None
     return finish(_to_grid(model, images, r), cap.logits, differentiable)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 
 import torch
@@ -33,6 +33,8 @@ __all__ = [
     "AttentionCapture",
     "KernelCall",
     "KernelCapture",
+    "BlockInput",
+    "rerun_kernel_call",
     "attention_pool",
     "find_attention_modules",
     "explicit_attention",
@@ -237,6 +239,11 @@ class AttentionCapture(_HookContext):
 class KernelCall:
     """One call of ``F.scaled_dot_product_attention``, as the kernel saw it.
 
+    A capture that keeps only the blocks' inputs (``keep="inputs"``) records the blocks' calls
+    without their tensors (``q``, ``k``, ``v``, ``mask`` and ``out`` None) and catches ``dy/dO``
+    in ``d_out`` with a one-shot gradient hook on the output instead; :func:`rerun_kernel_call`
+    recomputes the tensors from the block's input.
+
     Attributes:
         q: ``(B, heads, Lq, head_dim)``, after rotary embedding and qk-norm (keeps the graph).
         k, v: ``(B, heads, Lk, head_dim)`` (grouped key/value heads expanded to ``heads``).
@@ -248,21 +255,45 @@ class KernelCall:
         out: ``(B, heads, Lq, head_dim)``, the kernel's output (its gradient is ``dy/dO``).
         block: index of the block in :func:`kernel_blocks` that made the call, or None.
         pool: whether the call came from the attention-pool read-out (:func:`attention_pool`).
+        queries, keys: ``Lq`` and ``Lk``.
+        graph: whether ``q`` had a graph (``q.requires_grad``).
+        dtype: ``q``'s dtype.
         attention: ``(B, heads, Lq, Lk)`` probabilities, only for the pool's call, computed
             explicitly there (one latent row per query: small) so that its gradient exists.
+        d_out: ``dy/dO`` caught by the gradient hook (``keep="inputs"`` only), else None.
     """
 
-    q: Tensor
-    k: Tensor
-    v: Tensor
+    q: Tensor | None
+    k: Tensor | None
+    v: Tensor | None
     mask: Tensor | None
     scale: float
     dropout_p: float
     is_causal: bool
-    out: Tensor
+    out: Tensor | None
     block: int | None
     pool: bool
+    queries: int = 0
+    keys: int = 0
+    graph: bool = False
+    dtype: torch.dtype = torch.float32
     attention: Tensor | None = None
+    d_out: Tensor | None = None
+
+
+@dataclass
+class BlockInput:
+    """The arguments one block was called with in the recorded forward pass (for a rerun).
+
+    Attributes:
+        block: the block module.
+        args: its positional arguments (the tokens ``(B, N, D)`` first).
+        kwargs: its keyword arguments (e.g. EVA's ``rope``, NaFlexViT's ``attn_mask``).
+    """
+
+    block: nn.Module
+    args: tuple
+    kwargs: dict
 
 
 _SDPA_SIGNATURE = inspect.Signature(
@@ -311,17 +342,45 @@ def _add_mask(logits: Tensor, mask: Tensor) -> Tensor:
 
 
 class _KernelMode(TorchFunctionMode):
-    """The ``TorchFunctionMode`` behind :class:`KernelCapture`."""
+    """The ``TorchFunctionMode`` behind :class:`KernelCapture` and :func:`rerun_kernel_call`:
+    every call of ``F.scaled_dot_product_attention`` goes to ``on_call(kernel, arguments)``."""
 
-    def __init__(self, capture: KernelCapture) -> None:
+    def __init__(self, on_call) -> None:  # noqa: ANN001
         super().__init__()
-        self.capture = capture
+        self.on_call = on_call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        return self.capture._call(func, _SDPA_SIGNATURE.bind(*args, **kwargs).arguments)
+        return self.on_call(func, _SDPA_SIGNATURE.bind(*args, **kwargs).arguments)
+
+
+def _record(arguments: dict, out: Tensor, block: int | None, pool: bool) -> KernelCall:
+    """The :class:`KernelCall` of one kernel call with the kernel's ``arguments`` and ``out``."""
+    q = arguments["query"]
+    heads = q.shape[-3]
+    k = _expand_heads(arguments["key"], heads)
+    scale = arguments.get("scale")
+    return KernelCall(
+        q=q,
+        k=k,
+        v=_expand_heads(arguments["value"], heads),
+        mask=arguments.get("attn_mask"),
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        dropout_p=float(arguments.get("dropout_p", 0.0)),
+        is_causal=bool(arguments.get("is_causal", False)),
+        out=out,
+        block=block,
+        pool=pool,
+        queries=q.shape[-2],
+        keys=k.shape[-2],
+        graph=q.requires_grad,
+        dtype=q.dtype,
+    )
+
+
+KEEP = ("tensors", "inputs")
 
 
 class KernelCapture(_HookContext):
@@ -335,13 +394,22 @@ class KernelCapture(_HookContext):
     the records can be used is judged by
     :meth:`relreg.explain.engine.EngineChoice.after_forward`.
 
+    ``keep="inputs"`` is the capture for gradient checkpointing: holding every block's ``q``,
+    ``k``, ``v`` and ``O`` would keep alive the activations checkpointing frees, so it keeps
+    each block's input arguments instead (:attr:`inputs`, tensors checkpointing keeps anyway),
+    records the blocks' calls without their tensors and catches ``dy/dO`` with a one-shot
+    gradient hook on each output (:attr:`KernelCall.d_out`); :func:`rerun_kernel_call`
+    recomputes a block's ``q``, ``k``, ``v`` and bias from its input when they are needed.
+
     Args:
         model: a ViT (any model whose blocks call ``F.scaled_dot_product_attention``).
         read_blocks: record the blocks' calls and keep their attention fused; False records the
             attention pool's call only (for the dense engine, which reads the blocks itself).
+        keep: ``"tensors"`` (default) or ``"inputs"``, see above.
 
     Attributes:
         calls: the :class:`KernelCall` records of the forward passes run inside the context.
+        inputs: per block, its :class:`BlockInput` of the first call (``keep="inputs"``).
         blocks: the model's blocks (:func:`kernel_blocks`; empty when it has none).
         pool: the model's attention pool (:func:`attention_pool`), or None.
         grad_enabled: whether gradients were enabled when the context was entered.
@@ -356,12 +424,16 @@ class KernelCapture(_HookContext):
         [(0, (2, 3, 17, 64)), (1, (2, 3, 17, 64))]
     """
 
-    def __init__(self, model: nn.Module, read_blocks: bool = True) -> None:
+    def __init__(self, model: nn.Module, read_blocks: bool = True, keep: str = "tensors") -> None:
+        if keep not in KEEP:
+            raise ValueError(f"Expected keep to be one of {KEEP}, but got {keep!r}.")
         self.model = model
         self.read_blocks = read_blocks
+        self.keep = keep
         self.blocks = (kernel_blocks(model) or []) if read_blocks else []
         self.pool = attention_pool(model)
         self.calls: list[KernelCall] = []
+        self.inputs: dict[int, BlockInput] = {}
         self._block: int | None = None
         self._in_pool = False
         self.grad_enabled = False
@@ -371,27 +443,29 @@ class KernelCapture(_HookContext):
         if self._stack is not None:
             raise RuntimeError("KernelCapture is not re-entrant: exit it before entering again.")
         self.calls = []
+        self.inputs = {}
         self.grad_enabled = torch.is_grad_enabled()
         with ExitStack() as stack:
-            kernel_attention = getattr(self.model, "kernel_attention", None)
-            if self.read_blocks and callable(kernel_attention):
-                stack.enter_context(kernel_attention())  # e.g. transformers' "sdpa"
-            readers = [*self.blocks, *([self.pool] if self.pool is not None else [])]
-            for module in readers:
-                stack.enter_context(_fused_attn_flags(module, True))
+            if self.read_blocks:
+                stack.enter_context(_kernel_context(self.model, self.blocks))
+            if self.pool is not None:
+                stack.enter_context(_fused_attn_flags(self.pool, True))
             for i, block in enumerate(self.blocks):
-                stack.callback(block.register_forward_pre_hook(self._enter_block(i)).remove)
+                enter = block.register_forward_pre_hook(self._enter_block(i), with_kwargs=True)
+                stack.callback(enter.remove)
                 stack.callback(block.register_forward_hook(self._leave_block).remove)
             if self.pool is not None:
                 stack.callback(self.pool.register_forward_pre_hook(self._enter_pool).remove)
                 stack.callback(self.pool.register_forward_hook(self._leave_pool).remove)
-            stack.enter_context(_KernelMode(self))
+            stack.enter_context(_KernelMode(self._call))
             self._stack = stack.pop_all()
         return self
 
     def _enter_block(self, index: int):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self._block = index
+            if self.keep == "inputs" and index not in self.inputs:
+                self.inputs[index] = BlockInput(module, args, kwargs)
 
         return hook
 
@@ -405,33 +479,87 @@ class KernelCapture(_HookContext):
         self._in_pool = False
 
     def _call(self, kernel, arguments: dict) -> Tensor:  # noqa: ANN001
-        q = arguments["query"]
-        heads = q.shape[-3]
-        k = _expand_heads(arguments["key"], heads)
-        v = _expand_heads(arguments["value"], heads)
-        scale = arguments.get("scale")
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         if not (self._in_pool or self.read_blocks):
             return kernel(**arguments)
-        mask = arguments.get("attn_mask")
-        attention = None
         if self._in_pool:
-            attention = explicit_attention(q, k, mask, scale)
-            out = attention @ v
-        else:
-            out = kernel(**arguments)
-        record = KernelCall(
-            q=q,
-            k=k,
-            v=v,
-            mask=mask,
-            scale=scale,
-            dropout_p=float(arguments.get("dropout_p", 0.0)),
-            is_causal=bool(arguments.get("is_causal", False)),
-            out=out,
-            block=self._block,
-            pool=self._in_pool,
-            attention=attention,
-        )
+            record = _record(arguments, arguments["query"], None, True)
+            record.attention = explicit_attention(record.q, record.k, record.mask, record.scale)
+            record.out = record.attention @ record.v
+            self.calls.append(record)
+            return record.out
+        out = kernel(**arguments)
+        record = _record(arguments, out, self._block, False)
+        if self.keep == "inputs":
+            record = _metadata_only(record)
         self.calls.append(record)
         return out
+
+
+def _metadata_only(record: KernelCall) -> KernelCall:
+    """``record`` without its tensors, catching ``dy/dO`` in ``d_out`` with a one-shot hook."""
+    out = record.out
+    light = replace(record, q=None, k=None, v=None, mask=None, out=None)
+    if out is not None and out.requires_grad:
+
+        def catch(grad: Tensor) -> None:
+            light.d_out = grad
+            handle.remove()  # later backward passes (the loss's) leave it alone
+
+        handle = out.register_hook(catch)
+    return light
+
+
+@contextmanager
+def _kernel_context(model: nn.Module, blocks: list[nn.Module]) -> Iterator[None]:
+    """Fused attention on in ``blocks`` (and transformers' "sdpa" implementation, through the
+    model's own ``kernel_attention()``), restored on exit."""
+    with ExitStack() as stack:
+        kernel_attention = getattr(model, "kernel_attention", None)
+        if callable(kernel_attention):
+            stack.enter_context(kernel_attention())
+        for block in blocks:
+            stack.enter_context(_fused_attn_flags(block, True))
+        yield
+
+
+class _Stop(Exception):
+    """Raised at the kernel call of a rerun: the rest of the block is not needed."""
+
+
+def rerun_kernel_call(model: nn.Module, recorded: BlockInput) -> KernelCall:
+    """Recompute one block's kernel call from its recorded input, up to the call.
+
+    The block runs again on the arguments of :class:`KernelCapture` (``keep="inputs"``), with
+    fused attention on, until it calls ``F.scaled_dot_product_attention``; the rest of the block
+    is skipped. The returned ``q`` and ``k`` have a graph back to the block's input and weights
+    when gradients are enabled, so a loss on a map computed from them trains the model as the
+    recorded call's would. The block must compute the same ``q``, ``k`` and ``v`` again: the
+    engine runs it only where no randomness precedes the kernel (attention dropout is refused).
+
+    Args:
+        model: the model the block belongs to (for its ``kernel_attention()`` context).
+        recorded: the block and the arguments it was called with.
+
+    Returns:
+        The call, with its tensors (``out`` None: the kernel is not run).
+
+    Raises:
+        RuntimeError: when the block makes no kernel call.
+    """
+    calls: list[KernelCall] = []
+
+    def stop(kernel, arguments: dict) -> Tensor:  # noqa: ANN001
+        calls.append(_record(arguments, None, None, False))
+        raise _Stop
+
+    with _kernel_context(model, [recorded.block]), _KernelMode(stop):
+        try:
+            recorded.block(*recorded.args, **recorded.kwargs)
+        except _Stop:
+            pass
+    if not calls:
+        raise RuntimeError(
+            f"Expected {type(recorded.block).__name__} to call F.scaled_dot_product_attention "
+            "again when rerun, but it made no call."
+        )
+    return calls[0]

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from relreg.explain._contract import (
     check_grad_mode,
@@ -40,12 +41,13 @@ from relreg.explain._contract import (
     resolve_classes,
     score,
 )
-from relreg.explain.capture import KernelCapture
+from relreg.explain.capture import BlockInput, KernelCapture, rerun_kernel_call
 from relreg.validate import check_choice, check_positive_int
 
 __all__ = [
     "RULES",
     "Captured",
+    "block_step",
     "capture_blocks",
     "default_chunk_size",
     "propagate",
@@ -62,7 +64,9 @@ class Captured(NamedTuple):
     """What the relevance pass needs, per block in forward order.
 
     Attributes:
-        q, k, v: ``(B, heads, N, head_dim)``; ``q`` and ``k`` keep the model's graph.
+        q, k, v: ``(B, heads, N, head_dim)``; ``q`` and ``k`` keep the model's graph. Under
+            gradient checkpointing (``inputs`` set) the lists hold None: :func:`block_step`
+            recomputes them block by block.
         bias: per block, the additive bias or boolean mask the kernel got (broadcastable to
             ``(B, heads, N, N)``; a learnable bias keeps its graph), or None.
         d_out: ``(B, heads, N, head_dim)`` gradients ``dy/dO`` (constants), or None when the
@@ -72,17 +76,30 @@ class Captured(NamedTuple):
         pool: the attention pool's probabilities ``(B, heads, L, N)`` (``global_pool="map"``),
             or None.
         d_pool: their gradient ``dy/dA_pool`` (a constant), or None.
+        tokens: ``N``.
+        dtype: the dtype the walk computes in (:func:`relevance_dtype`).
+        inputs: per block, its recorded input (gradient checkpointing), or None.
+        model: the model, for the recomputation (set with ``inputs``).
     """
 
-    q: list[Tensor]
-    k: list[Tensor]
-    v: list[Tensor]
+    q: list[Tensor | None]
+    k: list[Tensor | None]
+    v: list[Tensor | None]
     bias: list[Tensor | None]
-    d_out: list[Tensor] | None
+    d_out: list[Tensor | None] | None
     scale: list[float]
     logits: Tensor
     pool: Tensor | None = None
     d_pool: Tensor | None = None
+    tokens: int = 0
+    dtype: torch.dtype = torch.float32
+    inputs: list[BlockInput] | None = None
+    model: nn.Module | None = None
+
+    @property
+    def depth(self) -> int:
+        """The number of blocks."""
+        return len(self.scale)
 
 
 def record_blocks(
@@ -91,6 +108,7 @@ def record_blocks(
     need_grad: bool,
     differentiable: bool,
     method: str,
+    keep: str = "tensors",
 ) -> tuple[KernelCapture, Tensor]:
     """The chunked engine's forward pass: fused attention kept, every kernel call recorded.
 
@@ -100,6 +118,7 @@ def record_blocks(
         need_grad: whether ``dy/dO`` will be taken (gradient-weighted methods).
         differentiable: whether the maps keep the model's graph.
         method: the explainer's name, for messages.
+        keep: the capture's ``keep`` (:attr:`relreg.explain.engine.EngineChoice.keep`).
 
     Returns:
         The exited capture (to be judged by
@@ -110,7 +129,7 @@ def record_blocks(
     track = need_grad or differentiable
     x = graph_input(model, images, track)
     with torch.set_grad_enabled(track):
-        with KernelCapture(model) as capture:
+        with KernelCapture(model, keep=keep) as capture:
             logits = check_logits(model(x), images.shape[0])
     return capture, logits
 
@@ -130,35 +149,104 @@ def capture_blocks(
         capture: the capture of that pass.
         logits: ``(B, K)`` of that pass.
         target, foil: the classes to explain (see :func:`relreg.explain.explain`).
-        need_grad: take ``dy/dO`` (one backward pass that stops at the attention outputs).
+        need_grad: take ``dy/dO`` (one backward pass that stops at the attention outputs; under
+            ``keep="inputs"`` it runs down to the first block's input, and the outputs' hooks
+            catch ``dy/dO`` on the way).
         differentiable: keep the graph of the forward pass for a loss on the maps.
     """
     calls = [c for c in capture.calls if not c.pool]
     pool = next((c.attention for c in capture.calls if c.pool), None)
+    recompute = capture.keep == "inputs"
     tgt, fl = resolve_classes(logits, target, foil)
     d_out = None
     d_pool = None
     if need_grad:
-        outputs = [c.out for c in calls] + ([pool] if pool is not None else [])
+        if recompute:
+            first = capture.inputs[0].args[0]
+            outputs = [first] if first.requires_grad else []
+        else:
+            outputs = [c.out for c in calls]
+        outputs += [pool] if pool is not None else []
         with torch.enable_grad():
             grads = list(
                 torch.autograd.grad(
-                    score(logits, tgt, fl).sum(), outputs, retain_graph=differentiable
+                    score(logits, tgt, fl).sum(),
+                    outputs,
+                    retain_graph=differentiable,
+                    allow_unused=recompute,
                 )
             )
         d_pool = grads.pop() if pool is not None else None
-        d_out = grads
+        d_out = [c.d_out for c in calls] if recompute else grads
     return Captured(
         q=[c.q for c in calls],
         k=[c.k for c in calls],
-        v=[c.v.detach() for c in calls],
+        v=[None if c.v is None else c.v.detach() for c in calls],
         bias=[c.mask for c in calls],
         d_out=d_out,
         scale=[c.scale for c in calls],
         logits=logits,
         pool=pool,
         d_pool=d_pool,
+        tokens=calls[-1].queries,
+        dtype=relevance_dtype_of(calls[-1].dtype),
+        inputs=[capture.inputs[i] for i in range(len(calls))] if recompute else None,
+        model=capture.model if recompute else None,
     )
+
+
+def block_step(
+    cap: Captured,
+    b: int,
+    r: Tensor,
+    rule: str,
+    chunk_size: int | None = None,
+    rows: Tensor | None = None,
+) -> Tensor:
+    """``r @ Abar_b`` (:func:`propagate`) for block ``b`` of the records ``cap``.
+
+    The block's ``dy/dO`` is dropped from ``cap`` once used. Under gradient checkpointing
+    (``cap.inputs``) the block's ``q``, ``k``, ``v`` and bias are recomputed from its input
+    (:func:`relreg.explain.capture.rerun_kernel_call`), and where the map keeps a graph the
+    step is itself checkpointed (non-reentrant), so that its backward pass recomputes them once
+    more instead of holding them: per block only ``dy/dO`` stays alive.
+
+    Args:
+        cap: the records.
+        b: the block index.
+        r: ``(B, N)`` relevance row vectors.
+        rule, chunk_size, rows: as for :func:`propagate`.
+
+    Returns:
+        ``(B, N)``.
+    """
+    d_out = None if cap.d_out is None else cap.d_out[b]
+    if cap.d_out is not None:
+        cap.d_out[b] = None
+    if cap.inputs is None:
+        return propagate(
+            r,
+            cap.q[b],
+            cap.k[b],
+            cap.v[b],
+            d_out,
+            cap.scale[b],
+            rule,
+            chunk_size,
+            rows,
+            cap.bias[b],
+        )
+    recorded = cap.inputs[b]
+    model = cap.model
+
+    def step(r: Tensor) -> Tensor:
+        call = rerun_kernel_call(model, recorded)
+        v = call.v.detach()
+        return propagate(r, call.q, call.k, v, d_out, call.scale, rule, chunk_size, rows, call.mask)
+
+    if torch.is_grad_enabled():
+        return checkpoint(step, r, use_reentrant=False)
+    return step(r)
 
 
 def default_chunk_size(batch: int, heads: int, tokens: int) -> int:
@@ -225,7 +313,12 @@ def propagate(
 
 def relevance_dtype(t: Tensor) -> torch.dtype:
     """The dtype the engine computes in for inputs like ``t``: float32 for half precision."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    return relevance_dtype_of(t.dtype)
+
+
+def relevance_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """:func:`relevance_dtype` for a dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _chunks(n: int, chunk: int, rows: Tensor | None) -> list[slice | Tensor]:
@@ -279,14 +372,7 @@ class _RowTimesAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, q, k, v, d_out, scale, rule, chunk, rows, bias):  # type: ignore[override]
-        dtype = relevance_dtype(q)
-        heads = q.shape[1]
-        with torch.autocast(q.device.type, enabled=False):
-            r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (r, q, k, v, d_out))
-            out = r_.new_zeros(r.shape)
-            for idx in _chunks(q.shape[2], chunk, rows):
-                w = _weights(q_, k_, v_, d_, scale, rule, idx, bias)[1]
-                out += _head_sum(r_[:, idx], w)
+        # saved first: a checkpointed step (block_step) recomputes up to here, not the loop
         empty = torch.empty(0)
         ctx.save_for_backward(
             r,
@@ -302,6 +388,14 @@ class _RowTimesAttention(torch.autograd.Function):
         ctx.chunk = chunk
         ctx.has_rows = rows is not None
         ctx.has_bias = bias is not None
+        dtype = relevance_dtype(q)
+        heads = q.shape[1]
+        with torch.autocast(q.device.type, enabled=False):
+            r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (r, q, k, v, d_out))
+            out = r_.new_zeros(r.shape)
+            for idx in _chunks(q.shape[2], chunk, rows):
+                w = _weights(q_, k_, v_, d_, scale, rule, idx, bias)[1]
+                out += _head_sum(r_[:, idx], w)
         return out.div_(heads)
 
     @staticmethod

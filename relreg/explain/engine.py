@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from relreg.explain.capture import (
+    KEEP,
     KernelCapture,
     find_attention_modules,
     kernel_blocks,
@@ -64,6 +65,12 @@ class EngineChoice:
         method: the explainer's name (for messages).
         model: the model's class name (for messages).
         chunk_size: query rows per chunk for the chunked engine (None: its default).
+        keep: what the chunked engine's capture keeps per block (see
+            :class:`relreg.explain.capture.KernelCapture`): ``"tensors"`` (``q``, ``k``, ``v``
+            and ``O``, which the model's own graph holds anyway), or ``"inputs"`` under gradient
+            checkpointing, whose point is not to hold them: each block's input is kept and its
+            ``q``, ``k``, ``v`` recomputed block by block in the relevance walk (and again, for a
+            trainable map, in its backward pass).
     """
 
     kind: str
@@ -72,9 +79,11 @@ class EngineChoice:
     method: str = ""
     model: str = ""
     chunk_size: int | None = None
+    keep: str = "tensors"
 
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, KINDS)
+        check_choice("keep", self.keep, KEEP)
         check_choice("engine", self.engine, ENGINES)
 
     def after_forward(self, capture: KernelCapture) -> EngineChoice:
@@ -144,7 +153,30 @@ def select_engine(
     reason = _model_problem(model, find_attention_modules(model))
     if reason is not None:
         return _fall_back(choice, reason)
+    why = _recompute_reason(model)
+    if why is not None:
+        return replace(
+            choice,
+            keep="inputs",
+            reason=f"engine={engine!r}: attention read at the kernel call, recomputed from each "
+            f"block's input ({why})",
+        )
     return replace(choice, reason=f"engine={engine!r}: attention read at the kernel call")
+
+
+def _recompute_reason(model: nn.Module) -> str | None:
+    """Why the chunked capture should keep each block's input rather than the kernel's tensors
+    (:attr:`EngineChoice.keep`), or None: under gradient checkpointing (holding ``q``, ``k``,
+    ``v`` would undo it), and where each block computes its own learned attention bias (BEiT's
+    relative position bias, ``(heads, N, N)`` per block, which the model's graph does not keep
+    and the relevance pass would)."""
+    if _checkpointing(model):
+        return "gradient checkpointing"
+    for block in kernel_blocks(model) or []:
+        for name, _ in block.named_parameters():
+            if "relative_position_bias" in name:
+                return "a relative position bias computed in every block"
+    return None
 
 
 def _fall_back(choice: EngineChoice, reason: str) -> EngineChoice:
@@ -181,12 +213,18 @@ def _caller_outside_relreg() -> int:
     return level
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a module of ``model`` checkpoints its blocks (timm's ``grad_checkpointing`` flag,
+    transformers' ``gradient_checkpointing``)."""
+    names = ("grad_checkpointing", "gradient_checkpointing")
+    return any(getattr(m, name, False) is True for m in model.modules() for name in names)
+
+
 def _reentrant_checkpointing(model: nn.Module) -> bool:
     """Whether a module of ``model`` checkpoints its blocks in timm's reentrant form."""
     from timm.layers import config
 
-    checkpointing = any(getattr(m, "grad_checkpointing", False) for m in model.modules())
-    return checkpointing and bool(getattr(config, "_USE_REENTRANT_CKPT", False))
+    return _checkpointing(model) and bool(getattr(config, "_USE_REENTRANT_CKPT", False))
 
 
 def _model_problem(model: nn.Module, modules: list[nn.Module]) -> str | None:
@@ -243,15 +281,12 @@ def _block_problem(calls: list, grad_enabled: bool) -> str | None:
     if len(calls) > 1:
         return f"called the attention kernel {len(calls)} times in one forward pass"
     call = calls[0]
-    if call.q.shape[-2] != call.k.shape[-2]:
-        return (
-            f"its attention is not self-attention ({call.q.shape[-2]} queries, "
-            f"{call.k.shape[-2]} keys)"
-        )
+    if call.queries != call.keys:
+        return f"its attention is not self-attention ({call.queries} queries, {call.keys} keys)"
     if call.is_causal:
         return "the attention kernel got is_causal=True"
     if call.dropout_p > 0:
         return f"attention dropout is active (p={call.dropout_p})"
-    if grad_enabled and not call.q.requires_grad:
+    if grad_enabled and not call.graph:
         return "q has no graph (the block ran without gradients, e.g. reentrant checkpointing)"
     return None

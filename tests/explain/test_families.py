@@ -185,13 +185,46 @@ def test_hierarchical_window_models_are_refused_before_the_forward_pass(method):
 def test_gradient_checkpointing_keeps_the_chunked_engine_and_its_results(family):
     model = build_family(family, dtype=torch.float64)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    plain_maps, plain_grads = _maps_and_grads(model, x, "chefer", "chunked")
+
+    def flat() -> torch.Tensor:
+        maps, grads = _maps_and_grads(model, x, "chefer", "chunked")
+        return torch.cat([maps.flatten(), grads])
+
+    plain = flat()
+    bound = twin_bound(flat, u=U64)  # the same sums, in the recomputation's order
     model.set_grad_checkpointing(True)
-    assert select_engine(model, "chefer", "auto").kind == "chunked"
+    choice = select_engine(model, "chefer", "auto")
+    assert (choice.kind, choice.keep) == ("chunked", "inputs")
     # engine="chunked" raises if a block's kernel call were recorded twice (the recomputation)
-    maps, grads = _maps_and_grads(model, x, "chefer", "chunked")
-    torch.testing.assert_close(maps, plain_maps, rtol=0, atol=0)  # the same operations, rerun
-    torch.testing.assert_close(grads, plain_grads, rtol=0, atol=0)
+    assert ((flat() - plain).abs() <= bound).all()
+    for method in ("rollout", "raw_attention"):
+        model.set_grad_checkpointing(False)
+        expected = explain(model, x, method, engine="chunked")
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(explain(model, x, method), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_under_checkpointing_the_relevance_walk_saves_nothing_per_block(checkpointing):
+    """Outside checkpointed regions, the trainable walk saves (for its backward pass) q, k, v and
+    dy/dO per block; under checkpointing its steps are checkpointed too, and recompute them."""
+    model = build_family("vit")
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 32, 32)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4 and t.shape[-2] == 17:  # (B, heads, N, head_dim): what the walk keeps
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        explain(model, x, "chefer", differentiable=True, engine="chunked").sum().backward()
+    per_block = 2 * model.blocks[0].attn.num_heads * 17 * model.blocks[0].attn.head_dim
+    if checkpointing:
+        assert sum(saved) == 0
+    else:
+        assert sum(saved) >= 4 * len(model.blocks) * per_block
 
 
 def test_reentrant_checkpointing_is_refused_with_its_reason(monkeypatch):
@@ -218,3 +251,47 @@ def test_a_siglip_model_fine_tunes_with_the_relevance_objective():
     out.loss.backward()
     assert module.model.attn_pool.kv.weight.grad.abs().sum() > 0
     assert module.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_a_per_block_attention_bias_is_recomputed_not_kept():
+    """BEiT computes a (1, heads, N, N) relative position bias in every block; the chunked engine
+    keeps the blocks' inputs instead, so the trainable walk saves no bias for its backward pass
+    (the tensors-keeping capture would save one per block), and trains the bias table the same."""
+    from dataclasses import replace
+
+    from relreg.explain import engine as engine_module
+
+    model = build_family("BEiT", dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    choice = select_engine(model, "chefer", "chunked")
+    assert choice.keep == "inputs" and "relative position bias" in choice.reason
+    n = 17
+    heads = model.blocks[0].attn.num_heads
+
+    def run(keep: str) -> tuple[int, torch.Tensor]:
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if tuple(t.shape) == (1, heads, n, n):
+                saved.append(t)
+            return t
+
+        original = engine_module.select_engine
+
+        def forced(*args, **kwargs):
+            return replace(original(*args, **kwargs), keep=keep)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("relreg.explain.attention.select_engine", forced)
+            model.zero_grad(set_to_none=True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                explain(model, x, "chefer", differentiable=True, engine="chunked").sum().backward()
+        table = model.blocks[0].attn.relative_position_bias_table.grad.clone()
+        return len(saved), table
+
+    kept, table_kept = run("tensors")
+    recomputed, table_recomputed = run("inputs")
+    assert kept >= len(model.blocks) and recomputed == 0
+    assert table_kept.abs().max() > 0
+    # float64, the same sums in two orders (a few hundred terms each): far inside 1e4 * U64
+    assert (table_recomputed - table_kept).abs().max() <= 1e4 * U64 * table_kept.abs().max()
