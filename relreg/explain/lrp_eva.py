@@ -8,10 +8,11 @@ blocks add to a ViT block, and the rule at each:
 
 - Rotary position embedding: a fixed (input-independent) rotation ``R_n`` of the queries and keys
   of each patch position ``n`` (after the q/k norms; the prefix tokens are left unrotated).
-  :func:`relreg.explain.lrp_rules.rotation_rule`: alpha1-beta0 with the weight ``R_n``, which
-  :func:`rotation_matrices` builds by applying timm's own rotation (``apply_rot_embed_cat``, the
-  interleaved or rotate-half layout the attention uses) to the identity basis. The unrotated
-  prefix tokens pass unchanged. RoPE-Mixed's per-block, per-head rotations alike.
+  :func:`relreg.explain.lrp_rules.rotation_rule`: gradient x input (LRP-0) with the weight
+  ``R_n``, which :func:`rotation_matrices` builds by applying timm's own rotation
+  (``apply_rot_embed_cat``, the interleaved or rotate-half layout the attention uses) to the
+  identity basis. The unrotated prefix tokens pass unchanged. RoPE-Mixed's per-block, per-head
+  rotations alike.
 - SwiGLU / GLU MLPs (EVA-02) and the sub-norm of ``scale_mlp``: :mod:`relreg.explain.lrp_mlp`.
 - ``gamma_1`` / ``gamma_2`` (layer scale), the attention's inner ``norm`` (``scale_attn_inner``),
   the q/k norms: identity. EVA's separate ``q_bias`` / ``v_bias`` (and every other bias) take no

@@ -10,12 +10,14 @@ Visualization", CVPR 2021:
   ``z_j^+ = sum_i (x_i^+ w_ij^+ + x_i^- w_ij^-)``; biases take no relevance. It conserves
   ``sum_i R_i = sum_j R_j`` wherever ``z_j^+ > 0``.
 - Rotary position embedding (EVA-02, RoPE-ViT, DINOv3: ``q' = R_n q``, ``k' = R_n k`` with ``R_n``
-  a fixed rotation per position ``n``, independent of the input): a linear map without bias, so
-  the LRP-alpha1-beta0 of the ``Linear`` layers with the weight ``R_n`` at each position
-  (:func:`rotation_rule`). ``R_n`` is built by applying the model's own rotation function to the
-  identity basis, so the interleaved and the rotate-half layouts are the model's own; the prefix
-  tokens the model leaves unrotated pass unchanged. Like every alpha1-beta0 map it conserves
-  wherever ``z_j^+ > 0``; an output whose contributions are all negative passes nothing on.
+  a fixed rotation per position ``n``, independent of the input): gradient x input (LRP-0) with
+  the weight ``R_n`` at each position (:func:`rotation_rule`): ``R_i = sum_j x_i R_ji / z_j R_j``
+  with ``z_j = sum_i x_i R_ji``. Not the alpha1-beta0 of the learned ``Linear`` layers: with two
+  inputs per output, alpha1-beta0 passes nothing on from every output whose two contributions are
+  both negative (16-63% of the relevance reaching the rotation on the test models); LRP-0
+  conserves wherever ``z_j != 0`` and is the identity at zero angle, as for the unrotated prefix
+  tokens, which pass unchanged. ``R_n`` is built by applying the model's own rotation function to
+  the identity basis, so the interleaved and the rotate-half layouts are the model's own.
 - The patch-embedding convolution (the input layer): the ``z^B`` (bounded) rule with the lowest
   and highest input value ``l, h``, taken per image as the image's own minimum and maximum (the
   convention of the paper's code): ``R_i = sum_j (x_i w_ij - l w_ij^+ - h w_ij^-) / z_j R_j``.
@@ -182,10 +184,14 @@ def product_rule(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor, Tenso
 
 
 def rotation_rule(x: Tensor, rotation: Tensor, relevance: Tensor) -> Tensor:
-    """LRP-alpha1-beta0 through a per-position linear map ``y_n = R_n x_n`` (no bias).
+    """Gradient x input (LRP-0) through a per-position linear map ``y_n = R_n x_n`` (no bias).
 
-    :func:`linear_alpha_beta` with the weight ``R_n`` at position ``n``: ``R_i = sum_j (x_i^+
-    R_ji^+ + x_i^- R_ji^-) / z_j^+ R_j`` with ``z_j^+ = sum_i (x_i^+ R_ji^+ + x_i^- R_ji^-)``.
+    ``R_i = sum_j x_i R_ji / z_j R_j`` with ``z_j = sum_i x_i R_ji`` (the output itself), the
+    division :func:`safe_divide`'s (``eps``-stabilised, 0 where ``z_j == 0``). It conserves
+    ``sum_i R_i = sum_j R_j`` wherever ``z_j != 0`` (less the stabiliser), and at zero angle
+    (``R_n`` the identity) returns ``relevance`` unchanged. The rotary embedding's ``R_n`` is fixed,
+    not learned, and mixes each pair of coordinates; the alpha1-beta0 of :func:`linear_alpha_beta`
+    would pass nothing on from every output whose two contributions are both negative.
 
     Args:
         x: the map's input ``(..., P, d)`` (queries or keys of the rotated tokens, e.g.
@@ -197,13 +203,9 @@ def rotation_rule(x: Tensor, rotation: Tensor, relevance: Tensor) -> Tensor:
     Returns:
         Relevance of the input ``(..., P, d)``.
     """
-    xp = x.clamp(min=0)
-    xn = x.clamp(max=0)
-    wp = rotation.clamp(min=0)
-    wn = rotation.clamp(max=0)
-    z = (wp @ xp.unsqueeze(-1) + wn @ xn.unsqueeze(-1)).squeeze(-1)
+    z = (rotation @ x.unsqueeze(-1)).squeeze(-1)
     s = safe_divide(relevance, z).unsqueeze(-2)
-    return xp * (s @ wp).squeeze(-2) + xn * (s @ wn).squeeze(-2)
+    return x * (s @ rotation).squeeze(-2)
 
 
 def add_rule(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:

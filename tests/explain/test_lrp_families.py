@@ -3,11 +3,14 @@
 The functional forward passes reproduce the models' logits; each block conserves relevance (less
 BEiT's bias share, less what the stabilised divisions keep back); the pixel map sums to the start
 less what leaves at the prefix tokens, the position embedding and BEiT's biases; the rotation rule
-equals a dense loop over a rotation matrix written by hand from timm's sin/cos; batched calls
+(gradient x input) equals a dense loop over a rotation matrix written by hand from timm's sin/cos,
+conserves wherever the rotated output is nonzero and is the identity at zero angle; batched calls
 equal per-image calls; the families the rules do not cover are refused by name.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -173,38 +176,69 @@ def test_rotation_rule_equals_a_dense_loop_over_the_hand_built_rotation(layout):
     r = torch.randn(12, generator=g, dtype=torch.float64)
     expected = torch.zeros(12, dtype=torch.float64)
     for j in range(12):
-        contrib = [max(x[i].item() * by_hand[j, i].item(), 0.0) for i in range(12)]
-        if sum(contrib) == 0:
-            continue  # no positive contribution: R_j is not passed on
+        contrib = [x[i].item() * by_hand[j, i].item() for i in range(12)]
+        z = sum(contrib)  # the rotated output y_j
+        if z == 0:
+            continue  # R_j is not passed on
         for i in range(12):  # with the implementation's stabiliser: z_j pushed 1e-9 from 0
-            expected[i] += contrib[i] / (sum(contrib) + 1e-9) * r[j]
+            expected[i] += contrib[i] / (z + (1e-9 if z >= 0 else -1e-9)) * r[j]
     out = R.rotation_rule(x[None], by_hand, r[None])[0]
-    # the same float64 sums of a few terms, in another order
-    torch.testing.assert_close(out, expected)
+    # the same float64 sums of (two nonzero) terms, in another order
+    bound = twin_bound(lambda: R.rotation_rule(x[None], by_hand, r[None])[0], u=U64)
+    assert_within(out, expected, bound)
     assert expected.abs().sum() > 0
 
 
-def test_rotation_rule_is_alpha_beta_per_position_and_loses_only_unpassed_outputs():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64)  # (B, h, P, d)
-    w = torch.randn(4, 6, 6, generator=g, dtype=torch.float64)  # one matrix per position
-    r = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64)
-    out = R.rotation_rule(x, w, r)
-    for p in range(4):  # position by position, the Linear layers' rule with that weight
-        torch.testing.assert_close(out[:, :, p], R.linear_alpha_beta(x[:, :, p], w[p], r[:, :, p]))
+def _rotary_queries(layout):
+    """A real model's queries before the rotation ``(B, h, P, d)`` (the rotated tokens), their
+    rotations ``(P, d, d)`` and random relevances ``(B, h, P, d)``."""
+    model = _model(layout)
+    cache = M.functional_forward(model, images_for(model, batch=2)).blocks[0]
+    x = cache.q_in[:, :, cache.n_unrotated :]
+    rotation = E.rotation_matrices(cache.rope, 12, cache.rotate_half, torch.float64)
+    r = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return x, rotation, r
 
-    def passed():
-        """What the rule passes on per output: ``R_j z_j / (z_j + eps)``, 0 where ``z_j = 0``
-        (no positive contribution), summed per sample."""
-        pos = x.clamp(min=0)[..., None, :] * w.clamp(min=0)
-        neg = x.clamp(max=0)[..., None, :] * w.clamp(max=0)
-        z = (pos + neg).sum(-1)
-        return _sums(torch.where(z > 0, r * z / (z + R.EPS), 0))
 
-    assert (passed() - _sums(r)).abs().min() > 0.1  # some outputs pass nothing on
-    # two float64 evaluations of one total, summed in different orders
-    bound = rounding_bound(lambda: _sums(R.rotation_rule(x, w, r)), u=U64)
-    assert_within(_sums(out), passed(), bound + rounding_bound(passed, u=U64))
+@pytest.mark.parametrize("layout", ["rope_vit", "dinov3"])  # interleaved, rotate-half
+def test_rotation_rule_conserves_wherever_the_output_is_nonzero(layout):
+    x, rotation, r = _rotary_queries(layout)
+    x = x.clone()
+    x[:, :, 3] = 0  # one position with every output z_j = 0: its relevance is not passed on
+    z = (rotation @ x.unsqueeze(-1)).squeeze(-1)
+    assert (z == 0).any() and (z != 0).double().mean() > 0.9
+    out = R.rotation_rule(x, rotation, r)
+    passed = torch.where(z != 0, r, 0)
+    # what the stabiliser keeps back: |R_j| eps / (|z_j| + eps) at each output with z_j != 0
+    kept = _sums(torch.where(z != 0, r.abs() * R.EPS / (z.abs() + R.EPS), 0))
+    # float64 rounding of the total: its terms x_i R_ji R_j / z_j (z_j's own rounding, relative to
+    # |z_j|, moves R_j / z_j by as much as the terms' sum), and the sum of the R_j
+    s = torch.where(z != 0, r / z, 0)
+    terms = (x[..., None, :] * rotation * s[..., :, None]).flatten(1)
+    bound = sum_bound(terms, dim=1, u=U64) + sum_bound(passed.flatten(1), dim=1, u=U64)
+    assert_within(_sums(out), _sums(passed), kept + bound)
+    assert (kept < 1e-6 * _sums(r.abs())).all()  # the stabiliser's share is negligible here
+    # alpha1-beta0 with the same matrices, for contrast: it would drop every output whose two
+    # contributions are both negative (z_j^+ = 0), over a tenth of the relevance here
+    pos = x.clamp(min=0)[..., None, :] * rotation.clamp(min=0)
+    neg = x.clamp(max=0)[..., None, :] * rotation.clamp(max=0)
+    dropped = torch.where((pos + neg).sum(-1) > 0, 0, r).abs()
+    assert (_sums(dropped) > 0.1 * _sums(r.abs())).all()
+
+
+@pytest.mark.parametrize("rotate_half", [False, True])
+def test_rotation_rule_at_zero_angle_returns_the_relevance_unchanged(rotate_half):
+    x, _, r = _rotary_queries("rope_vit")
+    p, d = x.shape[-2], x.shape[-1]
+    zero_angle = torch.cat([torch.zeros(p, d), torch.ones(p, d)], dim=-1)  # sin 0, cos 1
+    eye = E.rotation_matrices(zero_angle.double(), d, rotate_half, torch.float64)
+    identity = torch.eye(d, dtype=torch.float64).expand(p, d, d)
+    torch.testing.assert_close(eye, identity, rtol=0, atol=0)
+    assert (x != 0).all()
+    out = R.rotation_rule(x, eye, r)
+    # R_j x_j / (x_j +- eps): off by the stabiliser's share, and one division's float64 rounding
+    stabiliser = r.abs() * R.EPS / (x.abs() + R.EPS)
+    assert_within(out, r, stabiliser + rounding_bound(lambda: R.rotation_rule(x, eye, r), u=U64))
 
 
 def test_product_rule_equals_autograd_and_halves():
@@ -226,8 +260,8 @@ def test_product_rule_equals_autograd_and_halves():
 def _reference_rotary_block(blk, c, r):
     """Relevance through an ``EvaBlock`` with a fused ``qkv``, one image, head by head, the
     rotation undone position by position with the matrix built by hand from the sin/cos (the
-    :func:`_rotation_by_hand` layouts) and the Linear layers' rule; the residuals, the MLP and the
-    products by the rules as implemented."""
+    :func:`_rotation_by_hand` layouts) by autograd's gradient x input; the residuals, the MLP and
+    the products by the rules as implemented."""
     p, hd = c.n_unrotated, c.v.shape[-1]
     r_x1, r_u2 = R.add_rule(c.x1, c.u2, r)
     r_x1 = r_x1 + mlp_relprop(blk.mlp, c.mlp, r_u2)
@@ -246,7 +280,8 @@ def _reference_rotary_block(blk, c, r):
         for which, r_rot, x in ((0, r_q, c.q_in[:, h]), (1, r_kt.transpose(-2, -1), c.k_in[:, h])):
             r_qkv[:, :p, which, h] = r_rot[:, :p]  # the prefix tokens: not rotated
             for n, rot in enumerate(rotations):
-                r_qkv[:, p + n, which, h] = R.linear_alpha_beta(x[:, p + n], rot, r_rot[:, p + n])
+                rotate = partial(torch.matmul, other=rot.T)  # y = x R^T, row by row
+                r_qkv[:, p + n, which, h] = _gi(rotate, [x[:, p + n]], r_rot[:, p + n])[0]
     return r_x + R.linear_alpha_beta(c.h1, blk.attn.qkv.weight, r_qkv.flatten(2))
 
 
