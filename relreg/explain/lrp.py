@@ -1,5 +1,8 @@
 """Layer-wise relevance propagation (LRP) for timm ViTs: full, partial, transformer attribution.
 
+On timm's ``VisionTransformer`` (DeiT included), ``Eva`` (EVA-02, RoPE-ViT, DINOv3) and ``Beit``
+(BEiT, BEiT v2); :mod:`relreg.explain.lrp_models` decides which family's code runs a model.
+
 - ``lrp``: Bach, Binder, Montavon, Klauschen, Mueller & Samek, "On Pixel-Wise Explanations for
   Non-Linear Classifier Decisions by Layer-Wise Relevance Propagation", PLoS ONE 2015, with the
   transformer rules of Chefer, Gur & Wolf, "Transformer Interpretability Beyond Attention
@@ -14,7 +17,9 @@
   the patch tokens, ``(B, gh, gw)``.
 
 The propagation rules are in :mod:`relreg.explain.lrp_rules`; the model checks, the functional
-forward pass and the propagation through the blocks in :mod:`relreg.explain.lrp_vit`.
+forward pass and the propagation through the blocks in :mod:`relreg.explain.lrp_vit` (and, for the
+rotary and the relative-bias families, :mod:`relreg.explain.lrp_eva` and
+:mod:`relreg.explain.lrp_beit`).
 
 Contrast (``foil``), conservative rules: the start ``one_hot(target) - one_hot(foil)`` sums to 0,
 which the normalised addition rule turns into 0 everywhere, so the target's and the foil's
@@ -28,7 +33,8 @@ with (not conservative: see :mod:`relreg.explain.lrp_baseline`).
 Every sum of a normalisation is taken per sample, so a batched call equals one call per image. What
 the learned prefix tokens (CLS, distillation, registers) and the position embedding receive leaves
 the network, so under the conservative rules ``lrp``'s pixel map sums to the start relevance minus
-their share (1 minus it for one-hot starts). The model is not modified: no hooks, no flags, no mode
+their share (1 minus it for one-hot starts); on BEiT the relative position bias's share of every
+block's attention logits leaves it as well. The model is not modified: no hooks, no flags, no mode
 changes. One forward pass serves the whole batch; one backward pass (to the attention maps only)
 adds the gradients of ``transformer_attribution``. These maps are not differentiable
 (``differentiable=True`` raises).
@@ -55,7 +61,8 @@ from relreg.explain._contract import (
 from relreg.explain.lrp_baseline import check_rules
 from relreg.explain.lrp_baseline import propagate as baseline_propagate
 from relreg.explain.lrp_baseline import start_relevance as baseline_start
-from relreg.explain.lrp_vit import ViTForward, check_lrp_model, functional_forward, propagate
+from relreg.explain.lrp_models import check_lrp_model, functional_forward, propagate
+from relreg.explain.lrp_vit import ViTForward
 from relreg.explain.registry import register_explainer
 from relreg.explain.tokens import _readout, _to_grid
 
@@ -158,7 +165,7 @@ def _prepare(
     _check_flags(method, differentiable, second_order)
     check_rules(rules)
     check_images(model, images)
-    check_lrp_model(model)
+    check_lrp_model(model, rules)
     _check_image_size(model, images)
 
 
@@ -191,7 +198,8 @@ def transformer_attribution(
     Raises:
         ValueError: for ``differentiable=True`` / ``second_order=True``, a bad ``start_layer`` or
             image size, or an unsupported pooling/head.
-        TypeError: for a model that is not a timm ViT built from timm ``Block`` s.
+        TypeError: for a model that is not a timm VisionTransformer, Eva or Beit built from its
+            own blocks (:func:`relreg.explain.lrp_models.check_lrp_model`).
 
     Example:
         >>> import timm, torch

@@ -9,24 +9,44 @@ Visualization", CVPR 2021:
   ``alpha = 1, beta = 0``: ``R_i = sum_j (x_i^+ w_ij^+ + x_i^- w_ij^-) / z_j^+ R_j`` with
   ``z_j^+ = sum_i (x_i^+ w_ij^+ + x_i^- w_ij^-)``; biases take no relevance. It conserves
   ``sum_i R_i = sum_j R_j`` wherever ``z_j^+ > 0``.
+- Rotary position embedding (EVA-02, RoPE-ViT, DINOv3: ``q' = R_n q``, ``k' = R_n k`` with ``R_n``
+  a fixed rotation per position ``n``, independent of the input): gradient x input (LRP-0) with
+  the weight ``R_n`` at each position (:func:`rotation_rule`): ``R_i = sum_j x_i R_ji / z_j R_j``
+  with ``z_j = sum_i x_i R_ji``. Not the alpha1-beta0 of the learned ``Linear`` layers: with two
+  inputs per output, alpha1-beta0 passes nothing on from every output whose two contributions are
+  both negative (16-63% of the relevance reaching the rotation on the test models); LRP-0
+  conserves wherever ``z_j != 0`` and is the identity at zero angle, as for the unrotated prefix
+  tokens, which pass unchanged. ``R_n`` is built by applying the model's own rotation function to
+  the identity basis, so the interleaved and the rotate-half layouts are the model's own.
 - The patch-embedding convolution (the input layer): the ``z^B`` (bounded) rule with the lowest
   and highest input value ``l, h``, taken per image as the image's own minimum and maximum (the
   convention of the paper's code): ``R_i = sum_j (x_i w_ij - l w_ij^+ - h w_ij^-) / z_j R_j``.
-- LayerNorm / RmsNorm, GELU, softmax, dropout, DropPath, LayerScale, the attention scale and the
-  q/k norms: identity (the relevance passes unchanged).
+- LayerNorm / RmsNorm, GELU, SiLU, softmax, dropout, DropPath, LayerScale (and the ``gamma_1`` /
+  ``gamma_2`` vectors of EVA and BEiT blocks), the attention scale, the q/k norms and the sub-norms
+  (EVA-02's ``scale_mlp`` norm inside the MLP, the attention's ``norm``): identity (the relevance
+  passes unchanged).
+- The gated MLP's product (SwiGLU / GLU: ``act(fc1_g(x)) * fc1_x(x)``): the matrix-product rule
+  applied elementwise, gradient x input for each operand, each halved (:func:`product_rule`); as
+  ``a * b * R / (a b) = R``, each operand gets half of the relevance. The activation is identity.
 - The two matrix products of attention (``q k^T`` and ``A v``): gradient x input for each operand,
   ``R_x = x * d z / d x . (R / z)``, then each operand's relevance halved, which conserves the
   total.
 - Additions (the two residuals per block, the position embedding, DeiT's head average):
   gradient x input for each operand, then each part rescaled so that its sum is
   ``sum(R) * |sum R_a| / (|sum R_a| + |sum R_b|)``, which conserves the total.
+- A constant added to the attention logits (BEiT's relative position bias, per block or shared:
+  ``q k^T * scale + bias``): the relevance at the attention probabilities passes the softmax
+  (identity) and the addition rule above splits it between ``q k^T`` and the bias; the bias's
+  share leaves the network (as the position embedding's does), ``q k^T``'s goes on through the
+  matrix-product rule.
 - The fork before each residual (the skip and the branch read the same tokens): relevances summed.
 - Token read-out (``global_pool="token"``): the CLS token gets the head's relevance (DeiT: the
   CLS and distillation tokens through ``head`` / ``head_dist``, whose average is an addition);
   average pooling (``"avg"``) spreads it over the pooled tokens by gradient x input.
 
 This module holds the layer rules; the identity, fork and read-out rules are applied where
-:mod:`relreg.explain.lrp_vit` walks the model. Every sum of a normalisation is taken per sample,
+:mod:`relreg.explain.lrp_vit`, :mod:`relreg.explain.lrp_eva` and :mod:`relreg.explain.lrp_beit`
+walk the model. Every sum of a normalisation is taken per sample,
 so a batched call equals one call per image. Divisions are ``eps``-stabilised and give 0 where the
 denominator is 0.
 """
@@ -46,6 +66,8 @@ __all__ = [
     "linear_alpha_beta",
     "conv_zb",
     "matmul_rule",
+    "product_rule",
+    "rotation_rule",
     "add_rule",
 ]
 
@@ -140,6 +162,50 @@ def matmul_rule(
     ra = a * (s @ b.transpose(-2, -1))
     rb = b * (a.transpose(-2, -1) @ s)
     return ra / 2, rb / 2
+
+
+def product_rule(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient x input through the elementwise product ``z = a * b``, each operand halved.
+
+    ``R_a = a * (d z / d a) * R / z / 2 = a b R / z / 2``, and the same for ``b``: each operand gets
+    half of ``R`` (0 where ``z == 0``, less the ``eps`` stabiliser elsewhere).
+
+    Args:
+        a: first operand ``(..., n)`` (the gated MLP's activated gate).
+        b: second operand, same shape (the gated MLP's value).
+        relevance: relevance of ``z`` ``(..., n)``.
+
+    Returns:
+        Relevances of ``a`` and ``b`` (same shapes); each sums to half of ``relevance``.
+    """
+    z = a * b
+    half = z * safe_divide(relevance, z) / 2
+    return half, half.clone()
+
+
+def rotation_rule(x: Tensor, rotation: Tensor, relevance: Tensor) -> Tensor:
+    """Gradient x input (LRP-0) through a per-position linear map ``y_n = R_n x_n`` (no bias).
+
+    ``R_i = sum_j x_i R_ji / z_j R_j`` with ``z_j = sum_i x_i R_ji`` (the output itself), the
+    division :func:`safe_divide`'s (``eps``-stabilised, 0 where ``z_j == 0``). It conserves
+    ``sum_i R_i = sum_j R_j`` wherever ``z_j != 0`` (less the stabiliser), and at zero angle
+    (``R_n`` the identity) returns ``relevance`` unchanged. The rotary embedding's ``R_n`` is fixed,
+    not learned, and mixes each pair of coordinates; the alpha1-beta0 of :func:`linear_alpha_beta`
+    would pass nothing on from every output whose two contributions are both negative.
+
+    Args:
+        x: the map's input ``(..., P, d)`` (queries or keys of the rotated tokens, e.g.
+            ``(B, h, P, d)``).
+        rotation: ``R_n`` as ``(out, in)`` matrices ``(..., P, d, d)``, broadcastable against
+            ``x``'s leading dimensions (``(P, d, d)``, or ``(h, P, d, d)`` with one per head).
+        relevance: relevance of the output ``(..., P, d)``.
+
+    Returns:
+        Relevance of the input ``(..., P, d)``.
+    """
+    z = (rotation @ x.unsqueeze(-1)).squeeze(-1)
+    s = safe_divide(relevance, z).unsqueeze(-2)
+    return x * (s @ rotation).squeeze(-2)
 
 
 def add_rule(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:

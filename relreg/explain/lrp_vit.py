@@ -2,7 +2,11 @@
 
 The relevance propagation of Chefer, Gur & Wolf, "Transformer Interpretability Beyond Attention
 Visualization", CVPR 2021, through timm's VisionTransformer (and DeiT's distilled variant), with
-the rules of :mod:`relreg.explain.lrp_rules` (LRP: Bach et al., PLoS ONE 2015).
+the rules of :mod:`relreg.explain.lrp_rules` (LRP: Bach et al., PLoS ONE 2015). The patch
+embedding, the head and the walk through the blocks (:func:`embed_forward`, :func:`head_forward`,
+:func:`head_relprop`, :func:`embed_relprop`, :func:`propagate`) serve the other families too
+(:mod:`relreg.explain.lrp_eva`, :mod:`relreg.explain.lrp_beit`); which family a model is decides
+:mod:`relreg.explain.lrp_models`.
 
 The model is run functionally from its own modules and weights (same layout as
 :class:`timm.models.vision_transformer.VisionTransformer`, whose logits it reproduces) and is not
@@ -32,7 +36,10 @@ from relreg.explain.lrp_rules import (
 __all__ = [
     "BlockCache",
     "ViTForward",
-    "check_lrp_model",
+    "Embedded",
+    "check_vit_model",
+    "embed_forward",
+    "head_forward",
     "functional_forward",
     "head_relprop",
     "block_relprop",
@@ -48,7 +55,7 @@ def _same_method(obj: object, base: type, names: tuple[str, ...]) -> bool:
     return all(getattr(type(obj), n, None) is getattr(base, n) for n in names)
 
 
-def check_lrp_model(model: nn.Module) -> None:
+def check_vit_model(model: nn.Module) -> None:
     """Raise unless ``model`` is a timm ViT whose layers the LRP rules cover.
 
     Expected: a :class:`timm.models.vision_transformer.VisionTransformer` (or DeiT's distilled
@@ -158,7 +165,7 @@ def _check_patch_embed(model: nn.Module) -> None:
         or not _same_method(embed, PatchEmbed, ("forward",))
         or not isinstance(embed.proj, nn.Conv2d)
         or embed.proj.padding_mode != "zeros"
-        or not (embed.flatten or model.dynamic_img_size)
+        or not (embed.flatten or getattr(model, "dynamic_img_size", False))
     ):
         raise TypeError(
             "Expected patch_embed to be timm's PatchEmbed with a zero-padded Conv2d projection and "
@@ -172,8 +179,20 @@ def _check_pooling(model: nn.Module) -> None:
         raise ValueError(
             "Expected global_pool 'token' or 'avg' (patch tokens only) for LRP, but got "
             f"global_pool={pool!r}, attn_pool={type(model.attn_pool).__name__}, "
-            f"pool_include_prefix={model.pool_include_prefix}."
+            f"pool_include_prefix={model.pool_include_prefix}{pooling_hint(model)}."
         )
+
+
+def pooling_hint(model: nn.Module) -> str:
+    """What the LRP rules lack for an attention-pool read-out (SigLIP, PE: ``global_pool="map"``),
+    as the end of an error message; empty otherwise."""
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is None:
+        return ""
+    return (
+        f": {type(model).__name__}'s attention pool ({type(attn_pool).__name__}, SigLIP / PE) "
+        "has no LRP rule here (its latent query, its own attention and MLP)"
+    )
 
 
 def _check_heads(model: nn.Module) -> None:
@@ -316,10 +335,39 @@ def _prefix_tokens(model: nn.Module, batch: int) -> list[Tensor]:
     return out
 
 
-def functional_forward(model: nn.Module, images: Tensor) -> ViTForward:
-    """Run ``model`` (checked by :func:`check_lrp_model`) layer by layer, keeping what LRP needs.
+@dataclass
+class Embedded:
+    """The token sequence before the first block and what the embedding rules need.
 
-    Its ``logits`` equal ``model(images)`` (up to the unfused attention's rounding).
+    Attributes:
+        pixels: conv input ``(B, C, H', W')`` (padded if ``dynamic_img_pad``).
+        grid: conv output grid ``(gh, gw)``.
+        patches: patch tokens before the position embedding ``(B, P, D)``.
+        pos: position embedding as added ``(1, P or N, D)``, or None.
+        pos_on_prefix: True: ``pos`` added after concatenating the prefix tokens.
+        tokens: prefix and patch tokens with the position embedding ``(B, N, D)``, before any
+            dropout or pre-norm.
+    """
+
+    pixels: Tensor
+    grid: tuple[int, int]
+    patches: Tensor
+    pos: Tensor | None
+    pos_on_prefix: bool
+    tokens: Tensor
+
+
+def embed_forward(model: nn.Module, images: Tensor) -> Embedded:
+    """Patch embedding, prefix tokens and absolute position embedding of a timm ViT-like model.
+
+    The layout of timm's ``VisionTransformer``, ``Eva`` and ``Beit``: a ``PatchEmbed``
+    convolution, the ``cls_token`` (DeiT: and ``dist_token``; else ``reg_token``) before the patch
+    tokens, ``pos_embed`` added after (``no_embed_class``: before) the concatenation and resampled
+    to the grid when ``dynamic_img_size``.
+
+    Args:
+        model: the model (checked by its family's check).
+        images: ``(B, C, H, W)``.
     """
     embed = model.patch_embed
     x = images
@@ -332,41 +380,60 @@ def functional_forward(model: nn.Module, images: Tensor) -> ViTForward:
     prefix = _prefix_tokens(model, x.shape[0])
     n_prefix = sum(t.shape[1] for t in prefix)
     pos = model.pos_embed
-    if pos is not None and model.dynamic_img_size:
+    no_embed_class = getattr(model, "no_embed_class", False)
+    if pos is not None and getattr(model, "dynamic_img_size", False):
         from timm.layers import resample_abs_pos_embed
 
         pos = resample_abs_pos_embed(
             pos,
             new_size=grid,
             old_size=embed.grid_size,
-            num_prefix_tokens=0 if model.no_embed_class else n_prefix,
+            num_prefix_tokens=0 if no_embed_class else n_prefix,
         )
     if pos is None:
         tokens = torch.cat([*prefix, patches], dim=1)
-    elif model.no_embed_class:
+    elif no_embed_class:
         tokens = torch.cat([*prefix, patches + pos], dim=1)
     else:
         tokens = torch.cat([*prefix, patches], dim=1) + pos
-    tokens = model.norm_pre(model.patch_drop(model.pos_drop(tokens)))
+    return Embedded(x, grid, patches, pos, not no_embed_class, tokens)
+
+
+def head_forward(model: nn.Module, tokens: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """The read-out and the head(s) on the final-norm output ``tokens`` ``(B, N, D)``.
+
+    Returns:
+        The head inputs ``[(B, D)]``, the head outputs ``[(B, K)]`` (DeiT distilled: two of each)
+        and the logits ``(B, K)``.
+    """
+    if hasattr(model, "head_dist"):
+        inputs = [model.head_drop(tokens[:, 0]), model.head_drop(tokens[:, 1])]
+        outputs = [model.head(inputs[0]), model.head_dist(inputs[1])]
+        return inputs, outputs, (outputs[0] + outputs[1]) / 2
+    if model.global_pool == "token":
+        pooled = tokens[:, 0]
+    else:
+        pooled = tokens[:, model.num_prefix_tokens :].mean(dim=1)
+    inputs = [model.head_drop(model.fc_norm(pooled))]
+    outputs = [model.head(inputs[0])]
+    return inputs, outputs, outputs[0]
+
+
+def functional_forward(model: nn.Module, images: Tensor) -> ViTForward:
+    """Run ``model`` (checked by :func:`check_vit_model`) layer by layer, keeping what LRP needs.
+
+    Its ``logits`` equal ``model(images)`` (up to the unfused attention's rounding).
+    """
+    e = embed_forward(model, images)
+    tokens = model.norm_pre(model.patch_drop(model.pos_drop(e.tokens)))
     caches = []
     for blk in model.blocks:
         tokens, cache = _block_forward(blk, tokens)
         caches.append(cache)
     tokens = model.norm(tokens)
-    if hasattr(model, "head_dist"):
-        inputs = [model.head_drop(tokens[:, 0]), model.head_drop(tokens[:, 1])]
-        outputs = [model.head(inputs[0]), model.head_dist(inputs[1])]
-        logits = (outputs[0] + outputs[1]) / 2
-    else:
-        if model.global_pool == "token":
-            pooled = tokens[:, 0]
-        else:
-            pooled = tokens[:, model.num_prefix_tokens :].mean(dim=1)
-        inputs = [model.head_drop(model.fc_norm(pooled))]
-        outputs = [model.head(inputs[0])]
-        logits = outputs[0]
+    inputs, outputs, logits = head_forward(model, tokens)
     return ViTForward(
-        x, grid, patches, pos, not model.no_embed_class, caches, tokens, inputs, outputs, logits
+        e.pixels, e.grid, e.patches, e.pos, e.pos_on_prefix, caches, tokens, inputs, outputs, logits
     )
 
 
