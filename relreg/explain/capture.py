@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from types import TracebackType
 
@@ -148,22 +148,27 @@ def unfused_attention(model: nn.Module) -> Iterator[list[nn.Module]]:
 
 
 @contextmanager
-def _fused_attn_flags(root: nn.Module, value: bool) -> Iterator[list[nn.Module]]:
-    """Every ``fused_attn`` flag inside ``root`` set to ``value`` for the block, then restored
-    (also after an error); yields the modules that have the flag."""
-    modules = [m for m in root.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
-    flags = [m.fused_attn for m in modules]
+def _attribute_set(modules: list[nn.Module], name: str, value: object) -> Iterator[list[nn.Module]]:
+    """``name`` set to ``value`` on every one of ``modules`` for the block, then restored (also
+    after an error); yields the modules. The one home of the captures' set-and-restore."""
+    old = [getattr(m, name) for m in modules]
     try:
         for m in modules:
-            m.fused_attn = value
+            setattr(m, name, value)
         yield modules
     finally:
-        for m, flag in zip(modules, flags, strict=True):
-            m.fused_attn = flag
+        for m, v in zip(modules, old, strict=True):
+            setattr(m, name, v)
 
 
-@contextmanager
-def eager_modules(root: nn.Module) -> Iterator[list[nn.Module]]:
+def _fused_attn_flags(root: nn.Module, value: bool) -> AbstractContextManager[list[nn.Module]]:
+    """Every ``fused_attn`` flag inside ``root`` set to ``value`` for the block, then restored;
+    yields the modules that have the flag."""
+    modules = [m for m in root.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    return _attribute_set(modules, "fused_attn", value)
+
+
+def eager_modules(root: nn.Module) -> AbstractContextManager[list[nn.Module]]:
     """Run the submodules of ``root`` compiled in place (``module.compile()``) eagerly for the
     block, then restore their compiled calls (also after an error).
 
@@ -174,14 +179,7 @@ def eager_modules(root: nn.Module) -> Iterator[list[nn.Module]]:
         The modules whose compiled call was set aside (possibly none).
     """
     modules = [m for m in root.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    compiled = [m._compiled_call_impl for m in modules]
-    try:
-        for m in modules:
-            m._compiled_call_impl = None
-        yield modules
-    finally:
-        for m, call in zip(modules, compiled, strict=True):
-            m._compiled_call_impl = call
+    return _attribute_set(modules, "_compiled_call_impl", None)
 
 
 class _HookContext:

@@ -29,16 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relreg.explain.lrp_mlp import MlpCache, check_mlp, mlp_forward, mlp_relprop
-from relreg.explain.lrp_rules import add_rule, linear_alpha_beta, matmul_rule
+from relreg.explain.lrp_mlp import MlpCache, check_mlp, mlp_forward
+from relreg.explain.lrp_rules import add_rule, matmul_rule
 from relreg.explain.lrp_vit import (
     BlockCache,
     ViTForward,
     _check_heads,
     _check_patch_embed,
     _same_method,
+    attention_relprop,
     embed_forward,
     head_forward,
+    qkv_relprop,
 )
 
 __all__ = [
@@ -217,18 +219,9 @@ def block_relprop(
         less the bias's share (:func:`logit_relprop`).
     """
     c = cache
-    attn = blk.attn
-    b, heads, n, head_dim = c.v.shape
-    r_x1, r_u2 = add_rule(c.x1, c.u2, relevance)  # gamma_2, drop_path2: identity
-    r_x1 = r_x1 + mlp_relprop(blk.mlp, c.mlp, r_u2)  # fork: relevances summed
-    r_x, r_u1 = add_rule(c.x, c.u1, r_x1)
-    r_o = linear_alpha_beta(c.o, attn.proj.weight, r_u1)
-    r_o = r_o.reshape(b, n, heads, head_dim).transpose(1, 2)
-    r_attn, r_v = matmul_rule(c.attn_drop, c.v, r_o)
+    r_x, r_attn, r_v = attention_relprop(blk, c, c.mlp, relevance)
     if attention_only:
         return None, r_attn
     r_qk, _ = logit_relprop(c, r_attn)  # the bias's share leaves the network
     r_q, r_kt = matmul_rule(c.qs, c.k.transpose(-2, -1), r_qk)
-    r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v]).permute(1, 3, 0, 2, 4)
-    r_h1 = linear_alpha_beta(c.h1, attn.qkv.weight, r_qkv.reshape(b, n, 3 * heads * head_dim))
-    return r_x + r_h1, r_attn
+    return r_x + qkv_relprop(blk.attn, c.h1, r_q, r_kt.transpose(-2, -1), r_v), r_attn

@@ -33,17 +33,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relreg.explain.lrp_mlp import MlpCache, check_mlp, mlp_forward, mlp_relprop
-from relreg.explain.lrp_rules import add_rule, linear_alpha_beta, matmul_rule, rotation_rule
+from relreg.explain.lrp_mlp import MlpCache, check_mlp, mlp_forward
+from relreg.explain.lrp_rules import matmul_rule, rotation_rule
 from relreg.explain.lrp_vit import (
     BlockCache,
     ViTForward,
     _check_heads,
     _check_patch_embed,
     _same_method,
+    attention_relprop,
     embed_forward,
     head_forward,
     pooling_hint,
+    qkv_relprop,
 )
 
 __all__ = [
@@ -295,20 +297,6 @@ def _unrotate(relevance: Tensor, x: Tensor, c: EvaBlockCache) -> Tensor:
     return torch.cat([relevance[:, :, :p], rotated], dim=2)
 
 
-def _qkv_relprop(attn: nn.Module, h1: Tensor, r_q: Tensor, r_k: Tensor, r_v: Tensor) -> Tensor:
-    """Relevances of q, k, v ``(B, h, N, d)`` -> of the attention input ``(B, N, D)``."""
-    b, heads, n, d = r_q.shape
-    if attn.qkv is not None:
-        r_qkv = torch.stack([r_q, r_k, r_v]).permute(1, 3, 0, 2, 4).reshape(b, n, 3 * heads * d)
-        return linear_alpha_beta(h1, attn.qkv.weight, r_qkv)
-    parts = zip((attn.q_proj, attn.k_proj, attn.v_proj), (r_q, r_k, r_v), strict=True)
-    # fork: the three projections read the same tokens, their relevances are summed
-    return sum(
-        linear_alpha_beta(h1, p.weight, r.transpose(1, 2).reshape(b, n, heads * d))
-        for p, r in parts
-    )
-
-
 def block_relprop(
     blk: nn.Module, cache: EvaBlockCache, relevance: Tensor, attention_only: bool = False
 ) -> tuple[Tensor | None, Tensor]:
@@ -325,17 +313,10 @@ def block_relprop(
         ``(B, h, N, N)`` (what arrives at the softmax output).
     """
     c = cache
-    attn = blk.attn
-    b, heads, n, head_dim = c.v.shape
-    r_x1, r_u2 = add_rule(c.x1, c.u2, relevance)  # gamma_2, drop_path2: identity
-    r_x1 = r_x1 + mlp_relprop(blk.mlp, c.mlp, r_u2)  # fork: relevances summed
-    r_x, r_u1 = add_rule(c.x, c.u1, r_x1)
-    r_o = linear_alpha_beta(c.o, attn.proj.weight, r_u1)  # attn.norm: identity
-    r_o = r_o.reshape(b, n, heads, head_dim).transpose(1, 2)
-    r_attn, r_v = matmul_rule(c.attn_drop, c.v, r_o)
+    r_x, r_attn, r_v = attention_relprop(blk, c, c.mlp, relevance)
     if attention_only:
         return None, r_attn
     r_q, r_kt = matmul_rule(c.qs, c.k.transpose(-2, -1), r_attn)
     r_q = _unrotate(r_q, c.q_in, c)
     r_k = _unrotate(r_kt.transpose(-2, -1), c.k_in, c)
-    return r_x + _qkv_relprop(attn, c.h1, r_q, r_k, r_v), r_attn
+    return r_x + qkv_relprop(blk.attn, c.h1, r_q, r_k, r_v), r_attn

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relreg.explain.capture import hierarchical_problem
+from relreg.explain.lrp_mlp import MlpCache, mlp_relprop
 from relreg.explain.lrp_rules import (
     add_rule,
     conv_zb,
@@ -42,6 +43,8 @@ __all__ = [
     "head_forward",
     "functional_forward",
     "head_relprop",
+    "attention_relprop",
+    "qkv_relprop",
     "block_relprop",
     "embed_relprop",
     "propagate",
@@ -460,6 +463,51 @@ def head_relprop(model: nn.Module, fwd: ViTForward, relevance: Tensor) -> Tensor
     return out
 
 
+def attention_relprop(
+    blk: nn.Module, cache: BlockCache, mlp: MlpCache, relevance: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Relevance of a pre-norm block's output down to its attention probabilities: the second
+    residual, the MLP (:func:`relreg.explain.lrp_mlp.mlp_relprop`), the first residual, ``proj``
+    and ``attn @ v``. The part every family shares (ViT, EVA, BEiT); the layer scales, drop
+    paths, dropouts and ``attn.norm`` are identity.
+
+    Args:
+        blk: the block (``attn.proj`` and ``mlp`` are read).
+        cache: its activations (``x``, ``u1``, ``x1``, ``u2``, ``o``, ``attn_drop``, ``v``).
+        mlp: the MLP's activations.
+        relevance: relevance of the block's output ``(B, N, D)``.
+
+    Returns:
+        The skip share of the block input's relevance ``(B, N, D)``, the relevance of the
+        attention probabilities ``(B, h, N, N)`` and of the values ``(B, h, N, d)``.
+    """
+    c = cache
+    b, heads, n, head_dim = c.v.shape
+    r_x1, r_u2 = add_rule(c.x1, c.u2, relevance)
+    r_x1 = r_x1 + mlp_relprop(blk.mlp, mlp, r_u2)  # fork: relevances summed
+    r_x, r_u1 = add_rule(c.x, c.u1, r_x1)
+    r_o = linear_alpha_beta(c.o, blk.attn.proj.weight, r_u1)
+    r_o = r_o.reshape(b, n, heads, head_dim).transpose(1, 2)
+    r_attn, r_v = matmul_rule(c.attn_drop, c.v, r_o)
+    return r_x, r_attn, r_v
+
+
+def qkv_relprop(attn: nn.Module, h1: Tensor, r_q: Tensor, r_k: Tensor, r_v: Tensor) -> Tensor:
+    """Relevances of q, k, v ``(B, h, N, d)`` -> of the attention input ``(B, N, D)``, by
+    alpha1-beta0 through the fused ``qkv`` projection or, where the model splits it (EVA's
+    ``q_proj``, ``k_proj``, ``v_proj``), through each of the three, their relevances summed (a
+    fork: all three read the same tokens)."""
+    b, heads, n, d = r_q.shape
+    if getattr(attn, "qkv", None) is not None:
+        r_qkv = torch.stack([r_q, r_k, r_v]).permute(1, 3, 0, 2, 4).reshape(b, n, 3 * heads * d)
+        return linear_alpha_beta(h1, attn.qkv.weight, r_qkv)
+    parts = zip((attn.q_proj, attn.k_proj, attn.v_proj), (r_q, r_k, r_v), strict=True)
+    return sum(
+        linear_alpha_beta(h1, p.weight, r.transpose(1, 2).reshape(b, n, heads * d))
+        for p, r in parts
+    )
+
+
 def block_relprop(
     blk: nn.Module, cache: BlockCache, relevance: Tensor, attention_only: bool = False
 ) -> tuple[Tensor | None, Tensor]:
@@ -476,21 +524,11 @@ def block_relprop(
         ``(B, h, N, N)`` (what arrives at the softmax output).
     """
     c = cache
-    attn = blk.attn
-    b, heads, n, head_dim = c.v.shape
-    r_x1, r_u2 = add_rule(c.x1, c.u2, relevance)
-    r_g = linear_alpha_beta(c.g, blk.mlp.fc2.weight, r_u2)
-    r_x1 = r_x1 + linear_alpha_beta(c.h2, blk.mlp.fc1.weight, r_g)  # fork: relevances summed
-    r_x, r_u1 = add_rule(c.x, c.u1, r_x1)
-    r_o = linear_alpha_beta(c.o, attn.proj.weight, r_u1)
-    r_o = r_o.reshape(b, n, heads, head_dim).transpose(1, 2)
-    r_attn, r_v = matmul_rule(c.attn_drop, c.v, r_o)
+    r_x, r_attn, r_v = attention_relprop(blk, c, MlpCache(c.h2, c.g), relevance)
     if attention_only:
         return None, r_attn
     r_q, r_kt = matmul_rule(c.qs, c.k.transpose(-2, -1), r_attn)
-    r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v]).permute(1, 3, 0, 2, 4)
-    r_h1 = linear_alpha_beta(c.h1, attn.qkv.weight, r_qkv.reshape(b, n, 3 * heads * head_dim))
-    return r_x + r_h1, r_attn
+    return r_x + qkv_relprop(blk.attn, c.h1, r_q, r_kt.transpose(-2, -1), r_v), r_attn
 
 
 def embed_relprop(model: nn.Module, fwd: ViTForward, relevance: Tensor) -> Tensor:

@@ -9,9 +9,7 @@ and ``relreg.explain.lrp_vit``. The transformer-attribution gradients come from 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import partial
-from unittest import mock
 
 import pytest
 import torch
@@ -31,6 +29,7 @@ from relreg.explain import lrp as L
 from relreg.explain import lrp_rules as R
 from relreg.explain import lrp_vit as V
 from tests.conftest import images_for, make_tiny_vit, model_state
+from tests.explain.lrp_reference import grad_x_input, unpassed_relevance
 from tests.explain.reference import _record_one
 from tests.numerics import (
     U64,
@@ -68,49 +67,12 @@ def _sums(r: torch.Tensor) -> torch.Tensor:
     return r.flatten(1).sum(1)
 
 
-@contextmanager
-def _unpassed_relevance():
-    """Per sample ``(B,)``, the relevance the rules' stabilised divisions do not pass on.
-
-    Each ``safe_divide(a, b)`` returns ``a / (b +- eps)`` (0 where ``b == 0``): multiplied back by
-    ``b`` it gives ``a`` less ``|a| eps / (|b| + eps)`` (all of ``a`` where ``b == 0``). A rule's
-    conservation is off by at most what its divisions keep back; the yielded list collects it,
-    one ``(B,)`` tensor per division, while the block runs.
-    """
-    kept: list[torch.Tensor] = []
-    divide = R.safe_divide
-
-    def recording(a, b, eps=R.EPS):
-        u = torch.where(b == 0, a.abs(), a.abs() * eps / (b.abs() + eps))
-        kept.append(u.flatten(1).sum(1) if u.dim() > 1 else u)
-        return divide(a, b, eps)
-
-    with (
-        mock.patch.object(R, "safe_divide", recording),
-        mock.patch.object(V, "safe_divide", recording),
-        mock.patch.object(R.matmul_rule, "__defaults__", (recording,)),
-    ):
-        yield kept
-
-
 # ------------------------------------------------------------------ reference (autograd, 1 image)
-
-
-def _gi(fn, inputs, relevance):
-    """Gradient x input: ``x_i * d fn / d x_i . (R / z)`` for each input (the same 1e-9
-    stabiliser as the implementation: ``z`` pushed away from 0, and 0 where ``z == 0``)."""
-    xs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    with torch.enable_grad():
-        z = fn(*xs)
-        zd = z.detach()
-        s = torch.where(zd == 0, 0.0, relevance / (zd + 1e-9 * (2 * (zd >= 0) - 1)))
-        grads = torch.autograd.grad(z, xs, s)
-    return [x.detach() * g for x, g in zip(xs, grads, strict=True)]
 
 
 def _ref_linear(x, w, r):
     wp, wn = w.clamp(min=0), w.clamp(max=0)
-    rp, rn = _gi(lambda a, b: a @ wp.T + b @ wn.T, [x.clamp(min=0), x.clamp(max=0)], r)
+    rp, rn = grad_x_input(lambda a, b: a @ wp.T + b @ wn.T, [x.clamp(min=0), x.clamp(max=0)], r)
     return rp + rn
 
 
@@ -120,7 +82,7 @@ def _stabilised(a, b):
 
 
 def _ref_add(a, b, r):
-    ra, rb = _gi(torch.add, [a.expand_as(r), b.expand_as(r)], r)
+    ra, rb = grad_x_input(torch.add, [a.expand_as(r), b.expand_as(r)], r)
     sa, sb = ra.sum(), rb.sum()
     share = sa.abs() + sb.abs()
     # the shares |sa| / share * sum(R) / sa, stabilised as the implementation's are
@@ -129,7 +91,7 @@ def _ref_add(a, b, r):
 
 
 def _ref_matmul(a, b, r):
-    ra, rb = _gi(torch.matmul, [a, b], r)
+    ra, rb = grad_x_input(torch.matmul, [a, b], r)
     return ra / 2, rb / 2
 
 
@@ -145,7 +107,7 @@ def _ref_zb(x, conv, r):
             - F.conv2d(hi, wn, stride=stride)
         )
 
-    return sum(_gi(z, [x, low, high], r))
+    return sum(grad_x_input(z, [x, low, high], r))
 
 
 @torch.no_grad()
@@ -208,7 +170,7 @@ def _reference(model, image, cls):
         feat = model.fc_norm(tokens[p:].mean(0))
         logits = model.head(feat)
         r_feat = _ref_linear(feat, model.head.weight, start)
-        (r[p:],) = _gi(lambda t: t.mean(0), [tokens[p:]], r_feat)
+        (r[p:],) = grad_x_input(lambda t: t.mean(0), [tokens[p:]], r_feat)
     torch.testing.assert_close(logits, model(x)[0], atol=1e-10, rtol=1e-10)
     attention = []
     for blk, c in zip(reversed(model.blocks), reversed(caches), strict=True):
@@ -326,7 +288,7 @@ def test_matmul_rule_equals_autograd_and_conserves():
     b = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64)
     r = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
     ra, rb = R.matmul_rule(a, b, r)
-    ref_a, ref_b = (t / 2 for t in _gi(torch.matmul, [a, b], r))
+    ref_a, ref_b = (t / 2 for t in grad_x_input(torch.matmul, [a, b], r))
     torch.testing.assert_close(ra, ref_a, atol=1e-8, rtol=1e-6)
     torch.testing.assert_close(rb, ref_b, atol=1e-8, rtol=1e-6)
     torch.testing.assert_close(_sums(ra), _sums(r) / 2, atol=1e-6, rtol=1e-6)
@@ -399,14 +361,14 @@ def test_each_block_and_the_head_conserve_relevance(model):
     x = images_for(model, batch=3)
     fwd = V.functional_forward(model, x)
     start = L.start_relevance(fwd.logits, torch.tensor([0, 2, 1]))
-    with _unpassed_relevance() as kept:
+    with unpassed_relevance() as kept:
         r = V.head_relprop(model, fwd, start)
     # off by what the stabilised divisions keep back, and by the float64 rounding of the sums
     rounding = rounding_bound(lambda: _sums(V.head_relprop(model, fwd, start)), u=U64)
     assert_within(_sums(r), _sums(start), sum(kept) + rounding, "head")
     for i in reversed(range(len(model.blocks))):
         blk, cache = model.blocks[i], fwd.blocks[i]
-        with _unpassed_relevance() as kept:
+        with unpassed_relevance() as kept:
             r_in, r_attn = V.block_relprop(blk, cache, r)
         # as for the head: the divisions' stabiliser, the sums' float64 rounding
         rounding = rounding_bound(
@@ -425,7 +387,7 @@ def test_each_block_and_the_head_conserve_relevance(model):
 def test_lrp_total_is_the_start_minus_what_prefix_tokens_and_pos_embed_take(model):
     x = images_for(model, batch=2)
     target = torch.tensor([1, 2])
-    with _unpassed_relevance() as kept:
+    with unpassed_relevance() as kept:
         maps = explain(model, x, "lrp", target=target)
 
     def absorbed():
@@ -454,7 +416,7 @@ def test_lrp_conserves_everything_without_prefix_tokens_or_pos_embed():
         dtype=torch.float64, class_token=False, global_pool="avg", pos_embed="none"
     )
     x = images_for(model)
-    with _unpassed_relevance() as kept:
+    with unpassed_relevance() as kept:
         maps = explain(model, x, "lrp", target=3)
     # off by what the stabilised divisions keep back, and by the float64 rounding of the total
     rounding = rounding_bound(lambda: _sums(explain(model, x, "lrp", target=3)), u=U64)

@@ -26,7 +26,7 @@ from relreg.explain.lrp import start_relevance
 from relreg.explain.lrp_mlp import mlp_relprop
 from tests.conftest import images_for, make_tiny_vit
 from tests.explain.families import build_family
-from tests.explain.test_lrp import _gi, _unpassed_relevance
+from tests.explain.lrp_reference import grad_x_input, unpassed_relevance
 from tests.numerics import (
     U64,
     assert_within,
@@ -246,9 +246,9 @@ def test_product_rule_equals_autograd_and_halves():
     a = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
     b = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
     r = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
-    with _unpassed_relevance() as kept:
+    with unpassed_relevance() as kept:
         ra, rb = R.product_rule(a, b, r)
-    ref_a, ref_b = (t / 2 for t in _gi(torch.mul, [a, b], r))
+    ref_a, ref_b = (t / 2 for t in grad_x_input(torch.mul, [a, b], r))
     torch.testing.assert_close(ra, ref_a)
     torch.testing.assert_close(rb, ref_b)
     torch.testing.assert_close(ra, rb, rtol=0, atol=0)  # half of the relevance to each operand
@@ -281,7 +281,7 @@ def _reference_rotary_block(blk, c, r):
             r_qkv[:, :p, which, h] = r_rot[:, :p]  # the prefix tokens: not rotated
             for n, rot in enumerate(rotations):
                 rotate = partial(torch.matmul, other=rot.T)  # y = x R^T, row by row
-                r_qkv[:, p + n, which, h] = _gi(rotate, [x[:, p + n]], r_rot[:, p + n])[0]
+                r_qkv[:, p + n, which, h] = grad_x_input(rotate, [x[:, p + n]], r_rot[:, p + n])[0]
     return r_x + R.linear_alpha_beta(c.h1, blk.attn.qkv.weight, r_qkv.flatten(2))
 
 
@@ -323,7 +323,7 @@ def test_each_block_conserves_relevance_less_the_bias_share(layout):
             bias = B.logit_relprop(c, r_attn)[1] if isinstance(c, B.BeitBlockCache) else None
             return _sums(r_in) + (0 if bias is None else _sums(bias)), bias
 
-        with _unpassed_relevance() as kept:
+        with unpassed_relevance() as kept:
             total, bias = through()
         # off by what the stabilised divisions keep back, and by the float64 rounding of the sums
         rounding = rounding_bound(lambda t=through: t()[0], u=U64)
@@ -339,7 +339,7 @@ def test_lrp_total_is_the_start_minus_what_leaves(layout):
     model = _model(layout)
     x = images_for(model, batch=2)
     target = torch.tensor([1, 2])
-    with _unpassed_relevance() as kept:
+    with unpassed_relevance() as kept:
         maps = explain(model, x, "lrp", target=target)
 
     def left():
