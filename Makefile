@@ -13,6 +13,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# the peers the tests compare with, without their dependency lists (LXT's pulls bitsandbytes
+	# and open_clip, which a pip extra could not drop): pinned in constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt lxt zennit
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -17,6 +17,14 @@ Writes the JSON (the table, the ranks, the machine, the time) and a figure next 
 ``lrp:cvpr2021_baseline`` and ``partial_lrp:cvpr2021_baseline`` are ``lrp`` and ``partial_lrp``
 with the standard LRP layers the paper computed these two baselines with
 (``rules="cvpr2021_baseline"``; the plain rows use relreg's default, conservative rules).
+``attnlrp`` is CP-LRP inside attention without the Gamma rule (LXT's ViT setting); its variants
+``attnlrp:attnlrp`` (AttnLRP's softmax and uniform rules inside attention), ``attnlrp:gamma=0.25``
+and ``attnlrp:attnlrp,gamma=0.25`` add the other attention rule and the Gamma rule on the linear
+layers outside attention.
+
+A last column is AttnLRP's own faithfulness measure (Achtibat et al., ICML 2024): the area between
+the least- and the most-relevant-first curves of the predicted class's logit as patches are set to
+black (:func:`relreg.metrics.functional.flipping_area`, 16 steps; higher is better).
 """
 
 from __future__ import annotations
@@ -32,11 +40,13 @@ from machine_info import machine  # experiments/machine_info.py (this script's f
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from relreg.data import load_split  # noqa: E402
 from relreg.evaluation import evaluate_models  # noqa: E402
-from relreg.explain import list_explainers  # noqa: E402
+from relreg.explain import explain, list_explainers  # noqa: E402
 from relreg.io import atomic_write  # noqa: E402
+from relreg.metrics import flipping_area  # noqa: E402
 from relreg.models import model_from_checkpoint  # noqa: E402
 from relreg.viz import save_figure  # noqa: E402
 
@@ -47,13 +57,29 @@ COLUMNS = [
     ("pixel_accuracy", "pixel acc", True),
     ("miou", "mIoU", True),
     ("map", "mAP", True),
+    ("flipping_area", "flip area (logit)", True),
 ]
+REPORT_COLUMNS = [key for key, _, _ in COLUMNS if key != "flipping_area"]
 
 # extra rows: {row name: (registered method, its options)}
 VARIANTS = {
     "lrp:cvpr2021_baseline": ("lrp", {"rules": "cvpr2021_baseline"}),
     "partial_lrp:cvpr2021_baseline": ("partial_lrp", {"rules": "cvpr2021_baseline"}),
+    "attnlrp:attnlrp": ("attnlrp", {"attention": "attnlrp"}),
+    "attnlrp:gamma=0.25": ("attnlrp", {"gamma": 0.25}),
+    "attnlrp:attnlrp,gamma=0.25": ("attnlrp", {"attention": "attnlrp", "gamma": 0.25}),
 }
+
+
+def _flipping_area(model: torch.nn.Module, data, method: str, options: dict, batch: int) -> float:
+    """AttnLRP's faithfulness of ``method``'s maps of the predicted class, mean over ``data``."""
+    total, count = 0.0, 0
+    for b in DataLoader(data, batch_size=batch):
+        images = b["image"]
+        maps = explain(model, images, method, **options)
+        total += flipping_area(model, images, maps, steps=16).item() * len(images)
+        count += len(images)
+    return total / count
 
 
 def _ranks(values: dict[str, float], higher: bool) -> dict[str, int]:
@@ -90,10 +116,13 @@ def run(args: argparse.Namespace) -> dict:
         report = evaluate([method], {method: options})
         explainers[row] = report["models"]["model"]["explainers"][method]
     table = {
-        m: {key: explainers[m][key] for key, _, _ in COLUMNS}
+        m: {key: explainers[m][key] for key in REPORT_COLUMNS}
         | {"deletion": explainers[m]["deletion"], "insertion": explainers[m]["insertion"]}
         for m in methods
     }
+    for m in methods:
+        method, options = VARIANTS.get(m, (m, {}))
+        table[m]["flipping_area"] = _flipping_area(model, data, method, options, args.batch_size)
     ranks = {key: _ranks({m: table[m][key] for m in methods}, higher) for key, _, higher in COLUMNS}
     result = {
         "checkpoint": str(args.checkpoint),
@@ -101,7 +130,9 @@ def run(args: argparse.Namespace) -> dict:
         "accuracy": report["models"]["model"]["accuracy"]["data"],
         "protocol": (
             "perturbation: predicted class, pixels set to black, fractions 0.1..0.9, AUC x100; "
-            "segmentation: map upsampled, min-max normalised, thresholded at its mean"
+            "segmentation: map upsampled, min-max normalised, thresholded at its mean; "
+            "flipping_area: predicted class's logit, patches set to black least- and "
+            "most-relevant first, area between the curves over 16 steps"
         ),
         "table": table,
         "ranks": ranks,
@@ -123,7 +154,7 @@ def _figure(result: dict, methods: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(COLUMNS), figsize=figsize, sharey=True, constrained_layout=True)
     for ax, (key, title, higher) in zip(axes, COLUMNS, strict=True):
         values = [result["table"][m][key] for m in order]
-        scale = 1.0 if key.startswith("perturbation") else 100.0
+        scale = 1.0 if key.startswith("perturbation") or key == "flipping_area" else 100.0
         bars = ax.barh(range(len(order)), [v * scale for v in values], color="tab:blue")
         top = max(values) if higher else min(values)
         for bar, v in zip(bars, values, strict=True):
@@ -133,11 +164,13 @@ def _figure(result: dict, methods: list[str], path: Path) -> None:
         ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=8)
         ax.set_yticks(range(len(order)), order, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlim(0, 105)
+        if key != "flipping_area":
+            ax.set_xlim(0, 105)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(
         f"Explainers of {result['checkpoint']} on {result['data'].split(' ')[0]} (accuracy "
-        f"{result['accuracy']:.2f}): perturbation test (AUC x100) and segmentation test (%); "
+        f"{result['accuracy']:.2f}): perturbation test (AUC x100), segmentation test (%) and "
+        "AttnLRP's flipping area (logit); "
         "orange = best (ties included); rows by mean rank",
         fontsize=9,
     )

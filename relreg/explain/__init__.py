@@ -3,8 +3,16 @@
 >>> from relreg.explain import explain, create_explainer, list_explainers, to_pixels
 """
 
-from relreg.explain import attention, gradient, lime, lrp, occlusion  # noqa: F401  (registers them)
+from relreg.explain import (  # noqa: F401  (registers them)
+    attention,
+    attnlrp,
+    gradient,
+    lime,
+    lrp,
+    occlusion,
+)
 from relreg.explain._contract import Explanation
+from relreg.explain.attnlrp_rules import AttnLRPRules
 from relreg.explain.capture import AttentionCapture, find_attention_modules
 from relreg.explain.engine import EngineChoice, select_engine
 from relreg.explain.huggingface import HuggingFaceClassifier, HuggingFaceViT, as_explainable
@@ -19,11 +27,12 @@ from relreg.explain.registry import (
     list_explainers,
     register_explainer,
 )
-from relreg.explain.tokens import min_max, num_prefix_tokens, patch_grid, to_pixels
+from relreg.explain.tokens import min_max, num_prefix_tokens, patch_grid, sum_to_patches, to_pixels
 
 __all__ = [
     "EXPLAINERS",
     "AttentionCapture",
+    "AttnLRPRules",
     "EngineChoice",
     "Explainer",
     "ExplainerInfo",
@@ -42,5 +51,6 @@ __all__ = [
     "patch_grid",
     "register_explainer",
     "select_engine",
+    "sum_to_patches",
     "to_pixels",
 ]

@@ -39,6 +39,8 @@ __all__ = [
     "eager_modules",
     "find_attention_modules",
     "explicit_attention",
+    "fused_attention",
+    "instance_attributes",
     "hierarchical_problem",
     "kernel_blocks",
     "unfused_attention",
@@ -147,18 +149,35 @@ def unfused_attention(model: nn.Module) -> Iterator[list[nn.Module]]:
         yield modules
 
 
+_UNSET = object()
+
+
+@contextmanager
+def instance_attributes(changes: list[tuple[nn.Module, str, object]]) -> Iterator[None]:
+    """Every ``(module, name, value)`` of ``changes`` set on the module instance for the block,
+    then restored (also after an error): an attribute the instance did not hold itself (a class
+    attribute or method, such as ``forward``) is deleted again, so the class's shows through.
+    The one home of the explainers' set-and-restore."""
+    done: list[tuple[nn.Module, str, object]] = []
+    try:
+        for module, name, value in changes:
+            done.append((module, name, vars(module).get(name, _UNSET)))
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, old in reversed(done):
+            if old is _UNSET:
+                delattr(module, name)
+            else:
+                setattr(module, name, old)
+
+
 @contextmanager
 def _attribute_set(modules: list[nn.Module], name: str, value: object) -> Iterator[list[nn.Module]]:
     """``name`` set to ``value`` on every one of ``modules`` for the block, then restored (also
-    after an error); yields the modules. The one home of the captures' set-and-restore."""
-    old = [getattr(m, name) for m in modules]
-    try:
-        for m in modules:
-            setattr(m, name, value)
+    after an error); yields the modules."""
+    with instance_attributes([(m, name, value) for m in modules]):
         yield modules
-    finally:
-        for m, v in zip(modules, old, strict=True):
-            setattr(m, name, v)
 
 
 def _fused_attn_flags(root: nn.Module, value: bool) -> AbstractContextManager[list[nn.Module]]:
@@ -543,6 +562,13 @@ def _kernel_context(model: nn.Module, blocks: list[nn.Module]) -> Iterator[None]
         for block in blocks:
             stack.enter_context(_fused_attn_flags(block, True))
         yield
+
+
+def fused_attention(model: nn.Module) -> AbstractContextManager[None]:
+    """Every attention of ``model`` calls ``F.scaled_dot_product_attention`` for the block: the
+    ``fused_attn`` flags on (timm) and transformers' "sdpa" implementation (through the model's
+    own ``kernel_attention()``), restored on exit, also after an error."""
+    return _kernel_context(model, [model])
 
 
 class _Stop(Exception):

@@ -16,6 +16,7 @@ __all__ = [
     "min_max",
     "num_prefix_tokens",
     "patch_grid",
+    "sum_to_patches",
     "pool_readout",
     "readout_weights",
     "to_pixels",
@@ -213,3 +214,33 @@ def to_pixels(
 
 def _pair(x: int | tuple[int, ...]) -> tuple[int, int]:
     return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def sum_to_patches(maps: Tensor, patch_size: int | tuple[int, int]) -> Tensor:
+    """Sum pixel relevance over each patch: ``(B, H, W)`` to ``(B, H / ph, W / pw)``.
+
+    Relevance is additive, so a patch's relevance is the sum of its pixels' (the total is kept).
+    Differentiable.
+
+    Args:
+        maps: ``(B, H, W)`` pixel maps (e.g. ``attnlrp``'s).
+        patch_size: ``p`` or ``(ph, pw)``, dividing ``H`` and ``W``.
+
+    Returns:
+        ``(B, gh, gw)`` patch-grid maps.
+
+    Example:
+        >>> sum_to_patches(torch.ones(1, 32, 32), 16)
+        tensor([[[256., 256.],
+                 [256., 256.]]])
+    """
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"Expected maps to be a torch.Tensor, but got {type(maps).__name__}.")
+    ph, pw = _pair(patch_size)
+    if maps.ndim != 3 or ph < 1 or pw < 1 or maps.shape[1] % ph or maps.shape[2] % pw:
+        raise ValueError(
+            f"Expected maps of shape (B, H, W) with H divisible by {ph} and W by {pw}, but got "
+            f"shape {tuple(maps.shape)}."
+        )
+    b, h, w = maps.shape
+    return maps.reshape(b, h // ph, ph, w // pw, pw).sum(dim=(2, 4))

@@ -4,6 +4,11 @@
   Transformers Improves Robustness", NeurIPS 2022): ``L_bg = MSE(R * (1 - S), 0)``,
   ``L_fg = MSE(R * S, S)``, ``L = lambda_bg * L_bg + lambda_fg * L_fg`` on per-image min-max
   normalised pixel relevance ``R`` and a binary foreground mask ``S``.
+- :func:`cft_loss`: Concept-Guided Fine-Tuning (Elisha, Barkan & Koenigstein, "Concept-Guided
+  Fine-Tuning: Steering ViTs away from Spurious Correlations to Improve Robustness", CVPR 2026):
+  RobustViT's two terms with binary cross-entropy instead of the squared error,
+  ``L_ctx = BCE(R * (1 - S), 0)``, ``L_concept = BCE(R * S, S)``,
+  ``L = lambda_ctx * L_ctx + lambda_concept * L_concept`` (``scripts/train.py`` of yonisGit/cft).
 - :func:`relevance_mass_loss`: the energy / relevance-mass loss, the fraction of (non-negative)
   relevance outside the mask.
 - :func:`rrr_loss`: "Right for the Right Reasons" (Ross, Hughes & Doshi-Velez, IJCAI 2017): the
@@ -28,6 +33,7 @@ from relreg.validate import check_choice
 
 __all__ = [
     "robustvit_loss",
+    "cft_loss",
     "relevance_mass_loss",
     "rrr_loss",
     "classification_loss",
@@ -135,6 +141,60 @@ def relevance_mass_loss(
     )
     loss_bg = _masked_mean(outside, has)
     return {"loss": loss_bg, "loss_bg": loss_bg, "loss_fg": torch.zeros_like(loss_bg)}
+
+
+def cft_loss(
+    relevance: Tensor,
+    masks: Tensor,
+    lambda_ctx: float = 1.2,
+    lambda_concept: float = 0.5,
+    has_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """CFT's alignment loss: binary cross-entropy of the relevance outside and inside the mask.
+
+    As ``_compute_forward_and_losses`` in ``scripts/train.py`` of yonisGit/cft (commit
+    accaf56): ``contex_loss = BCE(R * (1 - S), 0)``, ``concept_loss = BCE(R * S, S)`` (torch's
+    ``BCELoss``, mean over pixels, the log clamped at -100), weighted ``lambda_ctx`` and
+    ``lambda_concept`` (its README's and defaults: 1.2 and 0.5). CFT weights the sum by
+    ``lambda_align = 0.8`` against ``lambda_acc = 0.2`` for the classification: those are the
+    objective's term weights.
+
+    Args:
+        relevance: ``(B, H, W)`` per-image min-max normalised pixel relevance, in [0, 1].
+        masks: ``(B, H, W)`` concept (foreground) masks with values in [0, 1].
+        lambda_ctx: weight of the context (outside the mask) term.
+        lambda_concept: weight of the concept (inside the mask) term.
+        has_mask: ``(B,)`` bool, which samples have a mask (default: all).
+
+    Returns:
+        ``{"loss", "loss_bg", "loss_fg"}`` scalar tensors (``loss_bg`` the context term,
+        ``loss_fg`` the concept term); means over the masked samples' pixels.
+
+    Raises:
+        ValueError: for relevance outside [0, 1] (normalise it first: ``to_pixels``).
+
+    Example:
+        >>> import torch
+        >>> r = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
+        >>> s = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+        >>> {k: round(v.item(), 4) for k, v in cft_loss(r, s).items()}
+        {'loss': 0.2079, 'loss_bg': 0.1733, 'loss_fg': 0.0}
+    """
+    has = _check(relevance, masks, has_mask)
+    if not ((relevance >= 0) & (relevance <= 1)).all():
+        raise ValueError(
+            "Expected relevance in [0, 1] for the binary cross-entropy, but got values in "
+            f"[{relevance.min().item():g}, {relevance.max().item():g}]; min-max normalise the "
+            "maps first (to_pixels(..., normalize=True))."
+        )
+    ctx = F.binary_cross_entropy(relevance * (1 - masks), torch.zeros_like(masks), reduction="none")
+    concept = F.binary_cross_entropy(relevance * masks, masks, reduction="none")
+    loss_bg, loss_fg = _masked_mean(ctx, has), _masked_mean(concept, has)
+    return {
+        "loss": lambda_ctx * loss_bg + lambda_concept * loss_fg,
+        "loss_bg": loss_bg,
+        "loss_fg": loss_fg,
+    }
 
 
 def rrr_loss(relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None) -> dict[str, Tensor]:

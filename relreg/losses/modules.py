@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from relreg.losses.functional import (
     CLASSIFICATION_MODES,
+    cft_loss,
     classification_loss,
     relevance_mass_loss,
     robustvit_loss,
@@ -20,6 +21,7 @@ from relreg.losses.functional import (
 from relreg.validate import check_choice
 
 __all__ = [
+    "CFTLoss",
     "ClassificationLoss",
     "RRRLoss",
     "RelevanceMassLoss",
@@ -48,6 +50,29 @@ class RobustViTLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lambda_bg={self.lambda_bg}, lambda_fg={self.lambda_fg}"
+
+
+class CFTLoss(nn.Module):
+    """CFT's alignment loss (CVPR 2026); see :func:`relreg.losses.cft_loss`.
+
+    Args:
+        lambda_ctx: weight of the context (outside the mask) term (CFT: 1.2).
+        lambda_concept: weight of the concept (inside the mask) term (CFT: 0.5).
+    """
+
+    def __init__(self, lambda_ctx: float = 1.2, lambda_concept: float = 0.5) -> None:
+        super().__init__()
+        self.lambda_ctx = lambda_ctx
+        self.lambda_concept = lambda_concept
+
+    def forward(
+        self, relevance: Tensor, masks: Tensor, has_mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``relevance``, ``masks``: ``(B, H, W)``; ``has_mask``: ``(B,)`` bool or None."""
+        return cft_loss(relevance, masks, self.lambda_ctx, self.lambda_concept, has_mask)
+
+    def extra_repr(self) -> str:
+        return f"lambda_ctx={self.lambda_ctx}, lambda_concept={self.lambda_concept}"
 
 
 class RelevanceMassLoss(nn.Module):

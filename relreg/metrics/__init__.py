@@ -13,9 +13,10 @@ from relreg.metrics.accuracy import (
     score_logits,
     scoring_classes,
 )
-from relreg.metrics.faithfulness import DeletionInsertionAUC, PerturbationAUC
+from relreg.metrics.faithfulness import DeletionInsertionAUC, FlippingArea, PerturbationAUC
 from relreg.metrics.functional import (
     deletion_insertion_auc,
+    flipping_area,
     perturbation_auc,
     pointing_game,
     relevance_mass,
@@ -51,6 +52,7 @@ __all__ = [
     "METRICS",
     "SCORINGS",
     "DeletionInsertionAUC",
+    "FlippingArea",
     "MetricSpec",
     "PerturbationAUC",
     "PointingGame",
@@ -62,6 +64,7 @@ __all__ = [
     "build_metrics",
     "dataset_accuracy",
     "deletion_insertion_auc",
+    "flipping_area",
     "keyed_result",
     "list_metrics",
     "metric_keys",

@@ -9,6 +9,9 @@
 - :class:`DeletionInsertionAUC`: Petsiuk, Das & Saenko, "RISE", BMVC 2018: mean softmax
   probability of the class as the most relevant pixels are deleted (lower is better) or inserted
   into a ``fill`` canvas (higher is better), AUC over fractions 0 ... 1.
+- :class:`FlippingArea`: AttnLRP's faithfulness (Achtibat et al., ICML 2024): the area between
+  the least- and the most-relevant-first curves of the class logit as patches are removed
+  (higher is better).
 
 The math is in :mod:`relreg.metrics.functional.faithfulness` (with the functional twins
 :func:`perturbation_auc` and :func:`deletion_insertion_auc`); each fraction is one batched forward
@@ -27,6 +30,8 @@ from relreg.metrics.functional.faithfulness import (
     PAPER_FRACTIONS,
     _check_fractions,
     _check_mode,
+    _flipping_compute,
+    _flipping_update,
     _perturbation_compute,
     _perturbation_update,
     _perturber,
@@ -35,7 +40,7 @@ from relreg.metrics.functional.faithfulness import (
 )
 from relreg.validate import check_positive_int
 
-__all__ = ["DeletionInsertionAUC", "PerturbationAUC"]
+__all__ = ["DeletionInsertionAUC", "FlippingArea", "PerturbationAUC"]
 
 
 class _ModelMetric(Metric):
@@ -177,3 +182,53 @@ class DeletionInsertionAUC(_ModelMetric):
 
     def compute(self) -> Tensor:
         return _rise_compute(self.prob_sum, self.count, self.steps)
+
+
+class FlippingArea(_ModelMetric):
+    """AttnLRP's faithfulness (Achtibat et al., ICML 2024): the area between the
+    least-relevant-first and the most-relevant-first curves of the explained class's logit as
+    patches (or pixels) are set to ``fill``, fractions 0, 1/steps, ..., 1; see
+    :func:`relreg.metrics.functional.flipping_area`. Higher is better.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+        ...                           patch_size=8, num_classes=3).eval()
+        >>> metric = FlippingArea(model, steps=4)
+        >>> metric.update(torch.randn(2, 3, 32, 32), torch.rand(2, 4, 4))
+        >>> metric.compute().shape
+        torch.Size([])
+    """
+
+    higher_is_better = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        unit: str = "patch",
+        fill: float | Sequence[float] | Tensor | None = None,
+        target_mode: str = "predicted",
+        steps: int = 16,
+        chunk_size: int = 64,
+        **kwargs,
+    ) -> None:
+        super().__init__(model, unit, fill, target_mode, chunk_size, **kwargs)
+        check_positive_int("steps", steps)
+        self.steps = steps
+        self.add_state(
+            "diff_sum", default=torch.zeros(steps + 1, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state(
+            "count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+
+    def update(self, images: Tensor, maps: Tensor, target: Tensor | None = None) -> None:
+        self.diff_sum += _flipping_update(self._p, images, maps, target, self.steps)
+        self.count += images.shape[0]
+
+    def curve(self) -> Tensor:
+        """Mean ``logit_LeRF - logit_MoRF`` ``(steps + 1,)`` at fractions 0, 1/steps, ..., 1."""
+        return (self.diff_sum / self.count.clamp_min(1)).float()
+
+    def compute(self) -> Tensor:
+        return _flipping_compute(self.diff_sum, self.count, self.steps)

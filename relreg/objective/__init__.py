@@ -22,7 +22,7 @@ Example:
 
 # the built-in terms register on import, in this order (list_terms() and error messages show it):
 # the relevance terms first, then the others
-from relreg.objective.relevance import MassTerm, RelevanceTerm, RobustViTTerm, RRRTerm
+from relreg.objective.relevance import CFTTerm, MassTerm, RelevanceTerm, RobustViTTerm, RRRTerm
 
 # isort: split
 from relreg.objective.classification import ClassificationTerm
@@ -36,6 +36,7 @@ __all__ = [
     "NEEDS",
     "ROBUSTVIT",
     "TERMS",
+    "CFTTerm",
     "ClassificationTerm",
     "CounterfactualTerm",
     "ExplainerSpec",

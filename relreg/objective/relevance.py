@@ -2,6 +2,10 @@
 
 - ``robustvit``: RobustViT (Chefer, Schwartz & Wolf, "Optimizing Relevance Maps of Vision
   Transformers Improves Robustness", NeurIPS 2022), :func:`relreg.losses.robustvit_loss`.
+- ``cft``: Concept-Guided Fine-Tuning (Elisha, Barkan & Koenigstein, CVPR 2026),
+  :func:`relreg.losses.cft_loss`: RobustViT's terms as binary cross-entropy, on Chefer maps.
+  CFT's classification part is the ``classification`` term with ``target: self`` beside it
+  (CFT's ``lambda_align : lambda_acc = 0.8 : 0.2`` are the two terms' weights).
 - ``mass``: the energy / relevance-mass loss, :func:`relreg.losses.relevance_mass_loss`.
 - ``rrr``: "Right for the Right Reasons" (Ross, Hughes & Doshi-Velez, IJCAI 2017),
   :func:`relreg.losses.rrr_loss`, on raw input-gradient (``saliency``) maps.
@@ -18,11 +22,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from relreg.losses import RelevanceMassLoss, RobustViTLoss, RRRLoss
+from relreg.losses import CFTLoss, RelevanceMassLoss, RobustViTLoss, RRRLoss
 from relreg.objective.context import StepContext
 from relreg.objective.term import Term, register_term
 
-__all__ = ["MassTerm", "RelevanceTerm", "RobustViTTerm", "RRRTerm"]
+__all__ = ["CFTTerm", "MassTerm", "RelevanceTerm", "RobustViTTerm", "RRRTerm"]
 
 
 class RelevanceTerm(Term):
@@ -68,6 +72,22 @@ class RobustViTTerm(RelevanceTerm):
     def __init__(self, lambda_bg: float = 2.0, lambda_fg: float = 0.3) -> None:
         super().__init__()
         self.loss = RobustViTLoss(lambda_bg, lambda_fg)
+
+
+@register_term("cft")
+class CFTTerm(RelevanceTerm):
+    """CFT's alignment loss on min-max normalised Chefer maps (CFT's ``generate_relevance``,
+    ``src/models/explanations.py`` of yonisGit/cft, is Chefer et al.'s ICCV 2021 rule,
+    bilinearly upsampled and min-max normalised, as relreg's ``chefer`` with ``to_pixels``).
+
+    Args:
+        lambda_ctx: context (background) weight (CFT: 1.2).
+        lambda_concept: concept (foreground) weight (CFT: 0.5).
+    """
+
+    def __init__(self, lambda_ctx: float = 1.2, lambda_concept: float = 0.5) -> None:
+        super().__init__()
+        self.loss = CFTLoss(lambda_ctx, lambda_concept)
 
 
 @register_term("mass")

@@ -11,6 +11,7 @@ from relreg.metrics.functional.faithfulness import (
     PAPER_FRACTIONS,
     black_fill,
     deletion_insertion_auc,
+    flipping_area,
     perturbation_auc,
 )
 from relreg.metrics.functional.localization import (
@@ -25,6 +26,7 @@ __all__ = [
     "PAPER_FRACTIONS",
     "black_fill",
     "deletion_insertion_auc",
+    "flipping_area",
     "perturbation_auc",
     "pointing_game",
     "relevance_mass",

@@ -7,7 +7,11 @@ call the same ``_x_update`` / ``_x_compute`` functions and keep their results as
   Interpretability Beyond Attention Visualization", CVPR 2021 (accuracy as the top-p units are
   set to ``fill``; AUC by the trapezoid rule over x = 0, 0.1, ..., 0.9, times 100);
 - :func:`deletion_insertion_auc`: RISE deletion / insertion (Petsiuk, Das & Saenko, BMVC 2018):
-  mean class probability as the most relevant units are deleted or inserted into a ``fill`` canvas.
+  mean class probability as the most relevant units are deleted or inserted into a ``fill`` canvas;
+- :func:`flipping_area`: AttnLRP's faithfulness measure (Achtibat et al., ICML 2024, after
+  Bluecher, Vielhaben & Strodthoff, "Decoupling Pixel Flipping and Occlusion Strategy for
+  Consistent XAI Benchmarks", TMLR 2024): the area between the least-relevant-first and the
+  most-relevant-first curves of the class *logit* as patches are set to ``fill``.
 
 Each fraction is one batched forward pass over the batch (chunked by ``chunk_size``) under
 ``torch.no_grad``; only one perturbed copy of the batch exists at a time.
@@ -26,7 +30,13 @@ from torch import Tensor, nn
 from relreg.explain.tokens import to_pixels
 from relreg.validate import check_positive_int
 
-__all__ = ["PAPER_FRACTIONS", "black_fill", "deletion_insertion_auc", "perturbation_auc"]
+__all__ = [
+    "PAPER_FRACTIONS",
+    "black_fill",
+    "deletion_insertion_auc",
+    "flipping_area",
+    "perturbation_auc",
+]
 
 PAPER_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 UNITS = ("pixel", "patch")
@@ -207,6 +217,66 @@ def _rise_update(
 def _rise_compute(prob_sum: Tensor, count: Tensor, steps: int) -> Tensor:
     x = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=prob_sum.device)
     return torch.trapezoid(prob_sum / count.clamp_min(1), x).float()
+
+
+def _flipping_update(
+    p: _Perturber, images: Tensor, maps: Tensor, target: Tensor | None, steps: int
+) -> Tensor:
+    """Summed ``logit_LeRF - logit_MoRF`` of the class ``(steps + 1,)`` float64 at fractions
+    0, 1/steps, ..., 1."""
+    _check(p, images, maps, target)
+    logits = _forward(p, images)
+    tgt = logits.argmax(1) if p.target_mode == "predicted" else target.to(logits.device)
+    scores = _unit_scores(maps.to(images.device), tuple(images.shape[-2:]), p.unit, p.patch)
+    fractions = [i / steps for i in range(steps + 1)]
+    curves = []
+    for most_relevant_first in (False, True):
+        ranks = _removal_ranks(scores, most_relevant_first)
+        out = torch.stack([_forward(p, _perturbed(p, images, ranks, f)) for f in fractions])
+        curves.append(out.gather(2, tgt.view(1, -1, 1).expand(len(fractions), -1, 1))[..., 0])
+    return (curves[0] - curves[1]).double().sum(1)
+
+
+def _flipping_compute(diff_sum: Tensor, count: Tensor, steps: int) -> Tensor:
+    x = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=diff_sum.device)
+    return torch.trapezoid(diff_sum / count.clamp_min(1), x).float()
+
+
+def flipping_area(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    target: Tensor | None = None,
+    unit: str = "patch",
+    fill: float | Sequence[float] | Tensor | None = None,
+    target_mode: str = "predicted",
+    steps: int = 16,
+    chunk_size: int = 64,
+) -> Tensor:
+    """AttnLRP's faithfulness: area between the LeRF and the MoRF curves of the class logit.
+
+    Units (patches by default) are set to ``fill`` in order of relevance, most relevant first
+    (MoRF) and least relevant first (LeRF), at fractions ``0, 1/steps, ..., 1``; the curves are
+    the explained class's raw logit, the area ``trapezoid(LeRF - MoRF)`` over ``[0, 1]``, the mean
+    over the images. Higher is better (a map that ranks the units by their effect opens the
+    curves apart); a random map gives about 0. In logit units, so compare explainers on one model.
+
+    Arguments as :func:`perturbation_auc`, with ``steps`` fractions after 0.
+
+    Returns:
+        Scalar area (logit units).
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+        ...                           patch_size=8, num_classes=3).eval()
+        >>> flipping_area(model, torch.randn(2, 3, 32, 32), torch.rand(2, 4, 4)).shape
+        torch.Size([])
+    """
+    check_positive_int("steps", steps)
+    p = _perturber(model, unit, fill, target_mode, chunk_size)
+    diff = _flipping_update(p, images, maps, target, steps)
+    return _flipping_compute(diff, torch.tensor(float(images.shape[0])), steps)
 
 
 def perturbation_auc(
