@@ -9,7 +9,11 @@ Cases (one optimiser step each, the same AdamW and classification term):
   block's ``(B, heads, N, N)`` attention and gradient stored): the reference;
 - ``second_order``: relreg's step with ``second_order=True`` (``create_graph=True``; dense);
 - ``two_forward``: a RobustViT-style step reproduced here: dense relevance from one forward pass
-  and the classification loss from a second forward pass.
+  and the classification loss from a second forward pass;
+- ``attnlrp``: RobustViT's loss on ``attnlrp`` maps (CP-LRP, no Gamma rule). A second-order step:
+  the map is a gradient, so its loss is backpropagated through the rules' backward pass
+  (``create_graph=True``), on the dense attention path (the fused kernel has no second
+  derivative), and the classification loss takes a second, unmodified forward pass.
 
 Each case runs in its own subprocess so that its peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's peak RSS over the RSS after
@@ -61,7 +65,7 @@ if TYPE_CHECKING:
 
     from relreg.lightning import RelRegModule
 
-CASES = ("plain", "first_order", "first_order_dense", "second_order", "two_forward")
+CASES = ("plain", "first_order", "first_order_dense", "second_order", "two_forward", "attnlrp")
 SWEEP_CASES = ("plain", "first_order_dense", "first_order")
 MODELS = {
     "vit_small_224": ("vit_small_patch16_224", {}, 224),
@@ -241,6 +245,8 @@ def _build_module(
     explainer = {"second_order": case == "second_order"}
     if case == "first_order_dense":
         explainer["engine"] = "dense"
+    if case == "attnlrp":
+        explainer = {"method": "attnlrp"}
     if model_key in FAMILIES and case == "first_order":
         explainer["engine"] = "chunked"  # raises rather than falling back to the dense engine
     # plain: the classification term only (RobustViT's 0.2); the others: RobustViT's objective

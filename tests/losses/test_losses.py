@@ -8,9 +8,11 @@ import torch.nn.functional as F
 
 from relreg.explain import explain, to_pixels
 from relreg.losses import (
+    CFTLoss,
     ClassificationLoss,
     RobustViTLoss,
     RRRLoss,
+    cft_loss,
     classification_loss,
     relevance_mass_loss,
     robustvit_loss,
@@ -45,7 +47,33 @@ def test_relevance_loss_equals_torch_mse_and_weights():
     torch.testing.assert_close(out["loss"], 1.5 * bg + 0.7 * fg)
 
 
-@pytest.mark.parametrize("fn", [robustvit_loss, relevance_mass_loss, rrr_loss])
+def test_cft_loss_is_cfts_bce_terms():
+    """CFT's scripts/train.py: BCELoss(mean)(R * (1 - S), 0) and BCELoss(mean)(R * S, S),
+    weighted lambda_ctx = 1.2 and lambda_concept = 0.5; written here with the logs by hand."""
+    r, s = _rand()
+    out = cft_loss(r, s)
+
+    def bce(p, t):
+        return -(t * p.log().clamp_min(-100) + (1 - t) * (1 - p).log().clamp_min(-100)).mean()
+
+    ctx, concept = bce(r * (1 - s), torch.zeros_like(s)), bce(r * s, s)
+    torch.testing.assert_close(out["loss_bg"], ctx)
+    torch.testing.assert_close(out["loss_fg"], concept)
+    torch.testing.assert_close(out["loss"], 1.2 * ctx + 0.5 * concept)
+    module = CFTLoss(lambda_ctx=2.0, lambda_concept=0.0)
+    torch.testing.assert_close(module(r, s)["loss"], 2.0 * ctx)
+    # a perfect map (1 on the mask, 0 elsewhere) costs nothing; the squared error differs
+    assert cft_loss(s, s)["loss"].item() == 0.0
+    assert not torch.allclose(out["loss_bg"], robustvit_loss(r, s)["loss_bg"])
+
+
+def test_cft_loss_refuses_relevance_outside_0_1():
+    r, s = _rand()
+    with pytest.raises(ValueError, match=r"relevance in \[0, 1\].*to_pixels"):
+        cft_loss(r * 2, s)
+
+
+@pytest.mark.parametrize("fn", [robustvit_loss, cft_loss, relevance_mass_loss, rrr_loss])
 def test_unmasked_samples_contribute_nothing(fn):
     r, s = _rand()
     has = torch.tensor([True, False, True, False])
@@ -59,7 +87,7 @@ def test_unmasked_samples_contribute_nothing(fn):
     torch.testing.assert_close(fn(r2, s, has_mask=has)["loss"], mixed["loss"])
 
 
-@pytest.mark.parametrize("fn", [robustvit_loss, relevance_mass_loss, rrr_loss])
+@pytest.mark.parametrize("fn", [robustvit_loss, cft_loss, relevance_mass_loss, rrr_loss])
 def test_no_mask_at_all_gives_zero_in_the_graph(fn):
     r, s = _rand()
     r.requires_grad_(True)

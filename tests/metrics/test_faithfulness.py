@@ -81,14 +81,17 @@ def test_patch_unit_removes_whole_patches():
     assert per_patch.any(-1).sum(1).tolist() == [4, 4]  # 25% of 16 patches
 
 
+class Quadrant(torch.nn.Module):
+    """A "model" whose class-1 logit is the mean of the top-left 8 x 8 quadrant."""
+
+    def forward(self, x):
+        s = x[:, :, :8, :8].mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
 def test_perfect_map_beats_inverted_on_a_model_that_reads_one_region():
     # a "model" whose class-1 logit is the mean of the top-left quadrant: removing it flips the
     # decision
-    class Quadrant(torch.nn.Module):
-        def forward(self, x):
-            s = x[:, :, :8, :8].mean((1, 2, 3))
-            return torch.stack([torch.zeros_like(s), s], 1)
-
     x = torch.ones(4, 3, 16, 16)
     good = torch.zeros(4, 16, 16)
     good[:, :8, :8] = 1
@@ -230,3 +233,24 @@ def test_functional_twins_check_their_arguments():
         deletion_insertion_auc(model, x, maps, steps=0)
     with pytest.raises(ValueError, match="Expected target"):
         perturbation_auc(model, x, maps, target_mode="label")
+
+
+def test_flipping_area_on_a_model_that_reads_one_region():
+    """AttnLRP's faithfulness measure by hand: the class-1 logit is the mean of the top-left
+    quadrant (a quarter of the pixels), pixels removed to -1. MoRF with the right map: 1 - 8f up to
+    f = 1/4, then -1; LeRF: 1 up to f = 3/4, then down to -1 at f = 1. At fractions 0, 1/4, ..., 1
+    the difference LeRF - MoRF is 0, 2, 2, 2, 0: area 1.5 by the trapezoid rule; the inverted map
+    gives -1.5."""
+    from relreg.metrics import FlippingArea
+    from relreg.metrics.functional import flipping_area
+
+    x = torch.ones(4, 3, 16, 16)
+    good = torch.zeros(4, 16, 16)
+    good[:, :8, :8] = 1
+    area = partial(flipping_area, Quadrant(), x, unit="pixel", fill=-1.0, steps=4)
+    assert area(good).item() == 1.5 and area(1 - good).item() == -1.5
+    metric = FlippingArea(Quadrant(), unit="pixel", fill=-1.0, steps=4)
+    metric.update(x[:1], good[:1])
+    metric.update(x[1:], 1 - good[1:])  # two batches: the mean over the four images
+    assert metric.compute().item() == pytest.approx((1.5 - 3 * 1.5) / 4)
+    torch.testing.assert_close(metric.curve()[[0, -1]], torch.zeros(2))
