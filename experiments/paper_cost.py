@@ -30,14 +30,15 @@ EPOCHS = 50
 
 def paper_models() -> dict[str, dict]:
     """``{config stem: {"model", "lr", "objective"}}`` of every model file in ``configs/paper/``
-    (the files with a ``model:`` section other than ``base.yaml``): its timm name, its AdamW
+    (the files that name a timm model, ``model.model``, other than ``base.yaml``; a loss file such
+    as ``cft.yaml`` names none): its timm name, its AdamW
     learning rate and its objective (``base.yaml``'s where the file keeps it)."""
     folder = ROOT / "configs" / "paper"
     base = yaml.safe_load((folder / "base.yaml").read_text())["model"]
     out = {}
     for path in sorted(folder.glob("*.yaml")):
         config = yaml.safe_load(path.read_text())
-        if path.stem != "base" and "model" in config:
+        if path.stem != "base" and "model" in (config.get("model") or {}):
             model = {**base, **config["model"]}
             out[path.stem] = {
                 "model": model["model"],
