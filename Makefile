@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.relreg-installed
 OUT ?= runs/demo
 
-.PHONY: venv test test-all test-numerics demo evaluate compare study study-baselines study-scenes study-scenes-steps study-scenes-same-task bench lint clean
+.PHONY: venv test test-all test-numerics demo evaluate compare study study-baselines study-scenes study-scenes-2026 study-scenes-steps study-scenes-same-task bench lint clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,14 @@ study-scenes: $(STAMP)
 	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml \
 		--baseline-seeds 0 1 2 3 --methods relreg_label relreg_teacher energy rrr counterfactual \
 		relreg_cf faithful faithful_cf --out experiments/results/robustness_scenes.json --overwrite
+
+# the 2024-2026 arms on the same protocol: AttnLRP maps, CFT's loss, with and without the
+# counterfactual term (about 38 minutes on 2 CPU cores)
+study-scenes-2026: $(STAMP)
+	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml \
+		--baseline-seeds 0 1 2 3 --methods counterfactual relreg_label robustvit_attnlrp \
+		robustvit_attnlrp_cf cft cft_cf cft_attnlrp cft_attnlrp_cf \
+		--out experiments/results/robustness_scenes_2026.json --overwrite
 
 # after or instead of study-scenes: its two best arms and the control fine-tuned 300 steps (about 30 minutes)
 study-scenes-steps: $(STAMP)
