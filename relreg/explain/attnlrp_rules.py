@@ -50,7 +50,6 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 from contextlib import ExitStack
-from types import TracebackType
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +58,7 @@ from torch import Tensor, nn
 from relreg.explain.capture import (
     _add_mask,
     _expand_heads,
+    _HookContext,
     _KernelMode,
     eager_modules,
     explicit_attention,
@@ -305,7 +305,7 @@ def check_rules(attention: object, gamma: object) -> None:
         raise ValueError(f"Expected gamma None or a float >= 0, but got {gamma!r}.")
 
 
-class AttnLRPRules:
+class AttnLRPRules(_HookContext):
     """Context manager: inside it, ``model``'s backward pass follows the AttnLRP rules.
 
     On entry the rule forwards are set on the model's own module instances (see the module
@@ -353,7 +353,6 @@ class AttnLRPRules:
         self.dense = bool(dense)
         self.calls = 0
         self._depth = 0
-        self._stack: ExitStack | None = None
 
     def __enter__(self) -> AttnLRPRules:
         stack = ExitStack()
@@ -370,16 +369,6 @@ class AttnLRPRules:
             raise
         self._stack = stack
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         self._depth += 1
