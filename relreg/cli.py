@@ -40,6 +40,8 @@ Relevance maps and relevance-regularised fine-tuning of timm vision transformers
       the whole job on the built-in CPU benchmark
   relreg prepare imagenet-s --masks M --images I --out O
       RobustViT's ImageNet-S subsets as image folders
+  relreg masks --images DIR --out DIR --method tokencut|clipseg|sam3
+      foreground masks for images that have none, in the layout the fit configs read
 
 Run 'relreg COMMAND --help' for the options of each command.
 """
@@ -118,6 +120,61 @@ def _prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", type=int, default=None, help="default: 3 train, 1 val")
     p.add_argument("--class-seed", type=int, default=None, help="shuffle the sorted classes")
     p.add_argument("--copy", action="store_true", help="copy files instead of linking them")
+
+
+def _masks_parser(sub: argparse._SubParsersAction) -> None:
+    from relreg.masks import list_mask_methods
+
+    p = sub.add_parser(
+        "masks",
+        help="foreground masks for an image folder (TokenCut, CLIPSeg, SAM 3): OUT/images, "
+        "OUT/masks and OUT/masks_summary.json, resumable",
+    )
+    p.add_argument("--images", type=Path, required=True, help="image folders <class>/<image>")
+    p.add_argument("--out", type=Path, required=True, help="output root (its parent must exist)")
+    p.add_argument("--method", default="tokencut", choices=list_mask_methods())
+    p.add_argument("--model", default=None, help="timm (tokencut) or Hugging Face model name")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="tokencut: local weights for --model, or a relreg fit checkpoint",
+    )
+    p.add_argument("--per-class", type=int, default=None, help="masks per class (RobustViT: 3)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images in all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-class choice")
+    p.add_argument(
+        "--prompt", default="a photo of a {}", help="text prompt template ({} = class name)"
+    )
+    p.add_argument("--threshold", type=float, default=None, help="clipseg/sam3 score threshold")
+    p.add_argument("--refine", action="store_true", help="tokencut: bilateral solver (SciPy)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
+    p.add_argument("--overwrite", action="store_true", help="make existing masks again")
+
+
+def _mask_options(args: argparse.Namespace) -> dict:
+    """The method's factory options from the command line (only those given)."""
+    options: dict = {"device": args.device}
+    if args.model is not None:
+        options["model"] = args.model
+    if args.checkpoint is not None:
+        if args.method != "tokencut":
+            raise ValueError(
+                f"Expected --checkpoint only with --method tokencut, not {args.method} "
+                "(give the Hugging Face model's name or folder to --model)."
+            )
+        options["checkpoint"] = args.checkpoint
+    if args.threshold is not None:
+        if args.method == "tokencut":
+            raise ValueError("Expected --threshold only with --method clipseg or sam3.")
+        options["threshold"] = args.threshold
+    if args.refine:
+        if args.method != "tokencut":
+            raise ValueError(f"Expected --refine only with --method tokencut, not {args.method}.")
+        options["refine"] = True
+    return options
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
@@ -343,6 +400,25 @@ def _run_command(args: argparse.Namespace) -> None:
         )
         for part, report in reports.items():
             print(f"{part}: {len(report['pairs'])} images of {report['classes']} classes")
+    elif args.command == "masks":
+        from relreg.masks import make_masks
+        from relreg.masks.make import summary_lines
+
+        summary = make_masks(
+            args.images,
+            args.out,
+            args.method,
+            per_class=args.per_class,
+            limit=args.limit,
+            seed=args.seed,
+            prompt=args.prompt,
+            batch_size=args.batch_size,
+            copy=args.copy,
+            overwrite=args.overwrite,
+            **_mask_options(args),
+        )
+        print("\n".join(summary_lines(summary)))
+        print(f"wrote {args.out / 'masks'} and {args.out / 'masks_summary.json'}")
     elif args.command == "demo":
         from relreg.demo import run_demo
 
@@ -381,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _evaluate_parser(sub)
     _demo_parser(sub)
     _prepare_parser(sub)
+    _masks_parser(sub)
     args = parser.parse_args(argv)
     try:
         with quiet_dependencies(stages=args.command == "demo"):

@@ -214,3 +214,17 @@ def class_index(folders: Sequence[str], classes: ClassesLike) -> dict[str, int]:
             "evaluation)."
         )
     return {name: s[0] for name, s in sets.items()}
+
+
+def prompt_name(folder: str) -> str:
+    """The class name a text prompt uses for a class folder: timm's first lemma for an ImageNet
+    wnid (``"n01443537"`` -> ``"goldfish"``), else the folder name with ``_`` as spaces.
+
+    Example:
+        >>> prompt_name("n01443537"), prompt_name("golden_retriever")
+        ('goldfish', 'golden retriever')
+    """
+    info = _info()
+    if folder in set(info.label_names()):
+        return info.label_name_to_description(folder).split(",")[0].strip()
+    return folder.replace("_", " ")
