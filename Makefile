@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.relreg-installed
 OUT ?= runs/demo
 
-.PHONY: venv test test-all test-numerics demo evaluate compare study study-baselines study-scenes study-scenes-2026 study-scenes-steps study-scenes-same-task bench lint clean
+.PHONY: venv test test-all test-numerics demo evaluate compare study study-baselines study-scenes study-scenes-2026 study-scenes-masks mask-quality study-scenes-steps study-scenes-same-task bench lint clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,18 @@ study-scenes-2026: $(STAMP)
 		--baseline-seeds 0 1 2 3 --methods counterfactual relreg_label robustvit_attnlrp \
 		robustvit_attnlrp_cf cft cft_cf cft_attnlrp cft_attnlrp_cf \
 		--out experiments/results/robustness_scenes_2026.json --overwrite
+
+# TokenCut's masks against the true masks of both benchmarks (about 2 minutes after make demo)
+mask-quality: $(STAMP)
+	$(PY) experiments/mask_quality.py --out experiments/results/mask_quality.json
+
+# the recipe without human masks: the counterfactual and RobustViT-loss arms on TokenCut masks
+# (relreg masks) against the same arms on the true masks (about 30 minutes on 2 CPU cores)
+study-scenes-masks: $(STAMP)
+	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml \
+		--baseline-seeds 0 1 2 3 --methods counterfactual relreg_label counterfactual_tokencut \
+		relreg_label_tokencut counterfactual_tokencut_refined \
+		--out experiments/results/robustness_scenes_masks.json --overwrite
 
 # after or instead of study-scenes: its two best arms and the control fine-tuned 300 steps (about 30 minutes)
 study-scenes-steps: $(STAMP)

@@ -1,9 +1,9 @@
 """Imports inside relreg run one way, bottom to top, and never in a circle.
 
 The layers (docs/architecture.md): validate / io <- explain / models / viz <- metrics / losses <-
-data <- lightning <- evaluation / demo <- cli. Every ``import`` statement in ``relreg/`` (also the
-ones inside functions) is read with ``ast``; none may reach a higher layer, and the graph of
-module-to-module imports has no cycle.
+data <- lightning / masks <- evaluation / demo <- cli. Every ``import`` statement in ``relreg/``
+(also the ones inside functions) is read with ``ast``; none may reach a higher layer, and the
+graph of module-to-module imports has no cycle.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ LAYERS = {
     "relreg.objective": 3,
     "relreg.data": 3,
     "relreg.lightning": 4,
+    "relreg.masks": 4,
     "relreg.evaluation": 5,
     "relreg.demo": 5,
     "relreg.cli": 6,

@@ -384,6 +384,30 @@ def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
     return model
 
 
+def made_masks(
+    cfg: dict, kind: str, images: torch.Tensor, method: str = "tokencut", **options: Any
+) -> torch.Tensor:
+    """Masks made for ``images`` without their true masks, as a user without masks makes them:
+    TokenCut (:class:`relreg.masks.TokenCut`) on the keys of the benchmark's source model, the
+    supervised model of stage 1 before any cue was taught (an arm's ``masks: {method: tokencut}``).
+
+    Args:
+        images: ``(n, 3, S, S)`` in [-1, 1] (:func:`make_split`).
+        options: :class:`~relreg.masks.TokenCut` options (``tau``, ``features``, ``refine``).
+
+    Returns:
+        ``(n, S, S)`` float masks in {0, 1}.
+    """
+    from relreg.masks import TokenCut
+
+    if method != "tokencut":
+        raise ValueError(f"Expected masks.method 'tokencut' in the study, but got {method!r}.")
+    source = _pretrained(cfg, kind, 0, lambda *_: None)
+    segment = TokenCut(source, **options)
+    pixels = ((images * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8)
+    return torch.stack(segment(list(pixels))).float()
+
+
 def finetune(
     cfg: dict,
     base: dict,
@@ -409,11 +433,15 @@ def finetune(
     """
     c = cfg["finetune"]
     per_class = per_class or c["per_class"]
+    method = dict(method)
+    made = method.pop("masks", None)
     torch.manual_seed(seed)
     model = new_model(cfg)
     model.load_state_dict(base)
     module = RelRegModule(model, **method, **optimisation(c))
     data = make_split(cfg, kind, "finetune", per_class * cfg["num_classes"], seed=10 + seed)
+    if made is not None:
+        data = {**data, "mask": made_masks(cfg, kind, data["image"], **made)}
     curve = {"steps": [0], "ood_acc": [accuracy(model, evals["ood"])]}
 
     def on_eval(step: int) -> None:

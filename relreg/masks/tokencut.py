@@ -151,8 +151,10 @@ class TokenCut:
         tau, eps: the graph's threshold and small weight (TokenCut: 0.2, 1e-5).
         features: which of the last block's kernel inputs: ``"k"`` (TokenCut's default), ``"q"``
             or ``"v"``.
+        block: which block's kernel inputs (TokenCut: the last, ``-1``; Python indexing).
         refine: apply the bilateral solver to each mask at the image's size
-            (:func:`relreg.masks.bilateral.bilateral_refine`; needs SciPy, the ``masks`` extra).
+            (:func:`relreg.masks.bilateral.bilateral_refine`; needs SciPy, the ``masks`` extra);
+            a dict sets the solver's options (``{"sigma_spatial": 4.0}`` for small images).
         img_size: the square size images are resized to (default: the model's input size).
         device: where the model runs (default: the model's device).
 
@@ -176,7 +178,8 @@ class TokenCut:
         tau: float = 0.2,
         eps: float = 1e-5,
         features: str = "k",
-        refine: bool = False,
+        block: int = -1,
+        refine: bool | dict = False,
         img_size: int | None = None,
         device: str | torch.device | None = None,
     ) -> None:
@@ -191,7 +194,15 @@ class TokenCut:
         if device is not None:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
+        depth = len(getattr(self.model, "blocks", []))
+        if isinstance(block, bool) or not isinstance(block, int) or not -depth <= block < depth:
+            raise ValueError(
+                f"Expected block to index the model's {depth} blocks, but got {block!r}."
+            )
+        if not isinstance(refine, (bool, dict)):
+            raise TypeError(f"Expected refine to be a bool or a dict, but got {refine!r}.")
         self.tau, self.eps, self.features, self.refine = float(tau), float(eps), features, refine
+        self.block = block % depth
         native, mean, std = model_data_config(self.model)
         self.img_size = img_size or native[-1]
         if self.img_size != native[-1] and not getattr(self.model, "dynamic_img_size", False):
@@ -251,10 +262,10 @@ class TokenCut:
             )
         with KernelCapture(self.model) as capture:
             self.model.forward_features(x.to(self.device))
-        last = [c for c in capture.calls if c.block == len(capture.blocks) - 1]
+        last = [c for c in capture.calls if c.block == self.block]
         if not last:
             raise ValueError(
-                f"Expected the last block of {type(self.model).__name__} to call "
+                f"Expected block {self.block} of {type(self.model).__name__} to call "
                 "F.scaled_dot_product_attention, but it made no call there."
             )
         tokens = getattr(last[-1], self.features)  # (B, heads, N, head_dim)
@@ -277,6 +288,7 @@ class TokenCut:
             if self.refine:
                 from relreg.masks.bilateral import bilateral_refine
 
-                full = bilateral_refine(image, full)
+                options = self.refine if isinstance(self.refine, dict) else {}
+                full = bilateral_refine(image, full, **options)
             out.append(full)
         return out

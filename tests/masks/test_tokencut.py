@@ -121,6 +121,8 @@ def test_features_option_reads_the_chosen_kernel_input():
         ({"tau": 2.0}, "Expected tau"),
         ({"eps": 0.0}, "Expected eps > 0"),
         ({"img_size": 64}, "Expected img_size 32"),
+        ({"block": 1}, "Expected block to index the model's 1 blocks"),
+        ({"refine": "yes"}, "Expected refine to be a bool or a dict"),
         ({"model": torch.nn.Linear(2, 2)}, "Expected model to be a timm ViT"),
     ],
 )
