@@ -18,7 +18,7 @@ on the whole batch, where TokenCut calls ``scipy.linalg.eigh`` per image); :clas
 a timm ViT, reads its keys with :class:`relreg.explain.capture.KernelCapture` and returns masks at
 the images' sizes, optionally refined by the bilateral solver (:mod:`relreg.masks.bilateral`).
 
-Where relreg differs: images are resized to one square input (the model's, ``img_size``) so that
+Where relreg differs: images are resized to one input size (the model's, or ``img_size``) so that
 a batch runs as one forward pass, where TokenCut rounds each side of each image to a multiple of
 the patch size; the patch mask is then resized back to each image's own size (nearest), as
 TokenCut does.
@@ -155,7 +155,8 @@ class TokenCut:
         refine: apply the bilateral solver to each mask at the image's size
             (:func:`relreg.masks.bilateral.bilateral_refine`; needs SciPy, the ``masks`` extra);
             a dict sets the solver's options (``{"sigma_spatial": 4.0}`` for small images).
-        img_size: the square size images are resized to (default: the model's input size).
+        img_size: the size images are resized to, ``S`` or ``(H, W)`` (default: the model's input
+            size; another size needs a model built with ``dynamic_img_size=True``).
         device: where the model runs (default: the model's device).
 
     Call it with a list of ``(3, H_i, W_i)`` uint8 images; it returns a list of ``(H_i, W_i)`` bool
@@ -180,7 +181,7 @@ class TokenCut:
         features: str = "k",
         block: int = -1,
         refine: bool | dict = False,
-        img_size: int | None = None,
+        img_size: int | tuple[int, int] | None = None,
         device: str | torch.device | None = None,
     ) -> None:
         check_choice("features", features, FEATURES)
@@ -188,8 +189,13 @@ class TokenCut:
             raise ValueError(f"Expected tau to be a cosine similarity in [-1, 1), but got {tau!r}.")
         if not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"Expected eps > 0, but got {eps!r}.")
+        if isinstance(img_size, int):
+            img_size = (img_size, img_size)
         if img_size is not None:
-            check_positive_int("img_size", img_size)
+            if not isinstance(img_size, (tuple, list)) or len(img_size) != 2:
+                raise ValueError(f"Expected img_size to be S or (H, W), but got {img_size!r}.")
+            for side in img_size:
+                check_positive_int("img_size", side)
         self.model = _load(model, pretrained, checkpoint).eval()
         if device is not None:
             self.model.to(device)
@@ -204,15 +210,15 @@ class TokenCut:
         self.tau, self.eps, self.features, self.refine = float(tau), float(eps), features, refine
         self.block = block % depth
         native, mean, std = model_data_config(self.model)
-        self.img_size = img_size or native[-1]
-        if self.img_size != native[-1] and not getattr(self.model, "dynamic_img_size", False):
+        self.img_size = tuple(img_size or native)
+        if self.img_size != tuple(native) and not getattr(self.model, "dynamic_img_size", False):
             raise ValueError(
-                f"Expected img_size {native[-1]} (the model's input size) for a model built "
+                f"Expected img_size {tuple(native)} (the model's input size) for a model built "
                 f"without dynamic_img_size=True, but got {self.img_size}."
             )
         patch = self.model.patch_embed.patch_size
         self.patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        if self.img_size % self.patch[0] or self.img_size % self.patch[1]:
+        if self.img_size[0] % self.patch[0] or self.img_size[1] % self.patch[1]:
             raise ValueError(
                 f"Expected img_size to be a multiple of the patch size {self.patch}, but got "
                 f"{self.img_size}."
@@ -221,7 +227,7 @@ class TokenCut:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
     def _inputs(self, images: Sequence[Tensor]) -> Tensor:
-        size = (self.img_size, self.img_size)
+        size = self.img_size
         x = torch.stack(
             [
                 F.interpolate(
@@ -248,16 +254,16 @@ class TokenCut:
         """The masks on the patch grid of model-ready inputs.
 
         Args:
-            x: ``(B, 3, S, S)``, normalised as the model expects, ``S = img_size``.
+            x: ``(B, 3, H, W)``, normalised as the model expects, ``(H, W) = img_size``.
 
         Returns:
             ``(B, h, w)`` bool masks and ``(B, h, w)`` eigenvectors (see :func:`normalized_cut`).
         """
         from relreg.explain.capture import KernelCapture
 
-        if x.dim() != 4 or tuple(x.shape[1:]) != (3, self.img_size, self.img_size):
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, *self.img_size):
             raise ValueError(
-                f"Expected x of shape (B, 3, {self.img_size}, {self.img_size}), but got "
+                f"Expected x of shape (B, 3, {self.img_size[0]}, {self.img_size[1]}), but got "
                 f"{tuple(x.shape)}."
             )
         with KernelCapture(self.model) as capture:
@@ -271,7 +277,7 @@ class TokenCut:
         tokens = getattr(last[-1], self.features)  # (B, heads, N, head_dim)
         b, _, n, _ = tokens.shape
         tokens = tokens.transpose(1, 2).reshape(b, n, -1)
-        grid = (self.img_size // self.patch[0], self.img_size // self.patch[1])
+        grid = (self.img_size[0] // self.patch[0], self.img_size[1] // self.patch[1])
         prefix = n - grid[0] * grid[1]
         return normalized_cut(tokens[:, prefix:], grid, self.tau, self.eps)
 

@@ -167,3 +167,16 @@ def test_make_masks_runs_a_text_method_by_name(tmp_path, clipseg):
         "model": "tuple",
         "threshold": 0.0,
     }
+
+
+@pytest.mark.parametrize("kind", ["clipseg", "sam3"])
+def test_a_saved_model_loads_by_name_through_from_pretrained(tmp_path, kind, clipseg, sam3):
+    """The loading path a user takes (a Hub name or a local folder), on a saved tiny model."""
+    cls, (model, processor) = (CLIPSegMasks, clipseg) if kind == "clipseg" else (SAM3Masks, sam3)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = cls(str(tmp_path), threshold=0.5)
+    images = images_of(SIZES[:2], seed=4)
+    expected = cls((model, processor), threshold=0.5)(images, PROMPTS[:2])
+    for a, b in zip(loaded(images, PROMPTS[:2]), expected, strict=True):
+        assert torch.equal(a, b)

@@ -120,7 +120,8 @@ def test_features_option_reads_the_chosen_kernel_input():
         ({"features": "x"}, "Expected features one of"),
         ({"tau": 2.0}, "Expected tau"),
         ({"eps": 0.0}, "Expected eps > 0"),
-        ({"img_size": 64}, "Expected img_size 32"),
+        ({"img_size": 64}, "Expected img_size \\(32, 32\\)"),
+        ({"img_size": (32,)}, "Expected img_size to be S or \\(H, W\\)"),
         ({"block": 1}, "Expected block to index the model's 1 blocks"),
         ({"refine": "yes"}, "Expected refine to be a bool or a dict"),
         ({"model": torch.nn.Linear(2, 2)}, "Expected model to be a timm ViT"),
@@ -139,3 +140,60 @@ def test_bad_shapes_are_refused():
         normalized_cut(torch.zeros(1, 8, 3), (3, 3))
     with pytest.raises(ValueError, match="Expected x of shape"):
         TokenCut(planted_vit()).cut(torch.zeros(1, 3, 16, 16))
+
+
+def test_the_default_model_is_timms_dino_vit_s16_with_pretrained_weights(monkeypatch):
+    import relreg.masks.tokencut as tokencut
+
+    calls = []
+
+    def record(name, **kwargs):
+        calls.append((name, kwargs))
+        return planted_vit()
+
+    monkeypatch.setattr(tokencut, "build_model", record)
+    TokenCut()
+    assert calls == [
+        ("vit_small_patch16_224.dino", {"pretrained": True, "checkpoint": None, "num_classes": 0})
+    ]
+
+
+FAMILY_NAMES = ["vit", "dinov2 + registers", "EVA-02", "DINOv3 (rotary)", "BEiT", "SigLIP (map)"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_tokencut_runs_on_the_vit_families(family):
+    from tests.explain.families import build_family
+
+    model = build_family(family)
+    images = [
+        torch.randint(
+            0, 256, (3, 40, 30), generator=torch.Generator().manual_seed(i), dtype=torch.uint8
+        )
+        for i in range(3)
+    ]
+    segment = TokenCut(model)
+    masks = segment(images)
+    assert [tuple(m.shape) for m in masks] == [(40, 30)] * 3
+    assert all(m.any() for m in masks)  # the seed's component is never empty
+    again = segment(images)
+    assert all(torch.equal(a, b) for a, b in zip(masks, again, strict=True))
+
+
+def test_a_non_square_model_gets_a_non_square_grid():
+    model = planted_vit()
+    import timm
+
+    wide = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=(16, 24),
+        patch_size=4,
+        embed_dim=8,
+        depth=1,
+        num_heads=1,
+    )
+    masks, vectors = TokenCut(wide.eval()).patch_masks([torch.zeros(3, 20, 30, dtype=torch.uint8)])
+    assert masks.shape == (1, 4, 6) and vectors.shape == (1, 4, 6)
+    assert TokenCut(model).img_size == (SIZE, SIZE)
