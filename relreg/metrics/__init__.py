@@ -17,6 +17,7 @@ from relreg.metrics.faithfulness import DeletionInsertionAUC, FlippingArea, Pert
 from relreg.metrics.functional import (
     deletion_insertion_auc,
     flipping_area,
+    group_accuracy,
     perturbation_auc,
     pointing_game,
     relevance_mass,
@@ -24,6 +25,7 @@ from relreg.metrics.functional import (
     relevance_share,
     segmentation_agreement,
 )
+from relreg.metrics.groups import GroupAccuracy
 from relreg.metrics.localization import (
     PointingGame,
     RelevanceMass,
@@ -53,6 +55,7 @@ __all__ = [
     "SCORINGS",
     "DeletionInsertionAUC",
     "FlippingArea",
+    "GroupAccuracy",
     "MetricSpec",
     "PerturbationAUC",
     "PointingGame",
@@ -65,6 +68,7 @@ __all__ = [
     "dataset_accuracy",
     "deletion_insertion_auc",
     "flipping_area",
+    "group_accuracy",
     "keyed_result",
     "list_metrics",
     "metric_keys",

@@ -14,6 +14,7 @@ from relreg.metrics.functional.faithfulness import (
     flipping_area,
     perturbation_auc,
 )
+from relreg.metrics.functional.groups import group_accuracy, group_counts, group_summary
 from relreg.metrics.functional.localization import (
     pointing_game,
     relevance_mass,
@@ -27,6 +28,9 @@ __all__ = [
     "black_fill",
     "deletion_insertion_auc",
     "flipping_area",
+    "group_accuracy",
+    "group_counts",
+    "group_summary",
     "perturbation_auc",
     "pointing_game",
     "relevance_mass",

@@ -1,0 +1,139 @@
+"""Group accuracies against a per-sample loop, their edge cases and errors, and the torchmetrics
+twin's exactness under DDP (2 gloo processes, uneven shards)."""
+
+from __future__ import annotations
+
+import math
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from relreg.metrics import GroupAccuracy, group_accuracy
+
+
+def loop_reference(preds, target, groups, num_groups):
+    """Per-sample loop: a list of accuracies per group (None for empty ones)."""
+    per = []
+    for g in range(num_groups):
+        hits = [
+            int(p == t)
+            for p, t, k in zip(preds.tolist(), target.tolist(), groups.tolist(), strict=True)
+            if k == g
+        ]
+        per.append(sum(hits) / len(hits) if hits else None)
+    seen = [a for a in per if a is not None]
+    return per, min(seen), sum(seen) / len(seen)
+
+
+def random_batch(n=200, k=3, num_groups=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g)
+    target = torch.randint(0, k, (n,), generator=g)
+    groups = torch.randint(0, num_groups - 1, (n,), generator=g)  # the last group stays empty
+    return logits, target, groups
+
+
+def test_group_accuracy_equals_a_per_sample_loop():
+    logits, target, groups = random_batch()
+    out = group_accuracy(logits, target, groups, 5)
+    per, worst, average = loop_reference(logits.argmax(-1), target, groups, 5)
+    for got, expected in zip(out["group_accuracy"].tolist(), per, strict=True):
+        assert math.isnan(got) if expected is None else got == pytest.approx(expected)
+    assert out["worst_group_accuracy"].item() == pytest.approx(worst)
+    assert out["average_group_accuracy"].item() == pytest.approx(average)
+
+
+def test_the_metric_accumulates_batches_to_the_whole_splits_value():
+    logits, target, groups = random_batch(seed=1)
+    metric = GroupAccuracy(5)
+    for i in range(0, 200, 37):
+        metric.update(logits[i : i + 37], target[i : i + 37], groups[i : i + 37])
+    whole = group_accuracy(logits, target, groups, 5)
+    out = metric.compute()
+    torch.testing.assert_close(out["group_accuracy"], whole["group_accuracy"], equal_nan=True)
+    assert out["worst_group_accuracy"] == whole["worst_group_accuracy"]
+    metric.reset()
+    assert math.isnan(metric.compute()["worst_group_accuracy"])
+
+
+def test_worst_group_is_the_minority_the_majority_rule_fails():
+    # a classifier that predicts the majority group's label: right on the majority, wrong elsewhere
+    target = torch.tensor([0] * 90 + [1] * 10)
+    groups = torch.tensor([0] * 90 + [1] * 10)
+    out = group_accuracy(torch.zeros(100, dtype=torch.long), target, groups, 2)
+    assert out["worst_group_accuracy"] == 0.0 and out["average_group_accuracy"] == 0.5
+    assert (torch.zeros(100, dtype=torch.long) == target).float().mean() == 0.9
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            (torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]), 2),
+            "Expected groups in \\[0, 2\\), but got values from 0 to 2",
+        ),
+        (
+            (
+                torch.zeros(3, 2),
+                torch.zeros(2, dtype=torch.long),
+                torch.zeros(3, dtype=torch.long),
+                2,
+            ),
+            "Expected preds \\(B,\\) or \\(B, K\\) matching target",
+        ),
+        (
+            (
+                torch.zeros(3, 2),
+                torch.zeros(3, dtype=torch.long),
+                torch.zeros(2, dtype=torch.long),
+                2,
+            ),
+            "Expected correct and groups of one shape",
+        ),
+        (
+            (
+                torch.zeros(3, 2),
+                torch.zeros(3, dtype=torch.long),
+                torch.zeros(3, dtype=torch.long),
+                0,
+            ),
+            "Expected num_groups to be a positive int",
+        ),
+    ],
+)
+def test_bad_input_is_named(args, message):
+    with pytest.raises(ValueError, match=message):
+        group_accuracy(*args)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    logits, target, groups = random_batch(n=203, seed=2)
+    shard = slice(0, 120) if rank == 0 else slice(120, 203)  # uneven shards
+    metric = GroupAccuracy(5)
+    metric.update(logits[shard], target[shard], groups[shard])
+    result = metric.compute()
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_exact_under_ddp_with_two_processes(tmp_path):
+    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    logits, target, groups = random_batch(n=203, seed=2)
+    whole = group_accuracy(logits, target, groups, 5)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["group_accuracy"], whole["group_accuracy"], equal_nan=True)
+        assert got["worst_group_accuracy"] == whole["worst_group_accuracy"]
+        assert got["average_group_accuracy"] == whole["average_group_accuracy"]
