@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from relreg.data.eval_split import EvalSplit
+from relreg.data.eval_split import EvalSplit, num_groups_of
 from relreg.data.sample import Sample
 from relreg.metrics import scoring_classes
 from relreg.validate import check_positive_int
@@ -157,9 +157,13 @@ class RelRegDataModule(pl.LightningDataModule):
 
     def eval_splits(self) -> list[EvalSplit]:
         """The evaluation loaders, in order: ``"id"`` (val or test) then the OOD splits, each
-        with the classes its predictions are scored on."""
-        ood = [EvalSplit(name, scoring_classes(ds)) for name, ds in self.ood.items()]
-        return [EvalSplit("id"), *ood]
+        with the classes its predictions are scored on and the number of its groups (the id
+        split's from the validation set, else the test set)."""
+        ood = [
+            EvalSplit(name, scoring_classes(ds), num_groups_of(ds)) for name, ds in self.ood.items()
+        ]
+        id_set = self.val_set if self.val_set is not None else self.test_set
+        return [EvalSplit("id", None, num_groups_of(id_set)), *ood]
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["EvalSplit"]
+__all__ = ["EvalSplit", "num_groups_of"]
+
+
+def num_groups_of(dataset: object) -> int | None:
+    """A dataset's ``num_groups`` (read through ``torch.utils.data.Subset``), or None."""
+    if dataset is None:
+        return None
+    if not hasattr(dataset, "num_groups") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return getattr(dataset, "num_groups", None)
 
 
 @dataclass(frozen=True)
@@ -23,10 +32,13 @@ class EvalSplit:
             the OOD split's name (logged as ``ood/<name>/...``).
         scoring_classes: the classes ``(C,)`` the split's predictions are restricted to
             (:func:`relreg.metrics.scoring_classes`), or None for a full argmax.
+        num_groups: how many groups the split's samples fall into (their ``group``;
+            :func:`num_groups_of`), or None for a split without groups.
     """
 
     name: str
     scoring_classes: Tensor | None = None
+    num_groups: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

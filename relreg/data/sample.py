@@ -23,8 +23,8 @@ class _Required(TypedDict):
 
 
 class Sample(_Required, total=False):
-    """One sample: ``image``, ``label``, ``mask`` and ``has_mask`` always; ``path`` and
-    ``label_set`` where the dataset has them.
+    """One sample: ``image``, ``label``, ``mask`` and ``has_mask`` always; ``path``,
+    ``label_set`` and ``group`` where the dataset has them.
 
     Attributes:
         image: ``(3, H, W)`` float, normalised as the model expects.
@@ -34,7 +34,11 @@ class Sample(_Required, total=False):
         path: the image file, for folders.
         label_set: ``(S,)`` long, every class that counts as right, padded with -1 (ObjectNet-style
             splits; see :func:`relreg.metrics.accuracy_targets`).
+        group: ``()`` long, the sample's group in ``[0, dataset.num_groups)`` (Waterbirds:
+            ``2 * y + place``; the generated benchmarks: ``label * num_cues + cue``), for the
+            group accuracies (:class:`relreg.metrics.GroupAccuracy`).
     """
 
     path: str
     label_set: Tensor
+    group: Tensor

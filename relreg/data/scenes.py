@@ -293,6 +293,7 @@ class SpuriousScenes(GeneratedSplit):
             self.cues, self.digits, self.boxes = (
                 torch.tensor(items[k])[order] for k in ("cues", "digits", "boxes")
             )
+            self.num_cues = len(self.backgrounds)
             return
         batch = _generate(*args)
         shift = torch.tensor(mean).view(3, 1, 1)
@@ -301,6 +302,7 @@ class SpuriousScenes(GeneratedSplit):
         self.masks = batch.masks
         self.labels = batch.labels
         self.cues = batch.cues
+        self.num_cues = len(self.backgrounds)
         self.digits = batch.digits
         self.boxes = batch.boxes
 

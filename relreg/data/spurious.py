@@ -43,12 +43,22 @@ def _split_params(split: str, spurious: float, num_classes: int, seed: int) -> t
 class GeneratedSplit(Dataset):
     """What the generated benchmarks share: items from tensors (``images``, ``masks``, ``labels``)
     or from their cached image folder (``folder``), with the mask zeroed where ``has_mask`` is
-    False."""
+    False. Where the cue of each image is known (``cues``), items carry ``group = label *
+    num_cues + cue`` (label x the class the background cue points to) and :attr:`num_groups` is
+    ``len(classes) * num_cues``: the groups where cue and label agree are the majority of a
+    biased split, the others its minority."""
 
     has_mask: Tensor
     labels: Tensor
     classes: list[str]
     folder: MaskedImageFolder | None
+    cues: Tensor | None = None
+    num_cues: int = 0
+
+    @property
+    def num_groups(self) -> int | None:
+        """How many groups the items' ``group`` ranges over, or None without known cues."""
+        return None if self.cues is None else len(self.classes) * self.num_cues
 
     def _read_folder(self, root: Path, mean: list[float], std: list[float]) -> None:
         """Serve the items from the cached folder ``root`` (``labels`` in its file order)."""
@@ -70,12 +80,15 @@ class GeneratedSplit(Dataset):
             image = self.images[index]
             label = self.labels[index]
             mask = self.masks[index]
-        return {
+        sample: Sample = {
             "image": image,
             "label": label,
             "mask": mask if has else torch.zeros_like(mask),
             "has_mask": has,
         }
+        if self.cues is not None:
+            sample["group"] = label * self.num_cues + self.cues[index]
+        return sample
 
 
 class SpuriousShapes(GeneratedSplit):
@@ -143,6 +156,8 @@ class SpuriousShapes(GeneratedSplit):
         )
         self.masks = batch.masks
         self.labels = batch.labels
+        self.cues = batch.cues
+        self.num_cues = num_classes
 
 
 def _per_channel(name: str, value: float | Sequence[float]) -> list[float]:

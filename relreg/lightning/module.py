@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from relreg.data.eval_split import EvalSplit
 from relreg.explain import explain_with_logits, explainer_info, find_attention_modules
 from relreg.lightning.nonfinite import NonFiniteError, NonFiniteGuard, nonfinite_terms
-from relreg.metrics import RelevanceMass, accuracy_targets, score_logits
+from relreg.metrics import GroupAccuracy, RelevanceMass, accuracy_targets, score_logits
 from relreg.models import build_model, freeze_parameters, load_weights
 from relreg.objective import ROBUSTVIT, ExplainerSpec, Objective, StepContext, StepOutput
 from relreg.validate import check_positive_int
@@ -176,6 +176,8 @@ class RelRegModule(pl.LightningModule):
         accuracies = [MulticlassAccuracy(num, average="micro") for _ in splits]
         self.eval_acc = nn.ModuleList(accuracies).to(self.device)
         self.eval_mass = nn.ModuleList([RelevanceMass() for _ in splits]).to(self.device)
+        groups = {str(i): GroupAccuracy(s.num_groups) for i, s in enumerate(splits) if s.num_groups}
+        self.eval_groups = nn.ModuleDict(groups).to(self.device)
 
     def _eval_split(self, dataloader_idx: int) -> EvalSplit:
         if dataloader_idx >= len(self.eval_splits):
@@ -255,6 +257,9 @@ class RelRegModule(pl.LightningModule):
             add_dataloader_idx=False,
             metric_attribute=f"eval_acc.{dataloader_idx}",
         )
+        if str(dataloader_idx) in self.eval_groups and "group" in batch:
+            targets = accuracy_targets(logits, batch)
+            self.eval_groups[str(dataloader_idx)].update(logits, targets, batch["group"])
         if name == "id":
             losses = {"loss": out.loss, **out.terms}
             for key, value in losses.items():
@@ -280,6 +285,26 @@ class RelRegModule(pl.LightningModule):
         self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._eval_step("val", batch, dataloader_idx)
+
+    def _log_groups(self, stage: str) -> None:
+        """``<prefix>/worst_group_acc`` and ``average_group_acc`` of every split with groups
+        (:class:`relreg.metrics.GroupAccuracy`: per-group counts summed over the ranks)."""
+        for index, metric in self.eval_groups.items():
+            name = self.eval_splits[int(index)].name
+            prefix = stage if name == "id" else f"ood/{name}"
+            if metric.update_called:  # compute() sums the counts over the ranks
+                result = metric.compute()
+                if not torch.isnan(result["worst_group_accuracy"]):
+                    for key in ("worst_group", "average_group"):
+                        value = result[f"{key}_accuracy"].to(self.device)
+                        self.log(f"{prefix}/{key}_acc", value, sync_dist=True)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_groups("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_groups("test")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch, dataloader_idx)

@@ -125,7 +125,9 @@ def test_train_and_test_digits_are_disjoint():
 def test_samples_masks_and_normalisation():
     ds = SpuriousScenes("val", n=10, size=16, masked_fraction=0.5, mean=0.5, std=0.25)
     sample = ds[0]
-    assert sorted(sample) == ["has_mask", "image", "label", "mask"]
+    assert sorted(sample) == ["group", "has_mask", "image", "label", "mask"]
+    # group: label x the background the cue points to (4 digits x 4 backgrounds)
+    assert ds.num_groups == 16 and sample["group"] == sample["label"] * 4 + ds.cues[0]
     assert sample["image"].shape == (3, 16, 16) and sample["mask"].shape == (16, 16)
     assert sample["image"].min() >= -2 - 1e-6 and sample["image"].max() <= 2 + 1e-6
     assert 0 < int(ds.has_mask.sum()) < 10
