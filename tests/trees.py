@@ -82,3 +82,44 @@ def objectnet_tree(root: Path, size: int = 10) -> Path:
         (mappings / name).write_text(json.dumps(content))
     (mappings / "imagenet_to_label_2012_v2").write_text("\n".join(lines) + "\n")
     return images
+
+
+# Waterbirds' groups: (y, place) per group index 2 * y + place
+WATERBIRDS_GROUPS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def waterbirds_tree(
+    root: Path,
+    per_group: Sequence[Sequence[int]] = ((3, 2, 1, 2), (2, 2, 2, 2), (2, 2, 2, 2)),
+    size: tuple[int, int] = (20, 24),
+) -> tuple[Path, Path]:
+    """A tiny Waterbirds: ``root/waterbird_complete95_forest2water2/`` (images in CUB's species
+    folders and ``metadata.csv``) and ``root/CUB_200_2011/segmentations/`` (soft masks: 255 on the
+    bird's core, 100 on a rim that a 0.5 threshold drops). ``per_group[split][group]`` images.
+    The bird is a bright square, the place a dark (land) or blue (water) background."""
+    data = root / "waterbird_complete95_forest2water2"
+    segs = root / "CUB_200_2011" / "segmentations"
+    rows = ["img_id,img_filename,y,split,place,place_filename"]
+    h, w = size
+    k = 0
+    for split, counts in enumerate(per_group):
+        for group, count in enumerate(counts):
+            y, place = WATERBIRDS_GROUPS[group]
+            species = "001.Black_footed_Albatross" if y else "100.Brown_Pelican_like_landbird"
+            for _ in range(count):
+                k += 1
+                name = f"{species}/Bird_{k:04d}.jpg"
+                pixels = np.zeros((h, w, 3), dtype=np.uint8)
+                pixels[..., 2 if place else 1] = 120
+                soft = np.zeros((h, w), dtype=np.uint8)
+                top, left = 2 + k % 5, 3 + k % 7
+                soft[top - 1 : top + 9, left - 1 : left + 9] = 100
+                soft[top : top + 8, left : left + 8] = 255
+                pixels[soft == 255] = (240, 200, 40)
+                (data / species).mkdir(parents=True, exist_ok=True)
+                (segs / species).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(data / name, quality=95)
+                Image.fromarray(soft).save(segs / name.replace(".jpg", ".png"))
+                rows.append(f"{k},{name},{y},{split},{place},/x/place_{k}.jpg")
+    (data / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return data, segs

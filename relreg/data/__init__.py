@@ -13,7 +13,7 @@ from relreg.data.classes import (
     label_space,
     split_classes_of,
 )
-from relreg.data.datamodule import EpochShuffleSampler, RelRegDataModule
+from relreg.data.datamodule import BalancedSampler, EpochShuffleSampler, RelRegDataModule
 from relreg.data.eval_split import EvalSplit
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
 from relreg.data.preprocessing import PREPROCESSING, FollowsModel, Preprocessing
@@ -25,6 +25,7 @@ from relreg.data.spurious import SPLITS, SpuriousShapes, write_shapes_folder
 from relreg.data.suites import objectnet_label_sets
 from relreg.data.synthetic import SHAPES, ShapesBatch, make_shapes
 from relreg.data.transforms import eval_transform, train_transform
+from relreg.data.waterbirds import Waterbirds
 
 __all__ = [
     "LABEL_SPACES",
@@ -35,6 +36,7 @@ __all__ = [
     "OODImageFolder",
     "FollowsModel",
     "Preprocessing",
+    "BalancedSampler",
     "EpochShuffleSampler",
     "EvalSplit",
     "RelRegDataModule",
@@ -44,6 +46,7 @@ __all__ = [
     "ShuffledLabels",
     "SpuriousScenes",
     "SpuriousShapes",
+    "Waterbirds",
     "class_index",
     "class_names",
     "class_sets",

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from relreg.data.eval_split import EvalSplit, num_groups_of
 from relreg.data.sample import Sample
 from relreg.metrics import scoring_classes
-from relreg.validate import check_positive_int
+from relreg.validate import check_choice, check_positive_int
 
 __all__ = ["EpochShuffleSampler", "RelRegDataModule"]
 
@@ -64,6 +64,44 @@ class EpochShuffleSampler(RandomSampler):
         yield from torch.randperm(len(self.data_source), generator=g).tolist()
 
 
+BALANCE = ("group", "class")
+
+
+class BalancedSampler(EpochShuffleSampler):
+    """Draws ``len(dataset)`` indices per epoch with replacement, each group (or class) equally
+    often in expectation: weight ``1 / count`` of the sample's group (``dataset.groups``) or
+    class (``dataset.labels``). A function of ``(seed, epoch)`` only, like
+    :class:`EpochShuffleSampler`; under DDP Lightning shards its indices.
+
+    Args:
+        data_source: a dataset with ``groups`` (``by="group"``) or ``labels`` (``by="class"``).
+        by: ``"group"`` or ``"class"``.
+        seed: base seed.
+    """
+
+    def __init__(self, data_source: Dataset, by: str = "group", seed: int = 0) -> None:
+        check_choice("balance", by, BALANCE)
+        super().__init__(data_source, seed)
+        inner = getattr(data_source, "dataset", data_source)
+        attribute = "groups" if by == "group" else "labels"
+        keys = getattr(inner, attribute, None)
+        if keys is None:
+            raise ValueError(
+                f"Expected a train dataset with {attribute!r} for balance={by!r}, but "
+                f"{type(inner).__name__} has none."
+            )
+        keys = torch.as_tensor(keys)
+        if hasattr(data_source, "indices"):  # torch.utils.data.Subset
+            keys = keys[torch.as_tensor(data_source.indices)]
+        counts = torch.bincount(keys)
+        self.weights = 1.0 / counts[keys].double()
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = len(self.weights)
+        yield from torch.multinomial(self.weights, n, replacement=True, generator=g).tolist()
+
+
 class RelRegDataModule(pl.LightningDataModule):
     """Wire datasets into loaders.
 
@@ -78,6 +116,9 @@ class RelRegDataModule(pl.LightningDataModule):
         num_workers: loader workers.
         seed: seed of the training shuffle (:class:`EpochShuffleSampler`: the order of each epoch
             depends on ``seed`` and the epoch only, so resumed runs repeat it).
+        balance: None (shuffle), ``"group"`` or ``"class"``: sample the training set so that each
+            group or class comes equally often (:class:`BalancedSampler`; GroupDRO's and DFR's
+            setting on Waterbirds).
 
     Every dataset built with ``preprocessing="model"`` takes the preprocessing of the model it is
     given by :meth:`follow_model` (:func:`relreg.lightning.connect` gives it the module's
@@ -97,9 +138,15 @@ class RelRegDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        balance: str | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("batch_size", batch_size)
+        if balance is not None:
+            check_choice("balance", balance, BALANCE)
+            if train is not None:
+                BalancedSampler(train, balance, seed)  # refuse a dataset without groups now
+        self.balance = balance
         self.train_set = train
         self.val_set = val
         self.test_set = test if test is not None else val
@@ -166,10 +213,17 @@ class RelRegDataModule(pl.LightningDataModule):
         return [EvalSplit("id", None, num_groups_of(id_set)), *ood]
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle:
+            sampler = (
+                EpochShuffleSampler(dataset, self.seed)
+                if self.balance is None
+                else BalancedSampler(dataset, self.balance, self.seed)
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -56,6 +56,11 @@ class GeneratedSplit(Dataset):
     num_cues: int = 0
 
     @property
+    def groups(self) -> Tensor | None:
+        """``(N,)`` every item's group, or None without known cues."""
+        return None if self.cues is None else self.labels * self.num_cues + self.cues
+
+    @property
     def num_groups(self) -> int | None:
         """How many groups the items' ``group`` ranges over, or None without known cues."""
         return None if self.cues is None else len(self.classes) * self.num_cues
