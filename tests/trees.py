@@ -123,3 +123,29 @@ def waterbirds_tree(
                 rows.append(f"{k},{name},{y},{split},{place},/x/place_{k}.jpg")
     (data / "metadata.csv").write_text("\n".join(rows) + "\n")
     return data, segs
+
+
+def imagenet9_tree(root: Path, per_class: int = 2, size: int = 12, seed: int = 0) -> Path:
+    """A tiny ImageNet-9 challenge: every variation's ``val/<class>/`` (the class names with their
+    spaces), ``fg_mask/val/<class>/<stem>.npy`` (a square object) and an ``in_to_in9.json`` that
+    maps ImageNet index ``i`` to ``i % 10`` (9 meaning -1, unmapped)."""
+    from relreg.data.imagenet9 import IN9_CLASSES, IN9_MAPPING, VARIATIONS
+
+    rng = np.random.default_rng(seed)
+    for variation in VARIATIONS:
+        for name in IN9_CLASSES:
+            (root / variation / "val" / name).mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(IN9_CLASSES):
+        (root / "fg_mask" / "val" / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            stem = f"n0{k}_{i}"
+            fg = np.zeros((size, size), dtype=bool)
+            top = int(rng.integers(0, size // 2))
+            fg[top : top + size // 2, 2 : 2 + size // 2] = True
+            np.save(root / "fg_mask" / "val" / name / f"{stem}.npy", fg)
+            for variation in VARIATIONS:
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / variation / "val" / name / f"{stem}.JPEG")
+    table = {str(i): (i % 10 if i % 10 < 9 else -1) for i in range(1000)}
+    (root / IN9_MAPPING).write_text(json.dumps(table))
+    return root

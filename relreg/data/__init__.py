@@ -16,6 +16,7 @@ from relreg.data.classes import (
 from relreg.data.datamodule import BalancedSampler, EpochShuffleSampler, RelRegDataModule
 from relreg.data.eval_split import EvalSplit
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
+from relreg.data.imagenet9 import ImageNet9, bg_gap
 from relreg.data.preprocessing import PREPROCESSING, FollowsModel, Preprocessing
 from relreg.data.sample import Sample
 from relreg.data.scenes import ScenesBatch, SpuriousScenes, make_scenes, write_scenes_folder
@@ -35,6 +36,7 @@ __all__ = [
     "MaskedImageFolder",
     "OODImageFolder",
     "FollowsModel",
+    "ImageNet9",
     "Preprocessing",
     "BalancedSampler",
     "EpochShuffleSampler",
@@ -47,6 +49,7 @@ __all__ = [
     "SpuriousScenes",
     "SpuriousShapes",
     "Waterbirds",
+    "bg_gap",
     "class_index",
     "class_names",
     "class_sets",
