@@ -29,6 +29,7 @@ from relreg.objective.classification import ClassificationTerm
 from relreg.objective.context import ExplainerSpec, StepContext
 from relreg.objective.counterfactual import CounterfactualTerm
 from relreg.objective.faithfulness import FaithfulnessTerm
+from relreg.objective.group_dro import GroupDROTerm
 from relreg.objective.objective import ROBUSTVIT, Objective, StepOutput, TermSpec
 from relreg.objective.term import NEEDS, TERMS, Term, list_terms, register_term
 
@@ -38,6 +39,7 @@ __all__ = [
     "TERMS",
     "CFTTerm",
     "ClassificationTerm",
+    "GroupDROTerm",
     "CounterfactualTerm",
     "ExplainerSpec",
     "FaithfulnessTerm",

@@ -85,6 +85,16 @@ class StepContext:
         return self.batch["label"]
 
     @property
+    def groups(self) -> Tensor:
+        """``(B,)`` the batch's groups (``Sample.group``)."""
+        if "group" not in self.batch:
+            raise ValueError(
+                "Expected batches with 'group' for this objective (a dataset with groups: "
+                f"Waterbirds, SpuriousShapes, ...), but the batch has only {sorted(self.batch)}."
+            )
+        return self.batch["group"]
+
+    @property
     def _whole(self) -> bool:
         return self.rest.numel() == 0
 

@@ -34,6 +34,7 @@ NEEDS = frozenset(
     {
         "images",  # (B, C, H, W) the batch
         "labels",  # (B,) classes
+        "groups",  # (B,) the samples' groups (datasets with a ``group``: Waterbirds, ...)
         "logits",  # (B, K) the model's logits of the batch (the explained pass for masked samples)
         "masked",  # (M,) indices of the samples that have a mask
         "masks",  # (M, H, W) their masks
