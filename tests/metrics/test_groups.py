@@ -4,15 +4,13 @@ twin's exactness under DDP (2 gloo processes, uneven shards)."""
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from relreg.metrics import GroupAccuracy, group_accuracy
+from tests.ddp import run_two_ranks
 
 
 def loop_reference(preds, target, groups, num_groups):
@@ -110,26 +108,18 @@ def test_bad_input_is_named(args, message):
         group_accuracy(*args)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _rank(rank: int, out: str) -> None:
     logits, target, groups = random_batch(n=203, seed=2)
     shard = slice(0, 120) if rank == 0 else slice(120, 203)  # uneven shards
     metric = GroupAccuracy(5)
     metric.update(logits[shard], target[shard], groups[shard])
     result = metric.compute()
     torch.save(result, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_exact_under_ddp_with_two_processes(tmp_path):
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_two_ranks(_rank, str(tmp_path))
     logits, target, groups = random_batch(n=203, seed=2)
     whole = group_accuracy(logits, target, groups, 5)
     for rank in (0, 1):

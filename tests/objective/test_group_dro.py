@@ -4,18 +4,16 @@ refusals, ``relreg fit`` from YAML, and the same weights on every rank under DDP
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from relreg.cli import main
 from relreg.objective import GroupDROTerm, StepContext
 from relreg.objective.context import ExplainerSpec
+from tests.ddp import run_two_ranks
 
 
 class Reference:
@@ -138,25 +136,17 @@ data:
     assert main(["fit", "--config", str(config)]) in (0, None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _rank(rank: int, out: str) -> None:
     term = GroupDROTerm(4, step_size=0.5)
     for logits, labels, groups in batches(seed=3):
         half = slice(0, 10) if rank == 0 else slice(10, 16)  # uneven shards of one batch
         term(context(logits[half], labels[half], groups[half]))
     torch.save(term.weights, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_every_rank_holds_the_weights_of_the_global_batch(tmp_path):
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_two_ranks(_rank, str(tmp_path))
     single = GroupDROTerm(4, step_size=0.5)
     for logits, labels, groups in batches(seed=3):
         single(context(logits, labels, groups))
