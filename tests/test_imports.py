@@ -1,7 +1,7 @@
 """Imports inside relreg run one way, bottom to top, and never in a circle.
 
 The layers (docs/architecture.md): validate / io <- explain / models / viz <- metrics / losses <-
-data <- lightning / masks <- evaluation / demo <- cli. Every ``import`` statement in ``relreg/``
+data <- lightning / masks / baselines <- evaluation / demo <- cli. Every ``import`` statement in ``relreg/``
 (also the ones inside functions) is read with ``ast``; none may reach a higher layer, and the
 graph of module-to-module imports has no cycle.
 """
@@ -29,6 +29,7 @@ LAYERS = {
     "relreg.data": 3,
     "relreg.lightning": 4,
     "relreg.masks": 4,
+    "relreg.baselines": 4,
     "relreg.evaluation": 5,
     "relreg.demo": 5,
     "relreg.cli": 6,

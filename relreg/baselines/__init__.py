@@ -1,0 +1,7 @@
+"""Baselines of the spurious-correlation field that are stages rather than loss terms: DFR
+(last-layer retraining on a group-balanced held-out set). GroupDRO is an objective term
+(:class:`relreg.objective.GroupDROTerm`)."""
+
+from relreg.baselines.dfr import C_GRID, DFRResult, deep_feature_reweighting, embed
+
+__all__ = ["C_GRID", "DFRResult", "deep_feature_reweighting", "embed"]
