@@ -1,9 +1,9 @@
 """Imports inside relreg run one way, bottom to top, and never in a circle.
 
 The layers (docs/architecture.md): validate / io <- explain / models / viz <- metrics / losses <-
-data <- lightning / masks / baselines <- evaluation / demo <- cli. Every ``import`` statement in ``relreg/``
-(also the ones inside functions) is read with ``ast``; none may reach a higher layer, and the
-graph of module-to-module imports has no cycle.
+data <- lightning / masks / baselines <- evaluation / demo <- cli. Every ``import`` statement in
+``relreg/`` (also the ones inside functions) is read with ``ast``; none may reach a higher layer,
+and the graph of module-to-module imports has no cycle.
 """
 
 from __future__ import annotations
