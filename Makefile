@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.relreg-installed
 OUT ?= runs/demo
 
-.PHONY: venv test test-all test-numerics demo evaluate compare study study-baselines study-scenes study-scenes-2026 study-scenes-masks mask-quality study-scenes-steps study-scenes-same-task bench lint clean
+.PHONY: venv test test-all test-numerics demo evaluate compare study study-baselines study-scenes study-scenes-2026 study-scenes-masks study-scenes-groups mask-quality study-scenes-steps study-scenes-same-task bench lint clean
 
 venv: $(STAMP)
 
@@ -80,6 +80,13 @@ study-scenes-masks: $(STAMP)
 		--baseline-seeds 0 1 2 3 --methods counterfactual relreg_label counterfactual_tokencut \
 		relreg_label_tokencut counterfactual_tokencut_refined \
 		--out experiments/results/robustness_scenes_masks.json --overwrite
+
+# the field's question: the recipes against DFR, GroupDRO and a data oracle on the same image
+# budget, with worst-group accuracy (about 25 minutes on 2 CPU cores)
+study-scenes-groups: $(STAMP)
+	$(PY) experiments/robustness_baselines.py --config configs/study/scenes.yaml \
+		--baseline-seeds 0 1 2 3 --methods counterfactual relreg_label dfr group_dro oracle \
+		--out experiments/results/robustness_scenes_groups.json --overwrite
 
 # after or instead of study-scenes: its two best arms and the control fine-tuned 300 steps (about 30 minutes)
 study-scenes-steps: $(STAMP)

@@ -206,7 +206,17 @@ def test_help_lists_every_command_in_plain_text(capsys):
     text = capsys.readouterr().out
     assert "``" not in text and ":func:" not in text and ":class:" not in text
     listed = text.split("positional arguments:")[1]
-    commands = ["fit", "validate", "test", "predict", "explain", "evaluate", "demo", "prepare"]
+    commands = [
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "explain",
+        "evaluate",
+        "demo",
+        "prepare",
+        "masks",
+    ]
     choices = "{" + ",".join(commands) + "}"
     assert choices in listed  # argparse's list of the subcommands, in order
     for command in commands:

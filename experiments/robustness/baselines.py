@@ -85,6 +85,14 @@ def _recovery_curve(arms: list[dict], name: str, before: list[float]) -> dict | 
     }
 
 
+def _worst_group(arms: list[dict], name: str) -> dict | None:
+    """The arm's worst-group accuracy on the unbiased split over the baselines (None for runs
+    made before the study measured it)."""
+    if not all("worst_group_acc" in a[name] for a in arms):
+        return None
+    return _stats([a[name]["worst_group_acc"]["mean"] for a in arms])
+
+
 def summarise_gains(per_baseline: dict[str, dict], methods: list[str]) -> dict:
     """Per benchmark and method: the OOD and ID differences to the control, over the baselines.
 
@@ -131,6 +139,7 @@ def summarise_gains(per_baseline: dict[str, dict], methods: list[str]) -> dict:
                     ]
                 ),
                 "recovery": _stats(recovery) if recovery else None,
+                "worst_group_acc": _worst_group(arms, name),
                 "recovery_curve": _recovery_curve(arms, name, before),
                 "gain_every_seed": [g["ood_gain_every_seed"] for g in gains],
                 "relevance": {
@@ -146,6 +155,7 @@ def summarise_gains(per_baseline: dict[str, dict], methods: list[str]) -> dict:
             "ood_acc": _stats([mean(a["control"], "ood_acc") for a in arms]),
             "id_acc": _stats([mean(a["control"], "id_acc") for a in arms]),
             "unbiased_acc": _stats([mean(a["control"], "unbiased_acc") for a in arms]),
+            "worst_group_acc": _worst_group(arms, "control"),
         }
         summary[kind]["pretrained_ood_acc"] = _stats(before)
         summary[kind]["baseline_ood_acc"] = _stats(

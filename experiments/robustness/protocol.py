@@ -29,7 +29,7 @@ from relreg.data import make_scenes, make_shapes
 from relreg.explain import explain
 from relreg.io import atomic_write
 from relreg.lightning import RelRegModule
-from relreg.metrics import relevance_share
+from relreg.metrics import group_accuracy, relevance_share
 from relreg.models import build_model
 from relreg.quiet import quiet_dependencies
 from robustness.config import (  # noqa: F401  (re-exported)
@@ -45,7 +45,15 @@ SPLIT_SEEDS = {"unbiased": 1, "bias": 2, "finetune": 3, "id": 4, "ood": 5}
 # id / ood / unbiased: accuracy with the cue agreeing 95%, pointing to a wrong class, uninformative;
 # on OOD images: Chefer relevance inside the object (mass) and on the cue's pixels, and the share of
 # predictions that follow the cue (a shape-only model: 0)
-METRICS = ("id_acc", "ood_acc", "unbiased_acc", "relevance_mass", "cue_relevance", "follows_cue")
+METRICS = (
+    "id_acc",
+    "ood_acc",
+    "unbiased_acc",
+    "worst_group_acc",
+    "relevance_mass",
+    "cue_relevance",
+    "follows_cue",
+)
 EVAL_SPLITS = ("id", "ood", "unbiased")
 # the pre-training and biasing stages' objective: cross-entropy to the labels
 LABELS_ONLY = [{"term": "classification", "options": {"target": "label"}}]
@@ -175,7 +183,8 @@ class _Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         idx = self.indices[step]
-        batch = {key: self.data[key][idx] for key in ("image", "mask", "label")}
+        keys = ("image", "mask", "label") + (("group",) if "group" in self.data else ())
+        batch = {key: self.data[key][idx] for key in keys}
         batch["has_mask"] = torch.ones(idx.numel(), dtype=torch.bool)
         return batch
 
@@ -272,6 +281,14 @@ def evaluate(model: torch.nn.Module, evals: dict, kind: str, n: int) -> dict[str
     out = {f"{split}_acc": accuracy(model, evals[split]) for split in EVAL_SPLITS}
     was = model.training
     model.eval()
+    unbiased = evals["unbiased"]
+    with torch.no_grad():
+        logits = model(unbiased["image"])
+    k = logits.shape[1]
+    groups = unbiased["label"] * k + unbiased["cue"]  # label x the class the cue points to
+    out["worst_group_acc"] = group_accuracy(logits, unbiased["label"], groups, k * k)[
+        "worst_group_accuracy"
+    ].item()
     ood = {key: value[:n] for key, value in evals["ood"].items()}
     maps = explain(model, ood["image"], "chefer", target=ood["label"])
     cue = cue_region(ood["image"], ood["mask"], kind)
@@ -384,6 +401,61 @@ def _pretrained(cfg: dict, kind: str, seed: int, log: Any) -> torch.nn.Module:
     return model
 
 
+def balanced_split(cfg: dict, kind: str, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """About ``n`` images of the task with every group (label x the class the cue points to)
+    equally often (``n`` rounded down to a multiple of the groups, at least one image each),
+    drawn from an unbiased pool of the fine-tuning digits: the group-balanced held-out set of the
+    DFR, GroupDRO and data-oracle arms (``data: balanced``), with ``group``."""
+    k = cfg["num_classes"]
+    per_group = max(1, n // (k * k))
+    no_source = {**cfg, "pretrain": {**cfg["pretrain"], "distractors": 0}}
+    pool = make_split(no_source, kind, "unbiased", 8 * per_group * k * k, seed=20 + seed)
+    groups = pool["label"] * k + pool["cue"]
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for group in range(k * k):
+        members = torch.nonzero(groups == group).flatten()
+        if len(members) < per_group:
+            raise ValueError(f"Expected {per_group} images of group {group} in the pool.")
+        chosen.append(members[torch.randperm(len(members), generator=g)[:per_group]])
+    idx = torch.cat(chosen)
+    return {**{key: value[idx] for key, value in pool.items()}, "group": groups[idx]}
+
+
+class _Split(torch.utils.data.Dataset):
+    """A split's tensors as :class:`relreg.data.Sample` dicts (for DFR's embeddings)."""
+
+    def __init__(self, data: dict[str, torch.Tensor]) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data["label"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.data["image"][i], "label": self.data["label"][i],
+                "group": self.data["group"][i]}  # fmt: skip
+
+
+def dfr_arm(cfg: dict, base: dict, kind: str, seed: int, evals: dict, per_class: int) -> dict:
+    """The DFR arm: the baseline's head retrained by DFR^Val
+    (:func:`relreg.baselines.deep_feature_reweighting`) on the group-balanced held-out set of
+    the recipes' image budget; the rest of the model as it was."""
+    from relreg.baselines import deep_feature_reweighting
+
+    torch.manual_seed(seed)
+    model = new_model(cfg)
+    model.load_state_dict(base)
+    held_out = balanced_split(cfg, kind, per_class * cfg["num_classes"], seed)
+    curve = {"steps": [0], "ood_acc": [accuracy(model, evals["ood"])]}
+    start = time.perf_counter()
+    result = deep_feature_reweighting(model, _Split(held_out), seed=seed)
+    seconds = time.perf_counter() - start
+    curve["steps"].append(cfg["finetune"]["steps"])
+    curve["ood_acc"].append(accuracy(model, evals["ood"]))
+    metrics = evaluate(model, evals, kind, cfg["eval"]["relevance_n"])
+    return {**metrics, "curve": curve, "train_s": seconds, "dfr_c": result.c}
+
+
 def made_masks(
     cfg: dict, kind: str, images: torch.Tensor, method: str = "tokencut", **options: Any
 ) -> torch.Tensor:
@@ -428,6 +500,10 @@ def finetune(
         evals: the splits of :func:`eval_splits`.
         per_class: masked images per class (default: the config's).
 
+    ``method`` may also hold ``masks`` (:func:`made_masks`), ``data: balanced`` (train on the
+    group-balanced held-out set of :func:`balanced_split` instead of the biased fine-tuning set)
+    and ``stage: dfr`` (:func:`dfr_arm` instead of fine-tuning).
+
     Returns:
         :func:`evaluate`'s metrics, the OOD ``curve`` while fine-tuning and ``train_s``.
     """
@@ -435,11 +511,17 @@ def finetune(
     per_class = per_class or c["per_class"]
     method = dict(method)
     made = method.pop("masks", None)
+    source = method.pop("data", "finetune")
+    if method.pop("stage", None) == "dfr":
+        return dfr_arm(cfg, base, kind, seed, evals, per_class)
     torch.manual_seed(seed)
     model = new_model(cfg)
     model.load_state_dict(base)
     module = RelRegModule(model, **method, **optimisation(c))
-    data = make_split(cfg, kind, "finetune", per_class * cfg["num_classes"], seed=10 + seed)
+    if source == "balanced":
+        data = balanced_split(cfg, kind, per_class * cfg["num_classes"], seed)
+    else:
+        data = make_split(cfg, kind, "finetune", per_class * cfg["num_classes"], seed=10 + seed)
     if made is not None:
         data = {**data, "mask": made_masks(cfg, kind, data["image"], **made)}
     curve = {"steps": [0], "ood_acc": [accuracy(model, evals["ood"])]}

@@ -106,6 +106,26 @@ def _logreg(c: float):  # noqa: ANN202
     return LogisticRegression(C=c, solver="liblinear", random_state=0, **l1)
 
 
+def _fit(c: float, x: np.ndarray, y: np.ndarray):  # noqa: ANN202
+    """DFR's L1 logistic regression; one-vs-rest for more than 2 classes (liblinear is binary in
+    scikit-learn >= 1.8; its older multiclass mode was the same one-vs-rest)."""
+    if len(np.unique(y)) <= 2:
+        return _logreg(c).fit(x, y)
+    from sklearn.multiclass import OneVsRestClassifier
+
+    return OneVsRestClassifier(_logreg(c)).fit(x, y)
+
+
+def _coefficients(clf) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """``(1 or K, D)`` coefficients and intercepts of a fitted :func:`_fit`."""
+    if hasattr(clf, "estimators_"):
+        return (
+            np.concatenate([e.coef_ for e in clf.estimators_]),
+            np.concatenate([e.intercept_ for e in clf.estimators_]),
+        )
+    return clf.coef_, clf.intercept_
+
+
 def _as_head(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, num: int):  # noqa: ANN202
     """sklearn's ``(1 or K, D)`` coefficients as a ``(num, D)`` linear head's weight and bias."""
     weight = np.zeros((num, coef.shape[1]))
@@ -162,16 +182,17 @@ def deep_feature_reweighting(
     scaler = StandardScaler().fit(x[fit])
     scores = {}
     for c in c_grid:
-        clf = _logreg(c).fit(scaler.transform(x[fit]), y[fit])
+        clf = _fit(c, scaler.transform(x[fit]), y[fit])
         scores[float(c)] = _worst_group(clf.predict(scaler.transform(x[tune])), y[tune], g[tune])
     best = max(scores, key=lambda c: scores[c])  # the first of the best: the grid's order
     scaler = StandardScaler().fit(x)
     coefs, intercepts = [], []
     for _ in range(num_retrains):
         idx = _balanced(g, rng)
-        clf = _logreg(best).fit(scaler.transform(x[idx]), y[idx])
-        coefs.append(clf.coef_)
-        intercepts.append(clf.intercept_)
+        clf = _fit(best, scaler.transform(x[idx]), y[idx])
+        coef, intercept = _coefficients(clf)
+        coefs.append(coef)
+        intercepts.append(intercept)
     coef, intercept = np.mean(coefs, axis=0), np.mean(intercepts, axis=0)
     coef = coef / scaler.scale_  # fold the standardiser into the head
     intercept = intercept - coef @ scaler.mean_

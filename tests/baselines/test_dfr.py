@@ -132,3 +132,27 @@ def test_bad_input_is_named():
     model.head = nn.Sequential()
     with pytest.raises(TypeError, match="linear head"):
         deep_feature_reweighting(model, data)
+
+
+def test_more_than_two_classes_get_a_one_vs_rest_head():
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from relreg.baselines.dfr import _logreg
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(90) % 3
+    x = torch.nn.functional.one_hot(y, 3).float() * 2 + 0.5 * torch.randn(90, 3, generator=g)
+
+    class Three(Points):
+        def __init__(self):
+            self.x, self.y, self.group = x, y, y
+
+    model = FeatureModel(dim=3, classes=3)
+    deep_feature_reweighting(model, Three(), c_grid=(0.3,), num_retrains=1)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    assert (pred == y).float().mean() > 0.9
+    scaler = StandardScaler().fit(x.numpy())
+    ovr = OneVsRestClassifier(_logreg(0.3)).fit(scaler.transform(x.numpy()), y.numpy())
+    assert (ovr.predict(scaler.transform(x.numpy())) == pred.numpy()).mean() > 0.95

@@ -32,8 +32,16 @@ def model():
 
 def _batch(n=6, masked_fraction=1.0, seed=0):
     ds = SpuriousShapes("train", n=n, seed=seed, masked_fraction=masked_fraction)
-    keys = ("image", "label", "mask", "has_mask")
+    keys = ("image", "label", "mask", "has_mask", "group")
     return {k: torch.stack([ds[i][k] for i in range(n)]) for k in keys}
+
+
+# the options a term cannot do without (SpuriousShapes' 4 x 4 groups)
+REQUIRED = {"group_dro": {"num_groups": 16}}
+
+
+def _line(name: str) -> dict:
+    return {"term": name, "options": REQUIRED.get(name, {})}
 
 
 class _Watched(StepContext):
@@ -55,7 +63,7 @@ def _spec(term: Term) -> ExplainerSpec:
 
 @pytest.mark.parametrize("name", list_terms())
 def test_every_term_keeps_its_contract(name, model):
-    term = Objective([{"term": name}], model).terms[0]
+    term = Objective([_line(name)], model).terms[0]
     ctx = _Watched(model, _batch(), _spec(term), maps_on=True, training=True)
     ctx._read = set()
     assert term.applies(ctx)
@@ -72,7 +80,7 @@ def test_every_term_keeps_its_contract(name, model):
 
 @pytest.mark.parametrize("name", list_terms())
 def test_a_term_that_cannot_run_gives_zeros(name, model):
-    objective = Objective([{"term": name}], model)
+    objective = Objective([_line(name)], model)
     term = objective.terms[0]
     batch = _batch(masked_fraction=0.0)
     batch["has_mask"][0] = True  # one masked sample: too few for the swapping terms
