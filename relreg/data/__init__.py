@@ -16,7 +16,7 @@ from relreg.data.classes import (
 from relreg.data.datamodule import BalancedSampler, EpochShuffleSampler, RelRegDataModule
 from relreg.data.eval_split import EvalSplit
 from relreg.data.folders import MaskedImageFolder, OODImageFolder
-from relreg.data.imagenet9 import ImageNet9, bg_gap
+from relreg.data.imagenet9 import ImageNet9, bg_gap, expand_imagenet9, is_imagenet9
 from relreg.data.preprocessing import PREPROCESSING, FollowsModel, Preprocessing
 from relreg.data.sample import Sample
 from relreg.data.scenes import ScenesBatch, SpuriousScenes, make_scenes, write_scenes_folder
@@ -50,6 +50,8 @@ __all__ = [
     "SpuriousShapes",
     "Waterbirds",
     "bg_gap",
+    "expand_imagenet9",
+    "is_imagenet9",
     "class_index",
     "class_names",
     "class_sets",

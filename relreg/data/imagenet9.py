@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
@@ -37,7 +37,16 @@ from relreg.data.preprocessing import FollowsModel, Preprocessing
 from relreg.data.sample import Sample
 from relreg.validate import check_choice
 
-__all__ = ["IN9_CLASSES", "IN9_MAPPING", "VARIATIONS", "ImageNet9", "bg_gap", "in9_label_sets"]
+__all__ = [
+    "IN9_CLASSES",
+    "IN9_MAPPING",
+    "VARIATIONS",
+    "ImageNet9",
+    "bg_gap",
+    "expand_imagenet9",
+    "in9_label_sets",
+    "is_imagenet9",
+]
 
 VARIATIONS = (
     "original",
@@ -218,3 +227,36 @@ class ImageNet9(FollowsModel, Dataset):
             sample["label"] = label_set[0].clone()  # a class of the set: the label of record
             sample["label_set"] = label_set
         return sample
+
+
+def is_imagenet9(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is laid out as the challenge (``mixed_same/val`` and ``mixed_rand/val``)."""
+    path = Path(root)
+    return all((path / v / "val").is_dir() for v in ("mixed_same", "mixed_rand"))
+
+
+def expand_imagenet9(
+    name: str, root: str | os.PathLike, model: nn.Module, preprocessing: str = "model"
+) -> dict[str, ImageNet9]:
+    """Every variation under ``root`` as an evaluation split named ``<name>/<variation>``, for
+    ``model`` (9 or 1000 classes), preprocessed as :func:`relreg.data.load_split` would."""
+    from relreg.data.preprocessing import PREPROCESSING
+    from relreg.models import model_data_config
+
+    check_choice("preprocessing", preprocessing, PREPROCESSING)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes not in (9, 1000):
+        raise ValueError(
+            f"Expected a model with 9 or 1000 classes for the ImageNet-9 splits of "
+            f"{str(root)!r}, but it has {num_classes!r}."
+        )
+    pre = (
+        Preprocessing.from_model(model)
+        if preprocessing == "model"
+        else Preprocessing.robustvit(model_data_config(model)[0][0])
+    )
+    return {
+        f"{name}/{variation}": ImageNet9(root, variation, num_classes, preprocessing=pre)
+        for variation in VARIATIONS
+        if (Path(root) / variation / "val").is_dir()
+    }

@@ -21,6 +21,7 @@ from relreg.data.preprocessing import PREPROCESSING, Preprocessing
 from relreg.data.scenes import SpuriousScenes
 from relreg.data.spurious import SPLITS, SpuriousShapes
 from relreg.data.suites import detect_label_space
+from relreg.data.waterbirds import METADATA, Waterbirds
 from relreg.models import model_data_config
 from relreg.validate import check_choice
 
@@ -42,7 +43,9 @@ def load_split(
 
     Args:
         spec: ``shapes:SPLIT`` or ``shapes:SPLIT:N`` (the built-in benchmark, N images, default
-            256), ``scenes:SPLIT[:N]`` (the same with real digits and photographs), a folder
+            256), ``scenes:SPLIT[:N]`` (the same with real digits and photographs), a Waterbirds
+            folder (with ``metadata.csv``: its test split, with CUB's masks from a
+            ``CUB_200_2011/segmentations`` beside it), a folder
             with ``images/<class>/`` (and ``masks/<class>/``), or, for OOD splits
             (``masks=False``), a folder laid out as ``<class>/<image>``.
         model: the model that will see the images.
@@ -96,6 +99,10 @@ def load_split(
         if preprocessing == "model"
         else Preprocessing.robustvit(size[0])
     )
+    if (root / METADATA).is_file():  # Waterbirds: its test split, CUB's masks when beside it
+        segmentations = root.parent / "CUB_200_2011" / "segmentations"
+        masks_root = segmentations if masks and segmentations.is_dir() else None
+        return Waterbirds(root, "test", masks=masks_root, train=False, preprocessing=pre)
     if classes is None and getattr(model, "num_classes", None) == 1000:
         split = root / "images" if (root / "images").is_dir() else root
         classes = detect_label_space(root, sorted(d.name for d in split.iterdir() if d.is_dir()))

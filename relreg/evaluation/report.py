@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from relreg.data import load_split
+from relreg.data import bg_gap, expand_imagenet9, is_imagenet9, load_split
+from relreg.data.eval_split import num_groups_of
 from relreg.evaluation.display import curve_names, summary_columns
 from relreg.evaluation.figures import heatmap_rows, write_figures
 from relreg.evaluation.models import ModelSources, evaluation_models
@@ -38,9 +39,10 @@ from relreg.evaluation.sanity import write_sanity
 from relreg.explain import explain, explainer_info, to_pixels
 from relreg.io import atomic_write, check_writable
 from relreg.metrics import (
+    GroupAccuracy,
     accuracy_targets,
     build_metrics,
-    dataset_accuracy,
+    dataset_scores,
     keyed_result,
     metric_keys,
     metric_spec,
@@ -185,13 +187,18 @@ def evaluate_models(
         }
         torch.manual_seed(seed)
         classes = scoring_classes(dataset)
+        num_groups = num_groups_of(dataset)
+        group_metric = GroupAccuracy(num_groups).to(device) if num_groups else None
         correct = masked = 0
         for batch in DataLoader(subset, batch_size=batch_size):
             images, labels = batch["image"].to(device), batch["label"].to(device)
             masks, has = batch["mask"].to(device), batch["has_mask"].to(device).bool()
             with torch.no_grad():
                 logits = score_logits(model(images), classes)
-            correct += int((logits.argmax(1) == accuracy_targets(logits, batch)).sum())
+            targets = accuracy_targets(logits, batch)
+            correct += int((logits.argmax(1) == targets).sum())
+            if group_metric is not None and "group" in batch:
+                group_metric.update(logits, targets, batch["group"].to(device))
             masked += int(has.sum())
             bar.update(1)
             explained = labels if target == "label" else None
@@ -200,22 +207,49 @@ def evaluate_models(
                 metrics[name].update(images, maps.detach(), labels, masks, has)
                 bar.update(1)
         accuracy = {"data": round(correct / max(n, 1), 4)}
+        groups = {"data": _group_entry(group_metric)} if group_metric is not None else {}
         for name, split in ood.items():
-            accuracy[name] = round(
-                dataset_accuracy(model, split, batch_size, device, bar.update), 4
-            )
+            scores = dataset_scores(model, split, batch_size, device, bar.update)
+            accuracy[name] = round(scores.pop("acc"), 4)
+            if scores:
+                groups[name] = {k: round(v, 4) for k, v in scores.items()}
         bar.close()
         report["models"][label] = {
             "n_images": n,
             "n_masked": masked,
             "accuracy": accuracy,
             "ood_mean": round(sum(accuracy[k] for k in ood) / len(ood), 4) if ood else None,
+            "groups": groups,
+            "bg_gap": _bg_gaps(accuracy),
             "explainers": {name: metrics[name].compute() for name in methods},
         }
     report["fractions"] = [0.0, *PAPER_FRACTIONS]
     report["deletion_steps"] = steps
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _group_entry(metric: GroupAccuracy) -> dict[str, float] | None:
+    """The report's worst- and average-group accuracy of a filled metric (None when empty)."""
+    if not metric.update_called:
+        return None
+    found = metric.compute()
+    return {
+        "worst_group_acc": round(float(found["worst_group_accuracy"]), 4),
+        "average_group_acc": round(float(found["average_group_accuracy"]), 4),
+    }
+
+
+def _bg_gaps(accuracy: Mapping[str, float]) -> dict[str, float]:
+    """The BG-gap of every ImageNet-9 split set in ``accuracy`` (``<name>/mixed_same`` and
+    ``<name>/mixed_rand``, as :func:`relreg.data.expand_imagenet9` names them)."""
+    gaps = {}
+    for key in accuracy:
+        if key.endswith("/mixed_same") and key.replace("mixed_same", "mixed_rand") in accuracy:
+            name = key[: -len("/mixed_same")]
+            parts = {"mixed_same": accuracy[key], "mixed_rand": accuracy[f"{name}/mixed_rand"]}
+            gaps[name] = round(bg_gap(parts), 4)
+    return gaps
 
 
 @dataclass(frozen=True)
@@ -307,10 +341,12 @@ def run_evaluation(sources: ModelSources, settings: EvaluationSettings) -> dict:
     pre = {"classes": settings.classes, "preprocessing": settings.preprocessing}
     data = {label: load_split(settings.data, m, **pre) for label, m in models.items()}
     first = next(iter(models.values()))
-    ood = {
-        name: load_split(spec, first, masks=False, scoring=settings.scoring, **pre)
-        for name, spec in settings.ood.items()
-    }
+    ood = {}
+    for name, spec in settings.ood.items():
+        if is_imagenet9(spec):  # every variation of the challenge, named <name>/<variation>
+            ood.update(expand_imagenet9(name, spec, first, settings.preprocessing))
+        else:
+            ood[name] = load_split(spec, first, masks=False, scoring=settings.scoring, **pre)
     found = evaluate_models(
         models,
         data,
@@ -371,4 +407,11 @@ def report_lines(report: Mapping) -> list[str]:
             lines.append(f"{label:12s} {method:24s} {cells}")
         acc = ", ".join(f"{k} {v:.3f}" for k, v in entry["accuracy"].items())
         lines.append(f"{label:12s} accuracy: {acc}")
+        for name, found in entry.get("groups", {}).items():
+            if not found:
+                continue
+            cells = ", ".join(f"{k} {v:.3f}" for k, v in found.items())
+            lines.append(f"{label:12s} groups of {name}: {cells}")
+        for name, gap in entry.get("bg_gap", {}).items():
+            lines.append(f"{label:12s} BG-gap of {name} (mixed_same - mixed_rand): {gap:+.3f}")
     return lines

@@ -33,7 +33,7 @@ from relreg.data.classes import label_names
 from relreg.explain import explain_with_logits, to_pixels
 from relreg.metrics import (
     build_metrics,
-    dataset_accuracy,
+    dataset_scores,
     keyed_result,
     metric_spec,
     relevance_share,
@@ -283,11 +283,12 @@ class ExplanationQuality(_KeepsLast):
 
 
 class OODEvaluation(_KeepsLast):
-    """Accuracy on named OOD datasets, logged as ``ood/<name>/acc`` and their mean ``ood/mean_acc``.
+    """Accuracy on named OOD datasets, logged as ``ood/<name>/acc`` and their mean ``ood/mean_acc``;
+    for datasets with groups also ``ood/<name>/worst_group_acc`` and ``average_group_acc``.
 
     For splits that are not already validation loaders of the data module (those are logged by
     :class:`RelRegModule` itself under the same keys). Each split is scored under its own
-    convention (:func:`relreg.metrics.dataset_accuracy`: full argmax, restricted, label sets).
+    convention (:func:`relreg.metrics.dataset_scores`: full argmax, restricted, label sets).
 
     Args:
         datasets: ``{name: dataset}`` yielding :class:`relreg.data.Sample` dicts.
@@ -313,11 +314,14 @@ class OODEvaluation(_KeepsLast):
         if not _due(trainer, self.every_n_epochs):
             return
         values: dict[str, float] = {}
+        scores: dict[str, dict[str, float]] = {}
         with _eval_mode(pl_module.model) as model:
             for name, dataset in self.datasets.items():
-                # torchmetrics' accuracy: syncs across processes under DDP
-                values[name] = dataset_accuracy(model, dataset, self.batch_size, pl_module.device)
+                # torchmetrics' metrics: synced across processes under DDP
+                scores[name] = dataset_scores(model, dataset, self.batch_size, pl_module.device)
+                values[name] = scores[name]["acc"]
         self.last = values
-        for name, value in values.items():
-            pl_module.log(f"ood/{name}/acc", value)
+        for name, found in scores.items():
+            for key, value in found.items():
+                pl_module.log(f"ood/{name}/{key}", value)
         pl_module.log("ood/mean_acc", sum(values.values()) / len(values))

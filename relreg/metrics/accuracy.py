@@ -27,6 +27,7 @@ __all__ = [
     "SCORINGS",
     "accuracy_targets",
     "dataset_accuracy",
+    "dataset_scores",
     "restrict_logits",
     "score_logits",
     "scoring_classes",
@@ -89,6 +90,55 @@ def score_logits(logits: Tensor, classes: Tensor | None) -> Tensor:
     return logits if classes is None else restrict_logits(logits, classes)
 
 
+def dataset_scores(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    on_batch: Callable[[], object] | None = None,
+) -> dict[str, float]:
+    """Top-1 accuracy of ``model`` on ``dataset`` under the dataset's scoring convention, and its
+    group accuracies where the dataset has groups.
+
+    Args:
+        model: the classifier, called under ``torch.no_grad`` (its mode is left as it is).
+        dataset: yields :class:`relreg.data.Sample` dicts (``image``, ``label``, optional
+            ``label_set`` and ``group``; ``dataset.num_groups`` says how many groups there are).
+        batch_size: images per forward pass.
+        device: where to run (default: the model's device).
+        on_batch: called after every batch (e.g. a progress bar's ``update``).
+
+    Returns:
+        ``{"acc"}``, plus ``"worst_group_acc"`` and ``"average_group_acc"`` for a dataset with
+        groups (:class:`relreg.metrics.GroupAccuracy`); synced across processes under DDP.
+    """
+    from relreg.metrics.groups import GroupAccuracy
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    classes = scoring_classes(dataset)
+    inner = getattr(dataset, "dataset", dataset)
+    num_groups = getattr(dataset, "num_groups", None) or getattr(inner, "num_groups", None)
+    groups = GroupAccuracy(num_groups).to(device) if num_groups else None
+    accuracy = None  # sized by the first batch's logits: any classifier, not only timm's
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        with torch.no_grad():
+            logits = score_logits(model(batch["image"].to(device)), classes)
+        if accuracy is None:
+            accuracy = MulticlassAccuracy(logits.shape[-1], average="micro").to(device)
+        targets = accuracy_targets(logits, batch)
+        accuracy.update(logits, targets)
+        if groups is not None and "group" in batch:
+            groups.update(logits, targets, batch["group"].to(device))
+        if on_batch is not None:
+            on_batch()
+    out = {"acc": 0.0 if accuracy is None else float(accuracy.compute())}
+    if groups is not None and groups.update_called:
+        result = groups.compute()
+        out["worst_group_acc"] = float(result["worst_group_accuracy"])
+        out["average_group_acc"] = float(result["average_group_accuracy"])
+    return out
+
+
 def dataset_accuracy(
     model: nn.Module,
     dataset: Dataset,
@@ -96,28 +146,6 @@ def dataset_accuracy(
     device: str | torch.device | None = None,
     on_batch: Callable[[], object] | None = None,
 ) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` under the dataset's scoring convention.
-
-    Args:
-        model: the classifier, called under ``torch.no_grad`` (its mode is left as it is).
-        dataset: yields :class:`relreg.data.Sample` dicts (``image``, ``label``, optional
-            ``label_set``).
-        batch_size: images per forward pass.
-        device: where to run (default: the model's device).
-        on_batch: called after every batch (e.g. a progress bar's ``update``).
-
-    Returns:
-        The fraction of right predictions; synced across processes under DDP.
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    classes = scoring_classes(dataset)
-    accuracy = None  # sized by the first batch's logits: any classifier, not only timm's
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        with torch.no_grad():
-            logits = score_logits(model(batch["image"].to(device)), classes)
-        if accuracy is None:
-            accuracy = MulticlassAccuracy(logits.shape[-1], average="micro").to(device)
-        accuracy.update(logits, accuracy_targets(logits, batch))
-        if on_batch is not None:
-            on_batch()
-    return 0.0 if accuracy is None else float(accuracy.compute())
+    """Top-1 accuracy of ``model`` on ``dataset`` under the dataset's scoring convention
+    (:func:`dataset_scores`' ``"acc"``); synced across processes under DDP."""
+    return dataset_scores(model, dataset, batch_size, device, on_batch)["acc"]

@@ -127,3 +127,24 @@ def test_exact_under_ddp_with_two_processes(tmp_path):
         torch.testing.assert_close(got["group_accuracy"], whole["group_accuracy"], equal_nan=True)
         assert got["worst_group_accuracy"] == whole["worst_group_accuracy"]
         assert got["average_group_accuracy"] == whole["average_group_accuracy"]
+
+
+def test_dataset_scores_add_group_accuracies_for_a_dataset_with_groups():
+    from torch.utils.data import DataLoader
+
+    from relreg.data import SpuriousShapes
+    from relreg.metrics import dataset_scores
+    from tests.conftest import make_tiny_vit
+
+    model = make_tiny_vit(img_size=32, patch_size=8, num_classes=4)
+    ds = SpuriousShapes(split="val", n=40)
+    scores = dataset_scores(model, ds, batch_size=16)
+    batch = next(iter(DataLoader(ds, batch_size=40)))
+    with torch.no_grad():
+        logits = model(batch["image"])
+    expected = group_accuracy(logits, batch["label"], batch["group"], ds.num_groups)
+    assert scores["worst_group_acc"] == pytest.approx(expected["worst_group_accuracy"].item())
+    assert scores["average_group_acc"] == pytest.approx(expected["average_group_accuracy"].item())
+    assert scores["acc"] == pytest.approx(
+        (logits.argmax(1) == batch["label"]).float().mean().item()
+    )
