@@ -42,6 +42,8 @@ Relevance maps and relevance-regularised fine-tuning of timm vision transformers
       RobustViT's ImageNet-S subsets as image folders
   relreg masks --images DIR --out DIR --method tokencut|clipseg|sam3
       foreground masks for images that have none, in the layout the fit configs read
+  relreg dfr --checkpoint A.ckpt --data WATERBIRDS --out DFR.pt
+      DFR: the head retrained on a group-balanced held-out set (Waterbirds' validation split)
 
 Run 'relreg COMMAND --help' for the options of each command.
 """
@@ -175,6 +177,21 @@ def _mask_options(args: argparse.Namespace) -> dict:
             raise ValueError(f"Expected --refine only with --method tokencut, not {args.method}.")
         options["refine"] = True
     return options
+
+
+def _dfr_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dfr",
+        help="DFR^Val after relreg fit: retrain the head on Waterbirds' validation split, "
+        "score the test split before and after",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="a relreg fit checkpoint")
+    p.add_argument("--data", type=Path, required=True, help="Waterbirds' root (metadata.csv)")
+    p.add_argument("--out", type=Path, required=True, help="the new weights (state_dict)")
+    p.add_argument("--num-retrains", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
@@ -419,6 +436,22 @@ def _run_command(args: argparse.Namespace) -> None:
         )
         print("\n".join(summary_lines(summary)))
         print(f"wrote {args.out / 'masks'} and {args.out / 'masks_summary.json'}")
+    elif args.command == "dfr":
+        from relreg.baselines import run_dfr
+
+        report = run_dfr(
+            args.checkpoint,
+            args.data,
+            args.out,
+            num_retrains=args.num_retrains,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+        for when in ("before", "after"):
+            cells = ", ".join(f"{k} {v:.3f}" for k, v in report[f"test_{when}"].items())
+            print(f"test {when} DFR: {cells}")
+        print(f"C = {report['c']}; wrote {args.out} and {args.out.with_suffix('.json')}")
     elif args.command == "demo":
         from relreg.demo import run_demo
 
@@ -458,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _demo_parser(sub)
     _prepare_parser(sub)
     _masks_parser(sub)
+    _dfr_parser(sub)
     args = parser.parse_args(argv)
     try:
         with quiet_dependencies(stages=args.command == "demo"):

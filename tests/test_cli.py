@@ -216,6 +216,7 @@ def test_help_lists_every_command_in_plain_text(capsys):
         "demo",
         "prepare",
         "masks",
+        "dfr",
     ]
     choices = "{" + ",".join(commands) + "}"
     assert choices in listed  # argparse's list of the subcommands, in order

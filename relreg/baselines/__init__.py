@@ -3,5 +3,6 @@
 (:class:`relreg.objective.GroupDROTerm`)."""
 
 from relreg.baselines.dfr import C_GRID, DFRResult, deep_feature_reweighting, embed
+from relreg.baselines.stage import run_dfr
 
-__all__ = ["C_GRID", "DFRResult", "deep_feature_reweighting", "embed"]
+__all__ = ["C_GRID", "DFRResult", "deep_feature_reweighting", "embed", "run_dfr"]

@@ -168,16 +168,16 @@ class RelRegModule(pl.LightningModule):
         names = [s.name for s in splits]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"Expected one or more distinct split names, but got {names}.")
-        if names == [s.name for s in self.eval_splits]:
-            self.eval_splits = splits
-            return
+        same = names == [s.name for s in self.eval_splits]
         self.eval_splits = splits
+        groups = {str(i): GroupAccuracy(s.num_groups) for i, s in enumerate(splits) if s.num_groups}
+        self.eval_groups = nn.ModuleDict(groups).to(self.device)
+        if same:  # the same loaders: keep their metrics
+            return
         num = self._num_classes()
         accuracies = [MulticlassAccuracy(num, average="micro") for _ in splits]
         self.eval_acc = nn.ModuleList(accuracies).to(self.device)
         self.eval_mass = nn.ModuleList([RelevanceMass() for _ in splits]).to(self.device)
-        groups = {str(i): GroupAccuracy(s.num_groups) for i, s in enumerate(splits) if s.num_groups}
-        self.eval_groups = nn.ModuleDict(groups).to(self.device)
 
     def _eval_split(self, dataloader_idx: int) -> EvalSplit:
         if dataloader_idx >= len(self.eval_splits):
