@@ -133,6 +133,17 @@ def label_names(num_classes: int, class_to_idx: Mapping[str, int] | None = None)
     return names
 
 
+def dataset_label_names(dataset: object, num_classes: int) -> list[str]:
+    """:func:`label_names` for a dataset: its ``class_to_idx`` (image folders), else its
+    ``classes`` in label order (the generated benchmarks, Waterbirds, ImageNet-9), read through
+    ``torch.utils.data.Subset``."""
+    inner = getattr(dataset, "dataset", dataset)
+    mapping = getattr(inner, "class_to_idx", None)
+    if mapping is None and getattr(inner, "classes", None) is not None:
+        mapping = {name: i for i, name in enumerate(inner.classes)}
+    return label_names(num_classes, mapping)
+
+
 # Order matters to jsonargparse, which tries the types in turn: with str first, YAML mappings and
 # lists arrived as their string form; list[str] (not Sequence[str]) keeps a path from becoming
 # a list of characters.

@@ -29,7 +29,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from relreg.data.classes import label_names
+from relreg.data.classes import dataset_label_names
 from relreg.explain import explain_with_logits, to_pixels
 from relreg.metrics import (
     build_metrics,
@@ -102,9 +102,11 @@ class RelevanceHeatmapLogger(pl.Callback):
         seed: seed of the choice of images.
         mean, std: to undo the input normalisation for display; None: the dataset's own
             (:attr:`relreg.data.FollowsModel.preprocessing`), else 0.5 (RobustViT).
+        per_group: choose the images round-robin over the dataset's groups (``dataset.groups``:
+            Waterbirds, SpuriousShapes), so that the minority groups are shown too.
 
     Captions name the predicted and true classes (timm's ImageNet names for a 1000-class model,
-    else the dataset's class folders; :func:`relreg.data.label_names`).
+    else the dataset's class names; :func:`relreg.data.dataset_label_names`).
     """
 
     def __init__(
@@ -116,12 +118,14 @@ class RelevanceHeatmapLogger(pl.Callback):
         seed: int = 0,
         mean: float | list[float] | None = None,
         std: float | list[float] | None = None,
+        per_group: bool = False,
     ) -> None:
         if not 1 <= num_images < 50:
             raise ValueError(f"Expected num_images in [1, 49], but got {num_images!r}.")
         check_positive_int("every_n_epochs", every_n_epochs)
         self.num_images, self.every_n_epochs, self.method = num_images, every_n_epochs, method
         self.dataloader_idx, self.seed, self.mean, self.std = dataloader_idx, seed, mean, std
+        self.per_group = per_group
         self.indices: list[int] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -133,9 +137,26 @@ class RelevanceHeatmapLogger(pl.Callback):
     def _choose(self, trainer: pl.Trainer) -> None:
         if self.indices:
             return
-        n = len(_val_loader(trainer, self.dataloader_idx).dataset)
+        dataset = _val_loader(trainer, self.dataloader_idx).dataset
         g = torch.Generator().manual_seed(self.seed)
-        self.indices = sorted(torch.randperm(n, generator=g)[: self.num_images].tolist())
+        order = torch.randperm(len(dataset), generator=g)
+        groups = getattr(dataset, "groups", None) if self.per_group else None
+        if groups is None:
+            self.indices = sorted(order[: self.num_images].tolist())
+            return
+        if len(groups) != len(dataset):
+            raise ValueError(
+                f"Expected one group per validation image for per_group=True, but the dataset "
+                f"has {len(dataset)} images and {len(groups)} groups."
+            )
+        of_image = torch.as_tensor(groups)[order]
+        queues = [order[of_image == k].tolist() for k in of_image.unique().tolist()]
+        chosen: list[int] = []
+        while len(chosen) < self.num_images and any(queues):
+            for queue in queues:  # one image of each group in turn
+                if queue and len(chosen) < self.num_images:
+                    chosen.append(queue.pop(0))
+        self.indices = sorted(chosen)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not _due(trainer, self.every_n_epochs) or not trainer.is_global_zero:
@@ -151,7 +172,7 @@ class RelevanceHeatmapLogger(pl.Callback):
         pix = to_pixels(exp.maps.detach(), size=images.shape[-2:]).cpu()
         mass = relevance_share(exp.maps.detach(), masks).cpu()
         preds = exp.logits.argmax(1).cpu()
-        names = label_names(exp.logits.shape[1], getattr(dataset, "class_to_idx", None))
+        names = dataset_label_names(dataset, exp.logits.shape[1])
         captions = [
             f"#{i} pred {names[int(p)][:18]} label {names[int(y)][:18]}"
             + (f" mass {float(m):.2f}" if h else "")

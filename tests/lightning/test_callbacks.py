@@ -155,3 +155,22 @@ def test_heatmaps_and_xai_metrics_land_in_tensorboard(tmp_path):
     assert images[0].image.height > 100 and images[0].image.width > 100
     assert images[0].image.encoded_image_string[:4] == b"\x89PNG"
     assert {"val/xai/relevance_mass", "val/xai/pointing_game"} <= {v.tag for v in values}
+
+
+def test_captions_name_the_datasets_classes_and_per_group_shows_every_group(tmp_path, monkeypatch):
+    seen = {}
+
+    def capture(self, trainer, figure, captions, *rest):
+        seen["captions"] = captions
+
+    monkeypatch.setattr(RelevanceHeatmapLogger, "_log", capture)
+    cb = RelevanceHeatmapLogger(num_images=8, per_group=True)
+    _fit(tmp_path, CSVLogger(tmp_path), [cb], inference_mode=True)
+    shapes = SpuriousShapes("val", n=12).classes
+    assert all(
+        any(f"label {name}" in c for name in shapes) and "class " not in c for c in seen["captions"]
+    ), seen["captions"]
+    groups = SpuriousShapes("val", n=12).groups[cb.indices]
+    present = SpuriousShapes("val", n=12).groups.unique()
+    # round-robin over the groups: as many distinct groups as there are, up to 8 images
+    assert len(groups.unique()) == min(8, len(present))
