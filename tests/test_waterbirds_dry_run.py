@@ -82,3 +82,18 @@ def test_waterbirds_configs_fit_then_dfr_then_evaluate(tmp_path, capsys, monkeyp
     )
     entry = next(iter(json.loads((eval_out / "report.json").read_text())["models"].values()))
     assert set(entry["groups"]["data"]) == {"worst_group_acc", "average_group_acc"}
+
+
+@pytest.mark.parametrize("config", ["counterfactual.yaml", "robustvit_cf.yaml", "group_dro.yaml"])
+def test_every_waterbirds_config_parses_onto_the_base(config, capsys):
+    import yaml
+
+    args = ["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / config)]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--print_config"])
+    assert info.value.code == 0
+    merged = yaml.safe_load(capsys.readouterr().out)
+    terms = [t["term"] for t in merged["model"]["objective"]]
+    assert "classification" in terms or terms == ["group_dro"]
+    assert merged["data"]["train"]["class_path"] == "relreg.data.Waterbirds"
+    assert merged["model"]["num_classes"] == 2
