@@ -48,13 +48,21 @@ def _ood_trees(root: Path) -> dict[str, Path]:
     return trees
 
 
-def _logged_keys(runs: Path) -> set[str]:
+def _logged_keys(runs: Path, wait_s: float = 20.0) -> set[str]:
     """The metric and config keys in the offline W&B run file (offline runs write no summary
-    JSON; the keys are stored as plain strings in its records)."""
-    (run,) = runs.rglob("run-*.wandb")
-    return {
-        k.decode() for k in re.findall(rb"(?:ood|val|train|data)/[A-Za-z0-9_/]+", run.read_bytes())
-    }
+    JSON; the keys are stored as plain strings in its records). W&B's service may still be
+    writing the file when ``wandb.finish()`` returns on a loaded machine (a fresh-clone CI run
+    once read it empty), so the file is read again until it holds keys, for at most ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        (run,) = runs.rglob("run-*.wandb")
+        keys = {
+            k.decode()
+            for k in re.findall(rb"(?:ood|val|train|data)/[A-Za-z0-9_/]+", run.read_bytes())
+        }
+        if keys or time.monotonic() > deadline:
+            return keys
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
