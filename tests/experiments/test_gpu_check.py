@@ -1,0 +1,27 @@
+"""``experiments/gpu_check.py --dry-run``: the GPU check's code path runs on CPU with tiny sizes
+and writes its one JSON with every section (the engines agree within their tolerances)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], check=True,
+                   capture_output=True, text=True, timeout=300)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and report["device"] == "cpu"
+    assert set(report["engines"]) == {"float32", "bfloat16"}  # float16 autocast: CUDA only
+    assert all(entry["ok"] for entry in report["engines"].values()), report["engines"]
+    row = report["step_cost"]["32"]
+    assert row["first_order"]["phases_s"]["relevance_backward"] > 0  # the chunked engine ran
+    assert report["fine_tune"]["steps"] == 2 and "val/acc" in report["fine_tune"]["val"]
