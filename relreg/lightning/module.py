@@ -16,7 +16,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -27,6 +26,17 @@ from relreg.metrics import GroupAccuracy, RelevanceMass, accuracy_targets, score
 from relreg.models import build_model, freeze_parameters, load_weights
 from relreg.objective import ROBUSTVIT, ExplainerSpec, Objective, StepContext, StepOutput
 from relreg.validate import check_positive_int
+
+try:  # LightningCLI's factory types; pytorch_lightning.cli needs jsonargparse to import
+    from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+except ImportError:  # the module without the CLI (a GPU image without jsonargparse): the same types
+    from collections.abc import Callable, Iterable
+
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+    OptimizerCallable = Callable[[Iterable], Optimizer]
+    LRSchedulerCallable = Callable[[Optimizer], LRScheduler | ReduceLROnPlateau]
 
 __all__ = ["RelRegModule"]
 
