@@ -5,6 +5,7 @@ process where jsonargparse and wandb cannot be imported, as on the GPU machine's
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,13 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
         f"sys.argv = ['gpu_check.py', '--dry-run', '--out', {str(out)!r}]; "
         f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
     )
-    subprocess.run([sys.executable, "-c", without], check=True, capture_output=True, text=True,
-                   timeout=300)  # fmt: skip
+    # earlier in-process DDP tests can leave a cluster's variables in os.environ, which would make
+    # the subprocess's Trainer think it is one rank of two
+    cluster = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in cluster and not k.startswith("PL_")}
+    done = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["device"] == "cpu"
     assert set(report["engines"]) == {"float32", "bfloat16"}  # float16 autocast: CUDA only
