@@ -103,9 +103,15 @@ def step_cost(device: str, dry_run: bool) -> dict:
                 device=device, relevance_every=1, img_size=img_size,
             )  # fmt: skip
         row["time_ratio"] = row["first_order"]["step_s"] / row["plain"]["step_s"]
-        row["memory_ratio"] = row["first_order"]["step_peak_mb"] / row["plain"]["step_peak_mb"]
+        # CUDA's peak is reset per case; a CPU process's peak RSS is not, so in one process the
+        # cases' CPU memory cannot be told apart (bench_train runs each case in its own process)
+        cuda = device.startswith("cuda")
+        row["memory_ratio"] = (
+            row["first_order"]["step_peak_mb"] / row["plain"]["step_peak_mb"] if cuda else None
+        )
         out[size] = row
-        print(f"step {size} px: time x{row['time_ratio']:.2f}, memory x{row['memory_ratio']:.2f}")
+        memory = "-" if row["memory_ratio"] is None else f"x{row['memory_ratio']:.2f}"
+        print(f"step {size} px: time x{row['time_ratio']:.2f}, memory {memory}")
     return out
 
 

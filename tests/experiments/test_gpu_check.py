@@ -36,4 +36,5 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     assert all(entry["ok"] for entry in report["engines"].values()), report["engines"]
     row = report["step_cost"]["32"]
     assert row["first_order"]["phases_s"]["relevance_backward"] > 0  # the chunked engine ran
+    assert row["memory_ratio"] is None  # CPU memory of cases in one process: not separable
     assert report["fine_tune"]["steps"] == 2 and "val/acc" in report["fine_tune"]["val"]
