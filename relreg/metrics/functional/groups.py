@@ -76,14 +76,12 @@ def group_summary(right: Tensor, total: Tensor) -> dict[str, Tensor]:
     """
     seen = total > 0
     per_group = torch.where(seen, right.double() / total.clamp(min=1), torch.nan).float()
-    if not seen.any():
-        nan = torch.tensor(torch.nan)
-        return {"group_accuracy": per_group, "worst_group_accuracy": nan,
-                "average_group_accuracy": nan}  # fmt: skip
+    present = per_group[seen]
+    worst = present.min() if present.numel() else per_group.new_tensor(torch.nan)
     return {
         "group_accuracy": per_group,
-        "worst_group_accuracy": per_group[seen].min(),
-        "average_group_accuracy": per_group[seen].mean(),
+        "worst_group_accuracy": worst,
+        "average_group_accuracy": present.mean(),  # NaN when no group has samples
     }
 
 
