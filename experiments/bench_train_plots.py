@@ -101,22 +101,32 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def plot_families(result: dict, path: Path) -> None:
-    """``--families``: the relevance step's memory ratio per family (with the target) and time."""
+    """``--families``: the relevance steps' memory ratios per family (process RSS and C heap, with
+    the target) and their time ratios."""
     plt = _pyplot()
     rows = result["families"]
     names = [f"{k}\n{r['img_size']} px, N={r['tokens']}" for k, r in rows.items()]
     target = result["memory_ratio_target"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), constrained_layout=True)
-    memory = [r["ratios"]["first_order"]["memory_ratio"] for r in rows.values()]
-    colors = ["tab:green" if m <= target else "tab:red" for m in memory]
-    bars = axes[0].bar(range(len(rows)), memory, 0.6, color=colors)
-    axes[0].bar_label(bars, fmt="%.2f", fontsize=8)
+    cases = [c for c in next(iter(rows.values()))["ratios"] if c != "plain"]
+    series = [(c, m) for c in cases for m in ("memory_ratio", "heap_memory_ratio")]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2), constrained_layout=True)
+    width = 0.8 / len(series)
+    for i, (case, measure) in enumerate(series):
+        values = [r["ratios"][case].get(measure) or 0.0 for r in rows.values()]
+        label = f"{case}, {'RSS' if measure == 'memory_ratio' else 'heap'}"
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
+        bars = axes[0].bar(xs, values, width, label=label, hatch="//" if "heap" in measure else "")
+        axes[0].bar_label(bars, fmt="%.2f", fontsize=6)
     axes[0].axhline(target, color="black", ls="--", lw=1, label=f"target {target}x")
     axes[0].set_ylabel("step peak memory, relevance step / plain step")
-    times = [r["ratios"]["first_order"]["time_ratio"] for r in rows.values()]
-    bars = axes[1].bar(range(len(rows)), times, 0.6, color="tab:blue")
-    axes[1].bar_label(bars, fmt="%.2f", fontsize=8)
+    width = 0.8 / len(cases)
+    for i, case in enumerate(cases):
+        xs = [j + (i - (len(cases) - 1) / 2) * width for j in range(len(rows))]
+        times = [r["ratios"][case]["time_ratio"] for r in rows.values()]
+        bars = axes[1].bar(xs, times, width, label=case)
+        axes[1].bar_label(bars, fmt="%.2f", fontsize=7)
     axes[1].set_ylabel("median step time, relevance step / plain step")
+    axes[1].legend(fontsize=8)
     for ax in axes:
         ax.axhline(1.0, color="gray", ls=":", lw=0.8)
         ax.set_xticks(range(len(rows)), names, fontsize=7)

@@ -97,7 +97,7 @@ def step_cost(device: str, dry_run: bool) -> dict:
         cases = {str(s): ("vit", s) for s in (224, 384, 518)}
     for size, (key, img_size) in cases.items():
         row = {}
-        for case in ("plain", "first_order"):
+        for case in ("plain", "first_order", "first_order_deferred"):
             row[case] = bench_train.worker(
                 key, case, batch=2 if dry_run else 16, repeats=1 if dry_run else 5,
                 device=device, relevance_every=1, img_size=img_size,
@@ -106,12 +106,21 @@ def step_cost(device: str, dry_run: bool) -> dict:
         # CUDA's peak is reset per case; a CPU process's peak RSS is not, so in one process the
         # cases' CPU memory cannot be told apart (bench_train runs each case in its own process)
         cuda = device.startswith("cuda")
-        row["memory_ratio"] = (
-            row["first_order"]["step_peak_mb"] / row["plain"]["step_peak_mb"] if cuda else None
-        )
+        row["deferred_time_ratio"] = row["first_order_deferred"]["step_s"] / row["plain"]["step_s"]
+        for name, case in (
+            ("memory_ratio", "first_order"),
+            ("deferred_memory_ratio", "first_order_deferred"),
+        ):
+            row[name] = row[case]["step_peak_mb"] / row["plain"]["step_peak_mb"] if cuda else None
         out[size] = row
         memory = "-" if row["memory_ratio"] is None else f"x{row['memory_ratio']:.2f}"
-        print(f"step {size} px: time x{row['time_ratio']:.2f}, memory {memory}")
+        deferred = (
+            "-" if row["deferred_memory_ratio"] is None else f"x{row['deferred_memory_ratio']:.2f}"
+        )
+        print(
+            f"step {size} px: time x{row['time_ratio']:.2f}, memory {memory}; defer_gradients: "
+            f"time x{row['deferred_time_ratio']:.2f}, memory {deferred}"
+        )
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-__all__ = ["check_choice", "check_positive_int"]
+__all__ = ["check_bool", "check_choice", "check_positive_int"]
 
 
 def check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -26,6 +26,19 @@ def check_positive_int(name: str, value: object, *, allow_none: bool = False) ->
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         suffix = " or None" if allow_none else ""
         raise ValueError(f"Expected {name} an int >= 1{suffix}, but got {value!r}.")
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raise ``TypeError`` unless ``value`` is a ``bool``.
+
+    Example:
+        >>> check_bool("defer_gradients", 1)
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected defer_gradients a bool, but got 1.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected {name} a bool, but got {value!r}.")
 
 
 def check_choice(name: str, value: object, choices: Collection[object]) -> None:

@@ -167,7 +167,9 @@ def _run(
         )
         choice = choice.after_forward(capture)
         if choice.kind == "chunked":
-            cap = capture_blocks(capture, logits, target, foil, need_grad, differentiable)
+            cap = capture_blocks(
+                capture, logits, target, foil, need_grad, differentiable, choice.defer_gradients
+            )
             return chunked(cap)
         del capture, logits  # free the unusable pass's graph before the dense one
     return dense()
@@ -200,13 +202,16 @@ def raw_attention(
     second_order: bool = False,
     engine: str = "auto",
     chunk_size: int | None = None,
+    defer_gradients: bool = False,
 ) -> Explanation:
     """Head-averaged attention of the last block, read-out row, patch columns: ``(B, gh, gw)``.
 
-    Class-agnostic: ``target`` and ``foil`` are only validated. ``engine`` and ``chunk_size`` as
-    for :func:`chefer`.
+    Class-agnostic: ``target`` and ``foil`` are only validated. ``engine``, ``chunk_size`` and
+    ``defer_gradients`` as for :func:`chefer`.
     """
-    choice = select_engine(model, "raw_attention", engine, second_order, chunk_size)
+    choice = select_engine(
+        model, "raw_attention", engine, second_order, chunk_size, defer_gradients
+    )
     return _run(
         choice,
         model,
@@ -257,14 +262,16 @@ def rollout(
     start_layer: int = 0,
     engine: str = "auto",
     chunk_size: int | None = None,
+    defer_gradients: bool = False,
 ) -> Explanation:
     """Attention rollout from ``start_layer`` (0: all blocks; the CVPR 2021 evaluation used 1).
 
     Per block ``M = rownorm(mean_h A + I)``; the relevance is ``M_L ... M_s`` and its read-out row
-    is returned as ``(B, gh, gw)``. Class-agnostic. ``engine`` and ``chunk_size`` as for
-    :func:`chefer` (softmax rows sum to one, so the chunked engine uses ``M = (mean_h A + I) / 2``).
+    is returned as ``(B, gh, gw)``. Class-agnostic. ``engine``, ``chunk_size`` and
+    ``defer_gradients`` as for :func:`chefer` (softmax rows sum to one, so the chunked engine uses
+    ``M = (mean_h A + I) / 2``).
     """
-    choice = select_engine(model, "rollout", engine, second_order, chunk_size)
+    choice = select_engine(model, "rollout", engine, second_order, chunk_size, defer_gradients)
     return _run(
         choice,
         model,
@@ -371,6 +378,7 @@ def chefer(
     gradient: str = "attention",
     engine: str = "auto",
     chunk_size: int | None = None,
+    defer_gradients: bool = False,
 ) -> Explanation:
     """Gradient-weighted attention relevance (the RobustViT rule): ``(B, gh, gw)``, raw.
 
@@ -394,6 +402,11 @@ def chefer(
     cannot be used; ``"dense"`` forces the dense engine. The choice:
     :func:`relreg.explain.engine.select_engine`.
 
+    ``defer_gradients=True`` trades time for memory in a trainable chunked step: the maps'
+    gradients with respect to each block's ``q`` and ``k`` are computed when the model's own
+    backward pass reaches the block instead of waiting in autograd's buffers for it, one more
+    recompute of the block's chunks (docs/results/cost.md has both figures).
+
     Example:
         >>> import timm, torch
         >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
@@ -403,7 +416,7 @@ def chefer(
     """
     if gradient not in ("attention", "logits"):
         raise ValueError(f"Expected gradient 'attention' or 'logits', but got {gradient!r}.")
-    choice = select_engine(model, "chefer", engine, second_order, chunk_size)
+    choice = select_engine(model, "chefer", engine, second_order, chunk_size, defer_gradients)
     chunked = partial(
         _chefer_chunked, model, images, differentiable, chunk_size, start_layer, gradient
     )

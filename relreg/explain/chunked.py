@@ -82,6 +82,7 @@ class Captured(NamedTuple):
         dtype: the dtype the walk computes in (:func:`relevance_dtype`).
         inputs: per block, its recorded input (gradient checkpointing), or None.
         model: the model, for the recomputation (set with ``inputs``).
+        defer_gradients: pass ``defer_gradients`` to :func:`propagate` (without ``inputs``).
     """
 
     q: list[Tensor | None]
@@ -97,6 +98,7 @@ class Captured(NamedTuple):
     dtype: torch.dtype = torch.float32
     inputs: list[BlockInput] | None = None
     model: nn.Module | None = None
+    defer_gradients: bool = False
 
     @property
     def depth(self) -> int:
@@ -143,6 +145,7 @@ def capture_blocks(
     foil: object,
     need_grad: bool,
     differentiable: bool,
+    defer_gradients: bool = False,
 ) -> Captured:
     """What the relevance walk needs from a forward pass of :func:`record_blocks` whose records
     the engine choice accepted: the records, and ``dy/dO`` per block when ``need_grad``.
@@ -155,6 +158,7 @@ def capture_blocks(
             ``keep="inputs"`` it runs down to the first block's input, and the outputs' hooks
             catch ``dy/dO`` on the way).
         differentiable: keep the graph of the forward pass for a loss on the maps.
+        defer_gradients: see :func:`propagate`.
     """
     calls = [c for c in capture.calls if not c.pool]
     pool = next((c.attention for c in capture.calls if c.pool), None)
@@ -194,6 +198,7 @@ def capture_blocks(
         dtype=relevance_dtype_of(calls[-1].dtype),
         inputs=[capture.inputs[i] for i in range(len(calls))] if recompute else None,
         model=capture.model if recompute else None,
+        defer_gradients=defer_gradients,
     )
 
 
@@ -237,7 +242,10 @@ def block_step(
             chunk_size,
             rows,
             cap.bias[b],
+            cap.defer_gradients,
         )
+    # checkpointed: the step's backward recomputes q and k from the block input and returns
+    # their gradients at once, so there is nothing to defer
     recorded = cap.inputs[b]
     model = cap.model
 
@@ -270,6 +278,7 @@ def propagate(
     chunk_size: int | None = None,
     rows: Tensor | None = None,
     bias: Tensor | None = None,
+    defer_gradients: bool = False,
 ) -> Tensor:
     """``r @ Abar``: a relevance row vector times one block's head-mean weighted attention.
 
@@ -290,6 +299,10 @@ def propagate(
             read-out of the last block: only the CLS row counts); None: every row.
         bias: the kernel's additive bias (float, differentiable) or boolean mask (True:
             attend), broadcastable to ``(B, heads, N, N)``; None: no bias.
+        defer_gradients: compute the gradients of ``q``, ``k`` and ``bias`` when the model's
+            backward pass reaches them rather than in this step's backward (:class:`_Deferred`):
+            two ``(B, heads, N, head_dim)`` tensors fewer waiting in autograd's buffers per
+            block, for one more recompute of the chunks.
 
     Returns:
         ``(B, N)``, in float32 when the inputs are half precision, else in their dtype.
@@ -308,8 +321,11 @@ def propagate(
             f"{type(d_out).__name__}."
         )
     bias4 = None if bias is None else bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+    deferred = None
+    if defer_gradients and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        deferred = _Deferred({"q": q, "k": k, "bias": bias})
     return _RowTimesAttention.apply(
-        r, q, k, v.detach(), d_out.detach(), scale, rule, chunk, rows, bias4
+        r, q, k, v.detach(), d_out.detach(), scale, rule, chunk, rows, bias4, deferred
     )
 
 
@@ -373,7 +389,7 @@ class _RowTimesAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r, q, k, v, d_out, scale, rule, chunk, rows, bias):  # type: ignore[override]
+    def forward(ctx, r, q, k, v, d_out, scale, rule, chunk, rows, bias, deferred):  # type: ignore[override]
         # saved first: a checkpointed step (block_step) recomputes up to here, not the loop
         empty = torch.empty(0)
         ctx.save_for_backward(
@@ -390,6 +406,7 @@ class _RowTimesAttention(torch.autograd.Function):
         ctx.chunk = chunk
         ctx.has_rows = rows is not None
         ctx.has_bias = bias is not None
+        ctx.deferred = deferred
         dtype = relevance_dtype(q)
         heads = q.shape[1]
         with torch.autocast(q.device.type, enabled=False):
@@ -404,37 +421,132 @@ class _RowTimesAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         r, q, k, v, d_out, rows, bias = ctx.saved_tensors
-        rows = rows if ctx.has_rows else None
-        bias = bias if ctx.has_bias else None
+        saved = _Saved(
+            r,
+            q,
+            k,
+            v,
+            d_out,
+            rows if ctx.has_rows else None,
+            bias if ctx.has_bias else None,
+            ctx.scale,
+            ctx.rule,
+            ctx.chunk,
+        )
         need_r, need_q, need_k = ctx.needs_input_grad[:3]
         need_bias = ctx.needs_input_grad[9]
-        dtype = relevance_dtype(q)
-        heads = q.shape[1]
-        scale = ctx.scale
-        with torch.autocast(q.device.type, enabled=False):
-            r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (r, q, k, v, d_out))
-            go = (grad_out.to(dtype) / heads)[:, None, None, :]  # (B, 1, 1, N)
-            dr = torch.zeros_like(r_) if need_r else None
-            dq = torch.zeros_like(q_) if need_q else None
-            dk = torch.zeros_like(k_) if need_k else None
-            db = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_bias else None
-            for idx in _chunks(q.shape[2], ctx.chunk, rows):
-                a, w = _weights(q_, k_, v_, d_, scale, ctx.rule, idx, bias)
-                wg = a * go if w is a else w.mul_(go)  # W * grad, (B, heads, c, N)
-                u = wg.sum(dim=-1, keepdim=True)  # W @ grad, (B, heads, c, 1)
-                if need_r:
-                    dr[:, idx] = u.sum(dim=1)[..., 0]
-                if need_q or need_k or need_bias:
-                    ds = wg.sub_(a.mul_(u))  # dL/dS divided by r_i, (B, heads, c, N)
-                    if need_bias:
-                        _add_bias_grad(db, ds * r_[:, None, idx, None], idx)
-                    rc = r_[:, None, idx, None] * scale  # (B, 1, c, 1)
-                    if need_q:
-                        dq[:, :, idx] = (ds @ k_).mul_(rc)
-                    if need_k:
-                        dk += ds.transpose(-2, -1) @ (q_[:, :, idx] * rc)
-        grads = (_cast(dr, r), _cast(dq, q), _cast(dk, k))
-        return (*grads, None, None, None, None, None, None, _cast(db, bias))
+        deferred = ctx.deferred
+        if deferred is not None and (need_q or need_k or need_bias):
+            # the gradients of q, k and the bias are computed when the model's backward pass
+            # reaches them (_Deferred's hooks); only r's gradient now
+            deferred.arm(saved, grad_out, need_q, need_k, need_bias)
+            dr = _gradients(saved, grad_out, True, False, False, False)[0] if need_r else None
+            # zeros that take no memory, so that the hooks always find a gradient to add to
+            dq, dk, db = (
+                _no_grad(t, need) for t, need in ((q, need_q), (k, need_k), (bias, need_bias))
+            )
+            return (dr, dq, dk, None, None, None, None, None, None, db, None)
+        dr, dq, dk, db = _gradients(saved, grad_out, need_r, need_q, need_k, need_bias)
+        return (dr, dq, dk, None, None, None, None, None, None, db, None)
+
+
+def _no_grad(t: Tensor, need: bool) -> Tensor | None:
+    return t.new_zeros(()).expand(t.shape) if need else None
+
+
+class _Saved(NamedTuple):
+    """The inputs of one :class:`_RowTimesAttention` call, as its backward needs them."""
+
+    r: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    d_out: Tensor
+    rows: Tensor | None
+    bias: Tensor | None
+    scale: float
+    rule: str
+    chunk: int
+
+
+def _gradients(
+    s: _Saved, grad_out: Tensor, need_r: bool, need_q: bool, need_k: bool, need_bias: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of ``r``, ``q``, ``k`` and the bias of one call (None where not needed)."""
+    dtype = relevance_dtype(s.q)
+    heads = s.q.shape[1]
+    scale = s.scale
+    bias = s.bias
+    with torch.autocast(s.q.device.type, enabled=False):
+        r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (s.r, s.q, s.k, s.v, s.d_out))
+        go = (grad_out.to(dtype) / heads)[:, None, None, :]  # (B, 1, 1, N)
+        dr = torch.zeros_like(r_) if need_r else None
+        dq = torch.zeros_like(q_) if need_q else None
+        dk = torch.zeros_like(k_) if need_k else None
+        db = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_bias else None
+        for idx in _chunks(s.q.shape[2], s.chunk, s.rows):
+            a, w = _weights(q_, k_, v_, d_, scale, s.rule, idx, bias)
+            wg = a * go if w is a else w.mul_(go)  # W * grad, (B, heads, c, N)
+            u = wg.sum(dim=-1, keepdim=True)  # W @ grad, (B, heads, c, 1)
+            if need_r:
+                dr[:, idx] = u.sum(dim=1)[..., 0]
+            if not (need_q or need_k or need_bias):
+                continue
+            ds = wg.sub_(a.mul_(u))  # dL/dS divided by r_i, (B, heads, c, N)
+            if need_bias:
+                _add_bias_grad(db, ds * r_[:, None, idx, None], idx)
+            rc = r_[:, None, idx, None] * scale  # (B, 1, c, 1)
+            if need_q:
+                dq[:, :, idx] = (ds @ k_).mul_(rc)
+            if need_k:
+                dk += ds.transpose(-2, -1) @ (q_[:, :, idx] * rc)
+    return _cast(dr, s.r), _cast(dq, s.q), _cast(dk, s.k), _cast(db, bias)
+
+
+class _Deferred:
+    """The q, k and bias gradients of one :class:`_RowTimesAttention` call, computed late.
+
+    Autograd runs the relevance walk's backward before the model's (the walk's nodes are newer,
+    and the walk's last block needs every earlier block's gradient), so gradients it returns for
+    ``q`` and ``k`` wait in autograd's buffers, two ``(B, heads, N, head_dim)`` tensors per
+    block, until the model's backward pass reaches that block. Deferred, the walk's backward
+    returns ``r``'s gradient only and keeps its inputs (``dy/dO`` the one tensor the model's graph
+    does not hold anyway); a hook on ``q``, ``k`` and the bias adds their gradients when autograd
+    has theirs from the model, recomputing the block's chunks once more.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        self.saved: _Saved | None = None
+        self.grad_out: Tensor | None = None
+        self.ready: dict[str, Tensor | None] = {}
+        self.handles = []
+        self.shapes = {role: t.shape for role, t in tensors.items() if t is not None}
+        for role, t in tensors.items():
+            if t is not None and t.requires_grad:
+                self.handles.append(t.register_hook(self._hook(role)))
+
+    def arm(self, saved: _Saved, grad_out: Tensor, need_q: bool, need_k: bool, need_b: bool):
+        self.saved, self.grad_out = saved, grad_out
+        self.need = {"q": need_q, "k": need_k, "bias": need_b}
+        self.ready = {}
+
+    def _hook(self, role: str):
+        def hook(grad: Tensor) -> Tensor | None:
+            if self.saved is None and role not in self.ready:
+                return None  # a backward pass that did not go through the map
+            if role not in self.ready:
+                n = self.need
+                _, dq, dk, db = _gradients(
+                    self.saved, self.grad_out, False, n["q"], n["k"], n["bias"]
+                )
+                self.ready = {"q": dq, "k": dk, "bias": db}
+                self.saved = self.grad_out = None
+            mine = self.ready.pop(role, None)
+            if mine is None:
+                return None
+            return grad + mine.reshape(self.shapes[role])
+
+        return hook
 
 
 def _cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:

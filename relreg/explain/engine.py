@@ -44,7 +44,7 @@ from relreg.explain.capture import (
     find_attention_modules,
     kernel_blocks,
 )
-from relreg.validate import check_choice, check_positive_int
+from relreg.validate import check_bool, check_choice, check_positive_int
 
 __all__ = ["ENGINES", "EngineChoice", "select_engine"]
 
@@ -71,6 +71,10 @@ class EngineChoice:
             checkpointing, whose point is not to hold them: each block's input is kept and its
             ``q``, ``k``, ``v`` recomputed block by block in the relevance walk (and again, for a
             trainable map, in its backward pass).
+        defer_gradients: whether the chunked engine computes a trainable map's ``q`` and ``k``
+            gradients when the model's backward pass reaches each block
+            (:func:`relreg.explain.chunked.propagate`): less memory at the peak, one more
+            recompute of the attention chunks per block (no effect under ``keep="inputs"``).
     """
 
     kind: str
@@ -80,6 +84,7 @@ class EngineChoice:
     model: str = ""
     chunk_size: int | None = None
     keep: str = "tensors"
+    defer_gradients: bool = False
 
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, KINDS)
@@ -111,6 +116,7 @@ def select_engine(
     engine: str = "auto",
     second_order: bool = False,
     chunk_size: int | None = None,
+    defer_gradients: bool = False,
 ) -> EngineChoice:
     """Choose the relevance engine before any forward pass.
 
@@ -120,6 +126,7 @@ def select_engine(
         engine: ``"auto"``, ``"chunked"`` or ``"dense"``.
         second_order: whether the maps are differentiated through the attention gradients too.
         chunk_size: query rows per chunk for the chunked engine (None: its default).
+        defer_gradients: see :attr:`EngineChoice.defer_gradients`.
 
     Returns:
         The choice. A chunked choice still has to pass :meth:`EngineChoice.after_forward`.
@@ -134,6 +141,7 @@ def select_engine(
     """
     check_choice("engine", engine, ENGINES)
     check_positive_int("chunk_size", chunk_size, allow_none=True)
+    check_bool("defer_gradients", defer_gradients)
     if _reentrant_checkpointing(model):
         raise ValueError(
             "Expected non-reentrant gradient checkpointing (timm's default), but "
@@ -150,7 +158,9 @@ def select_engine(
             "saves other tensors; compile the whole model instead (torch.compile(model), "
             "explained through its original module) or turn checkpointing off."
         )
-    choice = EngineChoice("chunked", "", engine, method, type(model).__name__, chunk_size)
+    choice = EngineChoice(
+        "chunked", "", engine, method, type(model).__name__, chunk_size, "tensors", defer_gradients
+    )
     if engine == "dense":
         return replace(choice, kind="dense", reason="engine='dense' asked for")
     if second_order:

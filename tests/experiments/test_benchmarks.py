@@ -27,6 +27,7 @@ def test_bench_train_schema(tmp_path):
         "--same-process",  # one import for all cases (CI time); memory is then not per case
         "--cases",
         "first_order",
+        "first_order_deferred",
         "first_order_dense",
         "second_order",
         "two_forward",
@@ -40,18 +41,21 @@ def test_bench_train_schema(tmp_path):
     assert set(cases) == {
         "plain",
         "first_order",
+        "first_order_deferred",
         "first_order_dense",
         "second_order",
         "two_forward",
     }
     for case in cases.values():
         assert case["step_s"] > 0 and case["peak_mb"] > 0 and case["graph_mb"] > 0
+        assert case["heap_step_peak_mb"] > 0  # glibc's mallinfo2, read after every operator
         assert sum(case["phases_s"].values()) == pytest.approx(case["step_s"], rel=0.5)
     # properties, not timings: the one-forward step keeps less graph than the two-forward step,
     # the chunked engine less than the dense one; only the chunked engine has relevance phases
     assert cases["first_order"]["graph_mb"] < cases["two_forward"]["graph_mb"]
     assert cases["first_order"]["graph_mb"] < cases["first_order_dense"]["graph_mb"]
     assert cases["first_order"]["phases_s"]["relevance_backward"] > 0
+    assert cases["first_order_deferred"]["phases_s"]["relevance_backward"] > 0
     assert cases["first_order_dense"]["phases_s"]["relevance_backward"] == 0
     assert cases["plain"]["phases_s"]["input_gradient_backward"] == 0
     assert out.with_suffix(".png").stat().st_size > 10_000
