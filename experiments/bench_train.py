@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench_train_plots import PHASES, plot, plot_families, plot_sweep  # this script's folder
+from floors import phase_floors, throughputs  # this script's folder
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
 
 if TYPE_CHECKING:
@@ -207,6 +208,10 @@ def worker(
     middle = statistics.median if relevance_every == 1 else statistics.fmean
     result = {"step_s": middle(times), "step_s_all": [round(t, 4) for t in times]}
     result["phases_s"] = {k: round(middle([p[k] for p in phases]), 4) for k in PHASES}
+    if hasattr(module.model, "blocks"):  # each phase's compute floor at rates measured now
+        result["rates"] = throughputs(module.model, batch)
+        other = result["phases_s"]["other"]
+        result["floors_s"] = phase_floors(module.model, batch, result["rates"], other)
     result["graph_mb"] = _graph_mb(module, lambda: forward_loss(case != "plain"))
     result.update(_peak_memory(device, base_rss))
     if device == "cpu":
@@ -492,6 +497,19 @@ def run_case(model_key: str, case: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _floor_ratios(case: dict, plain: dict) -> dict:
+    """Each phase's time over its floor, and the step's floor over the plain step's time (the
+    floor of ``other`` is the plain step's ``other``)."""
+    if "floors_s" not in case:
+        return {}
+    floors = dict(case["floors_s"], other=plain["phases_s"]["other"])
+    used = {k: v for k, v in case["phases_s"].items() if v > 0}
+    return {
+        "phases_over_floor": {k: round(v / floors[k], 2) for k, v in used.items() if floors[k] > 0},
+        "floor_over_plain_step": round(sum(floors[k] for k in used) / plain["step_s"], 3),
+    }
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else round(a / b, 3)
 
@@ -508,6 +526,7 @@ def _ratios(cases: dict) -> dict:
             "phases_over_plain_step": {
                 k: round(v / plain["step_s"], 3) for k, v in r["phases_s"].items()
             },
+            **_floor_ratios(r, plain),
         }
         for c, r in cases.items()
     }
@@ -522,10 +541,17 @@ def _run_all(models: list[str], cases: tuple[str, ...], args: argparse.Namespace
             results[case] = c
             print(
                 f"{m:14s} {case:18s} {c['step_s']:.3f} s/step  "
-                f"step peak {c['step_peak_mb']:.0f} MB  "
+                f"step peak {c['step_peak_mb']:.0f} MB (heap {c.get('heap_step_peak_mb')} MB)  "
                 f"process peak {c['peak_mb']:.0f} MB  graph {c['graph_mb']:.0f} MB",
                 flush=True,
             )
+            if "floors_s" in c:
+                split = "  ".join(
+                    f"{k} {v:.3f} (floor {c['floors_s'][k]:.3f})"
+                    for k, v in c["phases_s"].items()
+                    if v > 0
+                )
+                print(f"{'':14s} {split}  rates {c['rates']}", flush=True)
         out[m] = {"cases": results, "ratios": _ratios(results)}
     return out
 

@@ -46,7 +46,7 @@ from relreg.explain.capture import (
 )
 from relreg.validate import check_bool, check_choice, check_positive_int
 
-__all__ = ["ENGINES", "EngineChoice", "select_engine"]
+__all__ = ["ENGINES", "EngineChoice", "is_checkpointing", "select_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def select_engine(
             "TIMM_REENTRANT_CKPT or turn checkpointing off (model.set_grad_checkpointing(False))."
         )
     compiled = _compiled_in_place(model)
-    if compiled is not None and _checkpointing(model):
+    if compiled is not None and is_checkpointing(model):
         raise ValueError(
             "Expected no submodule compiled in place (module.compile()) under gradient "
             f"checkpointing, but {compiled} is: the explainers run it eagerly, while the "
@@ -190,7 +190,7 @@ def _recompute_reason(model: nn.Module) -> str | None:
     ``v`` would undo it), and where each block computes its own learned attention bias (BEiT's
     relative position bias, ``(heads, N, N)`` per block, which the model's graph does not keep
     and the relevance pass would)."""
-    if _checkpointing(model):
+    if is_checkpointing(model):
         return "gradient checkpointing"
     for block in kernel_blocks(model) or []:
         for name, _ in block.named_parameters():
@@ -242,7 +242,7 @@ def _compiled_in_place(model: nn.Module) -> str | None:
     return None
 
 
-def _checkpointing(model: nn.Module) -> bool:
+def is_checkpointing(model: nn.Module) -> bool:
     """Whether a module of ``model`` checkpoints its blocks (timm's ``grad_checkpointing`` flag,
     transformers' ``gradient_checkpointing``)."""
     names = ("grad_checkpointing", "gradient_checkpointing")
@@ -253,7 +253,7 @@ def _reentrant_checkpointing(model: nn.Module) -> bool:
     """Whether a module of ``model`` checkpoints its blocks in timm's reentrant form."""
     from timm.layers import config
 
-    return _checkpointing(model) and bool(getattr(config, "_USE_REENTRANT_CKPT", False))
+    return is_checkpointing(model) and bool(getattr(config, "_USE_REENTRANT_CKPT", False))
 
 
 def _model_problem(model: nn.Module, modules: list[nn.Module]) -> str | None:

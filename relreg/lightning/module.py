@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from relreg.data.eval_split import EvalSplit
 from relreg.explain import explain_with_logits, explainer_info, find_attention_modules
 from relreg.lightning.nonfinite import NonFiniteError, NonFiniteGuard, nonfinite_terms
+from relreg.lightning.sharding import shard_model
 from relreg.metrics import GroupAccuracy, RelevanceMass, accuracy_targets, score_logits
 from relreg.models import build_model, freeze_parameters, load_weights
 from relreg.objective import ROBUSTVIT, ExplainerSpec, Objective, StepContext, StepOutput
@@ -202,6 +203,28 @@ class RelRegModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.nonfinite_guard.check_world_size(self.trainer.world_size)
+
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under Lightning's ``ModelParallelStrategy`` (one unit per
+        residual block, then the root: :func:`relreg.lightning.sharding.shard_model`); nothing
+        under any other strategy.
+
+        Raises:
+            ValueError: for a tensor-parallel mesh (``tensor_parallel_size`` > 1: relreg's models
+                are not tensor-parallel), or see :func:`relreg.lightning.sharding.check_shardable`.
+        """
+        mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy only
+        if mesh is None:
+            return
+        names = mesh.mesh_dim_names or ()
+        tp = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+        if tp > 1:
+            raise ValueError(
+                "Expected ModelParallelStrategy(tensor_parallel_size=1) (FSDP over the "
+                f"data-parallel dimension only), but got tensor_parallel_size={tp}."
+            )
+        data = mesh["data_parallel"] if "data_parallel" in names else mesh
+        shard_model(self.model, data)
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(B, K)`` of images ``(B, 3, H, W)``."""
