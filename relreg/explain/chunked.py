@@ -254,9 +254,21 @@ def block_step(
         v = call.v.detach()
         return propagate(r, call.q, call.k, v, d_out, call.scale, rule, chunk_size, rows, call.mask)
 
-    if torch.is_grad_enabled():
-        return checkpoint(step, r, use_reentrant=False)
-    return step(r)
+    out = checkpoint(step, r, use_reentrant=False) if torch.is_grad_enabled() else step(r)
+    _reshard(recorded.block)
+    return out
+
+
+def _reshard(block: nn.Module) -> None:
+    """Free the parameters an FSDP2 block gathered for its rerun (the rerun stops at the kernel
+    call, before FSDP's post-forward hook would). Safe here: the rerun's graph is not kept (the
+    step is checkpointed), and its recomputation in the backward pass gathers them again."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(block, FSDPModule):
+        block.reshard()
 
 
 def default_chunk_size(batch: int, heads: int, tokens: int) -> int:

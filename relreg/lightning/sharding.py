@@ -20,9 +20,13 @@ What the relevance step needs from FSDP, and gets:
 - The masked-subset means of the relevance loss are per rank, as under DDP: give every rank the
   same number of masked samples for a step equal to the single-process one.
 
-Gradient checkpointing under FSDP runs the chunked engine's block recomputation outside FSDP's
-hooks, on parameters that are sharded at that moment; :func:`check_shardable` refuses that
-combination before training (use one of the two).
+- Under gradient checkpointing the chunked engine reruns each block up to its kernel call
+  (:func:`relreg.explain.capture.rerun_kernel_call`): the rerun goes through the block's FSDP
+  pre-forward hook, which gathers its parameters (one more all-gather per block, counted in the
+  test), and :func:`relreg.explain.chunked.block_step` reshards them after the step, so no block
+  stays gathered between the walk and the backward pass. In the loss's backward pass the walk's
+  recomputation gathers each block once more, and the model's backward once again: one
+  all-gather per block more in each pass than without checkpointing, the price of recomputing.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from __future__ import annotations
 from torch import nn
 
 from relreg.explain.capture import kernel_blocks
-from relreg.explain.engine import is_checkpointing
 
 __all__ = ["check_shardable", "is_sharded", "shard_model"]
 
@@ -43,25 +46,16 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def check_shardable(model: nn.Module) -> list[nn.Module]:
-    """The blocks :func:`shard_model` makes FSDP units of, after checking the model can be sharded
-    with the relevance step.
+    """The blocks :func:`shard_model` makes FSDP units of.
 
     Raises:
-        ValueError: for a model without a list of residual blocks, or with gradient checkpointing
-            on.
+        ValueError: for a model without a list of residual blocks.
     """
     blocks = kernel_blocks(model)
     if not blocks:
         raise ValueError(
             f"Expected a model with a list of residual blocks (timm's model.blocks, or "
             f"model.kernel_blocks()) to shard with FSDP, but {type(model).__name__} has none."
-        )
-    if is_checkpointing(model):
-        raise ValueError(
-            "Expected gradient checkpointing off under FSDP (ModelParallelStrategy), but it is "
-            "on: the chunked relevance engine recomputes each block's attention inputs outside "
-            "FSDP's hooks, where the block's parameters are sharded; set "
-            "model.model_kwargs.grad_checkpointing: false, or train without FSDP."
         )
     return blocks
 

@@ -10,6 +10,7 @@ does not, and torch's ``fully_shard`` takes CPU meshes. Tested here:
   are counted): every gradient is reduced in the loss's backward pass, once per FSDP unit;
 - Lightning's ``ModelParallelStrategy`` fits, saves a sharded and a full checkpoint, and resumes
   from each to the same weights;
+- gradient checkpointing on: the same gradients, the blocks' reruns gathered and resharded;
 - what is refused is refused before any work, with the reason.
 """
 
@@ -33,12 +34,12 @@ TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads
 BATCH = 4
 
 
-def _module() -> RelRegModule:
+def _module(checkpointing: bool = False) -> RelRegModule:
     torch.manual_seed(0)
     module = RelRegModule(
         "vit_tiny_patch16_224",
         num_classes=4,
-        model_kwargs=TINY,
+        model_kwargs={**TINY, "grad_checkpointing": checkpointing},
         explainer={"engine": "chunked"},  # raises rather than falling back to the dense engine
     )
     return module.double()
@@ -62,13 +63,13 @@ def _grads_one_process() -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in module.parameters()])
 
 
-def _rank(rank: int, out: str) -> None:
+def _rank(rank: int, out: str, checkpointing: bool) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from relreg.lightning.sharding import shard_model
 
-    module = _module()
+    module = _module(checkpointing)
     shard_model(module.model, init_device_mesh("cpu", (2,)))
     half = {k: v[rank * 2 : rank * 2 + 2] for k, v in _batch().items()}  # 2 masked samples each
 
@@ -87,39 +88,47 @@ def _rank(rank: int, out: str) -> None:
         setattr(dist, name, counted(name))
     try:
         loss = module.model_step(half, training=True).loss  # forward, dy/dO pass, relevance walk
+        gathered = [b._get_fsdp_state()._fsdp_param_group.is_unsharded for b in module.model.blocks]
         phase[0] = "backward"
         loss.backward()
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
     grads = torch.cat([p.grad.full_tensor().flatten() for p in module.parameters()])
-    torch.save({"grads": grads, "counts": counts}, Path(out) / f"rank{rank}.pt")
+    torch.save(
+        {"grads": grads, "counts": counts, "gathered": gathered}, Path(out) / f"rank{rank}.pt"
+    )
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp_step_equals_the_one_process_step_and_reduces_only_in_backward(tmp_path):
-    run_two_ranks(_rank, str(tmp_path))
-    reference = _grads_one_process()
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_two_rank_fsdp_step_equals_the_one_process_step_and_reduces_only_in_backward(
+    tmp_path, checkpointing
+):
+    run_two_ranks(_rank, str(tmp_path), checkpointing)
+    reference = _grads_one_process()  # without checkpointing: the same gradients are expected
     bound = twin_bound(_grads_one_process, u=U64)
-    units = TINY["depth"] + 1  # one FSDP unit per block, and the root
+    depth = TINY["depth"]
+    units = depth + 1  # one FSDP unit per block, and the root
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert (got["grads"] - reference).abs().le(bound).all(), rank
         counts = got["counts"]
         assert counts["forward"].get("reduce_scatter_single", 0) == 0, counts
         assert counts["backward"]["reduce_scatter_single"] == units, counts
-        # the forward pass gathers every unit; the dy/dO pass gathers the resharded blocks again
-        assert counts["forward"]["all_gather_single"] >= units, counts
+        # every unit is gathered for the forward pass and, resharded after it, again for the
+        # dy/dO pass (checkpointed: each block once more for the walk's rerun up to its kernel
+        # call), and once more in the loss's backward pass (checkpointed: each block also for the
+        # walk's recomputation there)
+        reruns = depth if checkpointing else 0
+        assert counts["forward"]["all_gather_single"] == 2 * units + reruns, counts
+        assert counts["backward"]["all_gather_single"] == units + reruns, counts
+        assert not any(got["gathered"])  # no block is left gathered between the walk and backward
 
 
-def test_gradient_checkpointing_under_fsdp_is_refused_before_sharding():
-    module = RelRegModule(
-        "vit_tiny_patch16_224",
-        num_classes=4,
-        model_kwargs={**TINY, "grad_checkpointing": True},
-    )
-    with pytest.raises(ValueError, match="Expected gradient checkpointing off under FSDP"):
-        check_shardable(module.model)
+def test_a_model_without_blocks_is_refused():
+    with pytest.raises(ValueError, match="Expected a model with a list of residual blocks"):
+        check_shardable(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_a_tensor_parallel_mesh_is_refused():
@@ -142,6 +151,7 @@ import torch
 from pytorch_lightning.strategies import ModelParallelStrategy
 from relreg.data import RelRegDataModule, SpuriousShapes
 from relreg.lightning import RelRegModule, connect
+from relreg.lightning.sharding import is_sharded
 
 out, sharded, resume = sys.argv[1], sys.argv[2] == "sharded", sys.argv[3]
 pl.seed_everything(0)
@@ -175,7 +185,8 @@ ckpt = f"{out}/after{trainer.global_step}.ckpt"
 trainer.save_checkpoint(ckpt)
 full = qkv(module)
 if trainer.global_rank == 0:
-    json.dump({"step": trainer.global_step, "ckpt": ckpt, "qkv": full},
+    json.dump({"step": trainer.global_step, "ckpt": ckpt, "qkv": full,
+               "sharded": is_sharded(module.model) and all(map(is_sharded, module.model.blocks))},
               open(f"{out}/result{trainer.global_step}.json", "w"))
 """
 
@@ -194,7 +205,7 @@ def test_model_parallel_strategy_fits_saves_and_resumes(tmp_path, layout):
 
     run("none")
     first = json.loads((tmp_path / "result2.json").read_text())
-    assert first["step"] == 2
+    assert first["step"] == 2 and first["sharded"]  # configure_model made the FSDP units
     assert Path(first["ckpt"]).is_dir() == (layout == "sharded")  # one file per rank, or one
     run(first["ckpt"])
     start = json.loads((tmp_path / "start2.json").read_text())
