@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench_train_plots import PHASES, plot, plot_families, plot_sweep  # this script's folder
-from floors import phase_floors, throughputs  # this script's folder
+from floors import phase_floors, step_floors, throughputs  # this script's folder
 from machine_info import machine  # experiments/machine_info.py (this script's folder)
 
 if TYPE_CHECKING:
@@ -210,8 +210,7 @@ def worker(
     result["phases_s"] = {k: round(middle([p[k] for p in phases]), 4) for k in PHASES}
     if hasattr(module.model, "blocks"):  # each phase's compute floor at rates measured now
         result["rates"] = throughputs(module.model, batch)
-        other = result["phases_s"]["other"]
-        result["floors_s"] = phase_floors(module.model, batch, result["rates"], other)
+        result["flop_floors_s"] = phase_floors(module.model, batch, result["rates"])
     result["graph_mb"] = _graph_mb(module, lambda: forward_loss(case != "plain"))
     result.update(_peak_memory(device, base_rss))
     if device == "cpu":
@@ -498,13 +497,14 @@ def run_case(model_key: str, case: str, args: argparse.Namespace) -> dict:
 
 
 def _floor_ratios(case: dict, plain: dict) -> dict:
-    """Each phase's time over its floor, and the step's floor over the plain step's time (the
-    floor of ``other`` is the plain step's ``other``)."""
-    if "floors_s" not in case:
+    """Each phase's floor (:func:`floors.step_floors`), its time over that floor, and the step's
+    floor over the plain step's time."""
+    if "flop_floors_s" not in case:
         return {}
-    floors = dict(case["floors_s"], other=plain["phases_s"]["other"])
+    floors = step_floors(case["flop_floors_s"], plain["phases_s"])
     used = {k: v for k, v in case["phases_s"].items() if v > 0}
     return {
+        "floors_s": floors,
         "phases_over_floor": {k: round(v / floors[k], 2) for k, v in used.items() if floors[k] > 0},
         "floor_over_plain_step": round(sum(floors[k] for k in used) / plain["step_s"], 3),
     }
@@ -545,9 +545,10 @@ def _run_all(models: list[str], cases: tuple[str, ...], args: argparse.Namespace
                 f"process peak {c['peak_mb']:.0f} MB  graph {c['graph_mb']:.0f} MB",
                 flush=True,
             )
-            if "floors_s" in c:
+            if "flop_floors_s" in c and case != "plain":
+                floors = step_floors(c["flop_floors_s"], results["plain"]["phases_s"])
                 split = "  ".join(
-                    f"{k} {v:.3f} (floor {c['floors_s'][k]:.3f})"
+                    f"{k} {v:.3f} (floor {floors[k]:.3f})"
                     for k, v in c["phases_s"].items()
                     if v > 0
                 )

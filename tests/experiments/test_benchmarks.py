@@ -58,6 +58,11 @@ def test_bench_train_schema(tmp_path):
     assert cases["first_order_deferred"]["phases_s"]["relevance_backward"] > 0
     assert cases["first_order_dense"]["phases_s"]["relevance_backward"] == 0
     assert cases["plain"]["phases_s"]["input_gradient_backward"] == 0
+    # each phase's floor: the plain step's own phases, plus FLOP-derived parts above them
+    ratios = result["models"]["vit_tiny_32"]["ratios"]["first_order"]
+    assert set(ratios["phases_over_floor"]) <= set(ratios["floors_s"])
+    assert ratios["floors_s"]["forward"] == cases["plain"]["phases_s"]["forward"]
+    assert ratios["floor_over_plain_step"] > 1.0
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
