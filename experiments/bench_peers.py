@@ -20,6 +20,15 @@ where the two definitions are the same:
 - Grad-CAM: pytorch-grad-cam's ``GradCAM`` on the last block's first norm with the token
   reshape of its ViT tutorial; another convention than relreg's (ReLU and normalisation), so
   only correlated;
+- LIME: captum ``Lime`` with relreg's features (the patch grid), its on/off samples (the same
+  draws, fed through ``perturb_func``), the LIME package's kernel (``sqrt(exp(-d^2 / 0.25^2))`` of
+  the cosine distance to the all-on vector, as ``similarity_func``), a fill of 0 and
+  ``SkLearnRidge(alpha=1)`` with intercept: the same definition, so the maps must agree up to
+  captum's float32 fit;
+- AttnLRP: LXT 2.1's CP-LRP (``lxt.efficient``'s ``vit_torch.cp_LRP`` patch on torchvision's
+  ``VisionTransformer``, its ``examples/vit_torch.py`` recipe) against relreg's ``attnlrp`` on timm,
+  the same weights (``relreg.models.timm_state_from_torchvision_vit``), LXT in its own process
+  (its patches change torch's classes);
 - batched Chefer relevance against one image at a time, as the CVPR 2021 code runs it.
 
 Writes the JSON, a figure next to it, and the machine.
@@ -52,10 +61,15 @@ CASES = (
     "captum:smoothgrad_matched",
     "relreg:gradcam",
     "gradcam:gradcam",
+    "relreg:lime",
+    "captum:lime",
+    "relreg:attnlrp",
+    "lxt:attnlrp",
     "relreg:chefer",
     "loop:chefer",
 )
 SIZE, BATCH, STEPS, SAMPLES, NOISE = 224, 4, 16, 16, 0.15
+LIME_SAMPLES, CHUNK = 128, 64  # LIME's perturbed copies per image; copies per forward pass
 
 
 def _rss_mb() -> float:
@@ -94,6 +108,12 @@ def _relreg(method: str, model, x, target):  # noqa: ANN001, ANN202
         "integrated_gradients": {"steps": STEPS, "baseline": 0.0},
         "smoothgrad": {"n_samples": SAMPLES, "noise_level": NOISE, "seed": 0},
         "occlusion": {"window": 16, "baseline": 0.0},
+        "lime": {
+            "n_samples": LIME_SAMPLES,
+            "baseline": 0.0,
+            "seed": 0,
+            "internal_batch_size": CHUNK,
+        },  # fmt: skip
     }.get(method, {})
     return lambda: explain(model, x, method, target=target, **options)
 
@@ -134,7 +154,84 @@ def _captum(method: str, model, x, target):  # noqa: ANN001, ANN202
             return torch.stack(grads).mean(0).amax(1)
 
         return run
+    if method == "lime":
+        return _captum_lime(model, x, target)
     raise ValueError(method)
+
+
+def lime_samples(n_features: int) -> torch.Tensor:
+    """The on/off samples ``(LIME_SAMPLES, n_features)`` relreg's ``lime`` draws for ``seed=0``
+    (``relreg/explain/lime.py``: feature by feature, the first keeping every feature)."""
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.randint(0, 2, (n_features, LIME_SAMPLES), generator=gen).T.float()
+    samples[0] = 1
+    return samples
+
+
+def _captum_lime(model, x, target):  # noqa: ANN001, ANN202
+    from captum._utils.models.linear_model import SkLearnRidge
+    from captum.attr import Lime
+
+    side = SIZE // 16
+    grid = torch.arange(side * side).view(side, side)
+    mask = grid.repeat_interleave(16, 0).repeat_interleave(16, 1)[None, None]  # (1, 1, H, W)
+    mask = mask.expand(len(x), 1, SIZE, SIZE).contiguous()
+    samples = lime_samples(side * side)
+
+    def perturb(inputs, **kwargs):  # noqa: ANN001, ANN003, ANN202  (a generator: per image)
+        yield from (row[None] for row in samples)
+
+    def kernel(original, perturbed, interpretable, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        # the LIME package: cosine distance to the all-on sample, sqrt(exp(-d^2 / 0.25^2))
+        z = interpretable.flatten().double()
+        d = 1 - z.sum() / (z.norm() * z.numel() ** 0.5) if z.any() else torch.ones(())
+        return float(torch.exp(-(d**2) / 0.25**2).sqrt())
+
+    lime = Lime(model, interpretable_model=SkLearnRidge(alpha=1.0), similarity_func=kernel,
+                perturb_func=perturb)  # fmt: skip
+    return lambda: lime.attribute(
+        x, target=target, baselines=0.0, feature_mask=mask, n_samples=LIME_SAMPLES,
+        perturbations_per_eval=CHUNK,
+    )[:, 0]  # fmt: skip
+
+
+def _lxt_attnlrp(model, x, target):  # noqa: ANN001, ANN202
+    """LXT's CP-LRP on torchvision's ViT holding ``model``'s weights (after ``tests/explain/
+    lxt_runner.py``, whose stand-ins import LXT's ViT patch without its LLM patches)."""
+    import importlib.util
+
+    from relreg.models import timm_state_from_torchvision_vit
+
+    path = Path(__file__).parents[1] / "tests" / "explain" / "lxt_runner.py"
+    spec = importlib.util.spec_from_file_location("lxt_runner", path)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    monkey_patch, vit_torch = runner._import_vit_patch()
+    from torchvision.models import vision_transformer as tvv
+
+    monkey_patch(tvv, patch_map=vit_torch.cp_LRP)
+    blocks = len(model.blocks)
+    tv = tvv.VisionTransformer(
+        SIZE,
+        16,
+        blocks,
+        model.blocks[0].attn.num_heads,
+        model.embed_dim,
+        model.blocks[0].mlp.fc1.out_features,
+        num_classes=model.num_classes,
+    )
+    with torch.no_grad():  # the timm model's tensors copied into torchvision's, name by name
+        ours = model.state_dict()
+        for name, tensor in timm_state_from_torchvision_vit(tv.state_dict()).items():
+            tensor.copy_(ours[name])
+    tv.eval().requires_grad_(False)
+
+    def run():  # noqa: ANN202  (LXT's examples/vit_torch.py)
+        pixels = x.clone().requires_grad_(True)
+        tv(pixels).gather(1, target[:, None]).sum().backward()
+        return (pixels * pixels.grad).sum(1)
+
+    return run
 
 
 def _gradcam(model, x, target):  # noqa: ANN001, ANN202
@@ -167,6 +264,8 @@ def worker(case: str, repeats: int, maps_out: Path) -> dict:
         run = _captum(method, model, x, target)
     elif library == "gradcam":
         run = _gradcam(model, x, target)
+    elif library == "lxt":
+        run = _lxt_attnlrp(model, x, target)
     else:
         run = _loop_chefer(model, x, target)
     base = _rss_mb()
@@ -198,6 +297,8 @@ PAIRS = [  # (ours, theirs, what)
     ("relreg:occlusion", "captum:occlusion", "same definition"),
     ("relreg:smoothgrad", "captum:smoothgrad_matched", "same definition, noise matched"),
     ("relreg:smoothgrad", "captum:smoothgrad", "captum's own noise"),
+    ("relreg:lime", "captum:lime", "same definition, samples matched"),
+    ("relreg:attnlrp", "lxt:attnlrp", "same definition (CP-LRP), shared weights"),
     ("relreg:gradcam", "gradcam:gradcam", "another convention"),
     ("relreg:chefer", "loop:chefer", "one image at a time"),
 ]

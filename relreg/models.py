@@ -26,6 +26,7 @@ __all__ = [
     "load_weights",
     "model_data_config",
     "model_from_checkpoint",
+    "timm_state_from_torchvision_vit",
 ]
 
 
@@ -258,3 +259,57 @@ def freeze_parameters(model: nn.Module, patterns: Sequence[str]) -> None:
     for name, p in model.named_parameters():
         if name in hits:
             p.requires_grad_(False)
+
+
+_TORCHVISION_VIT_LAYER_NAMES = {
+    "ln_1": "norm1",
+    "self_attention.in_proj_": "attn.qkv.",
+    "self_attention.out_proj.": "attn.proj.",
+    "ln_2": "norm2",
+    "mlp.0.": "mlp.fc1.",
+    "mlp.3.": "mlp.fc2.",
+}
+
+
+def timm_state_from_torchvision_vit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision ``VisionTransformer`` state dict under timm's ``VisionTransformer`` names.
+
+    The two models compute the same function once the names are mapped: the same ``[q; k; v]``
+    order in the fused input projection, GELU, LayerNorm with eps ``1e-6``, a class token and a
+    learned position embedding. Build the timm model with the same sizes, e.g. torchvision's
+    ``vit_b_16`` as ``timm.create_model("vit_base_patch16_224")``; the tensors are shared, not
+    copied. LXT's ViT example and the parity test of AttnLRP run on torchvision's model.
+
+    Raises:
+        ValueError: ``state`` has none of torchvision's ViT keys.
+    """
+    if "conv_proj.weight" not in state or "encoder.ln.weight" not in state:
+        raise ValueError(
+            "Expected a torchvision VisionTransformer state dict (keys 'conv_proj.weight', "
+            f"'encoder.ln.weight', ...), but got keys {sorted(state)[:4]}."
+        )
+    heads = {k: v for k, v in state.items() if k.startswith("heads.")}
+    if heads and set(heads) != {"heads.head.weight", "heads.head.bias"}:
+        raise ValueError(
+            "Expected torchvision's single-layer head ('heads.head.*'), but got "
+            f"{sorted(heads)} (a pre-logits layer has no timm counterpart here)."
+        )
+    out = {
+        "cls_token": state["class_token"],
+        "pos_embed": state["encoder.pos_embedding"],
+        "patch_embed.proj.weight": state["conv_proj.weight"],
+        "patch_embed.proj.bias": state["conv_proj.bias"],
+        "norm.weight": state["encoder.ln.weight"],
+        "norm.bias": state["encoder.ln.bias"],
+    }
+    if heads:
+        out["head.weight"], out["head.bias"] = heads["heads.head.weight"], heads["heads.head.bias"]
+    prefix = "encoder.layers.encoder_layer_"
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        index, rest = key.removeprefix(prefix).split(".", 1)
+        for theirs, ours in _TORCHVISION_VIT_LAYER_NAMES.items():
+            if rest.startswith(theirs):
+                out[f"blocks.{index}.{ours}{rest.removeprefix(theirs)}"] = value
+    return out

@@ -8,7 +8,8 @@ import pytest
 import timm
 import torch
 
-from relreg.models import build_model, load_weights
+from relreg.models import build_model, load_weights, timm_state_from_torchvision_vit
+from tests.numerics import U64, assert_within, twin_bound
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2)
 
@@ -143,3 +144,32 @@ def test_a_checkpointed_training_step_equals_the_plain_one():
     # float64 sums of at most a few hundred terms in two orders: far inside 1e3 * U64 relatively
     assert (checkpointed - plain).abs().max() <= 1e3 * U64 * plain.abs().max()
     assert plain.abs().max() > 0
+
+
+def test_torchvision_vit_weights_give_the_same_function_in_timm():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    tv = VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=5).double().eval()
+    for p in tv.parameters():  # torchvision zero-initialises the head and biases: jitter them all
+        p.data.add_(0.1 * torch.randn_like(p))
+    tm = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        mlp_ratio=2.0, num_classes=5, act_layer=torch.nn.GELU,
+    ).double().eval()  # fmt: skip
+    tm.load_state_dict(timm_state_from_torchvision_vit(tv.state_dict()))  # strict: every key
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = tv(x), tm(x)
+        # one function through two kernels (torchvision's MultiheadAttention, timm's fused one):
+        # within twice the float64 rounding of the forward pass
+        assert_within(got, want, lambda: twin_bound(lambda: tm(x), u=U64), "timm vs torchvision")
+    assert want.std() > 0.1  # not a trivially zero output
+
+
+def test_torchvision_vit_conversion_refuses_other_state_dicts():
+    with pytest.raises(ValueError, match="torchvision VisionTransformer state dict"):
+        timm_state_from_torchvision_vit({"blocks.0.attn.qkv.weight": torch.zeros(1)})
+    state = {"conv_proj.weight": 0, "encoder.ln.weight": 0, "heads.pre_logits.weight": 0}
+    with pytest.raises(ValueError, match="pre-logits"):
+        timm_state_from_torchvision_vit(state)

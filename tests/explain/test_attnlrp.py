@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from relreg.explain import AttnLRPRules, explain, explain_with_logits, sum_to_patches
+from relreg.models import timm_state_from_torchvision_vit
 from tests.explain.families import FAMILIES, build_family
 from tests.numerics import U64, assert_within, twin_bound
 
@@ -59,36 +60,6 @@ def _jitter(model: nn.Module, seed: int = 3) -> None:
 # ------------------------------------------------------------------ LXT on shared weights
 
 
-def _torchvision_to_timm(state: dict) -> dict:
-    """torchvision ``VisionTransformer`` weights under timm's names (the same [q; k; v] order)."""
-    out = {
-        "cls_token": state["class_token"],
-        "pos_embed": state["encoder.pos_embedding"],
-        "patch_embed.proj.weight": state["conv_proj.weight"],
-        "patch_embed.proj.bias": state["conv_proj.bias"],
-        "norm.weight": state["encoder.ln.weight"],
-        "norm.bias": state["encoder.ln.bias"],
-        "head.weight": state["heads.head.weight"],
-        "head.bias": state["heads.head.bias"],
-    }
-    names = {
-        "ln_1": "norm1",
-        "self_attention.in_proj_": "attn.qkv.",
-        "self_attention.out_proj.": "attn.proj.",
-        "ln_2": "norm2",
-        "mlp.0.": "mlp.fc1.",
-        "mlp.3.": "mlp.fc2.",
-    }
-    for key, value in state.items():
-        if not key.startswith("encoder.layers.encoder_layer_"):
-            continue
-        index, rest = key.removeprefix("encoder.layers.encoder_layer_").split(".", 1)
-        for tv, tm in names.items():
-            if rest.startswith(tv):
-                out[f"blocks.{index}.{tm}{rest.removeprefix(tv)}"] = value
-    return out
-
-
 def _shared_weight_pair():
     from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
 
@@ -110,7 +81,7 @@ def _shared_weight_pair():
         .double()
         .eval()
     )
-    tm.load_state_dict(_torchvision_to_timm(tv.state_dict()))
+    tm.load_state_dict(timm_state_from_torchvision_vit(tv.state_dict()))
     return tv, tm
 
 

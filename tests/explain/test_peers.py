@@ -63,3 +63,57 @@ def test_smoothgrad_equals_captums_saliency_on_the_same_noisy_copies(setup):
     theirs = torch.stack([sal.attribute(p, target=target, abs=True) for p in points]).mean(0)
     ours = explain(model, x, "smoothgrad", target=target, n_samples=4, noise_level=0.15, seed=3)
     close(ours, theirs.amax(1))
+
+
+def test_lime_equals_captums_lime_on_the_same_samples_kernel_and_ridge(setup):
+    """captum's ``Lime`` given relreg's features (the patch grid), relreg's on/off samples as
+    documented (drawn feature by feature from ``seed``, the first all on), the LIME package's
+    kernel and ``SkLearnRidge(alpha=1)``: the same estimator. captum fits in float32 (it casts
+    the samples, scores and weights), relreg in float64, so the maps differ by the float32 solve:
+    at most about ``cond(G) * u`` relative, ``G`` the weighted, penalised Gram matrix, plus the
+    scores' own rounding (the two libraries batch the perturbed copies differently) carried
+    through the linear map from scores to coefficients."""
+    from captum._utils.models.linear_model import SkLearnRidge
+
+    from relreg.explain.lime import lime_kernel
+    from tests.numerics import U32, in_float64, twin_bound
+
+    model, x, target = setup
+    n, side, patch = 64, 4, 4
+    mask = torch.arange(side * side).view(side, side).repeat_interleave(patch, 0)
+    mask = mask.repeat_interleave(patch, 1)[None, None].expand(len(x), 1, -1, -1).contiguous()
+    samples = torch.randint(0, 2, (side * side, n), generator=torch.Generator().manual_seed(5)).T
+    samples = samples.float()
+    samples[0] = 1
+
+    def perturb(inputs, **kwargs):  # a generator, restarted for each image
+        yield from (row[None] for row in samples)
+
+    def kernel(original, perturbed, interpretable, **kwargs):  # the LIME package's, written out
+        z = interpretable.flatten().double()
+        d = 1 - z.sum() / (z.norm() * z.numel() ** 0.5) if z.any() else torch.ones(())
+        return float(torch.exp(-(d**2) / 0.25**2).sqrt())
+
+    lime = captum.Lime(model, interpretable_model=SkLearnRidge(alpha=1.0),
+                       similarity_func=kernel, perturb_func=perturb)  # fmt: skip
+    theirs = lime.attribute(x, target=target, baselines=0.0, feature_mask=mask, n_samples=n,
+                            perturbations_per_eval=16)[:, 0]  # fmt: skip
+    ours = explain(model, x, "lime", target=target, n_samples=n, baseline=0.0, seed=5)
+
+    z = samples.double()
+    w = lime_kernel(z)
+    zc = (z - (w / w.sum()) @ z) * w.sqrt()[:, None]
+    gram = zc.T @ zc + torch.eye(z.shape[1], dtype=z.dtype)
+    solve = 8 * float(torch.linalg.cond(gram)) * U32 * theirs.abs().amax((1, 2), keepdim=True)
+    # coefficients = A @ scores, A = G^-1 Zc^T diag(sqrt w) (I - 1 w^T / sum w)
+    centre = torch.eye(n, dtype=z.dtype) - w[None, :] / w.sum()
+    a = torch.linalg.solve(gram, zc.T * w.sqrt()[None, :]) @ centre
+    model64, x64 = in_float64(model, x)
+    with torch.no_grad():  # two float32 evaluations of a logit, as on the clean images
+        score = float(twin_bound(lambda: model64(x64)).max())
+    bound = solve + float(a.abs().sum(1).max()) * score
+    diff = (ours - theirs).abs()
+    assert bool((diff <= bound).all()), f"max diff {diff.max():.3g}, bound {bound.min():.3g}"
+    # and another draw of the samples is not the same estimate
+    other = explain(model, x, "lime", target=target, n_samples=n, baseline=0.0, seed=6)
+    assert bool(((other - theirs).abs() > bound).any())
