@@ -20,11 +20,11 @@ where the two definitions are the same:
 - Grad-CAM: pytorch-grad-cam's ``GradCAM`` on the last block's first norm with the token
   reshape of its ViT tutorial; another convention than relreg's (ReLU and normalisation), so
   only correlated;
-- LIME: captum ``Lime`` with relreg's features (the patch grid), its on/off samples (the same
-  draws, fed through ``perturb_func``), the LIME package's kernel (``sqrt(exp(-d^2 / 0.25^2))`` of
-  the cosine distance to the all-on vector, as ``similarity_func``), a fill of 0 and
-  ``SkLearnRidge(alpha=1)`` with intercept: the same definition, so the maps must agree up to
-  captum's float32 fit;
+- LIME (``tests/explain/captum_lime.py``, shared with the parity test): captum ``Lime`` with
+  relreg's features (the patch grid), its on/off samples (the same draws, fed through
+  ``perturb_func``), the LIME package's kernel (``sqrt(exp(-d^2 / 0.25^2))`` of the cosine
+  distance to the all-on vector, as ``similarity_func``), a fill of 0 and ``SkLearnRidge(alpha=1)``
+  with intercept: the same definition, so the maps must agree up to captum's float32 fit;
 - AttnLRP: LXT 2.1's CP-LRP (``lxt.efficient``'s ``vit_torch.cp_LRP`` patch on torchvision's
   ``VisionTransformer``, its ``examples/vit_torch.py`` recipe) against relreg's ``attnlrp`` on timm,
   the same weights (``relreg.models.timm_state_from_torchvision_vit``), LXT in its own process
@@ -159,54 +159,29 @@ def _captum(method: str, model, x, target):  # noqa: ANN001, ANN202
     raise ValueError(method)
 
 
-def lime_samples(n_features: int) -> torch.Tensor:
-    """The on/off samples ``(LIME_SAMPLES, n_features)`` relreg's ``lime`` draws for ``seed=0``
-    (``relreg/explain/lime.py``: feature by feature, the first keeping every feature)."""
-    gen = torch.Generator().manual_seed(0)
-    samples = torch.randint(0, 2, (n_features, LIME_SAMPLES), generator=gen).T.float()
-    samples[0] = 1
-    return samples
+def _peer_module(name: str):  # noqa: ANN202
+    """A peer set-up shared with the parity tests (``tests/explain/<name>.py``)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "tests" / "explain" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _captum_lime(model, x, target):  # noqa: ANN001, ANN202
-    from captum._utils.models.linear_model import SkLearnRidge
-    from captum.attr import Lime
-
-    side = SIZE // 16
-    grid = torch.arange(side * side).view(side, side)
-    mask = grid.repeat_interleave(16, 0).repeat_interleave(16, 1)[None, None]  # (1, 1, H, W)
-    mask = mask.expand(len(x), 1, SIZE, SIZE).contiguous()
-    samples = lime_samples(side * side)
-
-    def perturb(inputs, **kwargs):  # noqa: ANN001, ANN003, ANN202  (a generator: per image)
-        yield from (row[None] for row in samples)
-
-    def kernel(original, perturbed, interpretable, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        # the LIME package: cosine distance to the all-on sample, sqrt(exp(-d^2 / 0.25^2))
-        z = interpretable.flatten().double()
-        d = 1 - z.sum() / (z.norm() * z.numel() ** 0.5) if z.any() else torch.ones(())
-        return float(torch.exp(-(d**2) / 0.25**2).sqrt())
-
-    lime = Lime(model, interpretable_model=SkLearnRidge(alpha=1.0), similarity_func=kernel,
-                perturb_func=perturb)  # fmt: skip
-    return lambda: lime.attribute(
-        x, target=target, baselines=0.0, feature_mask=mask, n_samples=LIME_SAMPLES,
-        perturbations_per_eval=CHUNK,
-    )[:, 0]  # fmt: skip
+    peer = _peer_module("captum_lime")
+    samples = peer.relreg_samples((SIZE // 16) ** 2, LIME_SAMPLES, seed=0)
+    return peer.captum_lime(model, x, target, 16, samples, CHUNK)
 
 
 def _lxt_attnlrp(model, x, target):  # noqa: ANN001, ANN202
     """LXT's CP-LRP on torchvision's ViT holding ``model``'s weights (after ``tests/explain/
     lxt_runner.py``, whose stand-ins import LXT's ViT patch without its LLM patches)."""
-    import importlib.util
-
     from relreg.models import timm_state_from_torchvision_vit
 
-    path = Path(__file__).parents[1] / "tests" / "explain" / "lxt_runner.py"
-    spec = importlib.util.spec_from_file_location("lxt_runner", path)
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
-    monkey_patch, vit_torch = runner._import_vit_patch()
+    monkey_patch, vit_torch = _peer_module("lxt_runner")._import_vit_patch()
     from torchvision.models import vision_transformer as tvv
 
     monkey_patch(tvv, patch_map=vit_torch.cp_LRP)

@@ -73,31 +73,14 @@ def test_lime_equals_captums_lime_on_the_same_samples_kernel_and_ridge(setup):
     at most about ``cond(G) * u`` relative, ``G`` the weighted, penalised Gram matrix, plus the
     scores' own rounding (the two libraries batch the perturbed copies differently) carried
     through the linear map from scores to coefficients."""
-    from captum._utils.models.linear_model import SkLearnRidge
-
     from relreg.explain.lime import lime_kernel
+    from tests.explain.captum_lime import captum_lime, relreg_samples
     from tests.numerics import U32, in_float64, twin_bound
 
     model, x, target = setup
     n, side, patch = 64, 4, 4
-    mask = torch.arange(side * side).view(side, side).repeat_interleave(patch, 0)
-    mask = mask.repeat_interleave(patch, 1)[None, None].expand(len(x), 1, -1, -1).contiguous()
-    samples = torch.randint(0, 2, (side * side, n), generator=torch.Generator().manual_seed(5)).T
-    samples = samples.float()
-    samples[0] = 1
-
-    def perturb(inputs, **kwargs):  # a generator, restarted for each image
-        yield from (row[None] for row in samples)
-
-    def kernel(original, perturbed, interpretable, **kwargs):  # the LIME package's, written out
-        z = interpretable.flatten().double()
-        d = 1 - z.sum() / (z.norm() * z.numel() ** 0.5) if z.any() else torch.ones(())
-        return float(torch.exp(-(d**2) / 0.25**2).sqrt())
-
-    lime = captum.Lime(model, interpretable_model=SkLearnRidge(alpha=1.0),
-                       similarity_func=kernel, perturb_func=perturb)  # fmt: skip
-    theirs = lime.attribute(x, target=target, baselines=0.0, feature_mask=mask, n_samples=n,
-                            perturbations_per_eval=16)[:, 0]  # fmt: skip
+    samples = relreg_samples(side * side, n, seed=5)
+    theirs = captum_lime(model, x, target, patch, samples, chunk=16)()
     ours = explain(model, x, "lime", target=target, n_samples=n, baseline=0.0, seed=5)
 
     z = samples.double()
