@@ -103,21 +103,39 @@ def _abs(x: object) -> object:
     return x.abs() if _is_float(x) else (abs(x) if isinstance(x, float) else x)
 
 
+# what CPU and CUDA autocast run in the lower precision (torch.amp's lists: the matrix products,
+# convolutions and fused attention), forward and backward
+_AUTOCAST_LOW = {
+    "mm", "bmm", "addmm", "baddbmm", "mv", "addmv", "dot", "convolution", "convolution_backward",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+}  # fmt: skip
+
+
 class MonteCarloRounding(TorchDispatchMode):
     """Inside this mode, every float64 arithmetic result gets a random error of float32's size.
 
     Args:
         seed: the random errors' seed (one trial per seed).
         u: the unit roundoff emulated (default float32's).
+        low: the unit roundoff of the operations autocast runs in a lower precision (matrix
+            products, convolutions, fused attention; ``2**-8`` for bfloat16), or None: ``u``
+            everywhere. It applies to every such operation, also to those a real run keeps in
+            float32 by switching autocast off (a dispatch mode cannot see autocast's state):
+            conservative there. Their outputs, and the elementwise work done on them before the next
+            product (an activation, rotary embedding), round at ``low``: the emulated error of a
+            product, ``low * sqrt(n) * (|a| @ |b|)``, is ``sqrt(n)`` times what rounding its
+            ``n``-term inputs does on average, and covers those roundings.
 
     Operations that are exact in any precision (views, copies, indexing, comparisons, ``where``,
     ``clamp``, ``abs``, ``neg``, concatenation) are left alone; inputs and parameters are taken as
     they are (a float32 model cast to float64 holds float32 values exactly).
     """
 
-    def __init__(self, seed: int, u: float = U32) -> None:
+    def __init__(self, seed: int, u: float = U32, low: float | None = None) -> None:
         super().__init__()
         self.u = u
+        self.low = u if low is None else low
         self.generator = torch.Generator().manual_seed(seed)
 
     def _noise(self, like: Tensor) -> Tensor:
@@ -149,16 +167,16 @@ class MonteCarloRounding(TorchDispatchMode):
         s = q @ k.transpose(-2, -1) * scale
         return s.softmax(-1), q.abs() @ k.abs().transpose(-2, -1) * scale
 
-    def _sdpa(self, out, q, k, v, scale=None):
+    def _sdpa(self, out, q, k, v, scale=None, u=U32):
         """Fused attention ``A v``: its sums over the keys, sized ``A |v|``, and the logits' sums
         over the head dimension, whose errors move the output by ``A (|q| |k|^T) (|v| + |o|)``."""
         a, s_abs = self._attention(q, k, v, scale)
         o = out[0]
         n = k.shape[-2] + q.shape[-1]
         size = a @ v.abs() + (a * s_abs) @ v.abs() + (a * s_abs).sum(-1, keepdim=True) * o.abs()
-        return (o + self.u * math.sqrt(n) * size * self._noise(o), *out[1:])
+        return (o + u * math.sqrt(n) * size * self._noise(o), *out[1:])
 
-    def _sdpa_backward(self, out, g, q, k, v, o, scale=None):
+    def _sdpa_backward(self, out, g, q, k, v, o, scale=None, u=U32):
         """Fused attention's gradients: ``dv = A^T g``, ``dS = A (g v^T - rowsum(g o))``,
         ``dq = dS k scale``, ``dk = dS^T q scale``, each sized by the same sums of |terms|."""
         a, _ = self._attention(q, k, v, scale)
@@ -168,7 +186,7 @@ class MonteCarloRounding(TorchDispatchMode):
         sizes = (*sizes, a.transpose(-2, -1) @ g.abs())
         n = k.shape[-2] + q.shape[-1]
         return tuple(
-            d + self.u * math.sqrt(n) * z * self._noise(d) if d is not None else d
+            d + u * math.sqrt(n) * z * self._noise(d) if d is not None else d
             for d, z in zip(out[:3], sizes, strict=True)
         ) + tuple(out[3:])
 
@@ -181,24 +199,25 @@ class MonteCarloRounding(TorchDispatchMode):
         first = next((o for o in out if o is not None), None) if isinstance(out, tuple) else out
         if not (_is_float(first) and first.dtype == torch.float64):
             return out
+        u = self.low if base in _AUTOCAST_LOW else self.u
         if base in _SUMS:
             if inplace:
                 return out  # no in-place sums in the code under test
             count = _SUMS[base]
             n = count(args) if count else max(1, args[0].numel() // max(1, out.numel()))
             size = func(*[_abs(a) for a in args], **kwargs).abs() * math.sqrt(n)
-            return out + self.u * size * self._noise(out)
+            return out + u * size * self._noise(out)
         if base in _LINEAR_BACKWARD:
             sizes = func(*[_abs(a) for a in args], **kwargs)
             counts = _LINEAR_BACKWARD[base](args)
             return tuple(
-                o + self.u * math.sqrt(n) * z.abs() * self._noise(o) if _is_float(o) else o
+                o + u * math.sqrt(n) * z.abs() * self._noise(o) if _is_float(o) else o
                 for o, z, n in zip(out, sizes, counts, strict=True)
             )
         if base == "_scaled_dot_product_flash_attention_for_cpu":
-            return self._sdpa(out, *args[:3], scale=kwargs.get("scale"))
+            return self._sdpa(out, *args[:3], scale=kwargs.get("scale"), u=u)
         if base == "_scaled_dot_product_flash_attention_for_cpu_backward":
-            return self._sdpa_backward(out, *args[:5], scale=kwargs.get("scale"))
+            return self._sdpa_backward(out, *args[:5], scale=kwargs.get("scale"), u=u)
         if base == "native_layer_norm_backward":
             return self._layer_norm_backward(out, *args[:7])
         if base == "_softmax_backward_data":  # o * (g - sum(o * g)) over the softmax's dim
@@ -221,7 +240,11 @@ class MonteCarloRounding(TorchDispatchMode):
 
 
 def rounding_bound(
-    fn: Callable[[], Tensor | tuple[Tensor, ...]], trials: int = 8, k: float = 4.0, u: float = U32
+    fn: Callable[[], Tensor | tuple[Tensor, ...]],
+    trials: int = 8,
+    k: float = 4.0,
+    u: float = U32,
+    low: float | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Elementwise bound on the float32 rounding error of ``fn()`` (a float64 computation).
 
@@ -240,6 +263,9 @@ def rounding_bound(
     float32's errors and their deviation is scaled by ``u / U32``: to first order a result's
     rounding error is linear in ``u``, and errors of float64's own size would be lost in the
     rounding of the float64 arithmetic that emulates them.
+
+    ``low`` bounds a run under autocast (:class:`MonteCarloRounding`'s ``low``: ``2**-8`` for
+    bfloat16's products, ``u`` elsewhere).
     """
     emulated = max(u, U32)
     first = fn()
@@ -247,7 +273,7 @@ def rounding_bound(
     exact = [t.detach() for t in ((first,) if single else first)]
     dev = [torch.zeros_like(t) for t in exact]
     for seed in range(trials):
-        with MonteCarloRounding(seed, emulated):
+        with MonteCarloRounding(seed, emulated, low):
             out = fn()
         for i, t in enumerate((out,) if single else out):
             dev[i] = torch.maximum(dev[i], (t.detach() - exact[i]).abs())

@@ -74,3 +74,12 @@ def test_relevance_loss_under_bf16_autocast_is_close_to_float32():
     assert abs(float(loss16 - loss32)) <= 0.05 * abs(float(loss32))
     cosine = torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0)
     assert cosine > 0.9
+
+
+def test_16_mixed_on_cpu_runs_as_bf16_mixed_as_the_docs_say():
+    """Lightning turns ``precision="16-mixed"`` into bf16 on CPU, so the CPU tests cover fp16's
+    path only through bf16; experiments/gpu_check.py checks fp16 on CUDA."""
+    trainer = pl.Trainer(
+        accelerator="cpu", precision="16-mixed", logger=False, enable_checkpointing=False
+    )
+    assert trainer.precision == "bf16-mixed"
