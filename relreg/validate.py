@@ -6,9 +6,10 @@ received value, in torchmetrics' ``"Expected ... but got ..."`` form.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
-__all__ = ["check_bool", "check_choice", "check_positive_int"]
+__all__ = ["check_bool", "check_choice", "check_positive_float", "check_positive_int"]
 
 
 def check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -26,6 +27,25 @@ def check_positive_int(name: str, value: object, *, allow_none: bool = False) ->
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         suffix = " or None" if allow_none else ""
         raise ValueError(f"Expected {name} an int >= 1{suffix}, but got {value!r}.")
+
+
+def check_positive_float(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number > 0 (not a ``bool``).
+
+    Example:
+        >>> check_positive_float("eps", 1e-5)
+        >>> check_positive_float("eps", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected eps a finite number > 0, but got 0.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"Expected {name} a finite number > 0, but got {value!r}.")
 
 
 def check_bool(name: str, value: object) -> None:

@@ -154,3 +154,24 @@ register_display(
     "relevance_mass_minmax",
     MetricDisplay(titles={"relevance_mass_minmax": "relevance mass of the min-max normalised map"}),
 )
+register_display(
+    "top_k_intersection",
+    MetricDisplay(titles={"top_k_intersection": "top-k intersection (higher is better)"}),
+)
+register_display(
+    "localization_auc",
+    MetricDisplay(
+        titles={"localization_auc": "localization ROC AUC (higher is better)"},
+        summary={"localization_auc": "loc AUC"},
+    ),
+)
+register_display(
+    "sparseness", MetricDisplay(titles={"sparseness": "sparseness, Gini (higher is sparser)"})
+)
+register_display(
+    "complexity", MetricDisplay(titles={"complexity": "complexity, entropy (lower is simpler)"})
+)
+register_display(
+    "effective_complexity",
+    MetricDisplay(titles={"effective_complexity": "effective complexity, pixels (lower)"}),
+)

@@ -73,9 +73,12 @@ class _MethodMetrics:
     def update(
         self, images: Tensor, maps: Tensor, labels: Tensor, masks: Tensor, has: Tensor
     ) -> None:
+        image_pixels = to_pixels(maps, size=images.shape[-2:], normalize=False)
         for name, inputs in self.inputs.items():
             if inputs == "model":
                 self.metrics[name].update(images, maps, labels)
+            elif inputs == "maps":
+                self.metrics[name].update(image_pixels)
         if has.any():
             pixels = to_pixels(maps, size=masks.shape[-2:], normalize=False)
             for name, inputs in self.inputs.items():
@@ -90,7 +93,11 @@ class _MethodMetrics:
                 out.update(dict.fromkeys(metric_keys(name)))
                 continue
             out.update(keyed_result(name, self.metrics[name].compute()))
-        result = {k: None if v is None else round(float(v), 4) for k, v in out.items()}
+        # None where a metric has no value (no masked image; every mask empty, every map zero)
+        result = {
+            k: None if v is None or not math.isfinite(float(v)) else round(float(v), 4)
+            for k, v in out.items()
+        }
         result["curves"] = {
             curve: [round(float(v), 4) for v in self.metrics[name].curve()]
             for name, curve in curve_names().items()

@@ -358,24 +358,25 @@ def _chunks(n: int, chunk: int, rows: Tensor | None) -> list[slice | Tensor]:
 
 
 def _weights(
-    q: Tensor,
+    qs: Tensor,
     k: Tensor,
     v: Tensor,
     d_out: Tensor,
-    scale: float,
     rule: str,
     idx: slice | Tensor,
     bias: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """``A`` and ``W(A)``, ``(B, heads, chunk, N)``, for the query rows ``idx`` (contiguous
-    inputs; ``bias`` 4-d and broadcastable)."""
-    logits = q[:, :, idx] @ k.transpose(-2, -1) * scale
+    inputs; ``qs = q * scale``, scaled once per call rather than every chunk's logits: a
+    ``(B, heads, N, head_dim)`` product instead of a pass over ``(B, heads, N, N)``; ``bias``
+    4-d and broadcastable)."""
+    logits = qs[:, :, idx] @ k.transpose(-2, -1)
     if bias is not None:
         rows = bias[:, :, idx] if bias.shape[2] > 1 else bias
         if rows.dtype == torch.bool:
-            logits = logits.masked_fill(~rows, float("-inf"))
+            logits.masked_fill_(~rows, float("-inf"))
         else:
-            logits = logits + rows.to(logits.dtype)
+            logits += rows.to(logits.dtype)
     a = torch.softmax(logits, dim=-1)
     if rule == "attention":
         return a, a
@@ -422,10 +423,11 @@ class _RowTimesAttention(torch.autograd.Function):
         dtype = relevance_dtype(q)
         heads = q.shape[1]
         with torch.autocast(q.device.type, enabled=False):
-            r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (r, q, k, v, d_out))
+            r_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (r, k, v, d_out))
+            qs = q.to(dtype) * scale
             out = r_.new_zeros(r.shape)
             for idx in _chunks(q.shape[2], chunk, rows):
-                w = _weights(q_, k_, v_, d_, scale, rule, idx, bias)[1]
+                w = _weights(qs, k_, v_, d_, rule, idx, bias)[1]
                 out += _head_sum(r_[:, idx], w)
         return out.div_(heads)
 
@@ -490,14 +492,15 @@ def _gradients(
     scale = s.scale
     bias = s.bias
     with torch.autocast(s.q.device.type, enabled=False):
-        r_, q_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (s.r, s.q, s.k, s.v, s.d_out))
+        r_, k_, v_, d_ = (t.to(dtype).contiguous() for t in (s.r, s.k, s.v, s.d_out))
+        qs = s.q.to(dtype) * scale  # the logits' q (see _weights)
         go = (grad_out.to(dtype) / heads)[:, None, None, :]  # (B, 1, 1, N)
         dr = torch.zeros_like(r_) if need_r else None
-        dq = torch.zeros_like(q_) if need_q else None
+        dq = torch.zeros_like(qs) if need_q else None
         dk = torch.zeros_like(k_) if need_k else None
         db = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_bias else None
         for idx in _chunks(s.q.shape[2], s.chunk, s.rows):
-            a, w = _weights(q_, k_, v_, d_, scale, s.rule, idx, bias)
+            a, w = _weights(qs, k_, v_, d_, s.rule, idx, bias)
             wg = a * go if w is a else w.mul_(go)  # W * grad, (B, heads, c, N)
             u = wg.sum(dim=-1, keepdim=True)  # W @ grad, (B, heads, c, 1)
             if need_r:
@@ -507,11 +510,11 @@ def _gradients(
             ds = wg.sub_(a.mul_(u))  # dL/dS divided by r_i, (B, heads, c, N)
             if need_bias:
                 _add_bias_grad(db, ds * r_[:, None, idx, None], idx)
-            rc = r_[:, None, idx, None] * scale  # (B, 1, c, 1)
+            rc = r_[:, None, idx, None]  # (B, 1, c, 1)
             if need_q:
-                dq[:, :, idx] = (ds @ k_).mul_(rc)
+                dq[:, :, idx] = (ds @ k_).mul_(rc * scale)
             if need_k:
-                dk += ds.transpose(-2, -1) @ (q_[:, :, idx] * rc)
+                dk += ds.transpose(-2, -1) @ (qs[:, :, idx] * rc)  # qs holds the scale
     return _cast(dr, s.r), _cast(dq, s.q), _cast(dk, s.k), _cast(db, bias)
 
 

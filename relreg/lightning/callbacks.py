@@ -17,7 +17,7 @@ cost nothing on the epochs they skip. Media are logged on rank zero only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from relreg.data.classes import dataset_label_names
 from relreg.explain import explain_with_logits, to_pixels
 from relreg.metrics import (
-    build_metrics,
     dataset_scores,
     keyed_result,
+    list_metrics,
     metric_spec,
     relevance_share,
 )
@@ -244,15 +244,29 @@ def _to_array(figure) -> np.ndarray:
 class ExplanationQuality(_KeepsLast):
     """Explanation metrics on a bounded validation subset, as ``val/xai/<key>``.
 
-    Logs every metric declared for the callback (:func:`relreg.metrics.list_metrics`
+    Logs the metrics declared for the callback (:func:`relreg.metrics.list_metrics`
     ``("callback")``: relevance mass, relevance rank accuracy, pointing game, segmentation mIoU /
-    pixel accuracy / mAP, and any metric registered with ``used_by=("callback", ...)``).
+    pixel accuracy / mAP, top-k intersection, localization AUC, sparseness, complexity, effective
+    complexity, and any metric registered with ``used_by=("callback", ...)``), or the registered
+    metrics named in ``metrics``. ``metric_every`` is the cost guard: an expensive metric
+    (deletion, insertion: a forward pass per step and image) runs on every N-th evaluation only.
+    The catalogue, with each metric's cost: docs/guide/evaluation.md.
 
     Args:
         num_batches: validation batches to explain (from the start of the loader).
         every_n_epochs: evaluate on every N-th validation epoch.
         method: explainer name.
         dataloader_idx: which validation loader.
+        metrics: names of registered metrics (:func:`relreg.metrics.list_metrics`); None: those
+            declared for the callback.
+        metric_every: ``{name: N}``: compute that metric on every N-th of this callback's
+            evaluations (at epochs ``every_n_epochs * N``, ``2 * every_n_epochs * N``, ...);
+            the others run on every one.
+
+    Example:
+        >>> quality = ExplanationQuality(
+        ...     metrics=["relevance_mass", "sparseness", "deletion"], metric_every={"deletion": 5}
+        ... )
     """
 
     def __init__(
@@ -261,21 +275,28 @@ class ExplanationQuality(_KeepsLast):
         every_n_epochs: int = 1,
         method: str = "chefer",
         dataloader_idx: int = 0,
+        metrics: Sequence[str] | None = None,
+        metric_every: Mapping[str, int] | None = None,
     ) -> None:
         check_positive_int("num_batches", num_batches)
         check_positive_int("every_n_epochs", every_n_epochs)
         self.num_batches, self.every_n_epochs = num_batches, every_n_epochs
         self.method, self.dataloader_idx = method, dataloader_idx
+        self.metrics = _metric_names(metrics)
+        self.metric_every = _metric_every(metric_every, self.metrics)
         super().__init__()
+
+    def _due_metrics(self, trainer: pl.Trainer) -> list[str]:
+        evaluation = (trainer.current_epoch + 1) // self.every_n_epochs  # 1, 2, ...
+        return [n for n in self.metrics if evaluation % self.metric_every.get(n, 1) == 0]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not _due(trainer, self.every_n_epochs):
             return
+        names = self._due_metrics(trainer)
         loader = _val_loader(trainer, self.dataloader_idx)
-        built = build_metrics(
-            "callback", model=pl_module.model, unit="pixel", target_mode="label", steps=10
-        )
-        metrics = {name: metric.to(pl_module.device) for name, metric in built.items()}
+        context = {"model": pl_module.model, "unit": "pixel", "target_mode": "label", "steps": 10}
+        metrics = {n: metric_spec(n).build(**context).to(pl_module.device) for n in names}
         inputs_of = {name: metric_spec(name).inputs for name in metrics}
         for i, batch in enumerate(loader):
             if i >= self.num_batches:
@@ -289,10 +310,11 @@ class ExplanationQuality(_KeepsLast):
             )
             maps = _explain(pl_module, images, labels, self.method).maps.detach()
             masks = batch["mask"][has].to(pl_module.device)
+            pixels = to_pixels(maps, size=images.shape[-2:], normalize=False)
+            args_of = {"masks": (maps, masks), "model": (images, maps, labels), "maps": (pixels,)}
             with _eval_mode(pl_module.model):
                 for name, inputs in inputs_of.items():
-                    args = (maps, masks) if inputs == "masks" else (images, maps, labels)
-                    metrics[name].update(*args)
+                    metrics[name].update(*args_of[inputs])
         values: dict[str, float] = {}
         for name, metric in metrics.items():
             result = metric.compute()  # syncs across processes under DDP
@@ -301,6 +323,36 @@ class ExplanationQuality(_KeepsLast):
         self.last = values
         for key, value in values.items():
             pl_module.log(f"val/xai/{key}", value)  # the same value on every rank: already synced
+
+
+def _metric_names(metrics: Sequence[str] | None) -> list[str]:
+    """The callback's metric names: registered, each once."""
+    if metrics is None:
+        return list_metrics("callback")
+    if isinstance(metrics, str) or not all(isinstance(n, str) for n in metrics):
+        raise TypeError(f"Expected metrics a list of metric names or None, but got {metrics!r}.")
+    names = list(metrics)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"Expected metrics a non-empty list of distinct names, but got {names}.")
+    for name in names:
+        metric_spec(name)  # a ValueError naming the registered metrics
+    return names
+
+
+def _metric_every(every: Mapping[str, int] | None, names: list[str]) -> dict[str, int]:
+    if every is None:
+        return {}
+    if not isinstance(every, Mapping):
+        raise TypeError(f"Expected metric_every a dict of name: N or None, but got {every!r}.")
+    unknown = sorted(set(every) - set(names))
+    if unknown:
+        raise ValueError(
+            f"Expected metric_every's names among the callback's metrics {names}, but got "
+            f"{unknown}."
+        )
+    for name, n in every.items():
+        check_positive_int(f"metric_every[{name!r}]", n)
+    return dict(every)
 
 
 class OODEvaluation(_KeepsLast):

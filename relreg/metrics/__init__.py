@@ -14,24 +14,32 @@ from relreg.metrics.accuracy import (
     score_logits,
     scoring_classes,
 )
+from relreg.metrics.complexity import Complexity, EffectiveComplexity, Sparseness
 from relreg.metrics.faithfulness import DeletionInsertionAUC, FlippingArea, PerturbationAUC
 from relreg.metrics.functional import (
+    complexity,
     deletion_insertion_auc,
+    effective_complexity,
     flipping_area,
     group_accuracy,
+    localization_auc,
     perturbation_auc,
     pointing_game,
     relevance_mass,
     relevance_rank_accuracy,
     relevance_share,
     segmentation_agreement,
+    sparseness,
+    top_k_intersection,
 )
 from relreg.metrics.groups import GroupAccuracy
 from relreg.metrics.localization import (
+    LocalizationAUC,
     PointingGame,
     RelevanceMass,
     RelevanceRankAccuracy,
     SegmentationAgreement,
+    TopKIntersection,
 )
 from relreg.metrics.registry import (
     METRICS,
@@ -54,9 +62,12 @@ from relreg.metrics.sanity import (
 __all__ = [
     "METRICS",
     "SCORINGS",
+    "Complexity",
     "DeletionInsertionAUC",
+    "EffectiveComplexity",
     "FlippingArea",
     "GroupAccuracy",
+    "LocalizationAUC",
     "MetricSpec",
     "PerturbationAUC",
     "PointingGame",
@@ -64,15 +75,20 @@ __all__ = [
     "RelevanceMass",
     "RelevanceRankAccuracy",
     "SegmentationAgreement",
+    "Sparseness",
+    "TopKIntersection",
     "accuracy_targets",
     "build_metrics",
+    "complexity",
     "dataset_accuracy",
     "dataset_scores",
     "deletion_insertion_auc",
+    "effective_complexity",
     "flipping_area",
     "group_accuracy",
     "keyed_result",
     "list_metrics",
+    "localization_auc",
     "metric_keys",
     "metric_spec",
     "model_randomisation",
@@ -89,4 +105,6 @@ __all__ = [
     "score_logits",
     "scoring_classes",
     "segmentation_agreement",
+    "sparseness",
+    "top_k_intersection",
 ]

@@ -15,19 +15,30 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from relreg.metrics.functional.localization import (
+    _localization_auc_update,
     _pointing_game_update,
     _relevance_mass_update,
     _relevance_rank_update,
     _segmentation_compute,
     _segmentation_update,
+    _top_k_intersection_update,
     check_convention,
+    check_top_k,
 )
 
-__all__ = ["PointingGame", "RelevanceMass", "RelevanceRankAccuracy", "SegmentationAgreement"]
+__all__ = [
+    "LocalizationAUC",
+    "PointingGame",
+    "RelevanceMass",
+    "RelevanceRankAccuracy",
+    "SegmentationAgreement",
+    "TopKIntersection",
+]
 
 
 class _PerImageMean(Metric):
-    """Mean over images of a per-image score in [0, 1]."""
+    """Mean over images of a per-image score in [0, 1]; images scored NaN (no score defined,
+    e.g. an empty mask) are left out."""
 
     is_differentiable = False
     higher_is_better = True
@@ -50,6 +61,7 @@ class _PerImageMean(Metric):
             if maps.shape[0] == 0:
                 return
         scores = self._per_image(maps, masks)
+        scores = scores[torch.isfinite(scores)]
         self.total += scores.double().sum()
         self.count += scores.numel()
 
@@ -110,6 +122,43 @@ class PointingGame(_PerImageMean):
     """
 
     _per_image = staticmethod(_pointing_game_update)
+
+
+class TopKIntersection(_PerImageMean):
+    """Share of the ``k`` most relevant pixels inside the mask, averaged over images (Theiner et
+    al., WACV 2022; Quantus' ``TopKIntersection``); images with an empty mask are left out.
+
+    Args:
+        k: pixels (an int, Quantus' convention) or a share of the pixels (a float in (0, 1]).
+        **kwargs: torchmetrics ``Metric`` options.
+
+    Example:
+        >>> import torch
+        >>> maps = torch.tensor([[[0.9, 0.8], [0.1, 0.0]]])
+        >>> TopKIntersection(k=0.25)(maps, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
+        tensor(1.)
+    """
+
+    def __init__(self, k: int | float = 1000, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.k = check_top_k(k)
+
+    def _per_image(self, maps: Tensor, masks: Tensor) -> Tensor:
+        return _top_k_intersection_update(maps, masks, self.k)
+
+
+class LocalizationAUC(_PerImageMean):
+    """ROC AUC of the map's pixels as scores for the mask's, averaged over images (Quantus'
+    ``AUC``); 0.5 is chance. Images whose mask is empty or full are left out.
+
+    Example:
+        >>> import torch
+        >>> maps = torch.tensor([[[0.9, 0.5], [0.5, 0.0]]])
+        >>> LocalizationAUC()(maps, torch.tensor([[[1.0, 1.0], [0.0, 0.0]]]))
+        tensor(0.8750)
+    """
+
+    _per_image = staticmethod(_localization_auc_update)
 
 
 class SegmentationAgreement(Metric):

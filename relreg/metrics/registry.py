@@ -15,7 +15,7 @@ titles, summary columns, curves) is :mod:`relreg.evaluation.display`'s. Adding a
 
 Example:
     >>> from relreg.metrics import list_metrics, metric_keys
-    >>> list_metrics("callback")
+    >>> list_metrics("callback")[:4]
     ['segmentation', 'pointing_game', 'relevance_mass', 'relevance_rank_accuracy']
     >>> metric_keys("segmentation"), metric_keys("pointing_game")
     (('pixel_accuracy', 'miou', 'map'), ('pointing_game',))
@@ -29,12 +29,15 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from relreg.metrics.complexity import Complexity, EffectiveComplexity, Sparseness
 from relreg.metrics.faithfulness import DeletionInsertionAUC, PerturbationAUC
 from relreg.metrics.localization import (
+    LocalizationAUC,
     PointingGame,
     RelevanceMass,
     RelevanceRankAccuracy,
     SegmentationAgreement,
+    TopKIntersection,
 )
 from relreg.registry import Registry
 
@@ -52,7 +55,9 @@ __all__ = [
 ]
 
 USES = ("callback", "report")
-INPUTS = ("masks", "model")
+# top-k intersection's k as a share of the pixels: Quantus' default of 1000 pixels at 224 px
+TOP_K = 1000 / 224**2
+INPUTS = ("masks", "model", "maps")
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ class MetricSpec:
             pixels in ``relreg evaluate`` (normalise with :func:`relreg.explain.to_pixels` if the
             metric needs it); ``"model"``: ``update(images (B, 3, H, W), maps, target (B,))`` on
             the explained samples (all of them in ``relreg evaluate``, those with a mask in the
-            callback).
+            callback); ``"maps"``: ``update(maps (B, H, W))``, raw maps upsampled to the image's
+            pixels, on the explained samples (the maps alone: complexity).
         used_by: any of :data:`USES`.
     """
 
@@ -180,7 +186,7 @@ def _deletion_insertion(mode: str) -> Callable[..., Metric]:
     return build
 
 
-def _localization(cls: type[Metric], **options: object) -> Callable[..., Metric]:
+def _plain(cls: type[Metric], **options: object) -> Callable[..., Metric]:
     return lambda **_: cls(**options)
 
 
@@ -199,15 +205,23 @@ register_metric(
 )
 register_metric(
     "segmentation",
-    MetricSpec(_localization(SegmentationAgreement), outputs=("pixel_accuracy", "miou", "map")),
+    MetricSpec(_plain(SegmentationAgreement), outputs=("pixel_accuracy", "miou", "map")),
 )
-register_metric("pointing_game", MetricSpec(_localization(PointingGame)))
-register_metric("relevance_mass", MetricSpec(_localization(RelevanceMass)))
+register_metric("pointing_game", MetricSpec(_plain(PointingGame)))
+register_metric("relevance_mass", MetricSpec(_plain(RelevanceMass)))
 register_metric(
     "relevance_mass_minmax",
-    MetricSpec(_localization(RelevanceMass, convention="minmax"), used_by=_REPORT),
+    MetricSpec(_plain(RelevanceMass, convention="minmax"), used_by=_REPORT),
 )
 register_metric(
     "relevance_rank_accuracy",
-    MetricSpec(_localization(RelevanceRankAccuracy), used_by=("callback",)),
+    MetricSpec(_plain(RelevanceRankAccuracy), used_by=("callback",)),
 )
+register_metric(
+    "top_k_intersection",
+    MetricSpec(_plain(TopKIntersection, k=TOP_K)),
+)
+register_metric("localization_auc", MetricSpec(_plain(LocalizationAUC)))
+register_metric("sparseness", MetricSpec(_plain(Sparseness), inputs="maps"))
+register_metric("complexity", MetricSpec(_plain(Complexity), inputs="maps"))
+register_metric("effective_complexity", MetricSpec(_plain(EffectiveComplexity), inputs="maps"))

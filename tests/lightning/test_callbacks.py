@@ -104,6 +104,40 @@ def test_callback_argument_errors():
         RelevanceHeatmapLogger(num_images=60)
     with pytest.raises(ValueError, match="every_n_epochs"):
         ExplanationQuality(every_n_epochs=0)
+    with pytest.raises(ValueError, match="'nope'"):
+        ExplanationQuality(metrics=["sparseness", "nope"])
+    with pytest.raises(TypeError, match="Expected metrics a list of metric names"):
+        ExplanationQuality(metrics="sparseness")
+    with pytest.raises(ValueError, match="distinct names"):
+        ExplanationQuality(metrics=["sparseness", "sparseness"])
+    with pytest.raises(ValueError, match="metric_every's names among the callback's metrics"):
+        ExplanationQuality(metrics=["sparseness"], metric_every={"deletion": 2})
+    with pytest.raises(ValueError, match="Expected metric_every\\['sparseness'\\] an int >= 1"):
+        ExplanationQuality(metrics=["sparseness"], metric_every={"sparseness": 0})
+
+
+def test_explanation_quality_logs_a_chosen_subset_and_guards_the_costly_one(tmp_path):
+    import csv
+
+    from relreg.explain import explain, to_pixels
+    from relreg.metrics import sparseness
+
+    names = ["sparseness", "deletion", "top_k_intersection"]
+    cb = ExplanationQuality(num_batches=1, metrics=names, metric_every={"deletion": 2})
+    trainer, module = _fit(tmp_path, CSVLogger(tmp_path), [cb], steps=8)  # 4 epochs of 2 steps
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/xai/sparseness")]
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+    assert [bool(r["val/xai/deletion"]) for r in rows] == [False, True, False, True]
+    assert all(r["val/xai/top_k_intersection"] for r in rows)
+    assert "val/xai/relevance_mass" not in trainer.callback_metrics  # not chosen
+    # the logged sparseness is that of the maps upsampled to the images
+    val = SpuriousShapes("val", n=12)
+    images = torch.stack([val[i]["image"] for i in range(4)])
+    labels = torch.stack([val[i]["label"] for i in range(4)])
+    maps = explain(module.model.eval(), images, "chefer", target=labels)
+    ref = sparseness(to_pixels(maps, size=images.shape[-2:], normalize=False))
+    assert cb.last["sparseness"] == pytest.approx(ref.item(), abs=1e-5)
 
 
 def test_ood_evaluation_logs_accuracy_and_mean_and_can_be_monitored(tmp_path):

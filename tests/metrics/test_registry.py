@@ -25,6 +25,8 @@ from relreg.metrics import (
 )
 from tests.conftest import make_tiny_vit
 
+# issue 32's first metrics: localisation (with masks) and complexity (the maps alone)
+NEW = ["top_k_intersection", "localization_auc", "sparseness", "complexity", "effective_complexity"]
 REPORT_KEYS = [
     "perturbation_positive",
     "perturbation_negative",
@@ -36,8 +38,9 @@ REPORT_KEYS = [
     "pointing_game",
     "relevance_mass",
     "relevance_mass_minmax",
+    *NEW,
 ]
-CALLBACK = ["segmentation", "pointing_game", "relevance_mass", "relevance_rank_accuracy"]
+CALLBACK = ["segmentation", "pointing_game", "relevance_mass", "relevance_rank_accuracy", *NEW]
 
 
 @pytest.fixture
@@ -63,6 +66,9 @@ def test_every_metric_declares_its_direction_and_computes_its_keys(name):
     assert isinstance(metric, Metric) and isinstance(metric.higher_is_better, bool)
     if metric_spec(name).inputs == "masks":  # the model-based ones compute in test_evaluate
         metric.update(torch.rand(2, 4, 4), (torch.rand(2, 16, 16) > 0.5).float())
+        assert tuple(keyed_result(name, metric.compute())) == metric_keys(name)
+    if metric_spec(name).inputs == "maps":
+        metric.update(torch.rand(2, 16, 16))
         assert tuple(keyed_result(name, metric.compute())) == metric_keys(name)
 
 

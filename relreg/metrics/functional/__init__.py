@@ -7,6 +7,7 @@ functions chain them and the ``Metric`` classes call the same ones (torchmetrics
 >>> from relreg.metrics.functional import perturbation_auc, relevance_mass
 """
 
+from relreg.metrics.functional.complexity import complexity, effective_complexity, sparseness
 from relreg.metrics.functional.faithfulness import (
     PAPER_FRACTIONS,
     black_fill,
@@ -16,25 +17,32 @@ from relreg.metrics.functional.faithfulness import (
 )
 from relreg.metrics.functional.groups import group_accuracy, group_counts, group_summary
 from relreg.metrics.functional.localization import (
+    localization_auc,
     pointing_game,
     relevance_mass,
     relevance_rank_accuracy,
     relevance_share,
     segmentation_agreement,
+    top_k_intersection,
 )
 
 __all__ = [
     "PAPER_FRACTIONS",
     "black_fill",
+    "complexity",
     "deletion_insertion_auc",
+    "effective_complexity",
     "flipping_area",
     "group_accuracy",
     "group_counts",
     "group_summary",
+    "localization_auc",
     "perturbation_auc",
     "pointing_game",
     "relevance_mass",
     "relevance_rank_accuracy",
     "relevance_share",
     "segmentation_agreement",
+    "sparseness",
+    "top_k_intersection",
 ]

@@ -17,10 +17,26 @@ definition is a share of the raw map's positive relevance (below).
   floor counts as relevance under ``"positive"`` and not under ``"minmax"``);
 - pointing game: Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016;
 - segmentation agreement (pixel accuracy, mIoU, mAP; maps thresholded at their mean): the
-  segmentation test of Chefer, Gur & Wolf, CVPR 2021.
+  segmentation test of Chefer, Gur & Wolf, CVPR 2021;
+- top-k intersection: the share of the ``k`` most relevant pixels inside the mask (Theiner,
+  Müller-Budack & Ewerth, "Interpretable Semantic Photo Geolocation", WACV 2022; Quantus'
+  ``quantus/metrics/localisation/top_k_intersection.py``). Quantus takes ``k`` pixels (1000);
+  relreg also takes a fraction of the image, so that one setting means the same at any size
+  (the registered default, ``1000 / 224**2``, is Quantus' 1000 at 224 px). Ties go to the first
+  pixel in row-major order (a stable sort; Quantus' ``np.argsort`` leaves their order open);
+- localization AUC: the ROC AUC of the map's pixels as scores for the mask's pixels (Fawcett,
+  "An introduction to ROC analysis", Pattern Recognition Letters 2006; Quantus'
+  ``quantus/metrics/localisation/auc.py``, which calls scikit-learn's ``roc_curve`` and ``auc``):
+  the probability that a foreground pixel outranks a background one, ties counting one half,
+  which is what the trapezoids of scikit-learn's curve add up to.
+
+Both leave out images whose mask is empty (Quantus returns NaN for them), the AUC also images
+whose mask covers every pixel (no background to rank against).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -28,11 +44,13 @@ from torch import Tensor
 from relreg.explain.tokens import to_pixels
 
 __all__ = [
+    "localization_auc",
     "pointing_game",
     "relevance_mass",
     "relevance_rank_accuracy",
     "relevance_share",
     "segmentation_agreement",
+    "top_k_intersection",
 ]
 
 
@@ -223,3 +241,100 @@ def _segmentation_compute(s: dict[str, Tensor]) -> dict[str, Tensor]:
         "miou": (s["intersection"] / s["union"].clamp_min(1)).mean().float(),
         "map": (s["ap_sum"] / s["ap_count"].clamp_min(1)).float(),
     }
+
+
+def check_top_k(k: object) -> int | float:
+    """Return ``k`` if it is an int >= 1 (pixels) or a float in (0, 1] (a share of the pixels)."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise TypeError(f"Expected k an int >= 1 or a float in (0, 1], but got {k!r}.")
+    if (isinstance(k, int) and k < 1) or (isinstance(k, float) and not 0 < k <= 1):
+        raise ValueError(f"Expected k an int >= 1 or a float in (0, 1], but got {k!r}.")
+    return k
+
+
+def _top_k_pixels(k: int | float, pixels: int) -> int:
+    if isinstance(k, float):
+        return max(1, math.ceil(k * pixels - 1e-9))
+    if k > pixels:
+        raise ValueError(f"Expected k at most the {pixels} pixels of a map, but got {k}.")
+    return k
+
+
+def _top_k_intersection_update(maps: Tensor, masks: Tensor, k: int | float = 1000) -> Tensor:
+    """Per-image share ``(B,)`` of the ``k`` most relevant pixels inside the mask; NaN for an
+    empty mask."""
+    check_top_k(k)
+    pix, masks = _pixels(maps, masks, normalize=False)
+    flat, m = pix.flatten(1), masks.flatten(1)
+    top = _top_k_pixels(k, flat.shape[1])
+    order = flat.argsort(dim=1, descending=True, stable=True)[:, :top]
+    share = m.gather(1, order).mean(1)
+    return torch.where(m.sum(1) > 0, share, torch.full_like(share, float("nan")))
+
+
+def _localization_auc_update(maps: Tensor, masks: Tensor) -> Tensor:
+    """Per-image ROC AUC ``(B,)`` of the pixels as scores for the mask; NaN for a mask that is
+    empty or full.
+
+    ``sum over groups of equal scores of pos_g (neg_below_g + neg_g / 2) / (P N)``: batched,
+    ties exact.
+    """
+    pix, masks = _pixels(maps, masks, normalize=False)
+    flat, m = pix.flatten(1).double(), masks.flatten(1).double()
+    order = flat.argsort(dim=1, stable=True)
+    s, y = flat.gather(1, order), m.gather(1, order)
+    group = torch.zeros_like(s, dtype=torch.long)
+    group[:, 1:] = (s[:, 1:] != s[:, :-1]).long().cumsum(1)
+    pos = torch.zeros_like(s).scatter_add_(1, group, y)
+    neg = torch.zeros_like(s).scatter_add_(1, group, 1 - y)
+    below = neg.cumsum(1) - neg
+    p, n = m.sum(1), (1 - m).sum(1)
+    auc = (pos * (below + neg / 2)).sum(1) / (p * n).clamp_min(1)
+    return torch.where((p > 0) & (n > 0), auc, torch.full_like(auc, float("nan"))).float()
+
+
+def _finite_mean(scores: Tensor) -> Tensor:
+    kept = scores[torch.isfinite(scores)]
+    return kept.mean().float() if kept.numel() else torch.tensor(float("nan"))
+
+
+def top_k_intersection(maps: Tensor, masks: Tensor, k: int | float = 1000) -> Tensor:
+    """Mean share of the ``k`` most relevant pixels that lie inside the mask, in [0, 1].
+
+    Args:
+        maps: ``(B, h, w)`` or ``(B, H, W)`` relevance maps (upsampled to the masks).
+        masks: ``(B, H, W)`` binary foreground masks; images with an empty mask are left out.
+        k: pixels (an int, Quantus' convention) or a share of the pixels (a float in (0, 1]).
+
+    Returns:
+        A scalar tensor (NaN if every mask is empty).
+
+    Example:
+        >>> import torch
+        >>> maps = torch.tensor([[[0.9, 0.8], [0.1, 0.0]]])
+        >>> masks = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+        >>> top_k_intersection(maps, masks, k=2)
+        tensor(0.5000)
+    """
+    return _finite_mean(_top_k_intersection_update(maps, masks, k))
+
+
+def localization_auc(maps: Tensor, masks: Tensor) -> Tensor:
+    """Mean ROC AUC of the maps' pixels as scores for the masks' pixels, in [0, 1] (0.5: chance).
+
+    Args:
+        maps: ``(B, h, w)`` or ``(B, H, W)`` relevance maps (upsampled to the masks).
+        masks: ``(B, H, W)`` binary foreground masks; images whose mask is empty or full are
+            left out.
+
+    Returns:
+        A scalar tensor (NaN if no image is left).
+
+    Example:
+        >>> import torch
+        >>> maps = torch.tensor([[[0.9, 0.5], [0.5, 0.0]]])
+        >>> masks = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+        >>> localization_auc(maps, masks)  # (1 + 1 + 1 + 0.5) / 4
+        tensor(0.8750)
+    """
+    return _finite_mean(_localization_auc_update(maps, masks))
