@@ -130,6 +130,13 @@ register_display(
     ),
 )
 register_display(
+    "faithfulness_correlation",
+    MetricDisplay(
+        titles={"faithfulness_correlation": "faithfulness correlation (higher is better)"},
+        summary={"faithfulness_correlation": "faith r"},
+    ),
+)
+register_display(
     "segmentation",
     MetricDisplay(
         titles={

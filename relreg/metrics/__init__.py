@@ -15,11 +15,17 @@ from relreg.metrics.accuracy import (
     scoring_classes,
 )
 from relreg.metrics.complexity import Complexity, EffectiveComplexity, Sparseness
-from relreg.metrics.faithfulness import DeletionInsertionAUC, FlippingArea, PerturbationAUC
+from relreg.metrics.faithfulness import (
+    DeletionInsertionAUC,
+    FaithfulnessCorrelation,
+    FlippingArea,
+    PerturbationAUC,
+)
 from relreg.metrics.functional import (
     complexity,
     deletion_insertion_auc,
     effective_complexity,
+    faithfulness_correlation,
     flipping_area,
     group_accuracy,
     localization_auc,
@@ -28,6 +34,7 @@ from relreg.metrics.functional import (
     relevance_mass,
     relevance_rank_accuracy,
     relevance_share,
+    sample_seeds,
     segmentation_agreement,
     sparseness,
     top_k_intersection,
@@ -65,6 +72,7 @@ __all__ = [
     "Complexity",
     "DeletionInsertionAUC",
     "EffectiveComplexity",
+    "FaithfulnessCorrelation",
     "FlippingArea",
     "GroupAccuracy",
     "LocalizationAUC",
@@ -84,6 +92,7 @@ __all__ = [
     "dataset_scores",
     "deletion_insertion_auc",
     "effective_complexity",
+    "faithfulness_correlation",
     "flipping_area",
     "group_accuracy",
     "keyed_result",
@@ -101,6 +110,7 @@ __all__ = [
     "relevance_share",
     "report_keys",
     "restrict_logits",
+    "sample_seeds",
     "sanity_report",
     "score_logits",
     "scoring_classes",

@@ -12,6 +12,9 @@
 - :class:`FlippingArea`: AttnLRP's faithfulness (Achtibat et al., ICML 2024): the area between
   the least- and the most-relevant-first curves of the class logit as patches are removed
   (higher is better).
+- :class:`FaithfulnessCorrelation`: Bhatt, Weller & Moura, IJCAI 2020: the correlation, over
+  random subsets of pixels, between their relevance and the logit's drop when they are removed
+  (higher is better); each sample's subsets are its own (seeded per sample).
 
 The math is in :mod:`relreg.metrics.functional.faithfulness` (with the functional twins
 :func:`perturbation_auc` and :func:`deletion_insertion_auc`); each fraction is one batched forward
@@ -30,6 +33,7 @@ from relreg.metrics.functional.faithfulness import (
     PAPER_FRACTIONS,
     _check_fractions,
     _check_mode,
+    _faithfulness_correlation_update,
     _flipping_compute,
     _flipping_update,
     _perturbation_compute,
@@ -37,10 +41,11 @@ from relreg.metrics.functional.faithfulness import (
     _perturber,
     _rise_compute,
     _rise_update,
+    check_subset,
 )
 from relreg.validate import check_positive_int
 
-__all__ = ["DeletionInsertionAUC", "FlippingArea", "PerturbationAUC"]
+__all__ = ["DeletionInsertionAUC", "FaithfulnessCorrelation", "FlippingArea", "PerturbationAUC"]
 
 
 class _ModelMetric(Metric):
@@ -232,3 +237,79 @@ class FlippingArea(_ModelMetric):
 
     def compute(self) -> Tensor:
         return _flipping_compute(self.diff_sum, self.count, self.steps)
+
+
+class FaithfulnessCorrelation(_ModelMetric):
+    """Faithfulness correlation (Bhatt et al., IJCAI 2020), averaged over images; in [-1, 1].
+
+    Per image, ``runs`` random subsets of ``subset`` units: the Pearson correlation between the
+    relevance each subset holds and the drop of the class logit when it is set to ``fill``.
+    Images without a defined correlation are left out. Conventions against Quantus:
+    :mod:`relreg.metrics.functional.faithfulness`.
+
+    Args:
+        model: the classifier (called under ``torch.no_grad``).
+        runs: subsets per image (forward passes per image).
+        subset: units per subset: an int, or a share of the units (a float in (0, 1)).
+        unit: ``"pixel"`` or ``"patch"``.
+        fill: the removed units' value (None: black under the model's normalisation).
+        target_mode: ``"predicted"`` or ``"label"``.
+        seed: the draws' seed; each sample's subsets come from ``(seed, its key)``
+            (:func:`relreg.metrics.functional.sampling.sample_seeds`).
+        chunk_size: images per forward pass.
+        **kwargs: torchmetrics ``Metric`` options.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+        ...                           patch_size=8, num_classes=3).eval()
+        >>> metric = FaithfulnessCorrelation(model, runs=8, subset=0.1)
+        >>> metric.update(torch.randn(2, 3, 32, 32), torch.rand(2, 4, 4))
+        >>> -1 <= metric.compute().item() <= 1
+        True
+    """
+
+    higher_is_better = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        runs: int = 100,
+        subset: int | float = 224 / 224**2,
+        unit: str = "pixel",
+        fill: float | Sequence[float] | Tensor | None = None,
+        target_mode: str = "predicted",
+        seed: int = 0,
+        chunk_size: int = 64,
+        **kwargs,
+    ) -> None:
+        super().__init__(model, unit, fill, target_mode, chunk_size, **kwargs)
+        check_positive_int("runs", runs)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Expected seed an int, but got {seed!r}.")
+        self.runs, self.subset, self.seed = runs, check_subset(subset), seed
+        self.add_state(
+            "total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        images: Tensor,
+        maps: Tensor,
+        target: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> None:
+        """Add a batch; ``indices`` ``(B,)``: dataset indices to key each sample's draws on."""
+        scores = _faithfulness_correlation_update(
+            self._p, images, maps, target, self.runs, self.subset, self.seed, indices
+        )
+        scores = scores[torch.isfinite(scores)]
+        self.total += scores.sum()
+        self.count += scores.numel()
+
+    def compute(self) -> Tensor:
+        """The mean (NaN before any image with a defined correlation)."""
+        if not int(self.count):
+            return torch.tensor(float("nan"))
+        return (self.total / self.count).float()

@@ -30,7 +30,11 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from relreg.metrics.complexity import Complexity, EffectiveComplexity, Sparseness
-from relreg.metrics.faithfulness import DeletionInsertionAUC, PerturbationAUC
+from relreg.metrics.faithfulness import (
+    DeletionInsertionAUC,
+    FaithfulnessCorrelation,
+    PerturbationAUC,
+)
 from relreg.metrics.localization import (
     LocalizationAUC,
     PointingGame,
@@ -186,6 +190,12 @@ def _deletion_insertion(mode: str) -> Callable[..., Metric]:
     return build
 
 
+def _faithfulness_correlation(
+    model: nn.Module, unit: str = "pixel", target_mode: str = "predicted", **_: object
+) -> Metric:
+    return FaithfulnessCorrelation(model, unit=unit, target_mode=target_mode)
+
+
 def _plain(cls: type[Metric], **options: object) -> Callable[..., Metric]:
     return lambda **_: cls(**options)
 
@@ -202,6 +212,10 @@ register_metric(
 )
 register_metric(
     "insertion", MetricSpec(_deletion_insertion("insertion"), inputs="model", used_by=_REPORT)
+)
+register_metric(
+    "faithfulness_correlation",
+    MetricSpec(_faithfulness_correlation, inputs="model", used_by=_REPORT),
 )
 register_metric(
     "segmentation",

@@ -1,6 +1,6 @@
-"""Complexity (sparseness, complexity, effective complexity) and localisation (top-k intersection,
-localization AUC) metrics against naive per-image references written from Quantus' code, against
-scikit-learn's ROC AUC, and exact under DDP.
+"""Complexity (sparseness, complexity, effective complexity), localisation (top-k intersection,
+localization AUC) and faithfulness correlation metrics against naive per-image references written
+from Quantus' code, against scikit-learn's ROC AUC, and exact under DDP.
 
 The references transcribe ``evaluate_batch`` of Quantus 0.6
 (understandable-machine-intelligence-lab/Quantus: ``quantus/metrics/complexity/sparseness.py``,
@@ -20,13 +20,16 @@ import torch
 from relreg.metrics import (
     Complexity,
     EffectiveComplexity,
+    FaithfulnessCorrelation,
     LocalizationAUC,
     Sparseness,
     TopKIntersection,
     complexity,
     effective_complexity,
+    faithfulness_correlation,
     localization_auc,
     metric_spec,
+    sample_seeds,
     sparseness,
     top_k_intersection,
 )
@@ -217,6 +220,24 @@ def test_the_registered_top_k_is_quantus_1000_pixels_at_224_px():
             "Expected finite maps, but got NaN or Inf",
         ),
         (lambda: sparseness(torch.ones(1, 2, 2, dtype=torch.long)), "floating-point maps"),
+        (lambda: FaithfulnessCorrelation(_linear_model(), runs=0), "Expected runs an int >= 1"),
+        (
+            lambda: FaithfulnessCorrelation(_linear_model(), subset=1.5),
+            "Expected subset an int >= 1 or a float in \\(0, 1\\), but got 1.5",
+        ),
+        (lambda: FaithfulnessCorrelation(_linear_model(), seed="0"), "Expected seed an int"),
+        (
+            lambda: faithfulness_correlation(
+                _linear_model(), _images(), torch.rand(7, 12, 12), subset=144, fill=0.0
+            ),
+            "Expected subset fewer than the 144 units of an image, but got 144",
+        ),
+        (
+            lambda: faithfulness_correlation(
+                _linear_model(), _images(), torch.rand(7, 12, 12), fill=0.0, indices=torch.arange(3)
+            ),
+            "Expected indices \\(7,\\) dataset indices",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(call, match):
@@ -224,13 +245,100 @@ def test_bad_arguments_are_refused_before_any_work(call, match):
         call()
 
 
+def _linear_model(seed: int = 0, size: int = 12, classes: int = 3) -> torch.nn.Module:
+    """A linear classifier on the pixels: the logit's drop when pixels are set to 0 is the sum of
+    their contributions ``w * x``, so a map of those contributions correlates perfectly."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, classes)).eval()
+
+
+def _contributions(model, images, target):
+    w = model[1].weight[target].view(-1, *images.shape[1:])  # (B, 3, H, W)
+    return (w * images).sum(1).detach()  # (B, H, W)
+
+
+def _images(n=7, size=12, seed=3):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def ref_faithfulness_correlation(model, image, a_map, target, runs, k, seed_i, fill=0.0):
+    """One image, one run at a time: the subsets drawn as relreg draws them (the k highest of
+    ``runs`` rows of uniform keys from the sample's generator), the logit's drop, Pearson."""
+    g = torch.Generator().manual_seed(seed_i)
+    keys = torch.rand(runs, a_map.numel(), generator=g)
+    sums, drops = [], []
+    with torch.no_grad():
+        clean = float(model(image[None])[0, target])
+        for r in range(runs):
+            idx = keys[r].topk(k).indices
+            x = image.clone().view(3, -1)
+            x[:, idx] = fill
+            drops.append(clean - float(model(x.view(1, *image.shape))[0, target]))
+            sums.append(float(a_map.flatten()[idx].double().sum()))
+    a, b = np.array(sums), np.array(drops)
+    if a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_faithfulness_correlation_equals_a_per_image_per_run_loop():
+    model, images = _linear_model(), _images()
+    maps = torch.rand(7, 4, 4, generator=torch.Generator().manual_seed(4))  # patch-grid maps
+    target = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    pixels = torch.nn.functional.interpolate(maps[:, None], size=(12, 12), mode="bilinear")[:, 0]
+    seeds = sample_seeds(images, 5)
+    expected = _mean(
+        [
+            ref_faithfulness_correlation(model, images[i], pixels[i], int(target[i]), 9, 14, s)
+            for i, s in enumerate(seeds)
+        ]
+    )
+    kw = dict(runs=9, subset=14, fill=0.0, target_mode="label", seed=5)
+    got = faithfulness_correlation(model, images, maps, target, **kw)
+    assert float(got) == pytest.approx(expected, abs=1e-5)
+    metric = FaithfulnessCorrelation(model, **kw, chunk_size=4)  # other batches, other passes
+    metric.update(images[:2], maps[:2], target[:2])
+    metric.update(images[2:], maps[2:], target[2:])
+    assert float(metric.compute()) == pytest.approx(expected, abs=1e-5)
+
+
+def test_faithfulness_correlation_is_one_for_the_exact_contributions_and_minus_one_reversed():
+    model, images = _linear_model(), _images()
+    target = torch.arange(7) % 3
+    exact = _contributions(model, images, target)
+    kw = dict(target=target, runs=12, subset=0.1, fill=0.0, target_mode="label")
+    assert float(faithfulness_correlation(model, images, exact, **kw)) == pytest.approx(1, abs=1e-5)
+    assert float(faithfulness_correlation(model, images, -exact, **kw)) == pytest.approx(
+        -1, abs=1e-5
+    )
+
+
+def test_each_sample_draws_its_own_subsets_whatever_its_batch_or_key():
+    model, images = _linear_model(), _images()
+    maps = torch.rand(7, 12, 12, generator=torch.Generator().manual_seed(6))
+    kw = dict(runs=6, subset=0.2, fill=0.0)
+    whole = faithfulness_correlation(model, images, maps, **kw)
+    order = torch.tensor([6, 2, 0, 5, 1, 4, 3])
+    torch.testing.assert_close(
+        faithfulness_correlation(model, images[order], maps[order], **kw), whole
+    )
+    by_index = faithfulness_correlation(model, images, maps, indices=torch.arange(7), **kw)
+    permuted = faithfulness_correlation(model, images[order], maps[order], indices=order, **kw)
+    torch.testing.assert_close(permuted, by_index)
+    other_seed = faithfulness_correlation(model, images, maps, seed=1, **kw)
+    assert not torch.equal(other_seed, whole)  # the seed does reach the draws
+
+
 def _rank(rank: int, out: str, maps: torch.Tensor, masks: torch.Tensor) -> None:
     metrics = _all_metrics()
     part = slice(0, 2) if rank == 0 else slice(2, None)  # uneven shares
     for metric, inputs in metrics.values():
-        args = (maps[part],) if inputs == "maps" else (maps[part], masks[part])
-        metric.update(*args)
+        metric.update(*_inputs(inputs, maps[part], masks[part], _images().double()[part]))
     torch.save({name: m.compute() for name, (m, _) in metrics.items()}, f"{out}/rank{rank}.pt")
+
+
+def _inputs(inputs, maps, masks, images):
+    return {"maps": (maps,), "masks": (maps, masks), "model": (images, maps)}[inputs]
 
 
 def _all_metrics():
@@ -240,6 +348,12 @@ def _all_metrics():
         "effective_complexity": (EffectiveComplexity(), "maps"),
         "top_k": (TopKIntersection(k=9), "masks"),
         "auc": (LocalizationAUC(), "masks"),
+        # in float64: a batch of 2 and one of 5 round the model's float32 logits differently,
+        # which this test of the summed states is not about
+        "faithfulness_correlation": (
+            FaithfulnessCorrelation(_linear_model().double(), runs=5, subset=0.1, fill=0.0),
+            "model",
+        ),
     }
 
 
@@ -249,7 +363,7 @@ def test_exact_under_ddp_with_two_processes(tmp_path):
     run_two_ranks(_rank, str(tmp_path), maps, masks)
     whole = {}
     for name, (metric, inputs) in _all_metrics().items():
-        metric.update(*((maps,) if inputs == "maps" else (maps, masks)))
+        metric.update(*_inputs(inputs, maps, masks, _images().double()))
         whole[name] = metric.compute()
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")

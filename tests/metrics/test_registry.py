@@ -32,6 +32,7 @@ REPORT_KEYS = [
     "perturbation_negative",
     "deletion",
     "insertion",
+    "faithfulness_correlation",
     "pixel_accuracy",
     "miou",
     "map",
@@ -88,8 +89,10 @@ def test_the_summary_and_the_panels_keep_their_titles():
         "perturbation_negative": "pert- (hi)",
         "deletion": "del (lo)",
         "insertion": "ins (hi)",
+        "faithfulness_correlation": "faith r",
         "miou": "mIoU",
         "relevance_mass": "mass",
+        "localization_auc": "loc AUC",
     }
     assert list(panel_titles()) == REPORT_KEYS
     assert panel_titles()["deletion"] == "deletion AUC (lower is better)"

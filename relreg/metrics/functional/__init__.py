@@ -12,6 +12,7 @@ from relreg.metrics.functional.faithfulness import (
     PAPER_FRACTIONS,
     black_fill,
     deletion_insertion_auc,
+    faithfulness_correlation,
     flipping_area,
     perturbation_auc,
 )
@@ -25,6 +26,7 @@ from relreg.metrics.functional.localization import (
     segmentation_agreement,
     top_k_intersection,
 )
+from relreg.metrics.functional.sampling import sample_generators, sample_seeds
 
 __all__ = [
     "PAPER_FRACTIONS",
@@ -32,6 +34,7 @@ __all__ = [
     "complexity",
     "deletion_insertion_auc",
     "effective_complexity",
+    "faithfulness_correlation",
     "flipping_area",
     "group_accuracy",
     "group_counts",
@@ -42,6 +45,8 @@ __all__ = [
     "relevance_mass",
     "relevance_rank_accuracy",
     "relevance_share",
+    "sample_generators",
+    "sample_seeds",
     "segmentation_agreement",
     "sparseness",
     "top_k_intersection",

@@ -11,7 +11,19 @@ call the same ``_x_update`` / ``_x_compute`` functions and keep their results as
 - :func:`flipping_area`: AttnLRP's faithfulness measure (Achtibat et al., ICML 2024, after
   Bluecher, Vielhaben & Strodthoff, "Decoupling Pixel Flipping and Occlusion Strategy for
   Consistent XAI Benchmarks", TMLR 2024): the area between the least-relevant-first and the
-  most-relevant-first curves of the class *logit* as patches are set to ``fill``.
+  most-relevant-first curves of the class *logit* as patches are set to ``fill``;
+- :func:`faithfulness_correlation`: Bhatt, Weller & Moura, "Evaluating and Aggregating
+  Feature-based Model Explanations", IJCAI 2020: over ``runs`` random subsets of ``subset`` units,
+  the Pearson correlation between the relevance a subset holds and the drop of the class logit when
+  it is set to ``fill``; higher is better. Quantus (``quantus/metrics/faithfulness/
+  faithfulness_correlation.py``: 100 runs, 224 features, the logit) draws its subsets among the
+  ``C * H * W`` input values, each channel apart, and fills them with the sample's minimum
+  ("black"); relreg draws whole pixels (or patches), fills them as its other perturbation metrics
+  do (black under the model's normalisation), takes the subset as a share of the units (the
+  registered ``224 / 224**2`` is Quantus' 224 at 224 px, in pixels), and draws each sample's
+  subsets from its own generator (:mod:`relreg.metrics.functional.sampling`), so that the result
+  does not depend on the batching. An image whose subsets all hold the same relevance, or all move
+  the logit alike, has no correlation and is left out (Quantus: NaN).
 
 Each fraction is one batched forward pass over the batch (chunked by ``chunk_size``) under
 ``torch.no_grad``; only one perturbed copy of the batch exists at a time.
@@ -19,6 +31,7 @@ Each fraction is one batched forward pass over the batch (chunked by ``chunk_siz
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,12 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relreg.explain.tokens import to_pixels
+from relreg.metrics.functional.sampling import sample_generators
 from relreg.validate import check_positive_int
 
 __all__ = [
     "PAPER_FRACTIONS",
     "black_fill",
     "deletion_insertion_auc",
+    "faithfulness_correlation",
     "flipping_area",
     "perturbation_auc",
 ]
@@ -348,3 +363,122 @@ def deletion_insertion_auc(
     p = _perturber(model, unit, fill, target_mode, chunk_size)
     prob_sum = _rise_update(p, images, maps, target, mode, steps)
     return _rise_compute(prob_sum, torch.tensor(float(images.shape[0])), steps)
+
+
+def check_subset(subset: object) -> int | float:
+    """Return ``subset`` if it is an int >= 1 (units) or a float in (0, 1) (a share of them)."""
+    if isinstance(subset, bool) or not isinstance(subset, (int, float)):
+        raise TypeError(f"Expected subset an int >= 1 or a float in (0, 1), but got {subset!r}.")
+    if (isinstance(subset, int) and subset < 1) or (
+        isinstance(subset, float) and not 0 < subset < 1
+    ):
+        raise ValueError(f"Expected subset an int >= 1 or a float in (0, 1), but got {subset!r}.")
+    return subset
+
+
+def _subset_units(subset: int | float, units: int) -> int:
+    k = max(1, math.ceil(subset * units - 1e-9)) if isinstance(subset, float) else subset
+    if k >= units:
+        raise ValueError(f"Expected subset fewer than the {units} units of an image, but got {k}.")
+    return k
+
+
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation per row of ``(B, R)`` float64 pairs; NaN for a constant row."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    denominator = (a.square().sum(1) * b.square().sum(1)).sqrt()
+    r = (a * b).sum(1) / denominator.clamp_min(torch.finfo(a.dtype).tiny)
+    return torch.where(denominator > 0, r, torch.full_like(r, float("nan")))
+
+
+def _faithfulness_correlation_update(
+    p: _Perturber,
+    images: Tensor,
+    maps: Tensor,
+    target: Tensor | None,
+    runs: int,
+    subset: int | float,
+    seed: int,
+    indices: Tensor | None = None,
+) -> Tensor:
+    """Per-image correlation ``(B,)`` float64 (NaN where it is undefined)."""
+    check_positive_int("runs", runs)
+    check_subset(subset)
+    _check(p, images, maps, target)
+    size = tuple(images.shape[-2:])
+    scores = _unit_scores(maps.to(images.device), size, p.unit, p.patch).double()  # (B, U)
+    b, units = scores.shape
+    k = _subset_units(subset, units)
+    generators = sample_generators(images, seed, indices)
+    # each image's subsets: the k units of highest random key, ``runs`` times, from its generator
+    chosen = torch.stack(
+        [torch.rand(runs, units, generator=g).topk(k, dim=1).indices for g in generators]
+    ).to(images.device)  # (B, runs, k)
+    relevance = scores.gather(1, chosen.flatten(1)).view(b, runs, k).sum(2)  # (B, runs)
+    logits = _forward(p, images)
+    tgt = logits.argmax(1) if p.target_mode == "predicted" else target.to(logits.device)
+    clean = logits.gather(1, tgt[:, None]).double()  # (B, 1)
+    fill = p.fill.to(images).view(1, -1, 1, 1)
+    drops = torch.empty(b, runs, dtype=torch.float64, device=images.device)
+    per_pass = max(
+        1, p.chunk_size // b
+    )  # runs of the whole batch per pass: <= max(chunk, B) copies
+    for start in range(0, runs, per_pass):
+        part = chosen[:, start : start + per_pass]  # (B, r, k)
+        r = part.shape[1]
+        removed = torch.zeros(b, r, units, dtype=torch.bool, device=images.device)
+        removed.scatter_(2, part, True)
+        mask = _to_pixel_mask(removed.view(b * r, units), size, p.unit, p.patch)
+        batch = torch.where(mask, fill, images.repeat_interleave(r, 0))
+        out = _forward(p, batch).view(b, r, -1)
+        perturbed = out.gather(2, tgt.view(b, 1, 1).expand(b, r, 1))[..., 0]
+        drops[:, start : start + r] = clean - perturbed.double()
+    return _pearson(relevance, drops)
+
+
+def faithfulness_correlation(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    target: Tensor | None = None,
+    runs: int = 100,
+    subset: int | float = 224 / 224**2,
+    unit: str = "pixel",
+    fill: float | Sequence[float] | Tensor | None = None,
+    target_mode: str = "predicted",
+    seed: int = 0,
+    indices: Tensor | None = None,
+    chunk_size: int = 64,
+) -> Tensor:
+    """Mean faithfulness correlation (Bhatt et al., IJCAI 2020) of one batch, in [-1, 1].
+
+    Args:
+        model: the classifier (called under ``torch.no_grad``).
+        images: ``(B, C, H, W)`` model inputs.
+        maps: ``(B, h, w)`` relevance maps (upsampled to the units).
+        target: ``(B,)`` labels for ``target_mode="label"``.
+        runs: random subsets per image (forward passes per image).
+        subset: units per subset: an int, or a share of the units (a float in (0, 1)).
+        unit: ``"pixel"`` or ``"patch"``.
+        fill: the removed units' value (None: black under the model's normalisation).
+        target_mode: the class whose logit drops: ``"predicted"`` or ``"label"``.
+        seed: the draws' seed; each sample's subsets come from ``(seed, its key)``.
+        indices: ``(B,)`` dataset indices to key the draws on (None: the images' bytes).
+        chunk_size: images per forward pass (the batch's perturbed copies go through in chunks).
+
+    Returns:
+        A scalar tensor (NaN if no image has a defined correlation).
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+        ...                           patch_size=8, num_classes=3).eval()
+        >>> r = faithfulness_correlation(model, torch.randn(2, 3, 32, 32), torch.rand(2, 4, 4),
+        ...                              runs=8, subset=0.1)
+        >>> -1 <= r.item() <= 1
+        True
+    """
+    p = _perturber(model, unit, fill, target_mode, chunk_size)
+    scores = _faithfulness_correlation_update(p, images, maps, target, runs, subset, seed, indices)
+    kept = scores[torch.isfinite(scores)]
+    return kept.mean().float() if kept.numel() else torch.tensor(float("nan"))
