@@ -182,3 +182,7 @@ register_display(
     "effective_complexity",
     MetricDisplay(titles={"effective_complexity": "effective complexity, pixels (lower)"}),
 )
+register_display(
+    "random_logit",
+    MetricDisplay(titles={"random_logit": "random-logit SSIM (lower is better)"}),
+)

@@ -61,10 +61,23 @@ class _MethodMetrics:
     explainer."""
 
     def __init__(
-        self, model: nn.Module, unit: str, target_mode: str, steps: int, device: torch.device
+        self,
+        model: nn.Module,
+        unit: str,
+        target_mode: str,
+        steps: int,
+        device: torch.device,
+        method: str,
+        explain_options: Mapping[str, object],
     ) -> None:
         built = build_metrics(
-            "report", model=model, unit=unit, target_mode=target_mode, steps=steps
+            "report",
+            model=model,
+            unit=unit,
+            target_mode=target_mode,
+            steps=steps,
+            method=method,
+            explain_options=explain_options,
         )
         self.metrics = {name: metric.to(device) for name, metric in built.items()}
         self.inputs = {name: metric_spec(name).inputs for name in self.metrics}
@@ -188,7 +201,13 @@ def evaluate_models(
         )
         metrics = {
             m: _MethodMetrics(
-                model, unit, "label" if target == "label" else "predicted", steps, device
+                model,
+                unit,
+                "label" if target == "label" else "predicted",
+                steps,
+                device,
+                m,
+                options.get(m, {}),
             )
             for m in methods
         }

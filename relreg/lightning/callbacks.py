@@ -295,7 +295,13 @@ class ExplanationQuality(_KeepsLast):
             return
         names = self._due_metrics(trainer)
         loader = _val_loader(trainer, self.dataloader_idx)
-        context = {"model": pl_module.model, "unit": "pixel", "target_mode": "label", "steps": 10}
+        context = {
+            "model": pl_module.model,
+            "unit": "pixel",
+            "target_mode": "label",  # the maps explain the labels
+            "steps": 10,
+            "method": self.method,
+        }
         metrics = {n: metric_spec(n).build(**context).to(pl_module.device) for n in names}
         inputs_of = {name: metric_spec(name).inputs for name in metrics}
         for i, batch in enumerate(loader):

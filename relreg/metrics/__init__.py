@@ -31,6 +31,7 @@ from relreg.metrics.functional import (
     localization_auc,
     perturbation_auc,
     pointing_game,
+    random_logit,
     relevance_mass,
     relevance_rank_accuracy,
     relevance_share,
@@ -48,6 +49,7 @@ from relreg.metrics.localization import (
     SegmentationAgreement,
     TopKIntersection,
 )
+from relreg.metrics.randomisation import RandomLogit
 from relreg.metrics.registry import (
     METRICS,
     MetricSpec,
@@ -79,6 +81,7 @@ __all__ = [
     "MetricSpec",
     "PerturbationAUC",
     "PointingGame",
+    "RandomLogit",
     "RandomisationResult",
     "RelevanceMass",
     "RelevanceRankAccuracy",
@@ -103,6 +106,7 @@ __all__ = [
     "model_randomisation",
     "perturbation_auc",
     "pointing_game",
+    "random_logit",
     "randomisation_steps",
     "register_metric",
     "relevance_mass",

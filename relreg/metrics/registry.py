@@ -43,6 +43,7 @@ from relreg.metrics.localization import (
     SegmentationAgreement,
     TopKIntersection,
 )
+from relreg.metrics.randomisation import RandomLogit
 from relreg.registry import Registry
 
 __all__ = [
@@ -72,8 +73,10 @@ class MetricSpec:
     """The declaration of one metric.
 
     Attributes:
-        build: ``build(model=..., unit=..., target_mode=..., steps=...)`` -> a torchmetrics
-            ``Metric``; accept ``**context`` and take what you need (``model`` is the classifier).
+        build: ``build(model=..., unit=..., target_mode=..., steps=..., method=...,
+            explain_options=...)`` -> a torchmetrics ``Metric``; accept ``**context`` and take
+            what you need (``model`` is the classifier, ``method`` and ``explain_options`` the
+            explainer whose maps the metric gets).
         outputs: the keys of a dict-valued ``compute()``; empty for a scalar one, whose key is
             the metric's name.
         inputs: ``"masks"``: ``update(maps, masks (B, H, W))`` on the samples that have a mask,
@@ -196,9 +199,17 @@ def _deletion_insertion(mode: str) -> Callable[..., Metric]:
 def _faithfulness_correlation(
     model: nn.Module, unit: str = "pixel", target_mode: str = "predicted", **_: object
 ) -> Metric:
-    return FaithfulnessCorrelation(
-        model, runs=CORRELATION_RUNS, unit=unit, target_mode=target_mode
-    )
+    return FaithfulnessCorrelation(model, runs=CORRELATION_RUNS, unit=unit, target_mode=target_mode)
+
+
+def _random_logit(
+    model: nn.Module,
+    method: str = "chefer",
+    target_mode: str = "predicted",
+    explain_options: Mapping[str, object] | None = None,
+    **_: object,
+) -> Metric:
+    return RandomLogit(model, method, target_mode, explain_options=explain_options)
 
 
 def _plain(cls: type[Metric], **options: object) -> Callable[..., Metric]:
@@ -241,6 +252,7 @@ register_metric(
     MetricSpec(_plain(TopKIntersection, k=TOP_K)),
 )
 register_metric("localization_auc", MetricSpec(_plain(LocalizationAUC)))
+register_metric("random_logit", MetricSpec(_random_logit, inputs="model"))
 register_metric("sparseness", MetricSpec(_plain(Sparseness), inputs="maps"))
 register_metric("complexity", MetricSpec(_plain(Complexity), inputs="maps"))
 register_metric("effective_complexity", MetricSpec(_plain(EffectiveComplexity), inputs="maps"))

@@ -1,6 +1,6 @@
 """Complexity (sparseness, complexity, effective complexity), localisation (top-k intersection,
-localization AUC) and faithfulness correlation metrics against naive per-image references written
-from Quantus' code, against scikit-learn's ROC AUC, and exact under DDP.
+localization AUC), faithfulness correlation and random-logit metrics against naive per-image
+references written from Quantus' code, against scikit-learn's ROC AUC, and exact under DDP.
 
 The references transcribe ``evaluate_batch`` of Quantus 0.6
 (understandable-machine-intelligence-lab/Quantus: ``quantus/metrics/complexity/sparseness.py``,
@@ -22,6 +22,7 @@ from relreg.metrics import (
     EffectiveComplexity,
     FaithfulnessCorrelation,
     LocalizationAUC,
+    RandomLogit,
     Sparseness,
     TopKIntersection,
     complexity,
@@ -29,6 +30,7 @@ from relreg.metrics import (
     faithfulness_correlation,
     localization_auc,
     metric_spec,
+    random_logit,
     sample_seeds,
     sparseness,
     top_k_intersection,
@@ -226,6 +228,9 @@ def test_the_registered_top_k_is_quantus_1000_pixels_at_224_px():
             "Expected subset an int >= 1 or a float in \\(0, 1\\), but got 1.5",
         ),
         (lambda: FaithfulnessCorrelation(_linear_model(), seed="0"), "Expected seed an int"),
+        (lambda: RandomLogit(_linear_model(), method="nope"), "'nope'"),
+        (lambda: RandomLogit(_linear_model(), target_mode="top"), "Expected target_mode one of"),
+        (lambda: RandomLogit("model"), "Expected model a torch.nn.Module, but got str"),
         (
             lambda: faithfulness_correlation(
                 _linear_model(), _images(), torch.rand(7, 12, 12), subset=144, fill=0.0
@@ -329,6 +334,73 @@ def test_each_sample_draws_its_own_subsets_whatever_its_batch_or_key():
     assert not torch.equal(other_seed, whole)  # the seed does reach the draws
 
 
+def ref_random_logit(model, image, a_map, seed_i, method="saliency"):
+    """One image: its off class drawn from its generator (uniform among the other classes), its
+    map for that class, both divided by their largest absolute value, SSIM with the pair's range
+    as the data range (torchmetrics, scikit-image's uniform 7 x 7 window)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    from relreg.explain import explain
+
+    with torch.no_grad():
+        logits = model(image[None])
+    y, k = int(logits.argmax()), logits.shape[1]
+    r = int(torch.randint(0, k - 1, (1,), generator=torch.Generator().manual_seed(seed_i)))
+    off = r if r < y else r + 1
+    assert off != y
+    other = explain(model, image[None], method, target=torch.tensor([off]))[0].double()
+    a, b = a_map.double() / a_map.abs().max(), other / other.abs().max()
+    data_range = float(
+        torch.cat([a.flatten(), b.flatten()]).aminmax()[1]
+        - torch.cat([a.flatten(), b.flatten()]).aminmax()[0]
+    )
+    kw = dict(gaussian_kernel=False, kernel_size=7, data_range=data_range)
+    return float(ssim(a[None, None], b[None, None], **kw))
+
+
+def test_random_logit_equals_a_per_image_loop():
+    from relreg.explain import explain
+
+    model, images = _linear_model(classes=5), _images()
+    maps = explain(model, images, "saliency")
+    seeds = sample_seeds(images, 2)
+    expected = _mean([ref_random_logit(model, images[i], maps[i], s) for i, s in enumerate(seeds)])
+    got = random_logit(model, images, maps, "saliency", seed=2)
+    assert float(got) == pytest.approx(expected, abs=1e-5)
+    metric = RandomLogit(model, "saliency", seed=2)
+    metric.update(images[:3], maps[:3])
+    metric.update(images[3:], maps[3:])
+    assert float(metric.compute()) == pytest.approx(expected, abs=1e-5)
+    order = torch.tensor([4, 0, 6, 2, 1, 5, 3])  # per-sample draws: any batch order
+    permuted = random_logit(model, images[order], maps[order], "saliency", seed=2)
+    assert float(permuted) == pytest.approx(float(got), abs=1e-6)
+
+
+def test_random_logit_is_one_for_a_map_that_ignores_the_class_and_lower_otherwise():
+    from relreg.explain import explain
+    from tests.conftest import make_tiny_vit
+
+    vit = make_tiny_vit()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for method in ("rollout", "raw_attention"):
+        assert float(random_logit(vit, x, explain(vit, x, method), method)) == pytest.approx(1.0)
+    model, images = _linear_model(classes=5), _images()
+    # saliency of a linear model is |w_class|: another class, another map
+    assert float(random_logit(model, images, explain(model, images, "saliency"), "saliency")) < 0.5
+
+
+def test_the_off_class_is_never_the_explained_one_and_covers_the_others():
+    from relreg.metrics.functional.randomisation import off_classes
+    from relreg.metrics.functional.sampling import sample_generators
+
+    images = torch.randn(400, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    classes = torch.arange(400) % 4
+    off = off_classes(classes, 4, sample_generators(images, 0))
+    assert not (off == classes).any()
+    for c in range(4):
+        assert set(off[classes == c].tolist()) == set(range(4)) - {c}
+
+
 def _rank(rank: int, out: str, maps: torch.Tensor, masks: torch.Tensor) -> None:
     metrics = _all_metrics()
     part = slice(0, 2) if rank == 0 else slice(2, None)  # uneven shares
@@ -354,6 +426,7 @@ def _all_metrics():
             FaithfulnessCorrelation(_linear_model().double(), runs=5, subset=0.1, fill=0.0),
             "model",
         ),
+        "random_logit": (RandomLogit(_linear_model().double(), "saliency"), "model"),
     }
 
 

@@ -26,7 +26,14 @@ from relreg.metrics import (
 from tests.conftest import make_tiny_vit
 
 # issue 32's first metrics: localisation (with masks) and complexity (the maps alone)
-NEW = ["top_k_intersection", "localization_auc", "sparseness", "complexity", "effective_complexity"]
+NEW = [
+    "top_k_intersection",
+    "localization_auc",
+    "random_logit",
+    "sparseness",
+    "complexity",
+    "effective_complexity",
+]
 REPORT_KEYS = [
     "perturbation_positive",
     "perturbation_negative",

@@ -26,6 +26,7 @@ from relreg.metrics.functional.localization import (
     segmentation_agreement,
     top_k_intersection,
 )
+from relreg.metrics.functional.randomisation import map_ssim, random_logit
 from relreg.metrics.functional.sampling import sample_generators, sample_seeds
 
 __all__ = [
@@ -40,8 +41,10 @@ __all__ = [
     "group_counts",
     "group_summary",
     "localization_auc",
+    "map_ssim",
     "perturbation_auc",
     "pointing_game",
+    "random_logit",
     "relevance_mass",
     "relevance_rank_accuracy",
     "relevance_share",
